@@ -1,0 +1,226 @@
+//! The admin API over gRPC: users, tokens and groups, for the app's own
+//! backend. Every call must carry `authorization: Bearer <admin key>`;
+//! server reflection is served beside it so `grpcurl` works without files.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use parley_proto::ids;
+use parley_proto::pb::{self, admin_server};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::error::ChatError;
+use crate::service::{ChatService, now_ms};
+use crate::store::MembershipChange;
+
+/// The Admin service over a chat service.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    chat: Arc<ChatService>,
+}
+
+/// Compares without an early exit, so timing does not reveal the key.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Checks the `authorization` metadata against the admin key.
+fn check_admin(key: &str, req: &Request<()>) -> Result<(), Status> {
+    let Some(value) = req.metadata().get("authorization") else {
+        return Err(Status::unauthenticated(
+            "admin key required: send `authorization: Bearer <admin key>`",
+        ));
+    };
+    let presented = value
+        .to_str()
+        .unwrap_or("")
+        .strip_prefix("Bearer ")
+        .unwrap_or("");
+    if same_secret(presented.as_bytes(), key.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("wrong admin key"))
+    }
+}
+
+/// Serves the admin API and reflection on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    chat: Arc<ChatService>,
+    admin_key: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let admin =
+        admin_server::AdminServer::with_interceptor(AdminApi { chat }, move |req: Request<()>| {
+            check_admin(&admin_key, &req).map(|()| req)
+        });
+    tonic::transport::Server::builder()
+        .add_service(reflection)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await
+}
+
+fn user_of(r: &pb::User) -> &str {
+    &r.id
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for AdminApi {
+    async fn create_user(
+        &self,
+        req: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let r = req.into_inner();
+        ids::check_user_id(&r.id).map_err(Status::invalid_argument)?;
+        if r.display_name.len() > 200 {
+            return Err(Status::invalid_argument(
+                "display_name is at most 200 bytes",
+            ));
+        }
+        let u = self
+            .chat
+            .store()
+            .create_user(&r.id, &r.display_name, now_ms())
+            .await?;
+        Ok(Response::new(pb::User {
+            id: u.id,
+            display_name: u.display_name,
+            created_at_ms: u.created_at_ms,
+        }))
+    }
+
+    async fn get_user(
+        &self,
+        req: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let id = req.into_inner().id;
+        let u = self
+            .chat
+            .store()
+            .get_user(&id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no user {id}")))?;
+        let user = pb::User {
+            id: u.id,
+            display_name: u.display_name,
+            created_at_ms: u.created_at_ms,
+        };
+        debug_assert_eq!(user_of(&user), id);
+        Ok(Response::new(user))
+    }
+
+    async fn issue_token(
+        &self,
+        req: Request<pb::IssueTokenRequest>,
+    ) -> Result<Response<pb::Token>, Status> {
+        let r = req.into_inner();
+        if self.chat.store().get_user(&r.user_id).await?.is_none() {
+            return Err(Status::not_found(format!("no user {}", r.user_id)));
+        }
+        let ttl = match r.ttl_seconds {
+            0 => self.chat.config().token_ttl.as_secs(),
+            n => n.min(365 * 24 * 3600),
+        } as i64;
+        let now_s = now_ms() / 1000;
+        let token = self.chat.tokens().issue(&r.user_id, now_s, ttl)?;
+        Ok(Response::new(pb::Token {
+            token,
+            expires_at_ms: (now_s + ttl) * 1000,
+        }))
+    }
+
+    async fn create_group(
+        &self,
+        req: Request<pb::AdminCreateGroupRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let r = req.into_inner();
+        let conv = self.chat.create_group(&r.owner, &r.name, r.members).await?;
+        Ok(Response::new(conv.into()))
+    }
+
+    async fn add_members(
+        &self,
+        req: Request<pb::AdminMembersRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        self.members(req.into_inner(), MembershipChange::Add).await
+    }
+
+    async fn remove_members(
+        &self,
+        req: Request<pb::AdminMembersRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        self.members(req.into_inner(), MembershipChange::Remove)
+            .await
+    }
+
+    async fn get_conversation(
+        &self,
+        req: Request<pb::GetConversationRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let conv = self
+            .chat
+            .conversation(req.into_inner().conversation_id)
+            .await?;
+        Ok(Response::new(conv.into()))
+    }
+
+    async fn list_conversations(
+        &self,
+        req: Request<pb::ListUserConversationsRequest>,
+    ) -> Result<Response<pb::ConversationList>, Status> {
+        let list = self
+            .chat
+            .store()
+            .list_conversations(&req.into_inner().user_id)
+            .await?;
+        Ok(Response::new(pb::ConversationList {
+            conversations: list.into_iter().map(Into::into).collect(),
+        }))
+    }
+}
+
+impl AdminApi {
+    async fn members(
+        &self,
+        r: pb::AdminMembersRequest,
+        change: MembershipChange,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        match self
+            .chat
+            .change_members(r.conversation_id, "", change, &r.users)
+            .await?
+        {
+            pb::server_frame::Body::Conversation(c) => Ok(Response::new(c)),
+            _ => Err(ChatError::Unavailable("unexpected answer".into()).into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_key_is_required_and_compared_whole() {
+        let mut req = Request::new(());
+        assert_eq!(
+            check_admin("k3y", &req).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        req.metadata_mut()
+            .insert("authorization", "Bearer k3".parse().unwrap());
+        assert!(check_admin("k3y", &req).is_err());
+        req.metadata_mut()
+            .insert("authorization", "Bearer k3y".parse().unwrap());
+        assert!(check_admin("k3y", &req).is_ok());
+    }
+}

@@ -1,0 +1,20 @@
+//! Parley's chat core: users, devices, conversations (direct and group),
+//! sequence numbers, persistence, the offline inbox and sync, history, the
+//! block list, dedup, delivery fan-out and the admin API. Storage, presence
+//! and the delivery bus sit behind traits, so one process (SQLite, memory,
+//! channels) and a cluster (PostgreSQL, Redis, RabbitMQ) share this logic.
+
+pub mod admin;
+pub mod bus;
+pub mod error;
+pub mod presence;
+pub mod service;
+pub mod store;
+pub mod token;
+
+pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus};
+pub use error::ChatError;
+pub use presence::{MemoryPresence, Presence, Session};
+pub use service::{ChatConfig, ChatService, SyncPage, now_ms};
+pub use store::{SqliteStore, Store};
+pub use token::TokenKeys;

@@ -1,0 +1,779 @@
+//! The embedded default: one SQLite file in WAL mode. Writes go through a
+//! pool of one connection with `BEGIN IMMEDIATE`, so writers queue instead of
+//! failing with SQLITE_BUSY; reads use a pool of their own.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parley_proto::pb;
+use prost::Message as _;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use super::{
+    Appended, ConversationRecord, HistorySlice, InboxPage, MembershipChange, NewMessage, Store,
+    UserRecord, direct_key,
+};
+use crate::error::ChatError;
+
+/// The columns `message_from_row` reads, in order (a macro so queries stay
+/// `&'static str`, which sqlx requires of SQL).
+macro_rules! message_columns {
+    () => {
+        "m.id, m.conversation_id, m.seq, m.sender_id, m.sender_device, m.client_msg_id, m.content, m.created_at"
+    };
+}
+
+/// Parley's store on a SQLite file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub async fn open(path: &Path) -> Result<Self, ChatError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an acknowledged message survives a power loss too, at one
+            // fsync per committed batch.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-16000")
+            .pragma("temp_store", "memory");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, ChatError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn message_from_row(row: &SqliteRow, offset: usize) -> Result<pb::Message, ChatError> {
+    let content: Vec<u8> = row.try_get(offset + 6)?;
+    let content = pb::Content::decode(content.as_slice())
+        .map_err(|e| ChatError::Corrupt(format!("message content: {e}")))?;
+    Ok(pb::Message {
+        msg_id: row.try_get::<i64, _>(offset)? as u64,
+        conversation_id: row.try_get::<i64, _>(offset + 1)? as u64,
+        seq: row.try_get::<i64, _>(offset + 2)? as u64,
+        sender_id: row.try_get(offset + 3)?,
+        sender_device: row.try_get(offset + 4)?,
+        client_msg_id: row.try_get(offset + 5)?,
+        content: Some(content),
+        server_time_ms: row.try_get(offset + 7)?,
+    })
+}
+
+fn kind_from_i64(kind: i64) -> pb::ConversationKind {
+    match kind {
+        1 => pb::ConversationKind::Direct,
+        2 => pb::ConversationKind::Group,
+        _ => pb::ConversationKind::Unspecified,
+    }
+}
+
+async fn load_conversation(
+    conn: &mut SqliteConnection,
+    id: u64,
+) -> Result<Option<ConversationRecord>, ChatError> {
+    let Some(row) =
+        sqlx::query("SELECT kind, name, owner, last_seq FROM conversations WHERE id = ?")
+            .bind(id as i64)
+            .fetch_optional(&mut *conn)
+            .await?
+    else {
+        return Ok(None);
+    };
+    let members: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id FROM members WHERE conversation_id = ? ORDER BY user_id",
+    )
+    .bind(id as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(ConversationRecord {
+        id,
+        kind: kind_from_i64(row.try_get(0)?),
+        name: row.try_get(1)?,
+        owner: row.try_get(2)?,
+        members,
+        last_seq: row.try_get::<i64, _>(3)? as u64,
+    }))
+}
+
+async fn missing_users_in(
+    conn: &mut SqliteConnection,
+    ids: &[String],
+) -> Result<Vec<String>, ChatError> {
+    let mut missing = Vec::new();
+    for id in ids {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if found.is_none() {
+            missing.push(id.clone());
+        }
+    }
+    Ok(missing)
+}
+
+/// Appends one message inside the caller's transaction. Domain refusals come
+/// back as `Ok(Err(..))` and write nothing; `Err` means the transaction is
+/// broken.
+async fn append_one(
+    conn: &mut SqliteConnection,
+    m: &NewMessage,
+) -> Result<Result<Appended, ChatError>, ChatError> {
+    let existing = sqlx::query(concat!(
+        "SELECT ",
+        message_columns!(),
+        " FROM messages m WHERE m.sender_id = ? AND m.client_msg_id = ?"
+    ))
+    .bind(&m.sender_id)
+    .bind(&m.client_msg_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(row) = existing {
+        let message = message_from_row(&row, 0)?;
+        return Ok(Ok(Appended {
+            message,
+            recipients: Vec::new(),
+            duplicate: true,
+        }));
+    }
+
+    let Some(conv) = sqlx::query("SELECT kind, last_seq FROM conversations WHERE id = ?")
+        .bind(m.conversation_id as i64)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(Err(ChatError::NotMember(m.conversation_id)));
+    };
+    let kind = kind_from_i64(conv.try_get(0)?);
+    let seq = conv.try_get::<i64, _>(1)? + 1;
+
+    let members: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id FROM members WHERE conversation_id = ? ORDER BY user_id",
+    )
+    .bind(m.conversation_id as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !members.iter().any(|u| *u == m.sender_id) {
+        return Ok(Err(ChatError::NotMember(m.conversation_id)));
+    }
+    if kind == pb::ConversationKind::Direct {
+        for peer in members.iter().filter(|u| **u != m.sender_id) {
+            let blocked: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM blocks WHERE user_id = ? AND blocked_id = ?")
+                    .bind(peer)
+                    .bind(&m.sender_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if blocked.is_some() {
+                return Ok(Err(ChatError::Blocked(peer.clone())));
+            }
+        }
+    }
+
+    Ok(Ok(insert_message(conn, m, seq, members).await?))
+}
+
+/// Writes a message at `seq` and one inbox entry per member.
+async fn insert_message(
+    conn: &mut SqliteConnection,
+    m: &NewMessage,
+    seq: i64,
+    members: Vec<String>,
+) -> Result<Appended, ChatError> {
+    sqlx::query("UPDATE conversations SET last_seq = ? WHERE id = ?")
+        .bind(seq)
+        .bind(m.conversation_id as i64)
+        .execute(&mut *conn)
+        .await?;
+    let content = m.content.encode_to_vec();
+    let msg_id: i64 = sqlx::query_scalar(
+        "INSERT INTO messages (conversation_id, seq, sender_id, sender_device, client_msg_id, content, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(m.conversation_id as i64)
+    .bind(seq)
+    .bind(&m.sender_id)
+    .bind(&m.sender_device)
+    .bind(&m.client_msg_id)
+    .bind(&content)
+    .bind(m.now_ms)
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut recipients = Vec::with_capacity(members.len());
+    for user in members {
+        let inbox_seq: i64 = sqlx::query_scalar(
+            "UPDATE users SET inbox_head = inbox_head + 1 WHERE id = ? RETURNING inbox_head",
+        )
+        .bind(&user)
+        .fetch_one(&mut *conn)
+        .await?;
+        sqlx::query("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)")
+            .bind(&user)
+            .bind(inbox_seq)
+            .bind(msg_id)
+            .execute(&mut *conn)
+            .await?;
+        recipients.push((user, inbox_seq as u64));
+    }
+    let message = pb::Message {
+        msg_id: msg_id as u64,
+        conversation_id: m.conversation_id,
+        seq: seq as u64,
+        sender_id: m.sender_id.clone(),
+        sender_device: m.sender_device.clone(),
+        client_msg_id: m.client_msg_id.clone(),
+        server_time_ms: m.now_ms,
+        content: Some(m.content.clone()),
+    };
+    Ok(Appended {
+        message,
+        recipients,
+        duplicate: false,
+    })
+}
+
+/// Appends a server-written event to a conversation.
+async fn append_system(
+    conn: &mut SqliteConnection,
+    conversation_id: u64,
+    actor: &str,
+    event: pb::SystemEvent,
+    now_ms: i64,
+) -> Result<Appended, ChatError> {
+    let last_seq: i64 = sqlx::query_scalar("SELECT last_seq FROM conversations WHERE id = ?")
+        .bind(conversation_id as i64)
+        .fetch_one(&mut *conn)
+        .await?;
+    let members: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id FROM members WHERE conversation_id = ? ORDER BY user_id",
+    )
+    .bind(conversation_id as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    let seq = last_seq + 1;
+    let m = NewMessage {
+        conversation_id,
+        sender_id: actor.to_owned(),
+        sender_device: String::new(),
+        // '~' is outside the client id alphabet, so this never collides.
+        client_msg_id: format!("~sys:{conversation_id}:{seq}"),
+        content: pb::Content {
+            body: Some(pb::content::Body::System(event)),
+        },
+        now_ms,
+    };
+    insert_message(conn, &m, seq, members).await
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(
+        &self,
+        id: &str,
+        display_name: &str,
+        now_ms: i64,
+    ) -> Result<UserRecord, ChatError> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("INSERT INTO users (id, display_name, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+            .bind(id)
+            .bind(display_name)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(ChatError::Conflict(format!("user {id} already exists")));
+        }
+        tx.commit().await?;
+        Ok(UserRecord {
+            id: id.to_owned(),
+            display_name: display_name.to_owned(),
+            created_at_ms: now_ms,
+        })
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<UserRecord>, ChatError> {
+        let row = sqlx::query("SELECT display_name, created_at FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| {
+            Ok(UserRecord {
+                id: id.to_owned(),
+                display_name: r.try_get(0)?,
+                created_at_ms: r.try_get(1)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn missing_users(&self, ids: &[String]) -> Result<Vec<String>, ChatError> {
+        let mut conn = self.reader.acquire().await?;
+        missing_users_in(&mut conn, ids).await
+    }
+
+    async fn open_direct(
+        &self,
+        a: &str,
+        b: &str,
+        now_ms: i64,
+    ) -> Result<ConversationRecord, ChatError> {
+        let key = direct_key(a, b);
+        let mut tx = self.begin().await?;
+        let existing: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM conversations WHERE direct_key = ?")
+                .bind(&key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let missing = missing_users_in(&mut tx, &[a.to_owned(), b.to_owned()]).await?;
+                if !missing.is_empty() {
+                    return Err(ChatError::NotFound(format!(
+                        "no such user: {}",
+                        missing.join(", ")
+                    )));
+                }
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO conversations (kind, direct_key, created_at) VALUES (1, ?, ?) RETURNING id",
+                )
+                .bind(&key)
+                .bind(now_ms)
+                .fetch_one(&mut *tx)
+                .await?;
+                let mut users = vec![a, b];
+                users.dedup();
+                for u in users {
+                    sqlx::query("INSERT INTO members (conversation_id, user_id, joined_at) VALUES (?, ?, ?)")
+                        .bind(id)
+                        .bind(u)
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                id
+            }
+        };
+        let conv = load_conversation(&mut tx, id as u64)
+            .await?
+            .expect("conversation just read or written");
+        tx.commit().await?;
+        Ok(conv)
+    }
+
+    async fn create_group(
+        &self,
+        owner: &str,
+        name: &str,
+        members: &[String],
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Appended), ChatError> {
+        let mut tx = self.begin().await?;
+        let missing = missing_users_in(&mut tx, members).await?;
+        if !missing.is_empty() {
+            return Err(ChatError::NotFound(format!(
+                "no such user: {}",
+                missing.join(", ")
+            )));
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO conversations (kind, name, owner, created_at) VALUES (2, ?, ?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        for u in members {
+            sqlx::query(
+                "INSERT INTO members (conversation_id, user_id, joined_at) VALUES (?, ?, ?)",
+            )
+            .bind(id)
+            .bind(u)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let event = pb::SystemEvent {
+            kind: pb::SystemEventKind::GroupCreated as i32,
+            actor: owner.to_owned(),
+            users: members.to_vec(),
+        };
+        let appended = append_system(&mut tx, id as u64, owner, event, now_ms).await?;
+        let conv = load_conversation(&mut tx, id as u64)
+            .await?
+            .expect("group just written");
+        tx.commit().await?;
+        Ok((conv, appended))
+    }
+
+    async fn get_conversation(&self, id: u64) -> Result<Option<ConversationRecord>, ChatError> {
+        let mut conn = self.reader.acquire().await?;
+        load_conversation(&mut conn, id).await
+    }
+
+    async fn change_members(
+        &self,
+        conversation_id: u64,
+        actor: &str,
+        change: MembershipChange,
+        users: &[String],
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Option<Appended>), ChatError> {
+        let mut tx = self.begin().await?;
+        let Some(before) = load_conversation(&mut tx, conversation_id).await? else {
+            return Err(ChatError::NotFound(format!(
+                "no conversation {conversation_id}"
+            )));
+        };
+        if before.kind != pb::ConversationKind::Group {
+            return Err(ChatError::invalid(
+                "members of a direct conversation cannot change",
+            ));
+        }
+        let changed: Vec<String> = match change {
+            MembershipChange::Add => {
+                let missing = missing_users_in(&mut tx, users).await?;
+                if !missing.is_empty() {
+                    return Err(ChatError::NotFound(format!(
+                        "no such user: {}",
+                        missing.join(", ")
+                    )));
+                }
+                let new: Vec<String> = users
+                    .iter()
+                    .filter(|u| !before.members.contains(u))
+                    .cloned()
+                    .collect();
+                if before.members.len() + new.len() > max_members {
+                    return Err(ChatError::GroupFull(max_members));
+                }
+                for u in &new {
+                    sqlx::query("INSERT INTO members (conversation_id, user_id, joined_at) VALUES (?, ?, ?)")
+                        .bind(conversation_id as i64)
+                        .bind(u)
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                new
+            }
+            MembershipChange::Remove | MembershipChange::Leave => {
+                let gone: Vec<String> = users
+                    .iter()
+                    .filter(|u| before.members.contains(u))
+                    .cloned()
+                    .collect();
+                for u in &gone {
+                    sqlx::query("DELETE FROM members WHERE conversation_id = ? AND user_id = ?")
+                        .bind(conversation_id as i64)
+                        .bind(u)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                gone
+            }
+        };
+        if changed.is_empty() {
+            return Ok((before, None));
+        }
+        let kind = match change {
+            MembershipChange::Add => pb::SystemEventKind::MembersAdded,
+            MembershipChange::Remove => pb::SystemEventKind::MembersRemoved,
+            MembershipChange::Leave => pb::SystemEventKind::MemberLeft,
+        };
+        let event = pb::SystemEvent {
+            kind: kind as i32,
+            actor: actor.to_owned(),
+            users: changed.clone(),
+        };
+        let mut appended = append_system(&mut tx, conversation_id, actor, event, now_ms).await?;
+        if change != MembershipChange::Add {
+            // Those who left still learn that they did, on their other devices.
+            for u in changed {
+                let inbox_seq: i64 = sqlx::query_scalar(
+                    "UPDATE users SET inbox_head = inbox_head + 1 WHERE id = ? RETURNING inbox_head",
+                )
+                .bind(&u)
+                .fetch_one(&mut *tx)
+                .await?;
+                sqlx::query("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)")
+                    .bind(&u)
+                    .bind(inbox_seq)
+                    .bind(appended.message.msg_id as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                appended.recipients.push((u, inbox_seq as u64));
+            }
+        }
+        let after = load_conversation(&mut tx, conversation_id)
+            .await?
+            .expect("conversation exists");
+        tx.commit().await?;
+        Ok((after, Some(appended)))
+    }
+
+    async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {
+        let mut conn = self.reader.acquire().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT conversation_id FROM members WHERE user_id = ? ORDER BY conversation_id",
+        )
+        .bind(user)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(c) = load_conversation(&mut conn, id as u64).await? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn is_member(&self, conversation_id: u64, user: &str) -> Result<bool, ChatError> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM members WHERE conversation_id = ? AND user_id = ?")
+                .bind(conversation_id as i64)
+                .bind(user)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
+        let mut tx = self.begin().await?;
+        let mut results = Vec::with_capacity(batch.len());
+        for m in &batch {
+            results.push(append_one(&mut tx, m).await?);
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn inbox_after(
+        &self,
+        user: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<InboxPage, ChatError> {
+        // One read transaction, so the head and the page agree.
+        let mut tx = self.reader.begin().await?;
+        let head: Option<i64> = sqlx::query_scalar("SELECT inbox_head FROM users WHERE id = ?")
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let rows = sqlx::query(concat!(
+            "SELECT i.seq, ",
+            message_columns!(),
+            " FROM inbox i JOIN messages m ON m.id = i.message_id \
+             WHERE i.user_id = ? AND i.seq > ? ORDER BY i.seq LIMIT ?"
+        ))
+        .bind(user)
+        .bind(after as i64)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let entries = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)? as u64, message_from_row(r, 1)?)))
+            .collect::<Result<Vec<_>, ChatError>>()?;
+        Ok(InboxPage {
+            entries,
+            head: head.unwrap_or(0) as u64,
+        })
+    }
+
+    async fn inbox_head(&self, user: &str) -> Result<u64, ChatError> {
+        let head: Option<i64> = sqlx::query_scalar("SELECT inbox_head FROM users WHERE id = ?")
+            .bind(user)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(head.unwrap_or(0) as u64)
+    }
+
+    async fn history(
+        &self,
+        conversation_id: u64,
+        from_seq: u64,
+        direction: pb::Direction,
+        limit: u32,
+    ) -> Result<HistorySlice, ChatError> {
+        let mut conn = self.reader.acquire().await?;
+        let fetch = limit as i64 + 1;
+        let mut rows = match direction {
+            pb::Direction::Backward => {
+                let before = if from_seq == 0 {
+                    i64::MAX
+                } else {
+                    from_seq as i64
+                };
+                let mut rows = sqlx::query(concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages m WHERE m.conversation_id = ? AND m.seq < ? \
+                     ORDER BY m.seq DESC LIMIT ?"
+                ))
+                .bind(conversation_id as i64)
+                .bind(before)
+                .bind(fetch)
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.reverse();
+                rows
+            }
+            pb::Direction::Forward => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages m WHERE m.conversation_id = ? AND m.seq > ? \
+                     ORDER BY m.seq LIMIT ?"
+                ))
+                .bind(conversation_id as i64)
+                .bind(from_seq as i64)
+                .bind(fetch)
+                .fetch_all(&mut *conn)
+                .await?
+            }
+        };
+        let has_more = rows.len() as i64 == fetch;
+        if has_more {
+            match direction {
+                pb::Direction::Backward => drop(rows.remove(0)),
+                pb::Direction::Forward => drop(rows.pop()),
+            }
+        }
+        let oldest: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(seq) FROM messages WHERE conversation_id = ?")
+                .bind(conversation_id as i64)
+                .fetch_one(&mut *conn)
+                .await?;
+        let messages = rows
+            .iter()
+            .map(|r| message_from_row(r, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(HistorySlice {
+            messages,
+            has_more,
+            oldest_available_seq: oldest.unwrap_or(0) as u64,
+        })
+    }
+
+    async fn set_cursor(
+        &self,
+        user: &str,
+        device: &str,
+        cursor: u64,
+        now_ms: i64,
+    ) -> Result<(), ChatError> {
+        sqlx::query(
+            "INSERT INTO devices (user_id, device_id, cursor, last_seen) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (user_id, device_id) DO UPDATE SET cursor = MAX(cursor, excluded.cursor), last_seen = excluded.last_seen",
+        )
+        .bind(user)
+        .bind(device)
+        .bind(cursor as i64)
+        .bind(now_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, ChatError> {
+        let cursor: Option<i64> =
+            sqlx::query_scalar("SELECT cursor FROM devices WHERE user_id = ? AND device_id = ?")
+                .bind(user)
+                .bind(device)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(cursor.map(|c| c as u64))
+    }
+
+    async fn set_block(
+        &self,
+        user: &str,
+        other: &str,
+        blocked: bool,
+        now_ms: i64,
+    ) -> Result<(), ChatError> {
+        if blocked {
+            sqlx::query("INSERT INTO blocks (user_id, blocked_id, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+                .bind(user)
+                .bind(other)
+                .bind(now_ms)
+                .execute(&self.writer)
+                .await?;
+        } else {
+            sqlx::query("DELETE FROM blocks WHERE user_id = ? AND blocked_id = ?")
+                .bind(user)
+                .bind(other)
+                .execute(&self.writer)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn is_blocked(&self, user: &str, by: &str) -> Result<bool, ChatError> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM blocks WHERE user_id = ? AND blocked_id = ?")
+                .bind(by)
+                .bind(user)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError> {
+        let mut tx = self.begin().await?;
+        let newest_old: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(id) FROM messages WHERE created_at < ?")
+                .bind(cutoff_ms)
+                .fetch_one(&mut *tx)
+                .await?;
+        let Some(max_id) = newest_old else {
+            return Ok(0);
+        };
+        sqlx::query("DELETE FROM inbox WHERE message_id <= ?")
+            .bind(max_id)
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM messages WHERE id <= ?")
+            .bind(max_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+}
