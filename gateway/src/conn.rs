@@ -1,0 +1,448 @@
+//! One client connection: the protocol state machine (hello, auth, ready),
+//! requests forwarded to the chat service, catch-up from the cursor, live
+//! pushes with gap detection, heartbeat, flood control and goodbye.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use parley_chat::Session;
+use parley_proto::codec::DecodeError;
+use parley_proto::pb::{self, ErrorCode, client_frame::Body as Req, server_frame::Body as Resp};
+use parley_proto::{PROTOCOL_VERSION, ids};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until, timeout};
+
+use crate::Shared;
+use crate::io::{FrameIo, ReadError};
+use crate::registry::{Push, Subscription};
+
+/// Where a connection is in the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    AwaitHello,
+    AwaitAuth,
+    Ready,
+}
+
+/// Whether `req` may arrive in `phase`; the error to send if not.
+pub fn admit(phase: Phase, req: &Req) -> Result<(), &'static str> {
+    match (phase, req) {
+        (Phase::AwaitHello, Req::Hello(_)) => Ok(()),
+        (Phase::AwaitHello, _) => Err("the first frame must be Hello"),
+        (Phase::AwaitAuth, Req::Auth(_) | Req::Ping(_)) => Ok(()),
+        (Phase::AwaitAuth, _) => Err("authenticate first: send Auth"),
+        (Phase::Ready, Req::Hello(_) | Req::Auth(_)) => Err("already authenticated"),
+        (Phase::Ready, _) => Ok(()),
+    }
+}
+
+/// Picks the protocol version for a Hello.
+pub fn negotiate(hello: &pb::Hello) -> Option<u32> {
+    (hello.min_version <= PROTOCOL_VERSION && PROTOCOL_VERSION <= hello.max_version)
+        .then_some(PROTOCOL_VERSION)
+}
+
+/// A token bucket for sends.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    burst: f64,
+    per_sec: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_sec: u32, burst: u32) -> Self {
+        Self {
+            tokens: burst as f64,
+            burst: burst as f64,
+            per_sec: per_sec as f64,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_sec)
+            .min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Live {
+    session: Session,
+    sub: Subscription,
+    /// The newest inbox sequence number written to the device.
+    delivered: u64,
+}
+
+/// Why the connection ends.
+enum End {
+    Closed,
+    Fatal(ErrorCode, String),
+    GoAway,
+    Io,
+}
+
+const CATCH_UP_PAGE: u32 = 500;
+
+/// Serves one connection until it closes, fails or the gateway shuts down.
+pub async fn serve<IO: FrameIo>(
+    mut io: IO,
+    shared: Arc<Shared>,
+    conn_id: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = &shared.config;
+    let mut phase = Phase::AwaitHello;
+    let mut live: Option<Live> = None;
+    let mut bucket = Bucket::new(cfg.send_rate, cfg.send_burst);
+    let mut idle_deadline = Instant::now() + cfg.idle_timeout;
+    let mut pushes: Vec<Push> = Vec::with_capacity(0);
+    let mut out: Vec<pb::ServerFrame> = Vec::new();
+
+    let end = loop {
+        out.clear();
+        let step = tokio::select! {
+            biased;
+            () = crate::stopped(&mut shutdown) => Err(End::GoAway),
+            _ = sleep_until(idle_deadline) => {
+                Err(End::Fatal(ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
+            }
+            n = recv_pushes(&mut live, &mut pushes) => {
+                match live.as_mut() {
+                    Some(l) if n > 0 => on_pushes(&shared, l, pushes.drain(..), &mut out).await,
+                    _ => Ok(()),
+                }
+            }
+            frame = io.read() => match frame {
+                Ok(Some(frame)) => {
+                    idle_deadline = Instant::now() + cfg.idle_timeout;
+                    on_frame(&shared, conn_id, frame, &mut phase, &mut live, &mut bucket, &mut out).await
+                }
+                Ok(None) => Err(End::Closed),
+                Err(ReadError::Decode(DecodeError::TooLarge { len, max })) => Err(End::Fatal(
+                    ErrorCode::FrameTooLarge,
+                    format!("frame of {len} bytes exceeds the limit of {max} bytes"),
+                )),
+                Err(e @ (ReadError::Decode(_) | ReadError::NotBinary(_))) => Err(End::Fatal(ErrorCode::BadFrame, e.to_string())),
+                Err(ReadError::Truncated | ReadError::Io(_)) => Err(End::Closed),
+            },
+        };
+        if !out.is_empty() && !write(&mut io, &out, cfg.write_timeout).await {
+            break End::Io;
+        }
+        if let Err(end) = step {
+            break end;
+        }
+    };
+
+    match end {
+        End::Fatal(code, message) => {
+            tracing::debug!(conn_id, ?code, %message, "closing connection");
+            let _ = write(
+                &mut io,
+                &[pb::ServerFrame::error(0, code, message)],
+                cfg.write_timeout,
+            )
+            .await;
+        }
+        End::GoAway => {
+            let go = pb::GoAway {
+                reason: "server shutting down".into(),
+                reconnect_after_ms: cfg.reconnect_hint.as_millis() as u32,
+                redirect: String::new(),
+            };
+            let _ = write(
+                &mut io,
+                &[pb::ServerFrame::new(0, Resp::GoAway(go))],
+                cfg.write_timeout,
+            )
+            .await;
+        }
+        End::Closed | End::Io => {}
+    }
+    if let Some(l) = live {
+        shared.registry.unregister(&l.session.user, conn_id);
+        if let Err(e) = shared.chat.session_closed(&l.session).await {
+            tracing::warn!(error = %e, "presence not cleared");
+        }
+    }
+}
+
+/// Writes frames; false when the peer is gone or too slow to read them.
+async fn write<IO: FrameIo>(io: &mut IO, frames: &[pb::ServerFrame], limit: Duration) -> bool {
+    match timeout(limit, io.write(frames)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::info!(
+                "slow reader disconnected: a write did not finish in {:?}",
+                limit
+            );
+            false
+        }
+    }
+}
+
+/// Waits for pushes when the connection is live; never when it is not.
+async fn recv_pushes(live: &mut Option<Live>, buf: &mut Vec<Push>) -> usize {
+    match live {
+        Some(l) => l.sub.rx.recv_many(buf, 64).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn on_pushes(
+    shared: &Shared,
+    live: &mut Live,
+    pushes: impl Iterator<Item = Push>,
+    out: &mut Vec<pb::ServerFrame>,
+) -> Result<(), End> {
+    let mut gap = live.sub.lagged.swap(false, Ordering::AcqRel);
+    for push in pushes {
+        if push.inbox_seq <= live.delivered {
+            continue;
+        }
+        if gap || push.inbox_seq != live.delivered + 1 {
+            // Missed something (overflow or reordering): the database has it.
+            gap = true;
+            continue;
+        }
+        live.delivered = push.inbox_seq;
+        out.push(deliver(push.inbox_seq, (*push.message).clone()));
+    }
+    if gap {
+        catch_up(shared, live, out).await?;
+    }
+    Ok(())
+}
+
+fn deliver(inbox_seq: u64, message: pb::Message) -> pb::ServerFrame {
+    pb::ServerFrame::new(
+        0,
+        Resp::Deliver(pb::Deliver {
+            inbox_seq,
+            message: Some(message),
+        }),
+    )
+}
+
+/// Sends everything after `live.delivered` from the database; returns what
+/// retention removed.
+async fn catch_up(
+    shared: &Shared,
+    live: &mut Live,
+    out: &mut Vec<pb::ServerFrame>,
+) -> Result<Option<(u64, u64)>, End> {
+    let mut missing = None;
+    loop {
+        let page = shared
+            .chat
+            .sync(&live.session.user, live.delivered, CATCH_UP_PAGE)
+            .await
+            .map_err(|e| End::Fatal(ErrorCode::Unavailable, e.client_message()))?;
+        // A cursor from the future (a confused client) restarts at the head.
+        live.delivered = live.delivered.min(page.head);
+        if let Some((from, to)) = page.missing {
+            missing = Some(missing.map_or((from, to), |(f, _)| (f, to)));
+            live.delivered = to;
+        }
+        let full = page.entries.len() as u32 == CATCH_UP_PAGE;
+        for (seq, message) in page.entries {
+            live.delivered = seq;
+            out.push(deliver(seq, message));
+        }
+        if !full {
+            return Ok(missing);
+        }
+    }
+}
+
+fn sync_done(request_id: u64, cursor: u64, missing: Option<(u64, u64)>) -> pb::ServerFrame {
+    let (from, to) = missing.unwrap_or((0, 0));
+    let done = pb::SyncDone {
+        cursor,
+        complete: missing.is_none(),
+        missing_from: from,
+        missing_to: to,
+    };
+    pb::ServerFrame::new(request_id, Resp::SyncDone(done))
+}
+
+async fn on_frame(
+    shared: &Shared,
+    conn_id: u64,
+    frame: pb::ClientFrame,
+    phase: &mut Phase,
+    live: &mut Option<Live>,
+    bucket: &mut Bucket,
+    out: &mut Vec<pb::ServerFrame>,
+) -> Result<(), End> {
+    let rid = frame.request_id;
+    let Some(req) = frame.body else {
+        return Err(End::Fatal(ErrorCode::BadFrame, "frame has no body".into()));
+    };
+    admit(*phase, &req).map_err(|m| End::Fatal(ErrorCode::UnexpectedFrame, m.into()))?;
+    let cfg = &shared.config;
+    match req {
+        Req::Hello(hello) => {
+            let Some(version) = negotiate(&hello) else {
+                return Err(End::Fatal(
+                    ErrorCode::UnsupportedVersion,
+                    format!("this server speaks protocol version {PROTOCOL_VERSION}"),
+                ));
+            };
+            *phase = Phase::AwaitAuth;
+            out.push(pb::ServerFrame::new(
+                rid,
+                Resp::HelloOk(pb::HelloOk {
+                    version,
+                    server: format!("parley/{}", env!("CARGO_PKG_VERSION")),
+                    max_frame_bytes: cfg.max_frame_bytes as u32,
+                    heartbeat_interval_ms: (cfg.idle_timeout / 3).as_millis() as u32,
+                    idle_timeout_ms: cfg.idle_timeout.as_millis() as u32,
+                }),
+            ));
+        }
+        Req::Auth(auth) => {
+            ids::check_device_id(&auth.device_id)
+                .map_err(|m| End::Fatal(ErrorCode::Unauthenticated, m))?;
+            let user = shared.chat.authenticate(&auth.token).await.map_err(|e| {
+                let code = if e.code() == ErrorCode::TokenExpired {
+                    ErrorCode::TokenExpired
+                } else {
+                    ErrorCode::Unauthenticated
+                };
+                End::Fatal(code, e.client_message())
+            })?;
+            let session = Session {
+                user: user.clone(),
+                device: auth.device_id.clone(),
+                gateway: cfg.gateway_id.clone(),
+                epoch: shared.next_epoch(),
+            };
+            // Register before reading the head, so nothing committed from
+            // here on can slip between catch-up and live delivery.
+            let sub = shared.registry.register(&user, conn_id, cfg.push_queue);
+            let mut l = Live {
+                session,
+                sub,
+                delivered: 0,
+            };
+            let (resume, head) = match shared.chat.session_opened(&l.session, auth.cursor).await {
+                Ok(r) => r,
+                Err(e) => {
+                    shared.registry.unregister(&user, conn_id);
+                    return Err(End::Fatal(ErrorCode::Unavailable, e.client_message()));
+                }
+            };
+            l.delivered = resume;
+            *phase = Phase::Ready;
+            out.push(pb::ServerFrame::new(
+                rid,
+                Resp::AuthOk(pb::AuthOk {
+                    user_id: user,
+                    device_id: auth.device_id,
+                    inbox_head: head,
+                    resume_from: resume,
+                }),
+            ));
+            let result = catch_up(shared, &mut l, out).await;
+            let cursor = l.delivered;
+            *live = Some(l);
+            out.push(sync_done(0, cursor, result?));
+        }
+        Req::Ping(p) => out.push(pb::ServerFrame::new(
+            rid,
+            Resp::Pong(pb::Pong { nonce: p.nonce }),
+        )),
+        Req::Ack(ack) => {
+            let l = live.as_ref().expect("admitted only when ready");
+            let cursor = ack.cursor.min(l.delivered);
+            if let Err(e) = shared
+                .chat
+                .ack(&l.session.user, &l.session.device, cursor)
+                .await
+            {
+                out.push(pb::ServerFrame::error(rid, e.code(), e.client_message()));
+            }
+        }
+        Req::Sync(sync) => {
+            let l = live.as_mut().expect("admitted only when ready");
+            l.delivered = sync.after;
+            let missing = catch_up(shared, l, out).await?;
+            out.push(sync_done(rid, l.delivered, missing));
+        }
+        req => {
+            if matches!(req, Req::Send(_)) && !bucket.take() {
+                out.push(pb::ServerFrame::error(
+                    rid,
+                    ErrorCode::RateLimited,
+                    "too many messages; slow down and resend",
+                ));
+                return Ok(());
+            }
+            let l = live.as_ref().expect("admitted only when ready");
+            match shared
+                .chat
+                .call(&l.session.user, &l.session.device, req)
+                .await
+            {
+                Ok(resp) => out.push(pb::ServerFrame::new(rid, resp)),
+                Err(e) => out.push(pb::ServerFrame::error(rid, e.code(), e.client_message())),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_admitted_only_in_their_phase() {
+        let hello = Req::Hello(pb::Hello::default());
+        let auth = Req::Auth(pb::Auth::default());
+        let send = Req::Send(pb::Send::default());
+        let ping = Req::Ping(pb::Ping::default());
+        assert!(admit(Phase::AwaitHello, &hello).is_ok());
+        assert!(admit(Phase::AwaitHello, &auth).is_err());
+        assert!(admit(Phase::AwaitHello, &ping).is_err());
+        assert!(admit(Phase::AwaitAuth, &auth).is_ok());
+        assert!(admit(Phase::AwaitAuth, &ping).is_ok());
+        assert!(admit(Phase::AwaitAuth, &send).is_err());
+        assert!(admit(Phase::Ready, &send).is_ok());
+        assert!(admit(Phase::Ready, &hello).is_err());
+        assert!(admit(Phase::Ready, &auth).is_err());
+    }
+
+    #[test]
+    fn versions_are_negotiated_within_the_client_range() {
+        let h = |min, max| pb::Hello {
+            min_version: min,
+            max_version: max,
+            client: String::new(),
+        };
+        assert_eq!(negotiate(&h(1, 3)), Some(1));
+        assert_eq!(negotiate(&h(2, 3)), None);
+        assert_eq!(negotiate(&h(0, 0)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_refills_over_time() {
+        let mut b = Bucket::new(10, 2);
+        assert!(b.take() && b.take());
+        assert!(!b.take());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(b.take());
+    }
+}

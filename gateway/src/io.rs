@@ -1,0 +1,146 @@
+//! Frame transports: length-prefixed frames over a byte stream (TCP, or TLS
+//! later), and one frame per binary message over WebSocket. The connection
+//! logic sees only `FrameIo`.
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use parley_proto::codec::{self, DecodeError};
+use parley_proto::pb;
+use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("{0}")]
+    NotBinary(&'static str),
+    #[error("connection reset mid-frame")]
+    Truncated,
+    #[error("transport error: {0}")]
+    Io(String),
+}
+
+/// Reads client frames and writes server frames.
+pub trait FrameIo: Send {
+    /// The next frame; `Ok(None)` when the peer closed cleanly.
+    fn read(&mut self) -> impl Future<Output = Result<Option<pb::ClientFrame>, ReadError>> + Send;
+    /// Writes and flushes frames in order.
+    fn write(
+        &mut self,
+        frames: &[pb::ServerFrame],
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+/// Length-prefixed frames over a byte stream.
+pub struct StreamIo<S> {
+    stream: S,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    max_frame: usize,
+}
+
+impl<S> StreamIo<S> {
+    pub fn new(stream: S, max_frame: usize) -> Self {
+        Self {
+            stream,
+            read_buf: BytesMut::with_capacity(512),
+            write_buf: BytesMut::new(),
+            max_frame,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameIo for StreamIo<S> {
+    async fn read(&mut self) -> Result<Option<pb::ClientFrame>, ReadError> {
+        loop {
+            if let Some(frame) = codec::decode_frame(&mut self.read_buf, self.max_frame)? {
+                // Give back memory a large frame left behind.
+                if self.read_buf.is_empty() && self.read_buf.capacity() > 8 * 1024 {
+                    self.read_buf = BytesMut::with_capacity(512);
+                }
+                return Ok(Some(frame));
+            }
+            if self.read_buf.capacity() == self.read_buf.len() {
+                self.read_buf.reserve(512);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(|e| ReadError::Io(e.to_string()))?;
+            if n == 0 {
+                return if self.read_buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Truncated)
+                };
+            }
+        }
+    }
+
+    async fn write(&mut self, frames: &[pb::ServerFrame]) -> std::io::Result<()> {
+        for f in frames {
+            codec::encode_frame(f, &mut self.write_buf);
+        }
+        let result = self.stream.write_all(&self.write_buf).await;
+        self.write_buf.clear();
+        if self.write_buf.capacity() > 64 * 1024 {
+            self.write_buf = BytesMut::new();
+        }
+        result?;
+        self.stream.flush().await
+    }
+}
+
+/// One frame per binary WebSocket message.
+pub struct WsIo<S> {
+    ws: WebSocketStream<S>,
+    max_frame: usize,
+}
+
+impl<S> WsIo<S> {
+    pub fn new(ws: WebSocketStream<S>, max_frame: usize) -> Self {
+        Self { ws, max_frame }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameIo for WsIo<S> {
+    async fn read(&mut self) -> Result<Option<pb::ClientFrame>, ReadError> {
+        loop {
+            match self.ws.next().await {
+                None | Some(Ok(WsMessage::Close(_))) => return Ok(None),
+                Some(Ok(WsMessage::Binary(body))) => {
+                    return Ok(Some(codec::decode_body(&body, self.max_frame)?));
+                }
+                Some(Ok(WsMessage::Text(_))) => {
+                    return Err(ReadError::NotBinary(
+                        "text messages are not frames; send binary",
+                    ));
+                }
+                // Pings are answered by tungstenite on the next write.
+                Some(Ok(_)) => continue,
+                Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                    return Err(ReadError::Decode(DecodeError::TooLarge {
+                        len: self.max_frame + 1,
+                        max: self.max_frame,
+                    }));
+                }
+                Some(Err(e)) => return Err(ReadError::Io(e.to_string())),
+            }
+        }
+    }
+
+    async fn write(&mut self, frames: &[pb::ServerFrame]) -> std::io::Result<()> {
+        for f in frames {
+            self.ws
+                .feed(WsMessage::Binary(f.encode_to_vec().into()))
+                .await
+                .map_err(std::io::Error::other)?;
+        }
+        self.ws.flush().await.map_err(std::io::Error::other)
+    }
+}
