@@ -1,0 +1,119 @@
+//! A small admin API client: connects with the admin key attached to every
+//! call. Used by the `parley` command and the tests.
+
+use parley_proto::pb::{self, admin_client::AdminClient};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Adds `authorization: Bearer <admin key>` to every call.
+#[derive(Debug, Clone)]
+struct BearerAuth(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Authed = InterceptedService<Channel, BearerAuth>;
+
+/// The admin API, authenticated.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    inner: AdminClient<Authed>,
+}
+
+impl Admin {
+    pub async fn connect(url: &str, admin_key: &str) -> anyhow::Result<Self> {
+        let channel = Channel::from_shared(url.to_owned())?.connect().await?;
+        let value: MetadataValue<Ascii> = format!("Bearer {admin_key}").parse()?;
+        Ok(Self {
+            inner: AdminClient::with_interceptor(channel, BearerAuth(value)),
+        })
+    }
+
+    pub async fn create_user(&mut self, id: &str, name: &str) -> Result<pb::User, tonic::Status> {
+        let req = pb::CreateUserRequest {
+            id: id.into(),
+            display_name: name.into(),
+        };
+        Ok(self.inner.create_user(req).await?.into_inner())
+    }
+
+    pub async fn token(
+        &mut self,
+        user: &str,
+        ttl_seconds: u64,
+    ) -> Result<pb::Token, tonic::Status> {
+        let req = pb::IssueTokenRequest {
+            user_id: user.into(),
+            ttl_seconds,
+        };
+        Ok(self.inner.issue_token(req).await?.into_inner())
+    }
+
+    pub async fn create_group(
+        &mut self,
+        owner: &str,
+        name: &str,
+        members: &[String],
+    ) -> Result<pb::Conversation, tonic::Status> {
+        let req = pb::AdminCreateGroupRequest {
+            owner: owner.into(),
+            name: name.into(),
+            members: members.to_vec(),
+        };
+        Ok(self.inner.create_group(req).await?.into_inner())
+    }
+
+    pub async fn add_members(
+        &mut self,
+        id: u64,
+        users: &[String],
+    ) -> Result<pb::Conversation, tonic::Status> {
+        let req = pb::AdminMembersRequest {
+            conversation_id: id,
+            users: users.to_vec(),
+        };
+        Ok(self.inner.add_members(req).await?.into_inner())
+    }
+
+    pub async fn remove_members(
+        &mut self,
+        id: u64,
+        users: &[String],
+    ) -> Result<pb::Conversation, tonic::Status> {
+        let req = pb::AdminMembersRequest {
+            conversation_id: id,
+            users: users.to_vec(),
+        };
+        Ok(self.inner.remove_members(req).await?.into_inner())
+    }
+
+    pub async fn conversation(&mut self, id: u64) -> Result<pb::Conversation, tonic::Status> {
+        Ok(self
+            .inner
+            .get_conversation(pb::GetConversationRequest {
+                conversation_id: id,
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn conversations(
+        &mut self,
+        user: &str,
+    ) -> Result<Vec<pb::Conversation>, tonic::Status> {
+        let req = pb::ListUserConversationsRequest {
+            user_id: user.into(),
+        };
+        Ok(self
+            .inner
+            .list_conversations(req)
+            .await?
+            .into_inner()
+            .conversations)
+    }
+}

@@ -1,0 +1,632 @@
+//! The Rust SDK. A background task owns the connection: it logs in, resumes
+//! from the cursor, resends unacknowledged sends under their original
+//! client_msg_id after a reconnect, drops duplicates, hands messages out in
+//! inbox order, asks for a sync when it sees a gap, acks what it received,
+//! pings, and reconnects with backoff.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
+use parley_proto::{PROTOCOL_VERSION, codec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep, timeout};
+
+/// How to reach and log in to Parley.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// A gateway's TCP address, host:port.
+    pub addr: String,
+    pub token: String,
+    pub device_id: String,
+    /// Resume after this inbox sequence number; None lets the server use the
+    /// device's last acknowledged cursor.
+    pub cursor: Option<u64>,
+    /// How long a request may wait, reconnects included.
+    pub request_timeout: Duration,
+    pub max_frame_bytes: usize,
+}
+
+impl ClientConfig {
+    pub fn new(
+        addr: impl Into<String>,
+        token: impl Into<String>,
+        device_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            addr: addr.into(),
+            token: token.into(),
+            device_id: device_id.into(),
+            cursor: None,
+            request_timeout: Duration::from_secs(30),
+            max_frame_bytes: parley_proto::DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// What can go wrong for a caller of the SDK.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("{code:?}: {message}")]
+    Server {
+        code: pb::ErrorCode,
+        message: String,
+    },
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("no answer within the request timeout")]
+    Timeout,
+    #[error("the client is closed")]
+    Closed,
+    #[error("disconnected before the answer came; the request may or may not have been applied")]
+    Disconnected,
+}
+
+impl ClientError {
+    /// The server's error code, if the server refused.
+    pub fn code(&self) -> Option<pb::ErrorCode> {
+        match self {
+            Self::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// What the SDK hands to the application.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Logged in (again).
+    Connected { user_id: String, inbox_head: u64 },
+    /// A message, once, in inbox order. Messages this device sent are not
+    /// repeated here (their ack said all there is).
+    Message {
+        inbox_seq: u64,
+        message: pb::Message,
+    },
+    /// A catch-up ended; `complete = false` means retention removed part of it.
+    Synced(pb::SyncDone),
+    /// The connection dropped; the SDK is reconnecting.
+    Disconnected { reason: String },
+}
+
+enum Command {
+    Request {
+        body: Req,
+        reply: oneshot::Sender<Result<Resp, ClientError>>,
+    },
+    Close,
+}
+
+/// A handle to a Parley connection; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    cursor: Arc<AtomicU64>,
+    user_id: Arc<str>,
+    request_timeout: Duration,
+}
+
+impl Client {
+    /// Connects and logs in; later disconnects are repaired in the background.
+    pub async fn connect(
+        config: ClientConfig,
+    ) -> Result<(Client, mpsc::Receiver<Event>), ClientError> {
+        let (events_tx, events) = mpsc::channel(4096);
+        let (commands, commands_rx) = mpsc::channel(1024);
+        let cursor = Arc::new(AtomicU64::new(config.cursor.unwrap_or(0)));
+        let mut engine = Engine {
+            config: config.clone(),
+            events: events_tx,
+            commands: commands_rx,
+            cursor: config.cursor,
+            shared_cursor: cursor.clone(),
+            acked: 0,
+            held: BTreeMap::new(),
+            pending: HashMap::new(),
+            next_rid: 1,
+            user_id: String::new(),
+        };
+        let (conn, user_id) = engine.login().await?;
+        let request_timeout = config.request_timeout;
+        tokio::spawn(engine.run(conn));
+        Ok((
+            Client {
+                commands,
+                cursor,
+                user_id: user_id.into(),
+                request_timeout,
+            },
+            events,
+        ))
+    }
+
+    /// The logged-in user.
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    /// The inbox sequence number everything up to which has been handed out.
+    pub fn cursor(&self) -> u64 {
+        self.cursor.load(Ordering::Acquire)
+    }
+
+    /// Sends a request and waits for its answer.
+    pub async fn request(&self, body: Req) -> Result<Resp, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Request { body, reply })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        match timeout(self.request_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Sends a message under a fresh client_msg_id; see `send_with_id`.
+    pub async fn send(
+        &self,
+        conversation_id: u64,
+        content: pb::Content,
+    ) -> Result<pb::SendAck, ClientError> {
+        self.send_with_id(new_client_msg_id(), conversation_id, content)
+            .await
+    }
+
+    /// Sends a message. Across reconnects it is resent under the same id, so
+    /// it is stored once whatever happens to the acks.
+    pub async fn send_with_id(
+        &self,
+        client_msg_id: String,
+        conversation_id: u64,
+        content: pb::Content,
+    ) -> Result<pb::SendAck, ClientError> {
+        let body = Req::Send(pb::Send {
+            client_msg_id,
+            conversation_id,
+            content: Some(content),
+        });
+        match self.request(body).await? {
+            Resp::SendAck(ack) => Ok(ack),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn open_direct(&self, peer: &str) -> Result<pb::Conversation, ClientError> {
+        conversation(
+            self.request(Req::OpenDirect(pb::OpenDirect { peer: peer.into() }))
+                .await?,
+        )
+    }
+
+    pub async fn create_group(
+        &self,
+        name: &str,
+        members: &[&str],
+    ) -> Result<pb::Conversation, ClientError> {
+        let members = members.iter().map(|m| (*m).to_owned()).collect();
+        conversation(
+            self.request(Req::CreateGroup(pb::CreateGroup {
+                name: name.into(),
+                members,
+            }))
+            .await?,
+        )
+    }
+
+    /// One page of a conversation's history.
+    pub async fn history(
+        &self,
+        conversation_id: u64,
+        from_seq: u64,
+        direction: pb::Direction,
+        limit: u32,
+    ) -> Result<pb::HistoryPage, ClientError> {
+        let req = pb::HistoryRequest {
+            conversation_id,
+            from_seq,
+            direction: direction as i32,
+            limit,
+        };
+        match self.request(Req::History(req)).await? {
+            Resp::HistoryPage(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn block(&self, user: &str, blocked: bool) -> Result<(), ClientError> {
+        let req = if blocked {
+            Req::Block(pb::Block { user: user.into() })
+        } else {
+            Req::Unblock(pb::Unblock { user: user.into() })
+        };
+        self.request(req).await.map(drop)
+    }
+
+    /// Closes the connection for good.
+    pub async fn close(&self) {
+        let _ = self.commands.send(Command::Close).await;
+    }
+}
+
+/// A random client message id (128 bits, hex).
+pub fn new_client_msg_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn unexpected(resp: Resp) -> ClientError {
+    ClientError::Server {
+        code: pb::ErrorCode::Internal,
+        message: format!("unexpected answer: {resp:?}"),
+    }
+}
+
+fn conversation(resp: Resp) -> Result<pb::Conversation, ClientError> {
+    match resp {
+        Resp::Conversation(c) => Ok(c),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// A logged-in connection.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    heartbeat: Duration,
+}
+
+struct Pending {
+    body: Req,
+    reply: oneshot::Sender<Result<Resp, ClientError>>,
+}
+
+struct Engine {
+    config: ClientConfig,
+    events: mpsc::Sender<Event>,
+    commands: mpsc::Receiver<Command>,
+    /// Everything up to here was handed out; None before the first login.
+    cursor: Option<u64>,
+    shared_cursor: Arc<AtomicU64>,
+    acked: u64,
+    /// Deliveries that arrived ahead of a gap, by inbox_seq.
+    held: BTreeMap<u64, pb::Message>,
+    pending: HashMap<u64, Pending>,
+    next_rid: u64,
+    user_id: String,
+}
+
+enum Disconnect {
+    Retry(String),
+    Fatal(ClientError),
+    Closed,
+}
+
+impl Engine {
+    async fn login(&mut self) -> Result<(Conn, String), ClientError> {
+        let stream = TcpStream::connect(&self.config.addr)
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::with_capacity(4096),
+            heartbeat: Duration::from_secs(30),
+        };
+        let hello = Req::Hello(pb::Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            client: format!("parley-sdk-rust/{}", env!("CARGO_PKG_VERSION")),
+        });
+        let auth = Req::Auth(pb::Auth {
+            token: self.config.token.clone(),
+            device_id: self.config.device_id.clone(),
+            cursor: self.cursor,
+        });
+        let mut out = BytesMut::new();
+        codec::encode_frame(&pb::ClientFrame::new(0, hello), &mut out);
+        codec::encode_frame(&pb::ClientFrame::new(0, auth), &mut out);
+        conn.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let frame = timeout(
+                deadline - Instant::now(),
+                read_frame(&mut conn, self.config.max_frame_bytes),
+            )
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(ClientError::Connect)?;
+            match frame.body {
+                Some(Resp::HelloOk(ok)) => {
+                    conn.heartbeat =
+                        Duration::from_millis(ok.heartbeat_interval_ms.max(1000) as u64);
+                }
+                Some(Resp::AuthOk(ok)) => {
+                    if self.cursor.is_none() {
+                        self.cursor = Some(ok.resume_from);
+                        self.acked = ok.resume_from;
+                        self.shared_cursor.store(ok.resume_from, Ordering::Release);
+                    }
+                    self.user_id = ok.user_id.clone();
+                    let _ = self
+                        .events
+                        .send(Event::Connected {
+                            user_id: ok.user_id.clone(),
+                            inbox_head: ok.inbox_head,
+                        })
+                        .await;
+                    return Ok((conn, ok.user_id));
+                }
+                Some(Resp::Error(e)) => {
+                    return Err(ClientError::Server {
+                        code: e.code(),
+                        message: e.message,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn run(mut self, first: Conn) {
+        let mut conn = Some(first);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => match self.login().await {
+                    Ok((c, _)) => {
+                        backoff = Duration::from_millis(100);
+                        c
+                    }
+                    Err(
+                        e @ ClientError::Server {
+                            code: pb::ErrorCode::Unauthenticated | pb::ErrorCode::TokenExpired,
+                            ..
+                        },
+                    ) => {
+                        self.fail_all(e);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reconnect failed");
+                        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+                        if !self.wait_or_close(backoff + jitter).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+            };
+            match self.serve(c).await {
+                Disconnect::Closed => return,
+                Disconnect::Fatal(e) => {
+                    self.fail_all(e);
+                    return;
+                }
+                Disconnect::Retry(reason) => {
+                    let _ = self.events.send(Event::Disconnected { reason }).await;
+                    // Sends are resent under their ids; other requests may or
+                    // may not have been applied, so their callers decide.
+                    let rids: Vec<u64> = self
+                        .pending
+                        .iter()
+                        .filter(|(_, p)| !matches!(p.body, Req::Send(_)))
+                        .map(|(r, _)| *r)
+                        .collect();
+                    for rid in rids {
+                        if let Some(p) = self.pending.remove(&rid) {
+                            let _ = p.reply.send(Err(ClientError::Disconnected));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps, still taking requests; false when the client was closed.
+    async fn wait_or_close(&mut self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return true,
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Request { body, reply }) => {
+                        let rid = self.next_rid;
+                        self.next_rid += 1;
+                        self.pending.insert(rid, Pending { body, reply });
+                    }
+                    Some(Command::Close) | None => return false,
+                },
+            }
+        }
+    }
+
+    fn fail_all(&mut self, e: ClientError) {
+        for (_, p) in self.pending.drain() {
+            let _ = p.reply.send(Err(e.clone()));
+        }
+    }
+
+    async fn serve(&mut self, mut conn: Conn) -> Disconnect {
+        let max = self.config.max_frame_bytes;
+        let mut out = BytesMut::new();
+        // Resend what was in flight when the last connection dropped.
+        let mut rids: Vec<&u64> = self.pending.keys().collect();
+        rids.sort();
+        for rid in rids {
+            codec::encode_frame(
+                &pb::ClientFrame::new(*rid, self.pending[rid].body.clone()),
+                &mut out,
+            );
+        }
+        let mut ping = tokio::time::interval(conn.heartbeat);
+        ping.reset();
+        let mut ack_tick = tokio::time::interval(Duration::from_millis(200));
+        let mut gap_since: Option<Instant> = None;
+        loop {
+            if !out.is_empty() {
+                if let Err(e) = conn.stream.write_all(&out).await {
+                    return Disconnect::Retry(e.to_string());
+                }
+                out.clear();
+            }
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Request { body, reply }) => {
+                        let rid = self.next_rid;
+                        self.next_rid += 1;
+                        codec::encode_frame(&pb::ClientFrame::new(rid, body.clone()), &mut out);
+                        self.pending.insert(rid, Pending { body, reply });
+                    }
+                    Some(Command::Close) | None => {
+                        self.send_ack(&mut out);
+                        let _ = conn.stream.write_all(&out).await;
+                        return Disconnect::Closed;
+                    }
+                },
+                frame = read_frame(&mut conn, max) => {
+                    let frame = match frame {
+                        Ok(f) => f,
+                        Err(e) => return Disconnect::Retry(e),
+                    };
+                    match frame.body {
+                        Some(Resp::Deliver(d)) => {
+                            if let Some(m) = d.message {
+                                self.on_deliver(d.inbox_seq, m).await;
+                            }
+                            if self.held.is_empty() {
+                                gap_since = None;
+                            } else if gap_since.is_none() {
+                                gap_since = Some(Instant::now());
+                            }
+                        }
+                        Some(Resp::SyncDone(done)) => {
+                            let cursor = self.cursor.unwrap_or(0);
+                            if done.cursor > cursor && !done.complete {
+                                // Retention removed these: skip past them, said out loud.
+                                self.set_cursor(done.missing_to.max(cursor));
+                            }
+                            self.release_held().await;
+                            let _ = self.events.send(Event::Synced(done)).await;
+                        }
+                        Some(Resp::GoAway(g)) => {
+                            sleep(Duration::from_millis(g.reconnect_after_ms as u64)).await;
+                            return Disconnect::Retry(format!("server going away: {}", g.reason));
+                        }
+                        Some(Resp::Error(e)) if e.fatal => {
+                            let code = e.code();
+                            let err = ClientError::Server { code, message: e.message };
+                            return match code {
+                                pb::ErrorCode::Unauthenticated | pb::ErrorCode::TokenExpired
+                                | pb::ErrorCode::UnsupportedVersion => Disconnect::Fatal(err),
+                                _ => Disconnect::Retry(err.to_string()),
+                            };
+                        }
+                        Some(Resp::Error(e)) => {
+                            if let Some(p) = self.pending.remove(&frame.request_id) {
+                                let _ = p.reply.send(Err(ClientError::Server { code: e.code(), message: e.message }));
+                            }
+                        }
+                        Some(Resp::Pong(_)) | None => {}
+                        Some(body) => {
+                            if let Some(p) = self.pending.remove(&frame.request_id) {
+                                let _ = p.reply.send(Ok(body));
+                            }
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    codec::encode_frame(&pb::ClientFrame::new(0, Req::Ping(pb::Ping { nonce: 0 })), &mut out);
+                }
+                _ = ack_tick.tick() => {
+                    self.send_ack(&mut out);
+                    if gap_since.is_some_and(|t| t.elapsed() > Duration::from_millis(500)) {
+                        // A gap the server did not fill by itself: ask.
+                        let after = self.cursor.unwrap_or(0);
+                        codec::encode_frame(&pb::ClientFrame::new(0, Req::Sync(pb::SyncRequest { after })), &mut out);
+                        gap_since = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_ack(&mut self, out: &mut BytesMut) {
+        let cursor = self.cursor.unwrap_or(0);
+        if cursor > self.acked {
+            codec::encode_frame(&pb::ClientFrame::new(0, Req::Ack(pb::Ack { cursor })), out);
+            self.acked = cursor;
+        }
+    }
+
+    fn set_cursor(&mut self, c: u64) {
+        self.cursor = Some(c);
+        self.shared_cursor.store(c, Ordering::Release);
+    }
+
+    async fn on_deliver(&mut self, inbox_seq: u64, message: pb::Message) {
+        let cursor = self.cursor.unwrap_or(0);
+        if inbox_seq <= cursor {
+            return; // a duplicate
+        }
+        self.held.insert(inbox_seq, message);
+        self.release_held().await;
+    }
+
+    /// Hands out held messages that are next in order.
+    async fn release_held(&mut self) {
+        let mut cursor = self.cursor.unwrap_or(0);
+        while let Some(entry) = self.held.first_entry() {
+            let seq = *entry.key();
+            if seq <= cursor {
+                entry.remove();
+                continue;
+            }
+            if seq != cursor + 1 {
+                break;
+            }
+            let message = entry.remove();
+            cursor = seq;
+            self.set_cursor(cursor);
+            let own =
+                message.sender_id == self.user_id && message.sender_device == self.config.device_id;
+            if !own {
+                let _ = self
+                    .events
+                    .send(Event::Message {
+                        inbox_seq: seq,
+                        message,
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+async fn read_frame(conn: &mut Conn, max: usize) -> Result<pb::ServerFrame, String> {
+    loop {
+        match codec::decode_frame(&mut conn.buf, max) {
+            Ok(Some(f)) => return Ok(f),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        if conn.buf.capacity() == conn.buf.len() {
+            conn.buf.reserve(4096);
+        }
+        match conn.stream.read_buf(&mut conn.buf).await {
+            Ok(0) => return Err("connection closed by the server".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
