@@ -29,11 +29,13 @@ pub trait Presence: Send + Sync + 'static {
     async fn locate(&self, users: &[&str]) -> Result<HashMap<String, Vec<String>>, ChatError>;
 }
 
+/// A user's devices: device -> (gateway, epoch).
+type Devices = HashMap<String, (String, u64)>;
+
 /// Presence for one process.
 #[derive(Debug, Default)]
 pub struct MemoryPresence {
-    // user -> device -> (gateway, epoch)
-    sessions: Mutex<HashMap<String, HashMap<String, (String, u64)>>>,
+    sessions: Mutex<HashMap<String, Devices>>,
 }
 
 #[async_trait]

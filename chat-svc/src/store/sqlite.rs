@@ -181,7 +181,7 @@ async fn append_one(
     .bind(m.conversation_id as i64)
     .fetch_all(&mut *conn)
     .await?;
-    if !members.iter().any(|u| *u == m.sender_id) {
+    if !members.contains(&m.sender_id) {
         return Ok(Err(ChatError::NotMember(m.conversation_id)));
     }
     if kind == pb::ConversationKind::Direct {
