@@ -96,11 +96,20 @@ mod tests {
     fn the_worked_example_in_docs_protocol_md_is_exact() {
         let hello = pb::ClientFrame::new(
             1,
-            Body::Hello(pb::Hello { min_version: 1, max_version: 1, client: "x".into() }),
+            Body::Hello(pb::Hello {
+                min_version: 1,
+                max_version: 1,
+                client: "x".into(),
+            }),
         );
         let mut buf = BytesMut::new();
         encode_frame(&hello, &mut buf);
-        assert_eq!(buf.as_ref(), [0, 0, 0, 0x0b, 0x08, 0x01, 0x12, 0x07, 0x08, 0x01, 0x10, 0x01, 0x1a, 0x01, 0x78]);
+        assert_eq!(
+            buf.as_ref(),
+            [
+                0, 0, 0, 0x0b, 0x08, 0x01, 0x12, 0x07, 0x08, 0x01, 0x10, 0x01, 0x1a, 0x01, 0x78
+            ]
+        );
     }
 
     #[test]

@@ -201,6 +201,42 @@ async fn append_one(
     Ok(Ok(insert_message(conn, m, seq, members).await?))
 }
 
+/// Gives `message_id` the next inbox sequence number of `user`.
+async fn add_inbox_entry(
+    conn: &mut SqliteConnection,
+    user: &str,
+    message_id: i64,
+) -> Result<u64, ChatError> {
+    let inbox_seq: i64 = sqlx::query_scalar(
+        "UPDATE users SET inbox_head = inbox_head + 1 WHERE id = ? RETURNING inbox_head",
+    )
+    .bind(user)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)")
+        .bind(user)
+        .bind(inbox_seq)
+        .bind(message_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(inbox_seq as u64)
+}
+
+async fn insert_member(
+    conn: &mut SqliteConnection,
+    conversation_id: i64,
+    user: &str,
+    now_ms: i64,
+) -> Result<(), ChatError> {
+    sqlx::query("INSERT INTO members (conversation_id, user_id, joined_at) VALUES (?, ?, ?)")
+        .bind(conversation_id)
+        .bind(user)
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Writes a message at `seq` and one inbox entry per member.
 async fn insert_message(
     conn: &mut SqliteConnection,
@@ -229,19 +265,8 @@ async fn insert_message(
     .await?;
     let mut recipients = Vec::with_capacity(members.len());
     for user in members {
-        let inbox_seq: i64 = sqlx::query_scalar(
-            "UPDATE users SET inbox_head = inbox_head + 1 WHERE id = ? RETURNING inbox_head",
-        )
-        .bind(&user)
-        .fetch_one(&mut *conn)
-        .await?;
-        sqlx::query("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)")
-            .bind(&user)
-            .bind(inbox_seq)
-            .bind(msg_id)
-            .execute(&mut *conn)
-            .await?;
-        recipients.push((user, inbox_seq as u64));
+        let inbox_seq = add_inbox_entry(conn, &user, msg_id).await?;
+        recipients.push((user, inbox_seq));
     }
     let message = pb::Message {
         msg_id: msg_id as u64,
@@ -372,12 +397,7 @@ impl Store for SqliteStore {
                 let mut users = vec![a, b];
                 users.dedup();
                 for u in users {
-                    sqlx::query("INSERT INTO members (conversation_id, user_id, joined_at) VALUES (?, ?, ?)")
-                        .bind(id)
-                        .bind(u)
-                        .bind(now_ms)
-                        .execute(&mut *tx)
-                        .await?;
+                    insert_member(&mut tx, id, u, now_ms).await?;
                 }
                 id
             }
@@ -478,12 +498,7 @@ impl Store for SqliteStore {
                     return Err(ChatError::GroupFull(max_members));
                 }
                 for u in &new {
-                    sqlx::query("INSERT INTO members (conversation_id, user_id, joined_at) VALUES (?, ?, ?)")
-                        .bind(conversation_id as i64)
-                        .bind(u)
-                        .bind(now_ms)
-                        .execute(&mut *tx)
-                        .await?;
+                    insert_member(&mut tx, conversation_id as i64, u, now_ms).await?;
                 }
                 new
             }
@@ -520,19 +535,9 @@ impl Store for SqliteStore {
         if change != MembershipChange::Add {
             // Those who left still learn that they did, on their other devices.
             for u in changed {
-                let inbox_seq: i64 = sqlx::query_scalar(
-                    "UPDATE users SET inbox_head = inbox_head + 1 WHERE id = ? RETURNING inbox_head",
-                )
-                .bind(&u)
-                .fetch_one(&mut *tx)
-                .await?;
-                sqlx::query("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)")
-                    .bind(&u)
-                    .bind(inbox_seq)
-                    .bind(appended.message.msg_id as i64)
-                    .execute(&mut *tx)
-                    .await?;
-                appended.recipients.push((u, inbox_seq as u64));
+                let inbox_seq =
+                    add_inbox_entry(&mut tx, &u, appended.message.msg_id as i64).await?;
+                appended.recipients.push((u, inbox_seq));
             }
         }
         let after = load_conversation(&mut tx, conversation_id)
