@@ -433,14 +433,7 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         for u in members {
-            sqlx::query(
-                "INSERT INTO members (conversation_id, user_id, joined_at) VALUES (?, ?, ?)",
-            )
-            .bind(id)
-            .bind(u)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
+            insert_member(&mut tx, id, u, now_ms).await?;
         }
         let event = pb::SystemEvent {
             kind: pb::SystemEventKind::GroupCreated as i32,
