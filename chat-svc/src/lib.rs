@@ -10,11 +10,12 @@ pub mod error;
 pub mod presence;
 pub mod service;
 pub mod store;
+pub mod testing;
 pub mod token;
 
 pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus};
 pub use error::ChatError;
 pub use presence::{MemoryPresence, Presence, Session};
 pub use service::{ChatConfig, ChatService, SyncPage, now_ms};
-pub use store::{SqliteStore, Store};
+pub use store::{PgStore, SqliteStore, Store};
 pub use token::TokenKeys;

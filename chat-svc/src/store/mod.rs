@@ -3,8 +3,10 @@
 //! transaction; `append` is where sequence numbers, dedup and inbox entries
 //! are decided, atomically.
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;

@@ -1,5 +1,6 @@
-//! The store's behaviour suite. It runs against SQLite here; a new store
-//! implementation runs the same functions.
+//! The store's behaviour suite: the same functions run against SQLite and
+//! PostgreSQL (each test in a schema of its own), plus what only a shared
+//! database can show: several writers on one conversation at once.
 
 use parley_proto::pb;
 
@@ -16,13 +17,31 @@ fn text(conv: u64, sender: &str, id: &str, body: &str) -> NewMessage {
     }
 }
 
-async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+async fn with_users<S: Store>(store: S) -> S {
     for u in ["alice", "bob", "carol"] {
         store.create_user(u, "", 0).await.unwrap();
     }
-    (dir, store)
+    store
+}
+
+async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+    (dir, with_users(store).await)
+}
+
+async fn pg_store(schema: &crate::testing::TestSchema) -> PgStore {
+    let store = PgStore::connect(&schema.url, Some(&schema.name), 4)
+        .await
+        .expect("PostgreSQL for tests (run scripts/services)");
+    store.migrate().await.unwrap();
+    store
+}
+
+async fn pg() -> (crate::testing::TestSchema, PgStore) {
+    let schema = crate::testing::TestSchema::new();
+    let store = pg_store(&schema).await;
+    (schema, with_users(store).await)
 }
 
 async fn one(store: &dyn Store, m: NewMessage) -> Result<Appended, ChatError> {
@@ -62,6 +81,23 @@ pub(crate) async fn seqs_are_gap_free_and_resends_are_deduped(store: &dyn Store)
             .last_seq,
         5
     );
+}
+
+pub(crate) async fn a_resend_inside_one_batch_is_a_duplicate(store: &dyn Store) {
+    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+    let results = store
+        .append(vec![
+            text(conv.id, "alice", "same", "one"),
+            text(conv.id, "alice", "same", "one"),
+            text(conv.id, "alice", "other", "two"),
+        ])
+        .await
+        .unwrap();
+    let r: Vec<Appended> = results.into_iter().map(Result::unwrap).collect();
+    assert!(!r[0].duplicate && r[1].duplicate && !r[2].duplicate);
+    assert_eq!(r[1].message.msg_id, r[0].message.msg_id);
+    assert_eq!((r[0].message.seq, r[2].message.seq), (1, 2));
+    assert_eq!(store.inbox_head("bob").await.unwrap(), 2);
 }
 
 pub(crate) async fn every_member_gets_an_inbox_entry(store: &dyn Store) {
@@ -232,12 +268,12 @@ pub(crate) async fn cursors_only_move_forward(store: &dyn Store) {
     );
 }
 
-macro_rules! sqlite_suite {
-    ($($name:ident),* $(,)?) => {
+macro_rules! suite {
+    ($open:ident: $($name:ident),* $(,)?) => {
         $(
             #[tokio::test]
             async fn $name() {
-                let (_dir, store) = sqlite().await;
+                let (_guard, store) = $open().await;
                 super::tests::$name(&store).await;
             }
         )*
@@ -246,8 +282,9 @@ macro_rules! sqlite_suite {
 
 mod on_sqlite {
     use super::sqlite;
-    sqlite_suite!(
+    suite!(sqlite:
         seqs_are_gap_free_and_resends_are_deduped,
+        a_resend_inside_one_batch_is_a_duplicate,
         every_member_gets_an_inbox_entry,
         outsiders_and_blocked_senders_are_refused,
         history_pages_both_ways,
@@ -255,4 +292,99 @@ mod on_sqlite {
         retention_leaves_a_visible_hole,
         cursors_only_move_forward,
     );
+}
+
+mod on_postgres {
+    use super::pg;
+    suite!(pg:
+        seqs_are_gap_free_and_resends_are_deduped,
+        a_resend_inside_one_batch_is_a_duplicate,
+        every_member_gets_an_inbox_entry,
+        outsiders_and_blocked_senders_are_refused,
+        history_pages_both_ways,
+        groups_record_membership_changes,
+        retention_leaves_a_visible_hole,
+        cursors_only_move_forward,
+    );
+}
+
+/// Two stores on one database stand for two chat-service replicas. They
+/// append to the same group (and the same users' timelines) at once, in
+/// batches, with resends of each other's messages mixed in; every seq must be
+/// taken exactly once, in order, with no gap, and so must every inbox seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_writing_one_conversation_keep_seqs_gap_free() {
+    let (schema, a) = pg().await;
+    let b = pg_store(&schema).await;
+    let members: Vec<String> = ["alice", "bob", "carol"].map(String::from).to_vec();
+    let (g, _) = a.create_group("alice", "busy", &members, 0).await.unwrap();
+    let direct = a.open_direct("alice", "bob", 0).await.unwrap();
+    let stores = [a.clone(), b.clone()];
+    let mut tasks = Vec::new();
+    for writer in 0..6usize {
+        let store = stores[writer % 2].clone();
+        let (gid, did) = (g.id, direct.id);
+        tasks.push(tokio::spawn(async move {
+            let sender = ["alice", "bob", "carol"][writer % 3];
+            for round in 0..10 {
+                let mut batch = Vec::new();
+                for i in 0..5 {
+                    let id = format!("w{writer}-r{round}-{i}");
+                    batch.push(text(gid, sender, &id, "x"));
+                    if sender != "carol" && i == 2 {
+                        batch.push(text(did, sender, &format!("{id}-d"), "y"));
+                    }
+                }
+                // A resend of the previous round's first message.
+                if round > 0 {
+                    batch.push(text(
+                        gid,
+                        sender,
+                        &format!("w{writer}-r{}-0", round - 1),
+                        "x",
+                    ));
+                }
+                for r in store.append(batch).await.unwrap() {
+                    r.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let group_msgs = 6 * 10 * 5;
+    let direct_msgs = 4 * 10;
+    let h = a
+        .history(g.id, 0, pb::Direction::Forward, 1000)
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = h.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=group_msgs as u64 + 1).collect::<Vec<_>>());
+    let mut ids: Vec<&str> = h
+        .messages
+        .iter()
+        .map(|m| m.client_msg_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), group_msgs + 1, "each message stored once");
+    for (user, expected) in [
+        ("alice", group_msgs + 1 + direct_msgs),
+        ("bob", group_msgs + 1 + direct_msgs),
+        ("carol", group_msgs + 1),
+    ] {
+        let page = b.inbox_after(user, 0, 1000).await.unwrap();
+        let inbox: Vec<u64> = page.entries.iter().map(|(s, _)| *s).collect();
+        assert_eq!(inbox, (1..=expected as u64).collect::<Vec<_>>(), "{user}");
+        assert_eq!(page.head, expected as u64);
+        // The timeline follows each conversation's order.
+        let group_seqs: Vec<u64> = page
+            .entries
+            .iter()
+            .filter(|(_, m)| m.conversation_id == g.id)
+            .map(|(_, m)| m.seq)
+            .collect();
+        assert!(group_seqs.windows(2).all(|w| w[0] < w[1]), "{user}");
+    }
 }

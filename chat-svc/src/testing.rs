@@ -1,0 +1,115 @@
+//! Helpers for tests that need a real PostgreSQL: each test gets a schema
+//! (or a database) of its own, dropped when the guard goes, so tests run in
+//! parallel and leave nothing behind. The server is taken from
+//! `PARLEY_TEST_DATABASE_URL` (default: the local one `scripts/services`
+//! provides).
+
+use sqlx::{Connection, PgConnection};
+
+/// The PostgreSQL server tests use.
+pub fn database_url() -> String {
+    std::env::var("PARLEY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A name no other test run will pick: `prefix` and random hex.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// Runs one statement on a fresh connection from a thread of its own, so it
+/// works inside `Drop` even while a test unwinds.
+fn run_blocking(url: String, sql: String) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for cleanup");
+        rt.block_on(async {
+            match PgConnection::connect(&url).await {
+                Ok(mut conn) => {
+                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                        .execute(&mut conn)
+                        .await
+                    {
+                        eprintln!("test cleanup `{sql}` failed: {e}");
+                    }
+                }
+                Err(e) => eprintln!("test cleanup could not connect: {e}"),
+            }
+        })
+    })
+    .join();
+}
+
+/// A schema of one test, dropped with everything in it when this goes.
+#[derive(Debug)]
+pub struct TestSchema {
+    pub url: String,
+    pub name: String,
+}
+
+impl TestSchema {
+    /// A new name on the test server; the store creates the schema itself.
+    pub fn new() -> Self {
+        Self {
+            url: database_url(),
+            name: unique_name("parley_t"),
+        }
+    }
+}
+
+impl Default for TestSchema {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        run_blocking(
+            self.url.clone(),
+            format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name),
+        );
+    }
+}
+
+/// A database of one test (for processes that take a URL), dropped when
+/// this goes, even with connections still open to it.
+#[derive(Debug)]
+pub struct TestDatabase {
+    admin_url: String,
+    pub name: String,
+    /// The URL that reaches the new database.
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Result<Self, sqlx::Error> {
+        let admin_url = database_url();
+        let name = unique_name("parley_t");
+        let mut conn = PgConnection::connect(&admin_url).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        Ok(Self {
+            admin_url,
+            name,
+            url,
+        })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        run_blocking(
+            self.admin_url.clone(),
+            format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name),
+        );
+    }
+}
