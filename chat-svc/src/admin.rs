@@ -25,23 +25,27 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Checks the `authorization` metadata against the admin key.
-fn check_admin(key: &str, req: &Request<()>) -> Result<(), Status> {
-    let Some(value) = req.metadata().get("authorization") else {
-        return Err(Status::unauthenticated(
-            "admin key required: send `authorization: Bearer <admin key>`",
-        ));
-    };
-    let presented = value
-        .to_str()
-        .unwrap_or("")
-        .strip_prefix("Bearer ")
-        .unwrap_or("");
-    if same_secret(presented.as_bytes(), key.as_bytes()) {
-        Ok(())
-    } else {
-        Err(Status::unauthenticated("wrong admin key"))
+/// Checks the `authorization` metadata against a shared key; `what` names
+/// the key in the error.
+pub(crate) fn check_bearer(key: &str, req: &Request<()>, what: &str) -> Result<(), Status> {
+    let presented = req.metadata().get("authorization").map(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .strip_prefix("Bearer ")
+            .unwrap_or("")
+    });
+    match presented {
+        Some(p) if same_secret(p.as_bytes(), key.as_bytes()) => Ok(()),
+        Some(_) => Err(ChatError::Unauthenticated(format!("wrong {what}")).into()),
+        None => Err(ChatError::Unauthenticated(format!(
+            "{what} required: send `authorization: Bearer <{what}>`"
+        ))
+        .into()),
     }
+}
+
+fn check_admin(key: &str, req: &Request<()>) -> Result<(), Status> {
+    check_bearer(key, req, "admin key")
 }
 
 /// Serves the admin API and reflection on `listener` until `shutdown`.

@@ -33,7 +33,14 @@ pub enum ChatError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// An error another Parley process answered with, passed on as it came.
+    #[error("{1}")]
+    Remote(ErrorCode, String),
 }
+
+/// The gRPC metadata entry that carries a Parley error code (decimal) on a
+/// failed call, telling an application error from a transport failure.
+pub const ERROR_CODE_METADATA: &str = "parley-error-code";
 
 impl ChatError {
     /// The wire error code for this error.
@@ -50,6 +57,7 @@ impl ChatError {
             Self::TokenExpired => ErrorCode::TokenExpired,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Store(_) | Self::Migrate(_) | Self::Corrupt(_) => ErrorCode::Internal,
+            Self::Remote(code, _) => *code,
         }
     }
 
@@ -80,7 +88,8 @@ impl ChatError {
 impl From<ChatError> for tonic::Status {
     fn from(e: ChatError) -> Self {
         let msg = e.client_message();
-        match e.code() {
+        let code = e.code();
+        let mut status = match code {
             ErrorCode::InvalidArgument => Self::invalid_argument(msg),
             ErrorCode::NotFound => Self::not_found(msg),
             ErrorCode::NotMember | ErrorCode::Blocked | ErrorCode::Forbidden => {
@@ -91,6 +100,26 @@ impl From<ChatError> for tonic::Status {
             ErrorCode::Unauthenticated | ErrorCode::TokenExpired => Self::unauthenticated(msg),
             ErrorCode::Unavailable => Self::unavailable(msg),
             _ => Self::internal(msg),
-        }
+        };
+        status
+            .metadata_mut()
+            .insert(ERROR_CODE_METADATA, (code as i32).into());
+        status
+    }
+}
+
+impl ChatError {
+    /// The error a remote call failed with: the application error it carries,
+    /// or None for a transport or server failure (worth a retry elsewhere).
+    pub fn from_status(status: &tonic::Status) -> Option<Self> {
+        let code = status
+            .metadata()
+            .get(ERROR_CODE_METADATA)?
+            .to_str()
+            .ok()?
+            .parse::<i32>()
+            .ok()?;
+        let code = ErrorCode::try_from(code).unwrap_or(ErrorCode::Internal);
+        Some(Self::Remote(code, status.message().to_owned()))
     }
 }

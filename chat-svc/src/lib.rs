@@ -5,17 +5,22 @@
 //! channels) and a cluster (PostgreSQL, Redis, RabbitMQ) share this logic.
 
 pub mod admin;
+pub mod backend;
 pub mod bus;
 pub mod error;
+pub mod internal;
 pub mod presence;
+pub mod remote;
 pub mod service;
 pub mod store;
 pub mod testing;
 pub mod token;
 
+pub use backend::ChatBackend;
 pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus};
 pub use error::ChatError;
 pub use presence::{MemoryPresence, Presence, Session};
+pub use remote::{RemoteChat, RemoteConfig};
 pub use service::{ChatConfig, ChatService, SyncPage, now_ms};
 pub use store::{PgStore, SqliteStore, Store};
 pub use token::TokenKeys;

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::bus::{ChatEvent, Delivery, DeliveryBus};
 use crate::error::ChatError;
-use crate::presence::{Presence, Session};
+use crate::presence::Presence;
 use crate::store::{Appended, ConversationRecord, MembershipChange, NewMessage, Store};
 use crate::token::TokenKeys;
 
@@ -125,28 +125,26 @@ impl ChatService {
         Ok(user)
     }
 
-    /// A device connected: where it resumes from, and the user's head.
+    /// A device connected: where it resumes from, and the user's head. The
+    /// gateway registers the session's presence before it calls this, so a
+    /// message committed after the head is read finds the device online.
     pub async fn session_opened(
         &self,
-        session: &Session,
+        user: &str,
+        device: &str,
         cursor: Option<u64>,
     ) -> Result<(u64, u64), ChatError> {
-        self.presence.online(session).await?;
-        let head = self.store.inbox_head(&session.user).await?;
+        let head = self.store.inbox_head(user).await?;
         let resume = match cursor {
             Some(c) => c.min(head),
             None => self
                 .store
-                .get_cursor(&session.user, &session.device)
+                .get_cursor(user, device)
                 .await?
                 .unwrap_or(head)
                 .min(head),
         };
         Ok((resume, head))
-    }
-
-    pub async fn session_closed(&self, session: &Session) -> Result<(), ChatError> {
-        self.presence.offline(session).await
     }
 
     /// Records what a device has received.
@@ -467,10 +465,16 @@ async fn batch_writer(weak: std::sync::Weak<ChatService>, mut rx: mpsc::Receiver
         let (batch, replies): (Vec<NewMessage>, Vec<_>) = jobs.drain(..).unzip();
         match svc.store.append(batch).await {
             Ok(results) => {
-                let mut committed = Vec::with_capacity(results.len());
+                // Duplicates are fanned out again: the replica that committed
+                // the original may have died before it published. Gateways and
+                // the SDK drop what a device already has.
+                let mut committed: Vec<Appended> = Vec::with_capacity(results.len());
                 for (result, reply) in results.into_iter().zip(replies) {
                     if let Ok(a) = &result
-                        && !a.duplicate
+                        && (!a.duplicate
+                            || !committed
+                                .iter()
+                                .any(|c| c.message.msg_id == a.message.msg_id))
                     {
                         committed.push(a.clone());
                     }

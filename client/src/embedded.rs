@@ -93,9 +93,10 @@ impl Embedded {
         let store = SqliteStore::open(&cfg.data_dir.join("parley.db")).await?;
         let bus = Arc::new(LocalBus::default());
         let deliveries = bus.subscribe(&cfg.gateway.gateway_id, 1024);
+        let presence = Arc::new(MemoryPresence::default());
         let chat = ChatService::start(
             Arc::new(store),
-            Arc::new(MemoryPresence::default()),
+            presence.clone(),
             bus.clone(),
             TokenKeys::new(token_secret.as_bytes())?,
             cfg.chat,
@@ -115,6 +116,7 @@ impl Embedded {
         let gateway = tokio::spawn(parley_gateway::run(
             Listeners { tcp, ws },
             chat.clone(),
+            presence,
             deliveries,
             cfg.gateway,
             stop_rx.clone(),

@@ -171,8 +171,8 @@ pub async fn serve<IO: FrameIo>(
     }
     if let Some(l) = live {
         shared.registry.unregister(&l.session.user, conn_id);
-        if let Err(e) = shared.chat.session_closed(&l.session).await {
-            tracing::warn!(error = %e, "presence not cleared");
+        if let Err(e) = shared.presence.offline(&l.session).await {
+            tracing::warn!(error = %e, "presence not cleared; it expires with this gateway's lease");
         }
     }
 }
@@ -329,18 +329,29 @@ async fn on_frame(
                 gateway: cfg.gateway_id.clone(),
                 epoch: shared.next_epoch(),
             };
-            // Register before reading the head, so nothing committed from
-            // here on can slip between catch-up and live delivery.
+            // Register here and in presence before reading the head, so
+            // nothing committed from then on can slip between catch-up and
+            // live delivery.
             let sub = shared.registry.register(&user, conn_id, cfg.push_queue);
             let mut l = Live {
                 session,
                 sub,
                 delivered: 0,
             };
-            let (resume, head) = match shared.chat.session_opened(&l.session, auth.cursor).await {
+            if let Err(e) = shared.presence.online(&l.session).await {
+                // The device still gets everything: the gateway registers its
+                // sessions again and has them catch up once presence is back.
+                tracing::warn!(error = %e, "presence not recorded; live delivery waits for its recovery");
+            }
+            let opened = shared
+                .chat
+                .session_opened(&user, &auth.device_id, auth.cursor)
+                .await;
+            let (resume, head) = match opened {
                 Ok(r) => r,
                 Err(e) => {
                     shared.registry.unregister(&user, conn_id);
+                    let _ = shared.presence.offline(&l.session).await;
                     return Err(End::Fatal(ErrorCode::Unavailable, e.client_message()));
                 }
             };

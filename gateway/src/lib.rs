@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parley_chat::{ChatService, Delivery};
+use parley_chat::{ChatBackend, Delivery, Presence};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -61,7 +61,8 @@ impl Default for GatewayConfig {
 /// What every connection of a gateway shares.
 pub struct Shared {
     pub config: GatewayConfig,
-    pub chat: Arc<ChatService>,
+    pub chat: Arc<dyn ChatBackend>,
+    pub presence: Arc<dyn Presence>,
     pub registry: Arc<Registry>,
     epoch: AtomicU64,
 }
@@ -104,7 +105,8 @@ pub struct Listeners {
 /// and returns once they are gone (or the grace period ends).
 pub async fn run(
     listeners: Listeners,
-    chat: Arc<ChatService>,
+    chat: Arc<dyn ChatBackend>,
+    presence: Arc<dyn Presence>,
     deliveries: mpsc::Receiver<Vec<Delivery>>,
     config: GatewayConfig,
     mut shutdown: watch::Receiver<bool>,
@@ -116,6 +118,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         config,
         chat,
+        presence,
         registry,
         epoch: AtomicU64::new(0),
     });

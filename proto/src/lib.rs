@@ -15,6 +15,13 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("parley_descriptor");
 }
 
+/// Contracts between Parley's own processes (package `parley.internal.v1`):
+/// the gateway-to-chat gRPC service and the messages on RabbitMQ.
+#[allow(clippy::all, missing_docs)]
+pub mod internal {
+    tonic::include_proto!("parley.internal.v1");
+}
+
 pub use codec::{DecodeError, decode_frame, encode_frame};
 
 /// The protocol version this build speaks.

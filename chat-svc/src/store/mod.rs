@@ -62,7 +62,9 @@ pub struct NewMessage {
 pub struct Appended {
     pub message: pb::Message,
     /// Every member, the sender included, with the inbox sequence number the
-    /// message got in their timeline. Empty for a duplicate.
+    /// message got in their timeline. A duplicate carries the original's
+    /// (those still stored), so its fan-out can be redone: the replica that
+    /// committed it may have died before publishing.
     pub recipients: Vec<(String, u64)>,
     /// The message existed already (same sender and client_msg_id).
     pub duplicate: bool,

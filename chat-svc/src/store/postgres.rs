@@ -403,6 +403,9 @@ async fn append_system(
     Ok(out.remove(0))
 }
 
+/// (user, inbox_seq) of each recipient of a message.
+type Recipients = Vec<(String, u64)>;
+
 /// What the batch decided for one message.
 enum Plan {
     Done(Box<Result<Appended, ChatError>>),
@@ -453,7 +456,7 @@ impl PgStore {
         // 2. Dedup: messages already stored under these client ids.
         let senders: Vec<&str> = batch.iter().map(|m| m.sender_id.as_str()).collect();
         let client_ids: Vec<&str> = batch.iter().map(|m| m.client_msg_id.as_str()).collect();
-        let mut existing: HashMap<(String, String), pb::Message> = HashMap::new();
+        let mut existing: HashMap<(String, String), (pb::Message, Recipients)> = HashMap::new();
         for r in sqlx::query(concat!(
             "SELECT ",
             message_columns!(),
@@ -466,7 +469,30 @@ impl PgStore {
         .await?
         {
             let m = message_from_row(&r, 0)?;
-            existing.insert((m.sender_id.clone(), m.client_msg_id.clone()), m);
+            existing.insert(
+                (m.sender_id.clone(), m.client_msg_id.clone()),
+                (m, Vec::new()),
+            );
+        }
+        if !existing.is_empty() {
+            let ids: Vec<i64> = existing.values().map(|(m, _)| m.msg_id as i64).collect();
+            let mut by_id: HashMap<u64, Vec<(String, u64)>> = HashMap::new();
+            for r in sqlx::query(
+                "SELECT message_id, user_id, seq FROM inbox WHERE message_id = ANY($1) \
+                 ORDER BY message_id, user_id",
+            )
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            {
+                by_id
+                    .entry(r.try_get::<i64, _>(0)? as u64)
+                    .or_default()
+                    .push((r.try_get(1)?, r.try_get::<i64, _>(2)? as u64));
+            }
+            for (m, recipients) in existing.values_mut() {
+                *recipients = by_id.remove(&m.msg_id).unwrap_or_default();
+            }
         }
         // 3. Blocks between the parties of direct conversations.
         let mut pairs: (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
@@ -501,10 +527,12 @@ impl PgStore {
         let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
         for m in batch {
             let key = (m.sender_id.as_str(), m.client_msg_id.as_str());
-            if let Some(found) = existing.get(&(m.sender_id.clone(), m.client_msg_id.clone())) {
+            if let Some((found, recipients)) =
+                existing.get(&(m.sender_id.clone(), m.client_msg_id.clone()))
+            {
                 plans.push(Plan::Done(Box::new(Ok(Appended {
                     message: found.clone(),
-                    recipients: Vec::new(),
+                    recipients: recipients.clone(),
                     duplicate: true,
                 }))));
                 continue;
@@ -553,9 +581,8 @@ impl PgStore {
                 Plan::Done(r) => *r,
                 Plan::Write(i) => Ok(written[i].clone()),
                 Plan::SameAs(i) => Ok(Appended {
-                    message: written[i].message.clone(),
-                    recipients: Vec::new(),
                     duplicate: true,
+                    ..written[i].clone()
                 }),
             })
             .collect())

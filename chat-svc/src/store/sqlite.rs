@@ -158,9 +158,18 @@ async fn append_one(
     .await?;
     if let Some(row) = existing {
         let message = message_from_row(&row, 0)?;
+        let recipients = sqlx::query_as::<_, (String, i64)>(
+            "SELECT user_id, seq FROM inbox WHERE message_id = ? ORDER BY user_id",
+        )
+        .bind(message.msg_id as i64)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(u, s)| (u, s as u64))
+        .collect();
         return Ok(Ok(Appended {
             message,
-            recipients: Vec::new(),
+            recipients,
             duplicate: true,
         }));
     }

@@ -71,7 +71,11 @@ pub(crate) async fn seqs_are_gap_free_and_resends_are_deduped(store: &dyn Store)
     assert!(again.duplicate);
     assert_eq!(again.message.seq, 3);
     assert_eq!(again.message.content.unwrap().as_text(), Some("hi"));
-    assert!(again.recipients.is_empty());
+    assert_eq!(
+        again.recipients,
+        results[2].as_ref().unwrap().recipients,
+        "a duplicate carries the original's recipients, for a redone fan-out"
+    );
     assert_eq!(
         store
             .get_conversation(conv.id)

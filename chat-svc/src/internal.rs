@@ -1,0 +1,123 @@
+//! The gRPC service gateways call (`parley.internal.v1.ChatInternal`): the
+//! chat service's side of [`ChatBackend`] across processes. When an internal
+//! key is set, every call must carry `authorization: Bearer <key>`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use parley_proto::internal::{self as ipb, chat_internal_server};
+use parley_proto::pb;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::error::ChatError;
+use crate::service::ChatService;
+
+/// The internal service over a chat service.
+#[derive(Debug, Clone)]
+pub struct InternalApi {
+    chat: Arc<ChatService>,
+}
+
+impl InternalApi {
+    pub fn new(chat: Arc<ChatService>) -> Self {
+        Self { chat }
+    }
+}
+
+/// Serves the internal API on `listener` until `shutdown`; with `key`, calls
+/// without it are refused.
+pub async fn serve(
+    listener: TcpListener,
+    chat: Arc<ChatService>,
+    key: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let server = chat_internal_server::ChatInternalServer::new(InternalApi::new(chat))
+        .max_decoding_message_size(16 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let api =
+        tonic::service::interceptor::InterceptedService::new(server, move |req: Request<()>| {
+            match &key {
+                Some(key) => crate::admin::check_bearer(key, &req, "internal key").map(|()| req),
+                None => Ok(req),
+            }
+        });
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .add_service(api)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
+}
+
+#[tonic::async_trait]
+impl chat_internal_server::ChatInternal for InternalApi {
+    async fn authenticate(
+        &self,
+        req: Request<ipb::AuthenticateRequest>,
+    ) -> Result<Response<ipb::AuthenticateReply>, Status> {
+        let user_id = self.chat.authenticate(&req.into_inner().token).await?;
+        Ok(Response::new(ipb::AuthenticateReply { user_id }))
+    }
+
+    async fn open_session(
+        &self,
+        req: Request<ipb::OpenSessionRequest>,
+    ) -> Result<Response<ipb::OpenSessionReply>, Status> {
+        let r = req.into_inner();
+        let (resume_from, inbox_head) = self
+            .chat
+            .session_opened(&r.user_id, &r.device_id, r.cursor)
+            .await?;
+        Ok(Response::new(ipb::OpenSessionReply {
+            resume_from,
+            inbox_head,
+        }))
+    }
+
+    async fn ack(&self, req: Request<ipb::AckRequest>) -> Result<Response<ipb::Empty>, Status> {
+        let r = req.into_inner();
+        self.chat.ack(&r.user_id, &r.device_id, r.cursor).await?;
+        Ok(Response::new(ipb::Empty {}))
+    }
+
+    async fn sync(
+        &self,
+        req: Request<ipb::SyncRequest>,
+    ) -> Result<Response<ipb::SyncReply>, Status> {
+        let r = req.into_inner();
+        let page = self.chat.sync(&r.user_id, r.after, r.limit).await?;
+        let (missing_from, missing_to) = page.missing.unwrap_or((0, 0));
+        Ok(Response::new(ipb::SyncReply {
+            entries: page
+                .entries
+                .into_iter()
+                .map(|(inbox_seq, message)| pb::Deliver {
+                    inbox_seq,
+                    message: Some(message),
+                })
+                .collect(),
+            inbox_head: page.head,
+            missing_from,
+            missing_to,
+        }))
+    }
+
+    async fn call(
+        &self,
+        req: Request<ipb::CallRequest>,
+    ) -> Result<Response<ipb::CallReply>, Status> {
+        let r = req.into_inner();
+        let Some(body) = r.frame.and_then(|f| f.body) else {
+            return Err(ChatError::invalid("a call needs a request frame").into());
+        };
+        let resp = self.chat.call(&r.user_id, &r.device_id, body).await?;
+        Ok(Response::new(ipb::CallReply {
+            frame: Some(pb::ServerFrame::new(0, resp)),
+        }))
+    }
+}
