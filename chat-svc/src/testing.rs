@@ -1,8 +1,8 @@
-//! Helpers for tests that need a real PostgreSQL: each test gets a schema
-//! (or a database) of its own, dropped when the guard goes, so tests run in
-//! parallel and leave nothing behind. The server is taken from
-//! `PARLEY_TEST_DATABASE_URL` (default: the local one `scripts/services`
-//! provides).
+//! Helpers for tests that need real PostgreSQL and Redis: each test gets a
+//! schema (or a database) and a key prefix of its own, removed when the guard
+//! goes, so tests run in parallel and leave nothing behind. Servers come from
+//! `PARLEY_TEST_DATABASE_URL` and `PARLEY_TEST_REDIS_URL` (default: the local
+//! ones `scripts/services` provides).
 
 use sqlx::{Connection, PgConnection};
 
@@ -17,29 +17,75 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())
 }
 
-/// Runs one statement on a fresh connection from a thread of its own, so it
-/// works inside `Drop` even while a test unwinds.
-fn run_blocking(url: String, sql: String) {
+/// Runs `work` to completion on a thread and runtime of its own, so cleanup
+/// works inside `Drop`, even while a test unwinds.
+fn run_blocking<F>(work: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let _ = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("a runtime for cleanup");
-        rt.block_on(async {
-            match PgConnection::connect(&url).await {
-                Ok(mut conn) => {
-                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
-                        .execute(&mut conn)
-                        .await
-                    {
-                        eprintln!("test cleanup `{sql}` failed: {e}");
-                    }
-                }
-                Err(e) => eprintln!("test cleanup could not connect: {e}"),
-            }
-        })
+            .expect("a runtime for cleanup")
+            .block_on(work)
     })
     .join();
+}
+
+/// Runs one statement on a fresh connection, from `Drop`.
+fn execute_blocking(url: String, sql: String) {
+    run_blocking(async move {
+        match PgConnection::connect(&url).await {
+            Ok(mut conn) => {
+                if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                    .execute(&mut conn)
+                    .await
+                {
+                    eprintln!("test cleanup `{sql}` failed: {e}");
+                }
+            }
+            Err(e) => eprintln!("test cleanup could not connect: {e}"),
+        }
+    });
+}
+
+/// The Redis server tests use.
+pub fn redis_url() -> String {
+    std::env::var("PARLEY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+}
+
+/// A key prefix of one test; every key under it is deleted when this goes.
+#[derive(Debug)]
+pub struct TestRedis {
+    pub url: String,
+    pub prefix: String,
+}
+
+impl TestRedis {
+    pub fn new() -> Self {
+        Self {
+            url: redis_url(),
+            prefix: unique_name("parley-t"),
+        }
+    }
+}
+
+impl Default for TestRedis {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        run_blocking(async move {
+            if let Err(e) = crate::redis_state::delete_prefix(&url, &prefix).await {
+                eprintln!("test cleanup of redis prefix {prefix} failed: {e}");
+            }
+        });
+    }
 }
 
 /// A schema of one test, dropped with everything in it when this goes.
@@ -67,7 +113,7 @@ impl Default for TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
-        run_blocking(
+        execute_blocking(
             self.url.clone(),
             format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name),
         );
@@ -107,7 +153,7 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        run_blocking(
+        execute_blocking(
             self.admin_url.clone(),
             format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name),
         );

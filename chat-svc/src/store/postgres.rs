@@ -9,6 +9,7 @@
 //! a fixed number of statements whatever its size (arrays through `unnest`).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +23,7 @@ use super::{
     UserRecord, direct_key,
 };
 use crate::error::ChatError;
+use crate::redis_state::BlockCache;
 
 /// The columns `message_from_row` reads, in order.
 macro_rules! message_columns {
@@ -38,6 +40,7 @@ const ATTEMPTS: usize = 5;
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    blocks: Option<Arc<dyn BlockCache>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -73,7 +76,16 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, blocks: None })
+    }
+
+    /// Reads block lists through `cache` (Redis in a cluster). Changes go
+    /// to the database and then evict the cached list, twice: right after
+    /// the commit and once more a moment later, so a reader that loaded the
+    /// old list just before the commit cannot leave it cached.
+    pub fn with_block_cache(mut self, cache: Arc<dyn BlockCache>) -> Self {
+        self.blocks = Some(cache);
+        self
     }
 
     /// Brings the schema up to date. Safe to run from several replicas at
@@ -416,6 +428,62 @@ enum Plan {
 }
 
 impl PgStore {
+    /// The users each of `users` blocks: from the cache where it has them,
+    /// from the database (filling the cache) where it does not or is down.
+    async fn block_lists(
+        &self,
+        conn: &mut PgConnection,
+        users: &[&str],
+    ) -> Result<HashMap<String, HashSet<String>>, ChatError> {
+        let mut lists: HashMap<String, HashSet<String>> = HashMap::new();
+        if users.is_empty() {
+            return Ok(lists);
+        }
+        let mut misses: Vec<&str> = users.to_vec();
+        if let Some(cache) = &self.blocks {
+            match cache.get(users).await {
+                Ok(cached) => {
+                    misses.clear();
+                    for (u, list) in users.iter().zip(cached) {
+                        match list {
+                            Some(list) => {
+                                lists.insert((*u).to_owned(), list.into_iter().collect());
+                            }
+                            None => misses.push(u),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "block cache unavailable; reading the database")
+                }
+            }
+        }
+        if misses.is_empty() {
+            return Ok(lists);
+        }
+        let mut loaded: HashMap<String, Vec<String>> = misses
+            .iter()
+            .map(|u| ((*u).to_owned(), Vec::new()))
+            .collect();
+        for r in sqlx::query("SELECT user_id, blocked_id FROM blocks WHERE user_id = ANY($1)")
+            .bind(&misses)
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            let user: String = r.try_get(0)?;
+            loaded.entry(user).or_default().push(r.try_get(1)?);
+        }
+        for (user, list) in loaded {
+            if let Some(cache) = &self.blocks
+                && let Err(e) = cache.put(&user, &list).await
+            {
+                tracing::debug!(error = %e, "block list not cached");
+            }
+            lists.insert(user, list.into_iter().collect());
+        }
+        Ok(lists)
+    }
+
     async fn append_once(
         &self,
         batch: &[NewMessage],
@@ -494,32 +562,25 @@ impl PgStore {
                 *recipients = by_id.remove(&m.msg_id).unwrap_or_default();
             }
         }
-        // 3. Blocks between the parties of direct conversations.
-        let mut pairs: (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+        // 3. The block lists of the other parties of direct conversations.
+        let mut peers: Vec<&str> = Vec::new();
         for m in batch {
             if let Some((pb::ConversationKind::Direct, _)) = convs.get(&m.conversation_id) {
                 for peer in members.get(&m.conversation_id).into_iter().flatten() {
                     if *peer != m.sender_id {
-                        pairs.0.push(peer);
-                        pairs.1.push(&m.sender_id);
+                        peers.push(peer);
                     }
                 }
             }
         }
-        let mut blocked: HashSet<(String, String)> = HashSet::new();
-        if !pairs.0.is_empty() {
-            for r in sqlx::query(
-                "SELECT b.user_id, b.blocked_id FROM blocks b \
-                 JOIN unnest($1::text[], $2::text[]) AS k(u, s) ON b.user_id = k.u AND b.blocked_id = k.s",
-            )
-            .bind(&pairs.0)
-            .bind(&pairs.1)
-            .fetch_all(&mut *tx)
-            .await?
-            {
-                blocked.insert((r.try_get(0)?, r.try_get(1)?));
-            }
-        }
+        peers.sort_unstable();
+        peers.dedup();
+        let block_lists = self.block_lists(&mut tx, &peers).await?;
+        let blocks = |peer: &str, sender: &str| {
+            block_lists
+                .get(peer)
+                .is_some_and(|list| list.contains(sender))
+        };
 
         // 4. Decide each message in order.
         let mut plans = Vec::with_capacity(batch.len());
@@ -555,9 +616,7 @@ impl PgStore {
                 continue;
             }
             if *kind == pb::ConversationKind::Direct
-                && let Some(peer) = conv_members
-                    .iter()
-                    .find(|p| blocked.contains(&((*p).clone(), m.sender_id.clone())))
+                && let Some(peer) = conv_members.iter().find(|p| blocks(p, &m.sender_id))
             {
                 plans.push(Plan::Done(Box::new(Err(ChatError::Blocked(peer.clone())))));
                 continue;
@@ -1073,6 +1132,10 @@ impl Store for PgStore {
         blocked: bool,
         now_ms: i64,
     ) -> Result<(), ChatError> {
+        if let Some(cache) = &self.blocks {
+            // Refuse the change while the cache cannot be told about it.
+            cache.forget(user).await?;
+        }
         if blocked {
             sqlx::query(
                 "INSERT INTO blocks (user_id, blocked_id, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -1088,6 +1151,14 @@ impl Store for PgStore {
                 .bind(other)
                 .execute(&self.pool)
                 .await?;
+        }
+        if let Some(cache) = self.blocks.clone() {
+            let _ = cache.forget(user).await;
+            let user = user.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = cache.forget(&user).await;
+            });
         }
         Ok(())
     }

@@ -392,3 +392,27 @@ async fn replicas_writing_one_conversation_keep_seqs_gap_free() {
         assert!(group_seqs.windows(2).all(|w| w[0] < w[1]), "{user}");
     }
 }
+
+/// Blocks through the Redis cache: a block or an unblock takes effect on the
+/// next message, though the list was cached before the change.
+#[tokio::test]
+async fn blocks_through_the_redis_cache_take_effect_at_once() {
+    let redis = crate::testing::TestRedis::new();
+    let cache = std::sync::Arc::new(crate::RedisState::new(&redis.url, &redis.prefix).unwrap());
+    let (_schema, store) = pg().await;
+    let store = store.with_block_cache(cache.clone());
+    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+    assert!(one(&store, text(conv.id, "alice", "1", "x")).await.is_ok());
+    assert_eq!(
+        crate::BlockCache::get(&*cache, &["bob"]).await.unwrap(),
+        vec![Some(vec![])],
+        "bob's (empty) list is cached"
+    );
+    store.set_block("bob", "alice", true, 0).await.unwrap();
+    assert!(matches!(
+        one(&store, text(conv.id, "alice", "2", "x")).await,
+        Err(ChatError::Blocked(_))
+    ));
+    store.set_block("bob", "alice", false, 0).await.unwrap();
+    assert!(one(&store, text(conv.id, "alice", "3", "x")).await.is_ok());
+}
