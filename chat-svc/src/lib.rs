@@ -5,6 +5,7 @@
 //! channels) and a cluster (PostgreSQL, Redis, RabbitMQ) share this logic.
 
 pub mod admin;
+pub mod amqp_bus;
 pub mod backend;
 pub mod bus;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod store;
 pub mod testing;
 pub mod token;
 
+pub use amqp_bus::{AmqpBus, AmqpConfig};
 pub use backend::ChatBackend;
 pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus};
 pub use error::ChatError;
