@@ -113,12 +113,16 @@ impl Embedded {
         let admin_addr = admin.local_addr()?;
 
         let (stop, stop_rx) = watch::channel(false);
+        let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence);
+        let listeners = Listeners {
+            tcp: Some(tcp),
+            ws,
+            ..Listeners::default()
+        };
         let gateway = tokio::spawn(parley_gateway::run(
-            Listeners { tcp, ws },
-            chat.clone(),
-            presence,
+            listeners,
+            shared,
             deliveries,
-            cfg.gateway,
             stop_rx.clone(),
         ));
         let mut admin_stop = stop_rx;

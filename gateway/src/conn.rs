@@ -332,7 +332,7 @@ async fn on_frame(
             // Register here and in presence before reading the head, so
             // nothing committed from then on can slip between catch-up and
             // live delivery.
-            let sub = shared.registry.register(&user, conn_id, cfg.push_queue);
+            let sub = shared.registry.register(&session, conn_id, cfg.push_queue);
             let mut l = Live {
                 session,
                 sub,

@@ -1,10 +1,12 @@
-//! Parley's gateway: accepts client connections over TCP and WebSocket, caps
-//! their number, serves each with the protocol state machine in `conn`, and
-//! on shutdown tells every client to reconnect before it exits.
+//! Parley's gateway: accepts client connections over TCP and WebSocket, each
+//! plain or over TLS, caps their number, serves each with the protocol state
+//! machine in `conn`, and on shutdown tells every client to reconnect before
+//! it exits.
 
 pub mod conn;
 pub mod io;
 pub mod registry;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::either::Either;
 
 use crate::io::{FrameIo, StreamIo, WsIo};
 use crate::registry::Registry;
@@ -60,6 +63,8 @@ impl Default for GatewayConfig {
 
 /// What every connection of a gateway shares.
 pub struct Shared {
+    /// Set when the gateway drains: not ready, out of the routing table.
+    pub draining: std::sync::atomic::AtomicBool,
     pub config: GatewayConfig,
     pub chat: Arc<dyn ChatBackend>,
     pub presence: Arc<dyn Presence>,
@@ -76,6 +81,21 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    pub fn new(
+        config: GatewayConfig,
+        chat: Arc<dyn ChatBackend>,
+        presence: Arc<dyn Presence>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            draining: std::sync::atomic::AtomicBool::new(false),
+            config,
+            chat,
+            presence,
+            registry: Arc::new(Registry::default()),
+            epoch: AtomicU64::new(0),
+        })
+    }
+
     /// A connection epoch larger than any earlier one, here or (by the
     /// clock) on another gateway.
     pub fn next_epoch(&self) -> u64 {
@@ -94,46 +114,81 @@ impl Shared {
     }
 }
 
-/// A running gateway's listeners.
-#[derive(Debug)]
+/// A gateway's client listeners; the TLS ones need `tls`.
+#[derive(Default)]
 pub struct Listeners {
-    pub tcp: TcpListener,
+    /// Length-prefixed frames over plain TCP (inside a cluster).
+    pub tcp: Option<TcpListener>,
+    /// Binary WebSocket messages over plain TCP.
     pub ws: Option<TcpListener>,
+    /// Length-prefixed frames over TLS.
+    pub tls: Option<TcpListener>,
+    /// WebSocket over TLS (wss://).
+    pub wss: Option<TcpListener>,
+    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        f.debug_struct("Listeners")
+            .field("tcp", &addr(&self.tcp))
+            .field("ws", &addr(&self.ws))
+            .field("tls", &addr(&self.tls))
+            .field("wss", &addr(&self.wss))
+            .finish()
+    }
+}
+
+/// Which listener a connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tcp,
+    Ws,
+    Tls,
+    Wss,
+}
+
+impl Kind {
+    fn is_ws(self) -> bool {
+        matches!(self, Kind::Ws | Kind::Wss)
+    }
 }
 
 /// Serves clients until `shutdown` turns true, then says goodbye to each
 /// and returns once they are gone (or the grace period ends).
 pub async fn run(
     listeners: Listeners,
-    chat: Arc<dyn ChatBackend>,
-    presence: Arc<dyn Presence>,
+    shared: Arc<Shared>,
     deliveries: mpsc::Receiver<Vec<Delivery>>,
-    config: GatewayConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let registry = Arc::new(Registry::default());
-    let dispatcher = tokio::spawn(registry::dispatcher(registry.clone(), deliveries));
-    let grace = config.shutdown_grace;
-    let limit = Arc::new(Semaphore::new(config.max_connections));
-    let shared = Arc::new(Shared {
-        config,
-        chat,
-        presence,
-        registry,
-        epoch: AtomicU64::new(0),
-    });
+    let dispatcher = tokio::spawn(registry::dispatcher(shared.registry.clone(), deliveries));
+    let grace = shared.config.shutdown_grace;
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
-    let ws = listeners.ws;
+    let Listeners {
+        tcp,
+        ws,
+        tls,
+        wss,
+        acceptor,
+    } = listeners;
+    if (tls.is_some() || wss.is_some()) && acceptor.is_none() {
+        tracing::error!("TLS listeners need a certificate; they stay closed");
+    }
 
     loop {
         let accepted = tokio::select! {
             () = stopped(&mut shutdown) => break,
-            r = listeners.tcp.accept() => r.map(|(s, _)| (s, false)),
-            r = accept_opt(ws.as_ref()) => r.map(|(s, _)| (s, true)),
+            r = accept_opt(tcp.as_ref()) => r.map(|s| (s, Kind::Tcp)),
+            r = accept_opt(ws.as_ref()) => r.map(|s| (s, Kind::Ws)),
+            r = accept_opt(tls.as_ref().filter(|_| acceptor.is_some())) => r.map(|s| (s, Kind::Tls)),
+            r = accept_opt(wss.as_ref().filter(|_| acceptor.is_some())) => r.map(|s| (s, Kind::Wss)),
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
-        let (stream, is_ws) = match accepted {
+        let (stream, kind) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off, don't spin.
@@ -148,18 +203,31 @@ pub async fn run(
         let permit = limit.clone().try_acquire_owned();
         let shared = shared.clone();
         let stop = shutdown.clone();
+        let acceptor = acceptor.clone();
         conns.spawn(async move {
+            let handshake = Duration::from_secs(10);
+            let stream = match (kind, acceptor) {
+                (Kind::Tls | Kind::Wss, Some(acceptor)) => {
+                    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => Either::Right(s),
+                        _ => {
+                            tracing::debug!("TLS handshake failed");
+                            return;
+                        }
+                    }
+                }
+                _ => Either::Left(stream),
+            };
             let Ok(_permit) = permit else {
-                refuse(stream, is_ws, &shared).await;
+                refuse(stream, kind.is_ws(), &shared).await;
                 return;
             };
-            if is_ws {
+            if kind.is_ws() {
                 let ws_config = WebSocketConfig::default()
                     .max_message_size(Some(shared.config.max_frame_bytes))
                     .max_frame_size(Some(shared.config.max_frame_bytes));
-                let handshake =
-                    tokio_tungstenite::accept_async_with_config(stream, Some(ws_config));
-                match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config));
+                match tokio::time::timeout(handshake, upgrade).await {
                     Ok(Ok(ws)) => {
                         let io = WsIo::new(ws, shared.config.max_frame_bytes);
                         conn::serve(io, shared, id, stop).await
@@ -177,8 +245,7 @@ pub async fn run(
         connections = conns.len(),
         "shutting down: telling clients to reconnect"
     );
-    drop(listeners.tcp);
-    drop(ws);
+    drop((tcp, ws, tls, wss));
     let drained =
         tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
@@ -193,15 +260,18 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-async fn accept_opt(l: Option<&TcpListener>) -> std::io::Result<(TcpStream, std::net::SocketAddr)> {
+async fn accept_opt(l: Option<&TcpListener>) -> std::io::Result<TcpStream> {
     match l {
-        Some(l) => l.accept().await,
+        Some(l) => l.accept().await.map(|(s, _)| s),
         None => std::future::pending().await,
     }
 }
 
 /// Tells a client over the connection cap to come back later.
-async fn refuse(stream: TcpStream, is_ws: bool, shared: &Shared) {
+async fn refuse<S>(stream: S, is_ws: bool, shared: &Shared)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let frame = parley_proto::pb::ServerFrame::error(
         0,
         parley_proto::pb::ErrorCode::ServerBusy,

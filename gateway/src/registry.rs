@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use parley_chat::Delivery;
+use parley_chat::{Delivery, Session};
 use parley_proto::pb;
 use tokio::sync::mpsc;
 
@@ -27,14 +27,25 @@ pub struct Subscription {
 
 struct Entry {
     conn: u64,
+    session: Session,
     tx: mpsc::Sender<Push>,
     lagged: Arc<AtomicBool>,
 }
 
 /// Local sessions by user.
-#[derive(Default)]
 pub struct Registry {
     users: Mutex<HashMap<String, Vec<Entry>>>,
+    /// An empty push that wakes a connection to look at its lag flag.
+    nudge: Arc<pb::Message>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            users: Mutex::default(),
+            nudge: Arc::new(pb::Message::default()),
+        }
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -46,22 +57,48 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Registers connection `conn` of `user` with a queue of `capacity`.
-    pub fn register(&self, user: &str, conn: u64, capacity: usize) -> Subscription {
+    /// Registers connection `conn` of a session with a queue of `capacity`.
+    pub fn register(&self, session: &Session, conn: u64, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity);
         let lagged = Arc::new(AtomicBool::new(false));
         let entry = Entry {
             conn,
+            session: session.clone(),
             tx,
             lagged: lagged.clone(),
         };
         self.users
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(user.to_owned())
+            .entry(session.user.clone())
             .or_default()
             .push(entry);
         Subscription { rx, lagged }
+    }
+
+    /// Every session held, for re-registering presence.
+    pub fn sessions(&self) -> Vec<Session> {
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flatten()
+            .map(|e| e.session.clone())
+            .collect()
+    }
+
+    /// Makes every connection catch up from the database: deliveries may
+    /// have been lost (the broker or presence was away).
+    pub fn resync_all(&self) {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        for entry in users.values().flatten() {
+            entry.lagged.store(true, Ordering::Release);
+            // A full queue wakes the connection anyway.
+            let _ = entry.tx.try_send(Push {
+                inbox_seq: 0,
+                message: self.nudge.clone(),
+            });
+        }
     }
 
     pub fn unregister(&self, user: &str, conn: u64) {
@@ -128,8 +165,14 @@ mod tests {
     #[test]
     fn every_device_of_a_user_gets_the_push_and_overflow_marks_lag() {
         let reg = Registry::default();
-        let mut phone = reg.register("a", 1, 2);
-        let mut laptop = reg.register("a", 2, 8);
+        let s = |device: &str| Session {
+            user: "a".into(),
+            device: device.into(),
+            gateway: "g".into(),
+            epoch: 1,
+        };
+        let mut phone = reg.register(&s("phone"), 1, 2);
+        let mut laptop = reg.register(&s("laptop"), 2, 8);
         for seq in 1..=3 {
             reg.dispatch(&delivery("a", seq));
         }
@@ -140,6 +183,9 @@ mod tests {
             "the third push did not fit"
         );
         assert!(!laptop.lagged.load(Ordering::Acquire));
+        assert_eq!(reg.sessions().len(), 2);
+        reg.resync_all();
+        assert!(laptop.lagged.load(Ordering::Acquire), "a resync marks everyone");
         reg.unregister("a", 1);
         reg.unregister("a", 2);
         assert!(reg.is_empty());
