@@ -332,7 +332,17 @@ async fn publish_loop(
     }
 }
 
-/// The consuming side of one gateway.
+/// A task stopped when this is dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The consuming side of one gateway; consuming stops when `task` drops.
 #[derive(Debug)]
 pub struct GatewayFeed {
     /// Delivery batches in the order the broker handed them over.
@@ -341,13 +351,7 @@ pub struct GatewayFeed {
     /// lost meanwhile, so connections should catch up from the database.
     pub resync: watch::Receiver<u64>,
     pub status: Arc<LinkStatus>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for GatewayFeed {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    pub task: AbortOnDrop,
 }
 
 /// Starts consuming `gateway`'s queue, declaring it (and the exchange) on
@@ -367,7 +371,7 @@ pub fn consume(config: AmqpConfig, gateway: &str, capacity: usize) -> GatewayFee
         deliveries: rx,
         resync,
         status,
-        task,
+        task: AbortOnDrop(task),
     }
 }
 

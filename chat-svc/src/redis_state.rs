@@ -62,6 +62,7 @@ const ANNOUNCE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
+local had = redis.call('EXISTS', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ttl)
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -77,7 +78,7 @@ for i = 1, #seen, 2 do
     redis.call('HDEL', KEYS[3], seen[i])
   end
 end
-return 1
+return had
 ";
 
 /// Takes the least-loaded address and counts the client about to arrive on
@@ -184,6 +185,8 @@ impl RedisState {
 
     /// Writes this gateway's lease (address and online count, alive for
     /// `ttl`) and its routing entry; `draining` takes the entry out instead.
+    /// False when the lease had gone (first start, expiry, or a Redis that
+    /// restarted and lost everything): presence must be written again.
     pub async fn announce(
         &self,
         gateway: &str,
@@ -191,9 +194,10 @@ impl RedisState {
         connections: u64,
         ttl: Duration,
         draining: bool,
-    ) -> Result<(), ChatError> {
+    ) -> Result<bool, ChatError> {
         let mut c = self.conn.clone();
-        self.announce
+        let had: i64 = self
+            .announce
             .key(self.key("gw", gateway))
             .key(self.routes_key())
             .key(format!("{}:routes:seen", self.prefix))
@@ -201,10 +205,10 @@ impl RedisState {
             .arg(connections)
             .arg(ttl.as_millis() as u64)
             .arg(if draining { "1" } else { "0" })
-            .invoke_async::<i64>(&mut c)
+            .invoke_async(&mut c)
             .await
             .map_err(redis_err)?;
-        Ok(())
+        Ok(had == 1)
     }
 
     /// Removes this gateway's lease and routing entry (a clean shutdown).
@@ -433,9 +437,17 @@ mod tests {
         let r = state(&t);
         assert!(r.ping().await, "Redis for tests (run scripts/services)");
         let ttl = Duration::from_secs(30);
-        r.announce("g1", "10.0.0.1:7400", 1, ttl, false)
-            .await
-            .unwrap();
+        assert!(
+            !r.announce("g1", "10.0.0.1:7400", 1, ttl, false)
+                .await
+                .unwrap(),
+            "a first lease is new"
+        );
+        assert!(
+            r.announce("g1", "10.0.0.1:7400", 1, ttl, false)
+                .await
+                .unwrap()
+        );
         r.announce("g2", "10.0.0.2:7400", 1, ttl, false)
             .await
             .unwrap();

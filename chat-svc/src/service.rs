@@ -12,7 +12,13 @@ use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Re
 use tokio::sync::{mpsc, oneshot};
 
 use crate::bus::{ChatEvent, Delivery, DeliveryBus};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
 use crate::error::ChatError;
+use crate::ops::{CodeLabel, code_label};
 use crate::presence::Presence;
 use crate::store::{Appended, ConversationRecord, MembershipChange, NewMessage, Store};
 use crate::token::TokenKeys;
@@ -53,6 +59,72 @@ pub struct SyncPage {
 
 type AppendJob = (NewMessage, oneshot::Sender<Result<Appended, ChatError>>);
 
+/// What the chat service counts.
+#[derive(Debug, Clone)]
+pub struct ChatMetrics {
+    pub messages: Counter,
+    pub duplicates: Counter,
+    pub batch_size: Histogram,
+    pub append_seconds: Histogram,
+    pub errors: Family<CodeLabel, Counter>,
+    pub publishes: Counter,
+    pub offline_events: Counter,
+}
+
+impl Default for ChatMetrics {
+    fn default() -> Self {
+        Self {
+            messages: Counter::default(),
+            duplicates: Counter::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            append_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
+            errors: Family::default(),
+            publishes: Counter::default(),
+            offline_events: Counter::default(),
+        }
+    }
+}
+
+impl ChatMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "chat_messages",
+            "Messages committed (resends excluded)",
+            self.messages.clone(),
+        );
+        r.register(
+            "chat_duplicates",
+            "Resent messages answered with the original's ack",
+            self.duplicates.clone(),
+        );
+        r.register(
+            "chat_append_batch_size",
+            "Sends committed per transaction",
+            self.batch_size.clone(),
+        );
+        r.register(
+            "chat_append_seconds",
+            "Time to commit one batch of sends",
+            self.append_seconds.clone(),
+        );
+        r.register(
+            "chat_errors",
+            "Requests refused or failed, by error code",
+            self.errors.clone(),
+        );
+        r.register(
+            "chat_publishes",
+            "Delivery batches handed to the bus, one per gateway",
+            self.publishes.clone(),
+        );
+        r.register(
+            "chat_offline_events",
+            "Messages for users with no device online (push cues)",
+            self.offline_events.clone(),
+        );
+    }
+}
+
 /// The chat service; cheap to share behind an `Arc`.
 pub struct ChatService {
     store: Arc<dyn Store>,
@@ -61,6 +133,7 @@ pub struct ChatService {
     tokens: TokenKeys,
     config: ChatConfig,
     appends: mpsc::Sender<AppendJob>,
+    metrics: ChatMetrics,
 }
 
 impl std::fmt::Debug for ChatService {
@@ -96,6 +169,7 @@ impl ChatService {
             tokens,
             config,
             appends,
+            metrics: ChatMetrics::default(),
         });
         tokio::spawn(batch_writer(Arc::downgrade(&svc), rx));
         if let Some(retention) = svc.config.retention {
@@ -114,6 +188,10 @@ impl ChatService {
 
     pub fn tokens(&self) -> &TokenKeys {
         &self.tokens
+    }
+
+    pub fn metrics(&self) -> &ChatMetrics {
+        &self.metrics
     }
 
     /// The user a token belongs to, if valid and the user exists.
@@ -173,6 +251,17 @@ impl ChatService {
 
     /// Handles a request frame of an authenticated device.
     pub async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+        let result = self.handle(user, device, req).await;
+        if let Err(e) = &result {
+            self.metrics
+                .errors
+                .get_or_create(&code_label(e.code()))
+                .inc();
+        }
+        result
+    }
+
+    async fn handle(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
         match req {
             Req::Send(send) => self.send(user, device, send).await.map(Resp::SendAck),
             Req::History(h) => self.history(user, h).await.map(Resp::HistoryPage),
@@ -407,6 +496,7 @@ impl ChatService {
                         }
                     }
                     None if *user != a.message.sender_id => {
+                        self.metrics.offline_events.inc();
                         let event = ChatEvent::OfflineMessage {
                             user: user.clone(),
                             inbox_seq: *inbox_seq,
@@ -427,6 +517,7 @@ impl ChatService {
             }
         }
         for (gateway, deliveries) in per_gateway {
+            self.metrics.publishes.inc();
             if let Err(e) = self.bus.publish(gateway, deliveries).await {
                 tracing::warn!(gateway, error = %e, "delivery not published; devices will sync");
             }
@@ -463,13 +554,27 @@ async fn batch_writer(weak: std::sync::Weak<ChatService>, mut rx: mpsc::Receiver
         }
         let Some(svc) = weak.upgrade() else { return };
         let (batch, replies): (Vec<NewMessage>, Vec<_>) = jobs.drain(..).unzip();
-        match svc.store.append(batch).await {
+        let started = std::time::Instant::now();
+        svc.metrics.batch_size.observe(batch.len() as f64);
+        let appended = svc.store.append(batch).await;
+        svc.metrics
+            .append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match appended {
             Ok(results) => {
                 // Duplicates are fanned out again: the replica that committed
                 // the original may have died before it published. Gateways and
                 // the SDK drop what a device already has.
                 let mut committed: Vec<Appended> = Vec::with_capacity(results.len());
                 for (result, reply) in results.into_iter().zip(replies) {
+                    if let Ok(a) = &result {
+                        let counter = if a.duplicate {
+                            &svc.metrics.duplicates
+                        } else {
+                            &svc.metrics.messages
+                        };
+                        counter.inc();
+                    }
                     if let Ok(a) = &result
                         && (!a.duplicate
                             || !committed

@@ -113,9 +113,17 @@ impl Default for TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
+        // Sessions a failed test left behind would hold locks the drop
+        // waits for: end them first, and never wait long.
         execute_blocking(
             self.url.clone(),
-            format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name),
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = 'parley-chat {name}'; \
+                 SET lock_timeout = '10s'; \
+                 DROP SCHEMA IF EXISTS \"{name}\" CASCADE",
+                name = self.name
+            ),
         );
     }
 }

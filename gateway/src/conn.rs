@@ -13,6 +13,8 @@ use parley_proto::{PROTOCOL_VERSION, ids};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 
+use parley_chat::ops::code_label;
+
 use crate::Shared;
 use crate::io::{FrameIo, ReadError};
 use crate::registry::{Push, Subscription};
@@ -108,6 +110,7 @@ pub async fn serve<IO: FrameIo>(
     let mut pushes: Vec<Push> = Vec::with_capacity(0);
     let mut out: Vec<pb::ServerFrame> = Vec::new();
 
+    shared.metrics.connections.inc();
     let end = loop {
         out.clear();
         let step = tokio::select! {
@@ -136,8 +139,11 @@ pub async fn serve<IO: FrameIo>(
                 Err(ReadError::Truncated | ReadError::Io(_)) => Err(End::Closed),
             },
         };
-        if !out.is_empty() && !write(&mut io, &out, cfg.write_timeout).await {
-            break End::Io;
+        if !out.is_empty() {
+            shared.metrics.written(&out);
+            if !write(&mut io, &out, cfg.write_timeout).await {
+                break End::Io;
+            }
         }
         if let Err(end) = step {
             break end;
@@ -147,6 +153,7 @@ pub async fn serve<IO: FrameIo>(
     match end {
         End::Fatal(code, message) => {
             tracing::debug!(conn_id, ?code, %message, "closing connection");
+            shared.metrics.errors.get_or_create(&code_label(code)).inc();
             let _ = write(
                 &mut io,
                 &[pb::ServerFrame::error(0, code, message)],
@@ -169,7 +176,9 @@ pub async fn serve<IO: FrameIo>(
         }
         End::Closed | End::Io => {}
     }
+    shared.metrics.connections.dec();
     if let Some(l) = live {
+        shared.metrics.sessions.dec();
         shared.registry.unregister(&l.session.user, conn_id);
         if let Err(e) = shared.presence.offline(&l.session).await {
             tracing::warn!(error = %e, "presence not cleared; it expires with this gateway's lease");
@@ -357,6 +366,7 @@ async fn on_frame(
             };
             l.delivered = resume;
             *phase = Phase::Ready;
+            shared.metrics.sessions.inc();
             out.push(pb::ServerFrame::new(
                 rid,
                 Resp::AuthOk(pb::AuthOk {
@@ -394,6 +404,7 @@ async fn on_frame(
         }
         req => {
             if matches!(req, Req::Send(_)) && !bucket.take() {
+                shared.metrics.messages_in.inc();
                 out.push(pb::ServerFrame::error(
                     rid,
                     ErrorCode::RateLimited,
@@ -402,11 +413,20 @@ async fn on_frame(
                 return Ok(());
             }
             let l = live.as_ref().expect("admitted only when ready");
-            match shared
+            let send = matches!(req, Req::Send(_));
+            let started = std::time::Instant::now();
+            let result = shared
                 .chat
                 .call(&l.session.user, &l.session.device, req)
-                .await
-            {
+                .await;
+            if send {
+                shared.metrics.messages_in.inc();
+                shared
+                    .metrics
+                    .send_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            match result {
                 Ok(resp) => out.push(pb::ServerFrame::new(rid, resp)),
                 Err(e) => out.push(pb::ServerFrame::error(rid, e.code(), e.client_message())),
             }

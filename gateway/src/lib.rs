@@ -3,8 +3,10 @@
 //! machine in `conn`, and on shutdown tells every client to reconnect before
 //! it exits.
 
+pub mod cluster;
 pub mod conn;
 pub mod io;
+pub mod metrics;
 pub mod registry;
 pub mod tls;
 
@@ -69,6 +71,7 @@ pub struct Shared {
     pub chat: Arc<dyn ChatBackend>,
     pub presence: Arc<dyn Presence>,
     pub registry: Arc<Registry>,
+    pub metrics: metrics::GatewayMetrics,
     epoch: AtomicU64,
 }
 
@@ -92,6 +95,7 @@ impl Shared {
             chat,
             presence,
             registry: Arc::new(Registry::default()),
+            metrics: metrics::GatewayMetrics::default(),
             epoch: AtomicU64::new(0),
         })
     }
@@ -198,6 +202,7 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
+        shared.metrics.accepted.inc();
         next_id += 1;
         let id = next_id;
         let permit = limit.clone().try_acquire_owned();

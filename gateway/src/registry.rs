@@ -185,7 +185,10 @@ mod tests {
         assert!(!laptop.lagged.load(Ordering::Acquire));
         assert_eq!(reg.sessions().len(), 2);
         reg.resync_all();
-        assert!(laptop.lagged.load(Ordering::Acquire), "a resync marks everyone");
+        assert!(
+            laptop.lagged.load(Ordering::Acquire),
+            "a resync marks everyone"
+        );
         reg.unregister("a", 1);
         reg.unregister("a", 2);
         assert!(reg.is_empty());

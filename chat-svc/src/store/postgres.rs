@@ -59,7 +59,12 @@ impl PgStore {
         max_connections: u32,
     ) -> Result<Self, ChatError> {
         let mut options: PgConnectOptions = url.parse()?;
-        options = options.application_name("parley-chat");
+        // The schema in the name tells tenants' (and tests') sessions apart.
+        let app = match schema {
+            Some(s) => format!("parley-chat {s}"),
+            None => "parley-chat".to_owned(),
+        };
+        options = options.application_name(&app);
         if let Some(schema) = schema {
             check_schema_name(schema)?;
             let mut conn = PgConnection::connect_with(&options).await?;
@@ -229,6 +234,45 @@ async fn insert_members(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Creates the direct conversation of `users` under `key`, or finds the one
+/// a concurrent call just created.
+async fn open_direct_in(
+    tx: &mut PgConnection,
+    key: &str,
+    users: &[String],
+    now_ms: i64,
+) -> Result<ConversationRecord, ChatError> {
+    let missing = missing_users_in(tx, users).await?;
+    if !missing.is_empty() {
+        return Err(no_such_users(&missing));
+    }
+    // Two replicas opening the same pair at once: one inserts, the other
+    // finds its row.
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO conversations (kind, direct_key, created_at) VALUES (1, $1, $2) \
+         ON CONFLICT (direct_key) DO NOTHING RETURNING id",
+    )
+    .bind(key)
+    .bind(now_ms)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let id = match inserted {
+        Some(id) => {
+            insert_members(tx, id, users, now_ms).await?;
+            id
+        }
+        None => {
+            sqlx::query_scalar("SELECT id FROM conversations WHERE direct_key = $1")
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?
+        }
+    };
+    Ok(load_conversation(tx, id as u64, false)
+        .await?
+        .expect("conversation just read or written"))
 }
 
 /// A message whose seq is decided, with everyone who gets an inbox entry.
@@ -484,11 +528,11 @@ impl PgStore {
         Ok(lists)
     }
 
-    async fn append_once(
+    async fn append_in(
         &self,
+        tx: &mut PgConnection,
         batch: &[NewMessage],
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
-        let mut tx = self.pool.begin().await?;
         let mut conv_ids: Vec<i64> = batch.iter().map(|m| m.conversation_id as i64).collect();
         conv_ids.sort_unstable();
         conv_ids.dedup();
@@ -575,7 +619,7 @@ impl PgStore {
         }
         peers.sort_unstable();
         peers.dedup();
-        let block_lists = self.block_lists(&mut tx, &peers).await?;
+        let block_lists = self.block_lists(&mut *tx, &peers).await?;
         let blocks = |peer: &str, sender: &str| {
             block_lists
                 .get(peer)
@@ -632,8 +676,7 @@ impl PgStore {
         }
 
         // 5. Write them all.
-        let written = write_messages(&mut tx, &planned).await?;
-        tx.commit().await?;
+        let written = write_messages(&mut *tx, &planned).await?;
         Ok(plans
             .into_iter()
             .map(|p| match p {
@@ -647,8 +690,8 @@ impl PgStore {
             .collect())
     }
 
-    async fn change_members_once(
-        &self,
+    async fn change_members_in(
+        tx: &mut PgConnection,
         conversation_id: u64,
         actor: &str,
         change: MembershipChange,
@@ -656,8 +699,7 @@ impl PgStore {
         max_members: usize,
         now_ms: i64,
     ) -> Result<(ConversationRecord, Option<Appended>), ChatError> {
-        let mut tx = self.pool.begin().await?;
-        let Some(before) = load_conversation(&mut tx, conversation_id, true).await? else {
+        let Some(before) = load_conversation(&mut *tx, conversation_id, true).await? else {
             return Err(ChatError::NotFound(format!(
                 "no conversation {conversation_id}"
             )));
@@ -669,7 +711,7 @@ impl PgStore {
         }
         let changed: Vec<String> = match change {
             MembershipChange::Add => {
-                let missing = missing_users_in(&mut tx, users).await?;
+                let missing = missing_users_in(&mut *tx, users).await?;
                 if !missing.is_empty() {
                     return Err(no_such_users(&missing));
                 }
@@ -683,7 +725,7 @@ impl PgStore {
                 if before.members.len() + new.len() > max_members {
                     return Err(ChatError::GroupFull(max_members));
                 }
-                insert_members(&mut tx, conversation_id as i64, &new, now_ms).await?;
+                insert_members(&mut *tx, conversation_id as i64, &new, now_ms).await?;
                 new
             }
             MembershipChange::Remove | MembershipChange::Leave => {
@@ -715,7 +757,7 @@ impl PgStore {
             actor: actor.to_owned(),
             users: changed.clone(),
         };
-        let after = load_conversation(&mut tx, conversation_id, false)
+        let after = load_conversation(&mut *tx, conversation_id, false)
             .await?
             .expect("conversation is locked");
         // Those who left still learn that they did, on their other devices.
@@ -724,24 +766,22 @@ impl PgStore {
         } else {
             &changed
         };
-        let appended = append_system(&mut tx, &after, actor, event, extra, now_ms).await?;
+        let appended = append_system(&mut *tx, &after, actor, event, extra, now_ms).await?;
         let after = ConversationRecord {
             last_seq: appended.message.seq,
             ..after
         };
-        tx.commit().await?;
         Ok((after, Some(appended)))
     }
 
-    async fn create_group_once(
-        &self,
+    async fn create_group_in(
+        tx: &mut PgConnection,
         owner: &str,
         name: &str,
         members: &[String],
         now_ms: i64,
     ) -> Result<(ConversationRecord, Appended), ChatError> {
-        let mut tx = self.pool.begin().await?;
-        let missing = missing_users_in(&mut tx, members).await?;
+        let missing = missing_users_in(&mut *tx, members).await?;
         if !missing.is_empty() {
             return Err(no_such_users(&missing));
         }
@@ -753,8 +793,8 @@ impl PgStore {
         .bind(now_ms)
         .fetch_one(&mut *tx)
         .await?;
-        insert_members(&mut tx, id, members, now_ms).await?;
-        let conv = load_conversation(&mut tx, id as u64, true)
+        insert_members(&mut *tx, id, members, now_ms).await?;
+        let conv = load_conversation(&mut *tx, id as u64, true)
             .await?
             .expect("group just written");
         let event = pb::SystemEvent {
@@ -762,8 +802,7 @@ impl PgStore {
             actor: owner.to_owned(),
             users: members.to_vec(),
         };
-        let appended = append_system(&mut tx, &conv, owner, event, &[], now_ms).await?;
-        tx.commit().await?;
+        let appended = append_system(&mut *tx, &conv, owner, event, &[], now_ms).await?;
         let conv = ConversationRecord {
             last_seq: appended.message.seq,
             ..conv
@@ -772,13 +811,33 @@ impl PgStore {
     }
 }
 
-/// Runs `f` until it succeeds, fails for a reason other than a lost race,
-/// or has been tried `ATTEMPTS` times.
+/// Runs `$body` with `$tx` a new transaction, committed when the body
+/// returns Ok and rolled back at once otherwise (a dropped transaction would
+/// roll back only when its connection is next used, holding its row locks
+/// until then).
+macro_rules! in_transaction {
+    ($pool:expr, $tx:ident => $body:expr) => {{
+        let mut $tx = $pool.begin().await?;
+        match $body.await {
+            Ok(v) => {
+                $tx.commit().await?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = $tx.rollback().await;
+                Err(e)
+            }
+        }
+    }};
+}
+
+/// Evaluates `$f` until it succeeds, fails for a reason other than a lost
+/// race, or has been tried `ATTEMPTS` times.
 macro_rules! with_retries {
     ($f:expr) => {{
         let mut attempt = 1;
         loop {
-            match $f.await {
+            match $f {
                 Err(e) if attempt < ATTEMPTS && is_retryable(&e) => {
                     tracing::debug!(error = %e, attempt, "transaction lost a race; retrying");
                     attempt += 1;
@@ -855,38 +914,7 @@ impl Store for PgStore {
         let mut users = vec![a.to_owned(), b.to_owned()];
         users.sort();
         users.dedup();
-        let mut tx = self.pool.begin().await?;
-        let missing = missing_users_in(&mut tx, &users).await?;
-        if !missing.is_empty() {
-            return Err(no_such_users(&missing));
-        }
-        // Two replicas opening the same pair at once: one inserts, the other
-        // finds its row.
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO conversations (kind, direct_key, created_at) VALUES (1, $1, $2) \
-             ON CONFLICT (direct_key) DO NOTHING RETURNING id",
-        )
-        .bind(&key)
-        .bind(now_ms)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let id = match inserted {
-            Some(id) => {
-                insert_members(&mut tx, id, &users, now_ms).await?;
-                id
-            }
-            None => {
-                sqlx::query_scalar("SELECT id FROM conversations WHERE direct_key = $1")
-                    .bind(&key)
-                    .fetch_one(&mut *tx)
-                    .await?
-            }
-        };
-        let conv = load_conversation(&mut tx, id as u64, false)
-            .await?
-            .expect("conversation just read or written");
-        tx.commit().await?;
-        Ok(conv)
+        in_transaction!(self.pool, tx => open_direct_in(&mut tx, &key, &users, now_ms))
     }
 
     async fn create_group(
@@ -896,7 +924,9 @@ impl Store for PgStore {
         members: &[String],
         now_ms: i64,
     ) -> Result<(ConversationRecord, Appended), ChatError> {
-        with_retries!(self.create_group_once(owner, name, members, now_ms))
+        with_retries!(
+            in_transaction!(self.pool, tx => Self::create_group_in(&mut tx, owner, name, members, now_ms))
+        )
     }
 
     async fn get_conversation(&self, id: u64) -> Result<Option<ConversationRecord>, ChatError> {
@@ -913,14 +943,15 @@ impl Store for PgStore {
         max_members: usize,
         now_ms: i64,
     ) -> Result<(ConversationRecord, Option<Appended>), ChatError> {
-        with_retries!(self.change_members_once(
+        with_retries!(in_transaction!(self.pool, tx => Self::change_members_in(
+            &mut tx,
             conversation_id,
             actor,
             change,
             users,
             max_members,
             now_ms
-        ))
+        )))
     }
 
     async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {
@@ -979,7 +1010,7 @@ impl Store for PgStore {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
-        with_retries!(self.append_once(&batch))
+        with_retries!(in_transaction!(self.pool, tx => self.append_in(&mut tx, &batch)))
     }
 
     async fn inbox_after(
@@ -1174,24 +1205,27 @@ impl Store for PgStore {
     }
 
     async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError> {
-        let mut tx = self.pool.begin().await?;
-        let newest_old: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(id) FROM messages WHERE created_at < $1")
-                .bind(cutoff_ms)
-                .fetch_one(&mut *tx)
-                .await?;
-        let Some(max_id) = newest_old else {
-            return Ok(0);
-        };
-        sqlx::query("DELETE FROM inbox WHERE message_id <= $1")
-            .bind(max_id)
-            .execute(&mut *tx)
-            .await?;
-        let done = sqlx::query("DELETE FROM messages WHERE id <= $1")
-            .bind(max_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected())
+        in_transaction!(self.pool, tx => prune_in(&mut tx, cutoff_ms))
     }
+}
+
+/// Removes messages created before `cutoff_ms` and their inbox entries.
+async fn prune_in(tx: &mut PgConnection, cutoff_ms: i64) -> Result<u64, ChatError> {
+    let newest_old: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(id) FROM messages WHERE created_at < $1")
+            .bind(cutoff_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+    let Some(max_id) = newest_old else {
+        return Ok(0);
+    };
+    sqlx::query("DELETE FROM inbox WHERE message_id <= $1")
+        .bind(max_id)
+        .execute(&mut *tx)
+        .await?;
+    let done = sqlx::query("DELETE FROM messages WHERE id <= $1")
+        .bind(max_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(done.rows_affected())
 }

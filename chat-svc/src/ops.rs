@@ -1,0 +1,169 @@
+//! What every Parley process serves for its operators over HTTP: liveness
+//! (`/healthz`), readiness (`/readyz`, false while draining or while a
+//! required backend is down, with the reasons in the body) and Prometheus
+//! metrics (`/metrics`). A gateway adds its route lookup to the same router.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// What a process reports about itself.
+#[async_trait]
+pub trait Probe: Send + Sync + 'static {
+    /// Ok when the process should receive traffic; the reasons otherwise.
+    async fn ready(&self) -> Result<(), Vec<String>>;
+    /// The metrics in the Prometheus text format.
+    fn metrics(&self) -> String;
+}
+
+/// The operator endpoints over `probe`.
+pub fn router(probe: Arc<dyn Probe>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(probe)
+}
+
+async fn readyz(State(probe): State<Arc<dyn Probe>>) -> impl IntoResponse {
+    match probe.ready().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", reasons.join("; ")),
+        ),
+    }
+}
+
+async fn metrics(State(probe): State<Arc<dyn Probe>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        probe.metrics(),
+    )
+}
+
+/// Serves `router` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Labels naming a backend: `postgres`, `redis`, `rabbitmq`, `chat`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+}
+
+/// Labels naming an error code, as in the protocol (`NOT_MEMBER`, ...).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+/// Backend health, shared by both kinds of process: whether each backend
+/// answers, and how often its connection was made again.
+#[derive(Debug, Clone, Default)]
+pub struct BackendMetrics {
+    pub up: Family<BackendLabel, Gauge>,
+    pub reconnects: Family<BackendLabel, Counter>,
+}
+
+impl BackendMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "backend_up",
+            "Whether a backend answers (1) or not (0)",
+            self.up.clone(),
+        );
+        registry.register(
+            "backend_reconnects",
+            "Connections to a backend made again after it was lost",
+            self.reconnects.clone(),
+        );
+    }
+
+    fn label(backend: &str) -> BackendLabel {
+        BackendLabel {
+            backend: backend.to_owned(),
+        }
+    }
+
+    pub fn set_up(&self, backend: &str, up: bool) {
+        self.up.get_or_create(&Self::label(backend)).set(up as i64);
+    }
+
+    /// Raises the reconnect counter to `total` (a count kept elsewhere).
+    pub fn set_reconnects(&self, backend: &str, total: u64) {
+        let c = self.reconnects.get_or_create(&Self::label(backend));
+        let now = c.get();
+        if total > now {
+            c.inc_by(total - now);
+        }
+    }
+
+    pub fn reconnected(&self, backend: &str) {
+        self.reconnects.get_or_create(&Self::label(backend)).inc();
+    }
+}
+
+/// Encodes `registry` in the Prometheus text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+/// The label of a protocol error code.
+pub fn code_label(code: parley_proto::pb::ErrorCode) -> CodeLabel {
+    CodeLabel {
+        code: code.as_str_name().to_owned(),
+    }
+}
+
+/// Logs to stderr, filtered by `PARLEY_LOG` (or `RUST_LOG`), default info.
+pub fn init_logging() {
+    let filter = std::env::var("PARLEY_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn terminated() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,302 @@
+//! A gateway in a cluster: the chat service over gRPC, presence and the
+//! routing table in Redis, deliveries from its own RabbitMQ queue, and an
+//! operator endpoint with health, metrics and the route lookup.
+//!
+//! Every few seconds the gateway writes its lease (address and online count)
+//! and its routing-table entry. When the lease had gone, Redis lost its data
+//! (or the gateway was cut off longer than the TTL): the gateway writes the
+//! presence of every session it holds again, then has every connection catch
+//! up from the database, so nothing committed meanwhile is missed. The same
+//! catch-up follows a reconnect of its RabbitMQ consumer.
+//!
+//! On SIGTERM it drains: readiness turns false and its routing entry goes,
+//! then after a pause for routes to settle it tells every client to
+//! reconnect (GoAway) and waits for them to leave within the grace period.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use parley_chat::amqp_bus::{self, AmqpConfig, LinkStatus};
+use parley_chat::ops::{self, Probe};
+use parley_chat::redis_state::PRESENCE_TTL;
+use parley_chat::{RedisState, RemoteChat, RemoteConfig};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::{GatewayConfig, Listeners, Shared};
+
+/// Everything a cluster gateway needs to know.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub gateway: GatewayConfig,
+    pub listen: Option<SocketAddr>,
+    pub ws_listen: Option<SocketAddr>,
+    pub tls_listen: Option<SocketAddr>,
+    pub wss_listen: Option<SocketAddr>,
+    /// PEM certificate chain and key, for the TLS listeners.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Health, metrics and the route lookup.
+    pub ops_listen: SocketAddr,
+    /// The address clients should use to reach this gateway (host:port),
+    /// written to the routing table.
+    pub advertise: String,
+    pub chat: RemoteConfig,
+    pub redis_url: String,
+    pub amqp_url: String,
+    /// Starts every Redis key and RabbitMQ name of the cluster.
+    pub prefix: String,
+    pub lease_every: Duration,
+    pub lease_ttl: Duration,
+    /// Between leaving the routing table and telling clients to go.
+    pub drain_pause: Duration,
+}
+
+/// What the gateway's loops share with its probe.
+struct Node {
+    shared: Arc<Shared>,
+    chat: Arc<RemoteChat>,
+    redis: RedisState,
+    amqp: Arc<LinkStatus>,
+    redis_up: AtomicBool,
+    advertise: String,
+    metrics: MetricsRegistry,
+}
+
+#[async_trait]
+impl Probe for Node {
+    async fn ready(&self) -> Result<(), Vec<String>> {
+        let mut why = Vec::new();
+        if self.shared.draining.load(Ordering::Relaxed) {
+            why.push("draining".to_owned());
+        }
+        if !self.chat.healthy() {
+            why.push("no chat-service replica answers".to_owned());
+        }
+        if !self.redis_up.load(Ordering::Relaxed) {
+            why.push("redis is unreachable".to_owned());
+        }
+        if !self.amqp.connected() {
+            why.push("rabbitmq is unreachable".to_owned());
+        }
+        if why.is_empty() { Ok(()) } else { Err(why) }
+    }
+
+    fn metrics(&self) -> String {
+        let m = &self.shared.metrics;
+        m.backends.set_up("chat", self.chat.healthy());
+        m.backends
+            .set_up("redis", self.redis_up.load(Ordering::Relaxed));
+        m.backends.set_up("rabbitmq", self.amqp.connected());
+        m.backends
+            .set_reconnects("rabbitmq", self.amqp.reconnects());
+        m.backends.set_reconnects("chat", self.chat.failures());
+        ops::encode(&self.metrics)
+    }
+}
+
+/// `GET /route`: the address of the least-loaded gateway, as
+/// `{"address":"host:port"}`. Without Redis, this gateway answers with
+/// itself while it is not draining.
+async fn route(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let address = match node.redis.route().await {
+        Ok(Some(a)) => Some(a),
+        Ok(None) | Err(_) if !node.shared.draining.load(Ordering::Relaxed) => {
+            Some(node.advertise.clone())
+        }
+        _ => None,
+    };
+    match address {
+        Some(a) => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            format!("{{\"address\":\"{}\"}}\n", a.escape_default()),
+        ),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("content-type", "application/json")],
+            "{\"error\":\"no gateway available\"}\n".to_owned(),
+        ),
+    }
+}
+
+async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(a) => {
+            Ok(Some(TcpListener::bind(a).await.with_context(|| {
+                format!("binding the {what} listener on {a}")
+            })?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Writes the lease every `lease_every`, re-registers presence when it had
+/// gone, and refreshes presence before it expires.
+async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiver<bool>) {
+    let id = &cfg.gateway.gateway_id;
+    let registry = &node.shared.registry;
+    let mut refreshed = Instant::now();
+    let mut first = true;
+    loop {
+        let draining = node.shared.draining.load(Ordering::Relaxed);
+        let count = registry.len() as u64;
+        match node
+            .redis
+            .announce(id, &node.advertise, count, cfg.lease_ttl, draining)
+            .await
+        {
+            Ok(had) => {
+                let was_up = node.redis_up.swap(true, Ordering::Relaxed);
+                if !first && !was_up {
+                    node.shared.metrics.backends.reconnected("redis");
+                }
+                if (!had || !was_up) && !registry.is_empty() {
+                    // Presence may be gone: write it again, then catch up
+                    // on whatever was not routed here meanwhile.
+                    let sessions = registry.sessions();
+                    tracing::info!(
+                        sessions = sessions.len(),
+                        "redis is back; re-registering presence"
+                    );
+                    match node.redis.online_many(&sessions).await {
+                        Ok(()) => {
+                            refreshed = Instant::now();
+                            registry.resync_all();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "presence not re-registered; retrying");
+                            node.redis_up.store(false, Ordering::Relaxed);
+                        }
+                    }
+                }
+                first = false;
+            }
+            Err(e) => {
+                if node.redis_up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "redis unreachable; the lease will be written again");
+                }
+            }
+        }
+        if refreshed.elapsed() > PRESENCE_TTL / 3 && node.redis_up.load(Ordering::Relaxed) {
+            if let Err(e) = node.redis.online_many(&registry.sessions()).await {
+                tracing::warn!(error = %e, "presence refresh failed");
+            } else {
+                refreshed = Instant::now();
+            }
+        }
+        // Sleep, but write at once when draining starts.
+        let _ = tokio::time::timeout(cfg.lease_every, wake.changed()).await;
+    }
+}
+
+/// Runs a cluster gateway until `shutdown` turns true, then drains.
+pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let acceptor = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(crate::tls::acceptor(cert, key).map_err(anyhow::Error::msg)?)
+        }
+        (None, None) => None,
+        _ => anyhow::bail!("TLS needs both a certificate and a key"),
+    };
+    if (cfg.tls_listen.is_some() || cfg.wss_listen.is_some()) && acceptor.is_none() {
+        anyhow::bail!("a TLS listener needs --tls-cert and --tls-key");
+    }
+    let listeners = Listeners {
+        tcp: bind(cfg.listen, "TCP").await?,
+        ws: bind(cfg.ws_listen, "WebSocket").await?,
+        tls: bind(cfg.tls_listen, "TLS").await?,
+        wss: bind(cfg.wss_listen, "WSS").await?,
+        acceptor,
+    };
+    let ops_listener = TcpListener::bind(cfg.ops_listen)
+        .await
+        .with_context(|| format!("binding the ops listener on {}", cfg.ops_listen))?;
+
+    let chat = Arc::new(RemoteChat::connect(cfg.chat.clone()).await?);
+    let redis = RedisState::new(&cfg.redis_url, &cfg.prefix)?;
+    let amqp = AmqpConfig {
+        url: cfg.amqp_url.clone(),
+        prefix: cfg.prefix.clone(),
+    };
+    let feed = amqp_bus::consume(amqp, &cfg.gateway.gateway_id, 4096);
+    let shared = Shared::new(cfg.gateway.clone(), chat.clone(), Arc::new(redis.clone()));
+    let mut metrics = MetricsRegistry::with_prefix("parley");
+    shared.metrics.register(&mut metrics);
+    let node = Arc::new(Node {
+        shared: shared.clone(),
+        chat,
+        redis,
+        amqp: feed.status.clone(),
+        redis_up: AtomicBool::new(false),
+        advertise: cfg.advertise.clone(),
+        metrics,
+    });
+    tracing::info!(
+        gateway = %cfg.gateway.gateway_id,
+        advertise = %cfg.advertise,
+        ?listeners,
+        ops = %cfg.ops_listen,
+        "gateway starting"
+    );
+
+    // A consumer that reconnected may have missed deliveries.
+    let mut resync = feed.resync.clone();
+    let resync_registry = shared.registry.clone();
+    let resyncer = amqp_bus::AbortOnDrop(tokio::spawn(async move {
+        while resync.changed().await.is_ok() {
+            resync_registry.resync_all();
+        }
+    }));
+    let (wake_lease, wake_rx) = watch::channel(false);
+    let lease = amqp_bus::AbortOnDrop(tokio::spawn(keep_lease(node.clone(), cfg.clone(), wake_rx)));
+
+    let (ops_stop, mut ops_stop_rx) = watch::channel(false);
+    let probe: Arc<dyn Probe> = node.clone();
+    let router = ops::router(probe).merge(
+        axum::Router::new()
+            .route("/route", get(route))
+            .with_state(node.clone()),
+    );
+    let ops_task = tokio::spawn(ops::serve(ops_listener, router, async move {
+        crate::stopped(&mut ops_stop_rx).await
+    }));
+
+    let (gw_stop, gw_stop_rx) = watch::channel(false);
+    let gateway = tokio::spawn(crate::run(
+        listeners,
+        shared.clone(),
+        feed.deliveries,
+        gw_stop_rx,
+    ));
+
+    crate::stopped(&mut shutdown).await;
+    tracing::info!("draining: leaving the routing table");
+    shared.draining.store(true, Ordering::Relaxed);
+    let _ = wake_lease.send(true);
+    tokio::time::sleep(cfg.drain_pause).await;
+    let _ = gw_stop.send(true);
+    let _ = gateway.await;
+    drop((lease, resyncer, feed.task));
+    if let Err(e) = node
+        .redis
+        .withdraw(&cfg.gateway.gateway_id, &cfg.advertise)
+        .await
+    {
+        tracing::warn!(error = %e, "lease not withdrawn; it expires by itself");
+    }
+    let _ = ops_stop.send(true);
+    let _ = ops_task.await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! What a gateway counts, exported at `/metrics` by the gateway binary.
+
+use parley_chat::ops::{BackendMetrics, CodeLabel, code_label};
+use parley_proto::pb::{self, server_frame::Body as Resp};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone)]
+pub struct GatewayMetrics {
+    /// Open client connections, authenticated or not.
+    pub connections: Gauge,
+    /// Authenticated device sessions.
+    pub sessions: Gauge,
+    pub accepted: Counter,
+    /// Send frames received.
+    pub messages_in: Counter,
+    /// Deliver frames written.
+    pub messages_out: Counter,
+    /// From a Send frame read to its ack (or error) ready to write.
+    pub send_seconds: Histogram,
+    /// Error frames written, by code.
+    pub errors: Family<CodeLabel, Counter>,
+    pub backends: BackendMetrics,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self {
+            connections: Gauge::default(),
+            sessions: Gauge::default(),
+            accepted: Counter::default(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            send_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
+            errors: Family::default(),
+            backends: BackendMetrics::default(),
+        }
+    }
+}
+
+impl GatewayMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "gateway_connections",
+            "Open client connections",
+            self.connections.clone(),
+        );
+        r.register(
+            "gateway_sessions",
+            "Authenticated device sessions",
+            self.sessions.clone(),
+        );
+        r.register(
+            "gateway_accepted",
+            "Client connections accepted",
+            self.accepted.clone(),
+        );
+        r.register(
+            "gateway_messages_in",
+            "Send frames received from devices",
+            self.messages_in.clone(),
+        );
+        r.register(
+            "gateway_messages_out",
+            "Deliver frames written to devices",
+            self.messages_out.clone(),
+        );
+        r.register(
+            "gateway_send_latency_seconds",
+            "From a Send frame read to its ack ready to write",
+            self.send_seconds.clone(),
+        );
+        r.register(
+            "gateway_errors",
+            "Error frames written to devices, by code",
+            self.errors.clone(),
+        );
+        self.backends.register(r);
+    }
+
+    /// Counts what is about to be written.
+    pub fn written(&self, frames: &[pb::ServerFrame]) {
+        for f in frames {
+            match &f.body {
+                Some(Resp::Deliver(_)) => {
+                    self.messages_out.inc();
+                }
+                Some(Resp::Error(e)) => {
+                    self.errors.get_or_create(&code_label(e.code())).inc();
+                }
+                _ => {}
+            }
+        }
+    }
+}
