@@ -13,15 +13,23 @@ use bytes::BytesMut;
 use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
 use parley_proto::{PROTOCOL_VERSION, codec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::transport::{self, BoxStream, TlsOptions};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, timeout};
 
 /// How to reach and log in to Parley.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// A gateway's TCP address, host:port.
+    /// A gateway's address, host:port (with a route lookup: the fallback
+    /// when the lookup fails; may be empty).
     pub addr: String,
+    /// A route lookup URL (`http://host:port/route`): asked before every
+    /// (re)connect for the least-loaded gateway.
+    pub route: Option<String>,
+    /// Connect over TLS.
+    pub tls: Option<TlsOptions>,
     pub token: String,
     pub device_id: String,
     /// Resume after this inbox sequence number; None lets the server use the
@@ -40,6 +48,8 @@ impl ClientConfig {
     ) -> Self {
         Self {
             addr: addr.into(),
+            route: None,
+            tls: None,
             token: token.into(),
             device_id: device_id.into(),
             cursor: None,
@@ -119,6 +129,12 @@ impl Client {
         let (events_tx, events) = mpsc::channel(4096);
         let (commands, commands_rx) = mpsc::channel(1024);
         let cursor = Arc::new(AtomicU64::new(config.cursor.unwrap_or(0)));
+        let tls = config
+            .tls
+            .as_ref()
+            .map(transport::tls_connector)
+            .transpose()
+            .map_err(ClientError::Connect)?;
         let mut engine = Engine {
             config: config.clone(),
             events: events_tx,
@@ -130,6 +146,9 @@ impl Client {
             pending: HashMap::new(),
             next_rid: 1,
             user_id: String::new(),
+            tls,
+            redirect: None,
+            retries: Vec::new(),
         };
         let (conn, user_id) = engine.login().await?;
         let request_timeout = config.request_timeout;
@@ -276,7 +295,7 @@ fn conversation(resp: Resp) -> Result<pb::Conversation, ClientError> {
 
 /// A logged-in connection.
 struct Conn {
-    stream: TcpStream,
+    stream: BoxStream,
     buf: BytesMut,
     heartbeat: Duration,
 }
@@ -284,7 +303,20 @@ struct Conn {
 struct Pending {
     body: Req,
     reply: oneshot::Sender<Result<Resp, ClientError>>,
+    /// Times the server answered a Send with a transient error.
+    attempts: u32,
 }
+
+/// Whether a Send refused with `code` is worth sending again by itself.
+fn transient(code: pb::ErrorCode) -> bool {
+    matches!(
+        code,
+        pb::ErrorCode::Unavailable | pb::ErrorCode::RateLimited
+    )
+}
+
+/// Sends answered with a transient error are tried again this many times.
+const SEND_RETRIES: u32 = 30;
 
 struct Engine {
     config: ClientConfig,
@@ -299,6 +331,11 @@ struct Engine {
     pending: HashMap<u64, Pending>,
     next_rid: u64,
     user_id: String,
+    tls: Option<TlsConnector>,
+    /// The address a GoAway named, for the next connect.
+    redirect: Option<String>,
+    /// Sends to try again: (when, request id).
+    retries: Vec<(Instant, u64)>,
 }
 
 enum Disconnect {
@@ -308,11 +345,30 @@ enum Disconnect {
 }
 
 impl Engine {
+    /// Where to connect now: where a GoAway sent us, else the route
+    /// lookup's answer, else the configured address.
+    async fn target(&mut self) -> Result<String, ClientError> {
+        if let Some(addr) = self.redirect.take() {
+            return Ok(addr);
+        }
+        if let Some(url) = &self.config.route {
+            match transport::lookup_route(url).await {
+                Ok(addr) => return Ok(addr),
+                Err(e) if self.config.addr.is_empty() => return Err(ClientError::Connect(e)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "route lookup failed; using the fixed address")
+                }
+            }
+        }
+        Ok(self.config.addr.clone())
+    }
+
     async fn login(&mut self) -> Result<(Conn, String), ClientError> {
-        let stream = TcpStream::connect(&self.config.addr)
+        let addr = self.target().await?;
+        let tls = self.tls.as_ref().zip(self.config.tls.as_ref());
+        let stream = transport::connect(&addr, tls)
             .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+            .map_err(ClientError::Connect)?;
         let mut conn = Conn {
             stream,
             buf: BytesMut::with_capacity(4096),
@@ -443,7 +499,7 @@ impl Engine {
                     Some(Command::Request { body, reply }) => {
                         let rid = self.next_rid;
                         self.next_rid += 1;
-                        self.pending.insert(rid, Pending { body, reply });
+                        self.pending.insert(rid, Pending { body, reply, attempts: 0 });
                     }
                     Some(Command::Close) | None => return false,
                 },
@@ -460,6 +516,8 @@ impl Engine {
     async fn serve(&mut self, mut conn: Conn) -> Disconnect {
         let max = self.config.max_frame_bytes;
         let mut out = BytesMut::new();
+        // Everything pending is resent below; scheduled retries are moot.
+        self.retries.clear();
         // Resend what was in flight when the last connection dropped.
         let mut rids: Vec<&u64> = self.pending.keys().collect();
         rids.sort();
@@ -486,7 +544,7 @@ impl Engine {
                         let rid = self.next_rid;
                         self.next_rid += 1;
                         codec::encode_frame(&pb::ClientFrame::new(rid, body.clone()), &mut out);
-                        self.pending.insert(rid, Pending { body, reply });
+                        self.pending.insert(rid, Pending { body, reply, attempts: 0 });
                     }
                     Some(Command::Close) | None => {
                         self.send_ack(&mut out);
@@ -520,6 +578,9 @@ impl Engine {
                             let _ = self.events.send(Event::Synced(done)).await;
                         }
                         Some(Resp::GoAway(g)) => {
+                            if !g.redirect.is_empty() {
+                                self.redirect = Some(g.redirect.clone());
+                            }
                             sleep(Duration::from_millis(g.reconnect_after_ms as u64)).await;
                             return Disconnect::Retry(format!("server going away: {}", g.reason));
                         }
@@ -533,7 +594,17 @@ impl Engine {
                             };
                         }
                         Some(Resp::Error(e)) => {
-                            if let Some(p) = self.pending.remove(&frame.request_id) {
+                            let rid = frame.request_id;
+                            let retry = self.pending.get_mut(&rid).is_some_and(|p| {
+                                p.attempts += 1;
+                                matches!(p.body, Req::Send(_)) && transient(e.code()) && p.attempts <= SEND_RETRIES
+                            });
+                            if retry {
+                                // The same client_msg_id again: acked once, whatever happened.
+                                let attempts = self.pending[&rid].attempts;
+                                let wait = Duration::from_millis((50u64 << attempts.min(5)).min(1_000) + rand::random::<u64>() % 50);
+                                self.retries.push((Instant::now() + wait, rid));
+                            } else if let Some(p) = self.pending.remove(&rid) {
                                 let _ = p.reply.send(Err(ClientError::Server { code: e.code(), message: e.message }));
                             }
                         }
@@ -542,6 +613,18 @@ impl Engine {
                             if let Some(p) = self.pending.remove(&frame.request_id) {
                                 let _ = p.reply.send(Ok(body));
                             }
+                        }
+                    }
+                }
+                _ = sleep_until_first(&self.retries), if !self.retries.is_empty() => {
+                    let now = Instant::now();
+                    let mut due: Vec<u64> = Vec::new();
+                    self.retries.retain(|(at, rid)| {
+                        if *at <= now { due.push(*rid); false } else { true }
+                    });
+                    for rid in due {
+                        if let Some(p) = self.pending.get(&rid) {
+                            codec::encode_frame(&pb::ClientFrame::new(rid, p.body.clone()), &mut out);
                         }
                     }
                 }
@@ -628,5 +711,13 @@ async fn read_frame(conn: &mut Conn, max: usize) -> Result<pb::ServerFrame, Stri
             Ok(_) => {}
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+/// Sleeps until the earliest scheduled retry.
+async fn sleep_until_first(retries: &[(Instant, u64)]) {
+    match retries.iter().map(|(at, _)| *at).min() {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
