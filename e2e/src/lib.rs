@@ -1,0 +1,475 @@
+//! The harness of Parley's end-to-end tests: real `parley-chat` and
+//! `parley-gateway` processes on real PostgreSQL, Redis and RabbitMQ, each
+//! cluster isolated by its own database, key prefix and broker names;
+//! private Redis and RabbitMQ instances for tests that restart them; SDK
+//! clients whose every received message is recorded; and the ledger that
+//! says what was sent, acked, delivered, lost, duplicated and out of order.
+
+pub mod ledger;
+pub mod services;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use parley_chat::testing::{TestDatabase, unique_name};
+use parley_client::{Admin, Client, ClientConfig, TlsOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+pub use ledger::{Ledger, Recorder};
+
+/// The default local services (see `scripts/services`).
+pub fn redis_url() -> String {
+    parley_chat::testing::redis_url()
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("PARLEY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The directory the binaries are built into, next to this test's.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("a target directory")
+        .to_path_buf()
+}
+
+/// Builds `parley-chat` and `parley-gateway` (once per test process; a
+/// no-op when they are fresh) and returns where they are.
+pub fn binaries() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = bin_dir();
+        let profile_release = dir.file_name().is_some_and(|n| n == "release");
+        let target = dir.parent().expect("a target root").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args([
+            "build",
+            "--locked",
+            "--quiet",
+            "-p",
+            "parley-gateway",
+            "-p",
+            "parley-chat",
+            "--bins",
+        ])
+        .env("CARGO_TARGET_DIR", &target);
+        if profile_release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building the Parley binaries failed");
+        dir
+    })
+}
+
+/// One child process with its log file; killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Proc {
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("PARLEY_LOG", "info,parley=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            log,
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL: no goodbye, no cleanup.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after `grace`).
+    pub async fn terminate(&mut self, grace: Duration) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            self.kill9().await;
+        }
+    }
+
+    /// The last lines of the log, for a failing test's message.
+    pub fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// A minimal HTTP GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// Waits for `/readyz` on `ops` to answer 200.
+pub async fn wait_ready(ops: SocketAddr, within: Duration, proc: &Proc) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match http_get(ops, "/readyz").await {
+            Ok((200, _)) => return Ok(()),
+            Ok((_, body)) => last = body,
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "{} not ready within {within:?}: {last}\n--- log ---\n{}",
+        proc.name,
+        proc.tail(30)
+    )
+}
+
+/// A process of the cluster, restartable with the same arguments.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    /// Clients' address (gateways) or the internal gRPC address (chat).
+    pub addr: SocketAddr,
+    pub ops: SocketAddr,
+    pub proc: Option<Proc>,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Node {
+    pub async fn start(&mut self, log_dir: &Path) -> anyhow::Result<()> {
+        let proc = Proc::spawn(&self.name, &self.program, &self.args, &self.env, log_dir)?;
+        wait_ready(self.ops, Duration::from_secs(30), &proc).await?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    pub async fn kill9(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.kill9().await;
+        }
+    }
+
+    /// The route lookup URL of a gateway.
+    pub fn route_url(&self) -> String {
+        format!("http://{}/route", self.ops)
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub gateways: usize,
+    pub chats: usize,
+    pub redis_url: String,
+    pub amqp_url: String,
+    /// Seconds between lease writes (the lease lives three times as long).
+    pub lease_secs: u64,
+    /// PEM certificate and key: gateways listen with TLS as well.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Self {
+            gateways: 3,
+            chats: 2,
+            redis_url: redis_url(),
+            amqp_url: amqp_url(),
+            lease_secs: 1,
+            tls: None,
+        }
+    }
+}
+
+/// A running cluster of its own: database, key prefix and broker names no
+/// other test uses, removed when it drops.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    pub spec: Spec,
+    pub chats: Vec<Node>,
+    pub gateways: Vec<Node>,
+    /// The TLS listener of each gateway, when the spec asked for TLS.
+    pub tls_addrs: Vec<SocketAddr>,
+    pub admin_url: String,
+    pub admin_key: String,
+    _db: TestDatabase,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("prefix", &self.prefix)
+            .field("logs", &self.dir.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    pub async fn start(spec: Spec) -> anyhow::Result<Self> {
+        let bins = binaries();
+        let dir = tempfile::Builder::new().prefix("parley-e2e-").tempdir()?;
+        let db = TestDatabase::create()
+            .await
+            .context("a test database (run scripts/services)")?;
+        let prefix = unique_name("e2e");
+        let admin_key = format!("{:032x}", rand::random::<u128>());
+        let secret = format!("{:064x}", rand::random::<u128>());
+        let common = vec![
+            ("PARLEY_PREFIX".to_owned(), prefix.clone()),
+            ("PARLEY_REDIS_URL".to_owned(), spec.redis_url.clone()),
+            ("PARLEY_AMQP_URL".to_owned(), spec.amqp_url.clone()),
+            ("PARLEY_INTERNAL_KEY".to_owned(), "internal-e2e".to_owned()),
+            ("PARLEY_DRAIN_PAUSE_MS".to_owned(), "200".to_owned()),
+        ];
+        let admin_port = free_port();
+        let mut chats = Vec::new();
+        for i in 0..spec.chats {
+            let (addr, ops) = (loopback(free_port()), loopback(free_port()));
+            let admin = if i == 0 { admin_port } else { free_port() };
+            let mut env = common.clone();
+            env.extend([
+                ("PARLEY_DATABASE_URL".to_owned(), db.url.clone()),
+                ("PARLEY_DATABASE_POOL".to_owned(), "8".to_owned()),
+                ("PARLEY_ADMIN_KEY".to_owned(), admin_key.clone()),
+                ("PARLEY_TOKEN_SECRET".to_owned(), secret.clone()),
+                ("PARLEY_INTERNAL_LISTEN".to_owned(), addr.to_string()),
+                (
+                    "PARLEY_ADMIN_LISTEN".to_owned(),
+                    loopback(admin).to_string(),
+                ),
+                ("PARLEY_OPS_LISTEN".to_owned(), ops.to_string()),
+            ]);
+            let mut node = Node {
+                name: format!("chat{i}"),
+                addr,
+                ops,
+                proc: None,
+                program: bins.join("parley-chat"),
+                args: Vec::new(),
+                env,
+            };
+            node.start(dir.path()).await?;
+            chats.push(node);
+        }
+        let chat_addrs: Vec<String> = chats.iter().map(|c| c.addr.to_string()).collect();
+        let mut gateways = Vec::new();
+        let mut tls_addrs = Vec::new();
+        for i in 0..spec.gateways {
+            let (addr, ops) = (loopback(free_port()), loopback(free_port()));
+            let mut env = common.clone();
+            env.extend([
+                ("PARLEY_GATEWAY_ID".to_owned(), format!("gw{i}")),
+                ("PARLEY_LISTEN".to_owned(), addr.to_string()),
+                ("PARLEY_OPS_LISTEN".to_owned(), ops.to_string()),
+                ("PARLEY_ADVERTISE".to_owned(), addr.to_string()),
+                ("PARLEY_CHAT_ADDRS".to_owned(), chat_addrs.join(",")),
+                ("PARLEY_LEASE_SECS".to_owned(), spec.lease_secs.to_string()),
+                ("PARLEY_SHUTDOWN_GRACE_SECS".to_owned(), "5".to_owned()),
+            ]);
+            if let Some((cert, key)) = &spec.tls {
+                let tls = loopback(free_port());
+                tls_addrs.push(tls);
+                env.extend([
+                    ("PARLEY_TLS_LISTEN".to_owned(), tls.to_string()),
+                    ("PARLEY_TLS_CERT".to_owned(), cert.display().to_string()),
+                    ("PARLEY_TLS_KEY".to_owned(), key.display().to_string()),
+                ]);
+            }
+            let mut node = Node {
+                name: format!("gw{i}"),
+                addr,
+                ops,
+                proc: None,
+                program: bins.join("parley-gateway"),
+                args: Vec::new(),
+                env,
+            };
+            node.start(dir.path()).await?;
+            gateways.push(node);
+        }
+        Ok(Self {
+            dir,
+            prefix,
+            spec,
+            chats,
+            gateways,
+            tls_addrs,
+            admin_url: format!("http://{}", loopback(admin_port)),
+            admin_key,
+            _db: db,
+        })
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<Admin> {
+        Admin::connect(&self.admin_url, &self.admin_key).await
+    }
+
+    /// Creates users and returns a token for each.
+    pub async fn users(&self, ids: &[&str]) -> anyhow::Result<Vec<String>> {
+        let mut admin = self.admin().await?;
+        let mut tokens = Vec::new();
+        for id in ids {
+            admin.create_user(id, "").await?;
+            tokens.push(admin.token(id, 3600).await?.token);
+        }
+        Ok(tokens)
+    }
+
+    /// Connects a device to gateway `i` directly.
+    pub fn at_gateway(&self, i: usize, token: &str, device: &str) -> ClientConfig {
+        ClientConfig::new(self.gateways[i].addr.to_string(), token, device)
+    }
+
+    /// Connects a device through gateway `i`'s route lookup, with no fixed
+    /// address to fall back on.
+    pub fn via_route(&self, i: usize, token: &str, device: &str) -> ClientConfig {
+        let mut c = ClientConfig::new("", token, device);
+        c.route = Some(self.gateways[i].route_url());
+        c
+    }
+
+    /// Connects a device to gateway `i` over TLS.
+    pub fn over_tls(&self, i: usize, token: &str, device: &str, ca: &Path) -> ClientConfig {
+        let mut c = ClientConfig::new(self.tls_addrs[i].to_string(), token, device);
+        c.tls = Some(TlsOptions {
+            ca_file: Some(ca.to_path_buf()),
+            server_name: Some("localhost".into()),
+        });
+        c
+    }
+
+    /// Which gateway holds a device now, by its address.
+    pub fn gateway_at(&self, addr: &str) -> Option<usize> {
+        self.gateways
+            .iter()
+            .position(|g| g.addr.to_string() == addr)
+    }
+
+    /// Every process's last log lines, for a failure message.
+    pub fn logs(&self) -> String {
+        self.chats
+            .iter()
+            .chain(&self.gateways)
+            .filter_map(|n| n.proc.as_ref())
+            .map(|p| format!("--- {} ---\n{}", p.name, p.tail(15)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    /// Stops every process (SIGKILL) and removes the cluster's Redis keys
+    /// and broker names; its database goes with its guard.
+    fn drop(&mut self) {
+        for n in self.gateways.iter_mut().chain(self.chats.iter_mut()) {
+            n.proc = None;
+        }
+        let redis = self.spec.redis_url.clone();
+        let amqp = parley_chat::AmqpConfig {
+            url: self.spec.amqp_url.clone(),
+            prefix: self.prefix.clone(),
+        };
+        let gateways: Vec<String> = (0..self.gateways.len()).map(|i| format!("gw{i}")).collect();
+        let prefix = self.prefix.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for cleanup");
+            rt.block_on(async {
+                let cleanup = async {
+                    let _ = parley_chat::redis_state::delete_prefix(&redis, &prefix).await;
+                    let names: Vec<&str> = gateways.iter().map(String::as_str).collect();
+                    let _ = parley_chat::amqp_bus::delete_topology(&amqp, &names).await;
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(10), cleanup).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Connects a client and starts recording what it receives.
+pub async fn connect(
+    config: ClientConfig,
+    recorder: &Recorder,
+    device: &str,
+) -> anyhow::Result<Client> {
+    let (client, events) = Client::connect(config).await?;
+    recorder.record(device, events);
+    Ok(client)
+}

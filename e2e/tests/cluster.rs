@@ -1,0 +1,473 @@
+//! Parley as a cluster of real processes: 3 gateways and 2 chat services on
+//! PostgreSQL, Redis and RabbitMQ, driven by the SDK. Each test runs its own
+//! cluster (database, key prefix, broker names), injects its fault, and
+//! prints its ledger; the ledger must be clean: every send acked, nothing
+//! lost, doubled or out of order.
+
+use std::time::Duration;
+
+use parley_client::Client;
+use parley_e2e::ledger::Expect;
+use parley_e2e::services::{PrivateRabbit, PrivateRedis};
+use parley_e2e::{Cluster, Ledger, Recorder, Spec, connect, http_get};
+use parley_proto::pb;
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// What one stream of sends did.
+struct Streamed {
+    sent: usize,
+    /// What each acked message owes its receivers.
+    acked: Vec<Expect>,
+    /// The client_msg_id of each acked message.
+    ids: Vec<String>,
+}
+
+/// Sends `n` messages to `conv`, one after another with `pause` between.
+async fn stream(
+    from: Client,
+    conv: u64,
+    n: usize,
+    pause: Duration,
+    receivers: Vec<String>,
+) -> Streamed {
+    let mut acked = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = parley_client::sdk::new_client_msg_id();
+        match from
+            .send_with_id(id.clone(), conv, pb::Content::text(format!("m{i}")))
+            .await
+        {
+            Ok(ack) => {
+                acked.push(Expect {
+                    msg_id: ack.msg_id,
+                    receivers: receivers.clone(),
+                });
+                ids.push(id);
+            }
+            Err(e) => eprintln!("send {i} failed: {e}"),
+        }
+        tokio::time::sleep(pause).await;
+    }
+    Streamed {
+        sent: n,
+        acked,
+        ids,
+    }
+}
+
+/// Every device name but `sender`.
+fn others(devices: &[&str], sender: &str) -> Vec<String> {
+    devices
+        .iter()
+        .filter(|d| **d != sender)
+        .map(|d| (*d).to_owned())
+        .collect()
+}
+
+/// Runs the streams and settles the ledger.
+async fn traffic(
+    rec: &Recorder,
+    streams: Vec<tokio::task::JoinHandle<Streamed>>,
+) -> (Ledger, Vec<String>) {
+    let mut sent = 0;
+    let mut acked = Vec::new();
+    let mut ids = Vec::new();
+    for s in streams {
+        let s = s.await.expect("a stream task");
+        sent += s.sent;
+        acked.extend(s.acked);
+        ids.extend(s.ids);
+    }
+    (Ledger::settle(sent, &acked, rec, SETTLE).await, ids)
+}
+
+fn check(ledger: &Ledger, name: &str, cluster: &Cluster) {
+    ledger.print(name);
+    assert!(
+        ledger.is_clean(),
+        "{name}: ledger not clean: {ledger:?}\n{}",
+        cluster.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_to_one_and_group_messages_cross_gateways_exactly_once_in_order() {
+    let c = Cluster::start(Spec::default()).await.unwrap();
+    let t = c.users(&["ann", "bob", "cyd", "dan"]).await.unwrap();
+    let rec = Recorder::default();
+    // Six devices over three gateways; ann and dan have two each.
+    let ann_phone = connect(c.at_gateway(0, &t[0], "phone"), &rec, "ann/phone")
+        .await
+        .unwrap();
+    let _ann_laptop = connect(c.at_gateway(1, &t[0], "laptop"), &rec, "ann/laptop")
+        .await
+        .unwrap();
+    let bob = connect(c.at_gateway(1, &t[1], "phone"), &rec, "bob/phone")
+        .await
+        .unwrap();
+    let cyd = connect(c.at_gateway(2, &t[2], "phone"), &rec, "cyd/phone")
+        .await
+        .unwrap();
+    let dan = connect(c.at_gateway(2, &t[3], "phone"), &rec, "dan/phone")
+        .await
+        .unwrap();
+    let _dan_tablet = connect(c.at_gateway(0, &t[3], "tablet"), &rec, "dan/tablet")
+        .await
+        .unwrap();
+
+    let direct = ann_phone.open_direct("bob").await.unwrap().id;
+    let group = ann_phone
+        .create_group("crew", &["bob", "cyd", "dan"])
+        .await
+        .unwrap()
+        .id;
+    let pair = ["ann/phone", "ann/laptop", "bob/phone"];
+    let all = [
+        "ann/phone",
+        "ann/laptop",
+        "bob/phone",
+        "cyd/phone",
+        "dan/phone",
+        "dan/tablet",
+    ];
+    let pause = Duration::from_millis(2);
+    let streams = vec![
+        tokio::spawn(stream(
+            ann_phone.clone(),
+            direct,
+            40,
+            pause,
+            others(&pair, "ann/phone"),
+        )),
+        tokio::spawn(stream(
+            bob.clone(),
+            direct,
+            40,
+            pause,
+            others(&pair, "bob/phone"),
+        )),
+        tokio::spawn(stream(
+            ann_phone.clone(),
+            group,
+            30,
+            pause,
+            others(&all, "ann/phone"),
+        )),
+        tokio::spawn(stream(
+            cyd.clone(),
+            group,
+            30,
+            pause,
+            others(&all, "cyd/phone"),
+        )),
+        tokio::spawn(stream(
+            dan.clone(),
+            group,
+            30,
+            pause,
+            others(&all, "dan/phone"),
+        )),
+    ];
+    let (ledger, _) = traffic(&rec, streams).await;
+    check(&ledger, "cross-gateway", &c);
+
+    // Every device of the group saw its messages in one and the same order.
+    let order = |device: &str| -> Vec<u64> {
+        rec.log(device)
+            .messages
+            .iter()
+            .filter(|m| m.conversation_id == group)
+            .map(|m| m.msg_id)
+            .collect()
+    };
+    let reference = order("ann/laptop");
+    assert_eq!(
+        reference.len(),
+        30 * 3 + 1,
+        "the group's messages and its creation"
+    );
+    for d in ["bob/phone", "dan/tablet"] {
+        assert_eq!(order(d), reference, "{d} saw another order");
+    }
+}
+
+/// Which gateway holds the most sessions, among `candidates`.
+async fn busiest(c: &Cluster, candidates: &[usize]) -> usize {
+    let mut best = (candidates[0], -1i64);
+    for &i in candidates {
+        let (_, body) = http_get(c.gateways[i].ops, "/metrics").await.unwrap();
+        let sessions = body
+            .lines()
+            .find_map(|l| l.strip_prefix("parley_gateway_sessions "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        if sessions > best.1 {
+            best = (i, sessions);
+        }
+    }
+    best.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_its_clients_reconnect_through_the_route_lookup() {
+    let c = Cluster::start(Spec::default()).await.unwrap();
+    let t = c.users(&["ann", "bob"]).await.unwrap();
+    let rec = Recorder::default();
+    // Everyone comes in through gw2's route lookup and lands where it says.
+    let devices = ["ann/phone", "ann/laptop", "bob/phone", "bob/laptop"];
+    let mut clients = Vec::new();
+    for d in devices {
+        let (user, device) = d.split_once('/').unwrap();
+        let token = if user == "ann" { &t[0] } else { &t[1] };
+        clients.push(
+            connect(c.via_route(2, token, device), &rec, d)
+                .await
+                .unwrap(),
+        );
+    }
+    let direct = clients[0].open_direct("bob").await.unwrap().id;
+    let pause = Duration::from_millis(20);
+    let streams = vec![
+        tokio::spawn(stream(
+            clients[0].clone(),
+            direct,
+            200,
+            pause,
+            others(&devices, "ann/phone"),
+        )),
+        tokio::spawn(stream(
+            clients[2].clone(),
+            direct,
+            200,
+            pause,
+            others(&devices, "bob/phone"),
+        )),
+    ];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let victim = busiest(&c, &[0, 1]).await;
+    let mut c = c;
+    c.gateways[victim].kill9().await;
+    println!("killed gw{victim} (SIGKILL) during traffic");
+
+    // Its lease, and with it its users' presence, runs out on its own.
+    let redis = parley_chat::RedisState::new(&c.spec.redis_url, &c.prefix).unwrap();
+    let name = format!("gw{victim}");
+    let mut expired = false;
+    for _ in 0..100 {
+        if redis.leases(&[name.as_str()]).await.unwrap().is_empty() {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(expired, "the dead gateway's lease expired");
+
+    let (ledger, _) = traffic(&rec, streams).await;
+    check(&ledger, "gateway-killed", &c);
+    let reconnected = devices.iter().filter(|d| rec.log(d).connects > 1).count();
+    println!("devices that reconnected: {reconnected}");
+    assert!(reconnected > 0, "someone was on the killed gateway");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_service_killed_mid_stream_costs_retries_not_messages() {
+    let c = Cluster::start(Spec::default()).await.unwrap();
+    let t = c.users(&["ann", "bob", "cyd"]).await.unwrap();
+    let rec = Recorder::default();
+    let ann = connect(c.at_gateway(0, &t[0], "phone"), &rec, "ann/phone")
+        .await
+        .unwrap();
+    let bob = connect(c.at_gateway(1, &t[1], "phone"), &rec, "bob/phone")
+        .await
+        .unwrap();
+    let cyd = connect(c.at_gateway(2, &t[2], "phone"), &rec, "cyd/phone")
+        .await
+        .unwrap();
+    let group = ann.create_group("g", &["bob", "cyd"]).await.unwrap().id;
+    let all = ["ann/phone", "bob/phone", "cyd/phone"];
+    let pause = Duration::from_millis(5);
+    let streams = vec![
+        tokio::spawn(stream(
+            ann.clone(),
+            group,
+            200,
+            pause,
+            others(&all, "ann/phone"),
+        )),
+        tokio::spawn(stream(
+            bob.clone(),
+            group,
+            200,
+            pause,
+            others(&all, "bob/phone"),
+        )),
+        tokio::spawn(stream(
+            cyd.clone(),
+            group,
+            200,
+            pause,
+            others(&all, "cyd/phone"),
+        )),
+    ];
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut c = c;
+    c.chats[0].kill9().await;
+    println!("killed chat0 (SIGKILL) during traffic");
+    let (ledger, ids) = traffic(&rec, streams).await;
+    check(&ledger, "chat-service-killed", &c);
+
+    // Stored once each: the history holds every send exactly once.
+    let mut stored = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = ann
+            .history(group, from, pb::Direction::Forward, 200)
+            .await
+            .unwrap();
+        from = page.messages.last().map_or(from, |m| m.seq);
+        stored.extend(
+            page.messages
+                .into_iter()
+                .filter(|m| !m.client_msg_id.starts_with('~'))
+                .map(|m| m.client_msg_id),
+        );
+        if !page.has_more {
+            break;
+        }
+    }
+    stored.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(stored.len(), 600, "every send stored");
+    assert_eq!(stored, expected, "each send stored exactly once");
+}
+
+/// Two users on different gateways exchanging messages while `fault` runs.
+async fn traffic_through_a_fault<F, Fut>(c: &Cluster, name: &str, fault: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let t = c.users(&["ann", "bob"]).await.unwrap();
+    let rec = Recorder::default();
+    let ann = connect(c.at_gateway(0, &t[0], "phone"), &rec, "ann/phone")
+        .await
+        .unwrap();
+    let _ann2 = connect(c.at_gateway(2, &t[0], "laptop"), &rec, "ann/laptop")
+        .await
+        .unwrap();
+    let bob = connect(c.at_gateway(1, &t[1], "phone"), &rec, "bob/phone")
+        .await
+        .unwrap();
+    let direct = ann.open_direct("bob").await.unwrap().id;
+    let devices = ["ann/phone", "ann/laptop", "bob/phone"];
+    let pause = Duration::from_millis(20);
+    let streams = vec![
+        tokio::spawn(stream(
+            ann.clone(),
+            direct,
+            250,
+            pause,
+            others(&devices, "ann/phone"),
+        )),
+        tokio::spawn(stream(
+            bob.clone(),
+            direct,
+            250,
+            pause,
+            others(&devices, "bob/phone"),
+        )),
+    ];
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    fault().await;
+    let (ledger, _) = traffic(&rec, streams).await;
+    check(&ledger, name, c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_restarted_during_traffic_loses_nothing() {
+    let mut rabbit = PrivateRabbit::start().await.unwrap();
+    let spec = Spec {
+        amqp_url: rabbit.url(),
+        ..Spec::default()
+    };
+    let c = Cluster::start(spec).await.unwrap();
+    traffic_through_a_fault(&c, "rabbitmq-restarted", || async {
+        rabbit.restart(Duration::from_millis(500)).await.unwrap();
+        println!("rabbitmq restarted during traffic");
+    })
+    .await;
+    drop(c);
+    rabbit.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_during_traffic_loses_nothing() {
+    let mut redis = PrivateRedis::start().await.unwrap();
+    let spec = Spec {
+        redis_url: redis.url(),
+        ..Spec::default()
+    };
+    let c = Cluster::start(spec).await.unwrap();
+    traffic_through_a_fault(&c, "redis-restarted", || async {
+        redis.restart(Duration::from_millis(500)).await.unwrap();
+        println!("redis restarted (empty) during traffic");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_connect_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let spec = Spec {
+        gateways: 2,
+        chats: 1,
+        tls: Some((cert_path.clone(), key_path)),
+        ..Spec::default()
+    };
+    let c = Cluster::start(spec).await.unwrap();
+    let t = c.users(&["ann", "bob"]).await.unwrap();
+    let rec = Recorder::default();
+    let ann = connect(c.over_tls(0, &t[0], "phone", &cert_path), &rec, "ann/phone")
+        .await
+        .unwrap();
+    let bob = connect(c.over_tls(1, &t[1], "phone", &cert_path), &rec, "bob/phone")
+        .await
+        .unwrap();
+    let direct = ann.open_direct("bob").await.unwrap().id;
+    let devices = ["ann/phone", "bob/phone"];
+    let streams = vec![
+        tokio::spawn(stream(
+            ann.clone(),
+            direct,
+            20,
+            Duration::ZERO,
+            others(&devices, "ann/phone"),
+        )),
+        tokio::spawn(stream(
+            bob.clone(),
+            direct,
+            20,
+            Duration::ZERO,
+            others(&devices, "bob/phone"),
+        )),
+    ];
+    let (ledger, _) = traffic(&rec, streams).await;
+    check(&ledger, "tls", &c);
+
+    // A client that does not trust the certificate is refused.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    let stranger = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(other.path(), stranger.cert.pem()).unwrap();
+    let refused = Client::connect(c.over_tls(0, &t[0], "tablet", other.path())).await;
+    assert!(
+        refused.is_err(),
+        "an untrusted certificate must fail the handshake"
+    );
+}
