@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use parley_client::{Admin, Client, ClientConfig, Embedded, EmbeddedConfig, Event};
+use parley_client::{Admin, Client, ClientConfig, Embedded, EmbeddedConfig, Event, TlsOptions};
 use parley_proto::pb;
 use tokio::io::AsyncBufReadExt;
 
@@ -192,9 +192,20 @@ enum GroupCommand {
 
 #[derive(Args)]
 struct ChatArgs {
-    /// Gateway TCP address.
+    /// Gateway address (host:port).
     #[arg(long, env = "PARLEY_SERVER", default_value = "127.0.0.1:7400")]
     server: String,
+    /// Ask this route lookup (http://host:port/route) for the least-loaded
+    /// gateway before connecting; --server is the fallback.
+    #[arg(long, env = "PARLEY_ROUTE")]
+    route: Option<String>,
+    /// Connect over TLS, trusting the certificates in this PEM file
+    /// ("webpki" trusts the public web roots instead).
+    #[arg(long, env = "PARLEY_TLS_CA")]
+    tls_ca: Option<String>,
+    /// The name the gateway's certificate carries (default: the host).
+    #[arg(long, env = "PARLEY_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
     /// Act as this user, with a token minted through the admin API (local use).
     #[arg(long = "as", conflicts_with = "token")]
     as_user: Option<String>,
@@ -221,10 +232,15 @@ impl ChatArgs {
             (None, Some(user)) => self.admin.connect().await?.token(user, 0).await?.token,
             (None, None) => bail!("say who you are: --as USER or --token TOKEN"),
         };
-        let (client, events) =
-            Client::connect(ClientConfig::new(&self.server, token, &self.device))
-                .await
-                .with_context(|| format!("cannot log in at {}", self.server))?;
+        let mut config = ClientConfig::new(&self.server, token, &self.device);
+        config.route = self.route.clone();
+        config.tls = self.tls_ca.as_ref().map(|ca| TlsOptions {
+            ca_file: (ca != "webpki").then(|| PathBuf::from(ca)),
+            server_name: self.tls_server_name.clone(),
+        });
+        let (client, events) = Client::connect(config)
+            .await
+            .with_context(|| format!("cannot log in at {}", self.server))?;
         let conversation = match (&self.to, self.group) {
             (Some(peer), _) => client.open_direct(peer).await?.id,
             (None, Some(id)) => id,
