@@ -8,6 +8,7 @@ pub mod admin;
 pub mod amqp_bus;
 pub mod backend;
 pub mod bus;
+pub mod cli;
 pub mod error;
 pub mod internal;
 pub mod ops;

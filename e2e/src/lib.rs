@@ -11,7 +11,6 @@ pub mod services;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -43,46 +42,6 @@ pub fn free_port() -> u16 {
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// The directory the binaries are built into, next to this test's.
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("a target directory")
-        .to_path_buf()
-}
-
-/// Builds `parley-chat` and `parley-gateway` (once per test process; a
-/// no-op when they are fresh) and returns where they are.
-pub fn binaries() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dir = bin_dir();
-        let profile_release = dir.file_name().is_some_and(|n| n == "release");
-        let target = dir.parent().expect("a target root").to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args([
-            "build",
-            "--locked",
-            "--quiet",
-            "-p",
-            "parley-gateway",
-            "-p",
-            "parley-chat",
-            "--bins",
-        ])
-        .env("CARGO_TARGET_DIR", &target);
-        if profile_release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cargo runs");
-        assert!(status.success(), "building the Parley binaries failed");
-        dir
-    })
 }
 
 /// One child process with its log file; killed when dropped.
@@ -231,6 +190,9 @@ impl Node {
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct Spec {
+    /// The `parley-e2e-node` binary (`env!("CARGO_BIN_EXE_parley-e2e-node")`
+    /// in a test), which runs the gateway's and chat service's code.
+    pub node: PathBuf,
     pub gateways: usize,
     pub chats: usize,
     pub redis_url: String,
@@ -241,9 +203,11 @@ pub struct Spec {
     pub tls: Option<(PathBuf, PathBuf)>,
 }
 
-impl Default for Spec {
-    fn default() -> Self {
+impl Spec {
+    /// 3 gateways and 2 chat services on the shared local services.
+    pub fn new(node: impl Into<PathBuf>) -> Self {
         Self {
+            node: node.into(),
             gateways: 3,
             chats: 2,
             redis_url: redis_url(),
@@ -280,7 +244,6 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     pub async fn start(spec: Spec) -> anyhow::Result<Self> {
-        let bins = binaries();
         let dir = tempfile::Builder::new().prefix("parley-e2e-").tempdir()?;
         let db = TestDatabase::create()
             .await
@@ -318,8 +281,8 @@ impl Cluster {
                 addr,
                 ops,
                 proc: None,
-                program: bins.join("parley-chat"),
-                args: Vec::new(),
+                program: spec.node.clone(),
+                args: vec!["chat".to_owned()],
                 env,
             };
             node.start(dir.path()).await?;
@@ -354,8 +317,8 @@ impl Cluster {
                 addr,
                 ops,
                 proc: None,
-                program: bins.join("parley-gateway"),
-                args: Vec::new(),
+                program: spec.node.clone(),
+                args: vec!["gateway".to_owned()],
                 env,
             };
             node.start(dir.path()).await?;

@@ -14,6 +14,11 @@ use parley_proto::pb;
 
 const SETTLE: Duration = Duration::from_secs(30);
 
+/// 3 gateways and 2 chat services, running the real binaries' code.
+fn spec() -> Spec {
+    Spec::new(env!("CARGO_BIN_EXE_parley-e2e-node"))
+}
+
 /// What one stream of sends did.
 struct Streamed {
     sent: usize,
@@ -94,7 +99,7 @@ fn check(ledger: &Ledger, name: &str, cluster: &Cluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_to_one_and_group_messages_cross_gateways_exactly_once_in_order() {
-    let c = Cluster::start(Spec::default()).await.unwrap();
+    let c = Cluster::start(spec()).await.unwrap();
     let t = c.users(&["ann", "bob", "cyd", "dan"]).await.unwrap();
     let rec = Recorder::default();
     // Six devices over three gateways; ann and dan have two each.
@@ -212,7 +217,7 @@ async fn busiest(c: &Cluster, candidates: &[usize]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_its_clients_reconnect_through_the_route_lookup() {
-    let c = Cluster::start(Spec::default()).await.unwrap();
+    let c = Cluster::start(spec()).await.unwrap();
     let t = c.users(&["ann", "bob"]).await.unwrap();
     let rec = Recorder::default();
     // Everyone comes in through gw2's route lookup and lands where it says.
@@ -273,7 +278,7 @@ async fn a_gateway_killed_its_clients_reconnect_through_the_route_lookup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_service_killed_mid_stream_costs_retries_not_messages() {
-    let c = Cluster::start(Spec::default()).await.unwrap();
+    let c = Cluster::start(spec()).await.unwrap();
     let t = c.users(&["ann", "bob", "cyd"]).await.unwrap();
     let rec = Recorder::default();
     let ann = connect(c.at_gateway(0, &t[0], "phone"), &rec, "ann/phone")
@@ -391,7 +396,7 @@ async fn rabbitmq_restarted_during_traffic_loses_nothing() {
     let mut rabbit = PrivateRabbit::start().await.unwrap();
     let spec = Spec {
         amqp_url: rabbit.url(),
-        ..Spec::default()
+        ..spec()
     };
     let c = Cluster::start(spec).await.unwrap();
     traffic_through_a_fault(&c, "rabbitmq-restarted", || async {
@@ -408,7 +413,7 @@ async fn redis_restarted_during_traffic_loses_nothing() {
     let mut redis = PrivateRedis::start().await.unwrap();
     let spec = Spec {
         redis_url: redis.url(),
-        ..Spec::default()
+        ..spec()
     };
     let c = Cluster::start(spec).await.unwrap();
     traffic_through_a_fault(&c, "redis-restarted", || async {
@@ -429,7 +434,7 @@ async fn clients_connect_over_tls() {
         gateways: 2,
         chats: 1,
         tls: Some((cert_path.clone(), key_path)),
-        ..Spec::default()
+        ..spec()
     };
     let c = Cluster::start(spec).await.unwrap();
     let t = c.users(&["ann", "bob"]).await.unwrap();

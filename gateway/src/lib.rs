@@ -3,6 +3,7 @@
 //! machine in `conn`, and on shutdown tells every client to reconnect before
 //! it exits.
 
+pub mod cli;
 pub mod cluster;
 pub mod conn;
 pub mod io;

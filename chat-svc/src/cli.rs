@@ -1,0 +1,272 @@
+//! The `parley-chat` command line: one chat-service replica of a Parley
+//! cluster, on PostgreSQL, Redis and RabbitMQ. `parley-chat migrate` only
+//! brings the database schema up to date; without a command it serves
+//! (migrating first unless told not to). Every flag has an environment
+//! variable of the same name in the PARLEY_ scheme (see `--help` and
+//! docs/cluster.md). The binary is a thin `main` over `run`, so the e2e
+//! tests start exactly this code.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::ops::{self, BackendMetrics, Probe};
+use crate::{AmqpBus, AmqpConfig, ChatConfig, ChatService, PgStore, RedisState, TokenKeys};
+use anyhow::Context;
+use async_trait::async_trait;
+use clap::{Parser, Subcommand};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "parley-chat", version, about = "A Parley chat-service replica")]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bring the database schema up to date, then exit.
+    Migrate,
+}
+
+#[derive(clap::Args)]
+struct DbArgs {
+    /// PostgreSQL, e.g. postgres://user:pass@host:5432/parley
+    #[arg(long, env = "PARLEY_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Keep the tables in this schema (created if missing).
+    #[arg(long, env = "PARLEY_DATABASE_SCHEMA")]
+    database_schema: Option<String>,
+    /// Database connections of this replica.
+    #[arg(long, env = "PARLEY_DATABASE_POOL", default_value_t = 16)]
+    database_pool: u32,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// gRPC for gateways.
+    #[arg(long, env = "PARLEY_INTERNAL_LISTEN", default_value = "0.0.0.0:7500")]
+    internal_listen: SocketAddr,
+    /// Admin gRPC for the app's backend.
+    #[arg(long, env = "PARLEY_ADMIN_LISTEN", default_value = "0.0.0.0:7402")]
+    admin_listen: SocketAddr,
+    /// Health (/healthz, /readyz) and metrics (/metrics).
+    #[arg(long, env = "PARLEY_OPS_LISTEN", default_value = "0.0.0.0:7501")]
+    ops_listen: SocketAddr,
+    #[arg(long, env = "PARLEY_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// Token-signing secret, at least 32 bytes, the same on every replica.
+    #[arg(long, env = "PARLEY_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+    /// Shared key gateways must present (optional).
+    #[arg(long, env = "PARLEY_INTERNAL_KEY", hide_env_values = true)]
+    internal_key: Option<String>,
+    #[arg(
+        long,
+        env = "PARLEY_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    redis_url: String,
+    #[arg(
+        long,
+        env = "PARLEY_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// Starts every Redis key and RabbitMQ name of this cluster.
+    #[arg(long, env = "PARLEY_PREFIX", default_value = "parley")]
+    prefix: String,
+    /// Do not migrate on start (when a job runs `parley-chat migrate`).
+    #[arg(long, env = "PARLEY_NO_MIGRATE")]
+    no_migrate: bool,
+    /// Remove messages older than this many days (0 keeps everything).
+    #[arg(long, env = "PARLEY_RETENTION_DAYS", default_value_t = 0)]
+    retention_days: u64,
+    /// Milliseconds between turning unready and closing the listeners.
+    #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
+    drain_pause_ms: u64,
+}
+
+/// Connects, retrying while the database is not up yet.
+async fn connect(db: &DbArgs) -> anyhow::Result<PgStore> {
+    let url = db
+        .database_url
+        .as_deref()
+        .context("--database-url (PARLEY_DATABASE_URL) is required")?;
+    let mut attempt = 0u32;
+    loop {
+        match PgStore::connect(url, db.database_schema.as_deref(), db.database_pool).await {
+            Ok(store) => return Ok(store),
+            Err(e) if attempt < 30 => {
+                tracing::warn!(error = %e, "PostgreSQL not reachable yet; retrying");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context("connecting to PostgreSQL"),
+        }
+    }
+}
+
+struct Node {
+    store: PgStore,
+    redis: RedisState,
+    bus: Arc<AmqpBus>,
+    draining: AtomicBool,
+    backends: BackendMetrics,
+    registry: Registry,
+}
+
+#[async_trait]
+impl Probe for Node {
+    async fn ready(&self) -> Result<(), Vec<String>> {
+        let mut why = Vec::new();
+        if self.draining.load(Ordering::Relaxed) {
+            why.push("draining".to_owned());
+        }
+        let (pg, redis) = tokio::join!(self.store.ping(), self.redis.ping());
+        self.backends.set_up("postgres", pg);
+        self.backends.set_up("redis", redis);
+        if !pg {
+            why.push("postgres is unreachable".to_owned());
+        }
+        if !redis {
+            why.push("redis is unreachable".to_owned());
+        }
+        if !self.bus.status().connected() {
+            why.push("rabbitmq is unreachable".to_owned());
+        }
+        if why.is_empty() { Ok(()) } else { Err(why) }
+    }
+
+    fn metrics(&self) -> String {
+        let status = self.bus.status();
+        self.backends.set_up("rabbitmq", status.connected());
+        self.backends
+            .set_reconnects("rabbitmq", status.reconnects());
+        ops::encode(&self.registry)
+    }
+}
+
+/// Parses `args` (the program name first) and runs until SIGTERM or Ctrl-C.
+pub async fn run<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    ops::init_logging();
+    let args = Args::parse_from(args);
+    let store = connect(&args.db).await?;
+    if let Some(Command::Migrate) = args.command {
+        store.migrate().await.context("migrating")?;
+        tracing::info!("database schema is up to date");
+        return Ok(());
+    }
+    let a = args.serve;
+    if !a.no_migrate {
+        store.migrate().await.context("migrating")?;
+    }
+    let admin_key = a
+        .admin_key
+        .context("--admin-key (PARLEY_ADMIN_KEY) is required")?;
+    let secret = a
+        .token_secret
+        .context("--token-secret (PARLEY_TOKEN_SECRET) is required")?;
+    let tokens = TokenKeys::new(secret.as_bytes())?;
+
+    let redis = RedisState::new(&a.redis_url, &a.prefix)?;
+    let store = store.with_block_cache(Arc::new(redis.clone()));
+    let bus = Arc::new(AmqpBus::start(AmqpConfig {
+        url: a.amqp_url.clone(),
+        prefix: a.prefix.clone(),
+    }));
+    let config = ChatConfig {
+        retention: (a.retention_days > 0)
+            .then(|| Duration::from_secs(a.retention_days * 24 * 3600)),
+        ..ChatConfig::default()
+    };
+    let chat = ChatService::start(
+        Arc::new(store.clone()),
+        Arc::new(redis.clone()),
+        bus.clone(),
+        tokens,
+        config,
+    );
+    let mut registry = Registry::with_prefix("parley");
+    chat.metrics().register(&mut registry);
+    let backends = BackendMetrics::default();
+    backends.register(&mut registry);
+    let node = Arc::new(Node {
+        store,
+        redis,
+        bus: bus.clone(),
+        draining: AtomicBool::new(false),
+        backends,
+        registry,
+    });
+
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {what} listener on {addr}"))
+    };
+    let internal = bind(a.internal_listen, "internal").await?;
+    let admin = bind(a.admin_listen, "admin").await?;
+    let ops_listener = bind(a.ops_listen, "ops").await?;
+    tracing::info!(
+        internal = %a.internal_listen,
+        admin = %a.admin_listen,
+        ops = %a.ops_listen,
+        prefix = %a.prefix,
+        "chat service starting"
+    );
+
+    let (stop, stop_rx) = watch::channel(false);
+    let until_stopped = |rx: &watch::Receiver<bool>| {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let internal_task = tokio::spawn(crate::internal::serve(
+        internal,
+        chat.clone(),
+        a.internal_key,
+        until_stopped(&stop_rx),
+    ));
+    let admin_task = tokio::spawn(crate::admin::serve(
+        admin,
+        chat.clone(),
+        admin_key,
+        until_stopped(&stop_rx),
+    ));
+    let probe: Arc<dyn Probe> = node.clone();
+    let ops_task = tokio::spawn(ops::serve(
+        ops_listener,
+        ops::router(probe),
+        until_stopped(&stop_rx),
+    ));
+
+    ops::terminated().await;
+    tracing::info!("draining");
+    node.draining.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(a.drain_pause_ms)).await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = internal_task.await;
+        let _ = admin_task.await;
+    })
+    .await;
+    // Give confirmed publishing a moment to empty its queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = ops_task.await;
+    tracing::info!("chat service stopped");
+    Ok(())
+}

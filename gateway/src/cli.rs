@@ -1,0 +1,173 @@
+//! The `parley-gateway` command line: flags (each with a PARLEY_
+//! environment variable, see `--help` and docs/cluster.md) turned into a
+//! cluster gateway. The binary is a thin `main` over `run`, so the e2e
+//! tests start exactly this code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::GatewayConfig;
+use crate::cluster::{self, ClusterConfig};
+use anyhow::Context;
+use clap::Parser;
+use parley_chat::RemoteConfig;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "parley-gateway",
+    version,
+    about = "A Parley gateway: holds client connections"
+)]
+struct Args {
+    /// This gateway's unique name (the pod name in Kubernetes).
+    #[arg(long, env = "PARLEY_GATEWAY_ID")]
+    gateway_id: Option<String>,
+    /// Plain TCP client listener ("off" to disable).
+    #[arg(long, env = "PARLEY_LISTEN", default_value = "0.0.0.0:7400")]
+    listen: String,
+    /// WebSocket client listener ("off" to disable).
+    #[arg(long, env = "PARLEY_WS_LISTEN", default_value = "off")]
+    ws_listen: String,
+    /// TLS client listener ("off" to disable; needs --tls-cert and --tls-key).
+    #[arg(long, env = "PARLEY_TLS_LISTEN", default_value = "off")]
+    tls_listen: String,
+    /// WebSocket-over-TLS listener ("off" to disable).
+    #[arg(long, env = "PARLEY_WSS_LISTEN", default_value = "off")]
+    wss_listen: String,
+    /// PEM certificate chain for the TLS listeners.
+    #[arg(long, env = "PARLEY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listeners.
+    #[arg(long, env = "PARLEY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Health (/healthz, /readyz), metrics (/metrics) and route lookup (/route).
+    #[arg(long, env = "PARLEY_OPS_LISTEN", default_value = "0.0.0.0:7403")]
+    ops_listen: SocketAddr,
+    /// The host:port clients use to reach this gateway, for the routing
+    /// table (default: the TLS listener if any, else the TCP one; an
+    /// unspecified IP becomes 127.0.0.1).
+    #[arg(long, env = "PARLEY_ADVERTISE")]
+    advertise: Option<String>,
+    /// Chat-service replicas: host:port, comma-separated, or one name that
+    /// resolves to all of them.
+    #[arg(
+        long,
+        env = "PARLEY_CHAT_ADDRS",
+        value_delimiter = ',',
+        required = true
+    )]
+    chat_addrs: Vec<String>,
+    /// Shared key for calls to the chat service.
+    #[arg(long, env = "PARLEY_INTERNAL_KEY", hide_env_values = true)]
+    internal_key: Option<String>,
+    #[arg(
+        long,
+        env = "PARLEY_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    redis_url: String,
+    #[arg(
+        long,
+        env = "PARLEY_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// Starts every Redis key and RabbitMQ name of this cluster.
+    #[arg(long, env = "PARLEY_PREFIX", default_value = "parley")]
+    prefix: String,
+    #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 200_000)]
+    max_connections: usize,
+    /// Close a connection silent for this long (seconds).
+    #[arg(long, env = "PARLEY_IDLE_TIMEOUT_SECS", default_value_t = 90)]
+    idle_timeout_secs: u64,
+    /// Seconds clients get to leave after the gateway starts draining.
+    #[arg(long, env = "PARLEY_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    shutdown_grace_secs: u64,
+    /// Milliseconds between leaving the routing table and telling clients to go.
+    #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
+    drain_pause_ms: u64,
+    /// Seconds between lease writes (the lease lives three times as long).
+    #[arg(long, env = "PARLEY_LEASE_SECS", default_value_t = 5)]
+    lease_secs: u64,
+}
+
+fn listener(value: &str, what: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match value {
+        "off" | "" => Ok(None),
+        v => v
+            .parse()
+            .map(Some)
+            .with_context(|| format!("{what}: {v:?} is not an address (host:port or off)")),
+    }
+}
+
+fn advertised(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// Parses `args` (the program name first) and runs the gateway until
+/// SIGTERM or Ctrl-C, then drains.
+pub async fn run<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    parley_chat::ops::init_logging();
+    let a = Args::parse_from(args);
+    let listen = listener(&a.listen, "--listen")?;
+    let tls_listen = listener(&a.tls_listen, "--tls-listen")?;
+    let advertise = match (&a.advertise, tls_listen, listen) {
+        (Some(adv), _, _) => adv.clone(),
+        (None, Some(t), _) => advertised(t),
+        (None, None, Some(l)) => advertised(l),
+        (None, None, None) => anyhow::bail!("no client listener: set --listen or --tls-listen"),
+    };
+    let gateway_id = a.gateway_id.unwrap_or_else(|| {
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("gw-{:08x}", rand_id()))
+    });
+    let mut chat = RemoteConfig::new(a.chat_addrs);
+    chat.key = a.internal_key;
+    let cfg = ClusterConfig {
+        gateway: GatewayConfig {
+            gateway_id,
+            idle_timeout: Duration::from_secs(a.idle_timeout_secs),
+            max_connections: a.max_connections,
+            shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
+            ..GatewayConfig::default()
+        },
+        listen,
+        ws_listen: listener(&a.ws_listen, "--ws-listen")?,
+        tls_listen,
+        wss_listen: listener(&a.wss_listen, "--wss-listen")?,
+        tls_cert: a.tls_cert,
+        tls_key: a.tls_key,
+        ops_listen: a.ops_listen,
+        advertise,
+        chat,
+        redis_url: a.redis_url,
+        amqp_url: a.amqp_url,
+        prefix: a.prefix,
+        lease_every: Duration::from_secs(a.lease_secs.max(1)),
+        lease_ttl: Duration::from_secs(a.lease_secs.max(1) * 3),
+        drain_pause: Duration::from_millis(a.drain_pause_ms),
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        parley_chat::ops::terminated().await;
+        let _ = stop.send(true);
+    });
+    cluster::run(cfg, stop_rx).await
+}
+
+fn rand_id() -> u32 {
+    std::process::id() ^ (parley_chat::now_ms() as u32)
+}
