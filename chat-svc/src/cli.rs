@@ -66,24 +66,8 @@ struct ServeArgs {
     /// Token-signing secret, at least 32 bytes, the same on every replica.
     #[arg(long, env = "PARLEY_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
-    /// Shared key gateways must present (optional).
-    #[arg(long, env = "PARLEY_INTERNAL_KEY", hide_env_values = true)]
-    internal_key: Option<String>,
-    #[arg(
-        long,
-        env = "PARLEY_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/"
-    )]
-    redis_url: String,
-    #[arg(
-        long,
-        env = "PARLEY_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp_url: String,
-    /// Starts every Redis key and RabbitMQ name of this cluster.
-    #[arg(long, env = "PARLEY_PREFIX", default_value = "parley")]
-    prefix: String,
+    #[command(flatten)]
+    backends: BackendArgs,
     /// Do not migrate on start (when a job runs `parley-chat migrate`).
     #[arg(long, env = "PARLEY_NO_MIGRATE")]
     no_migrate: bool,
@@ -93,6 +77,29 @@ struct ServeArgs {
     /// Milliseconds between turning unready and closing the listeners.
     #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
     drain_pause_ms: u64,
+}
+
+/// Where the shared backends are; the gateway takes the same flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackendArgs {
+    /// Shared key on gateway-to-chat-service calls (optional; the same on both).
+    #[arg(long, env = "PARLEY_INTERNAL_KEY", hide_env_values = true)]
+    pub internal_key: Option<String>,
+    #[arg(
+        long,
+        env = "PARLEY_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    pub redis_url: String,
+    #[arg(
+        long,
+        env = "PARLEY_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Starts every Redis key and RabbitMQ name of this cluster.
+    #[arg(long, env = "PARLEY_PREFIX", default_value = "parley")]
+    pub prefix: String,
 }
 
 /// Connects, retrying while the database is not up yet.
@@ -181,11 +188,11 @@ where
         .context("--token-secret (PARLEY_TOKEN_SECRET) is required")?;
     let tokens = TokenKeys::new(secret.as_bytes())?;
 
-    let redis = RedisState::new(&a.redis_url, &a.prefix)?;
+    let redis = RedisState::new(&a.backends.redis_url, &a.backends.prefix)?;
     let store = store.with_block_cache(Arc::new(redis.clone()));
     let bus = Arc::new(AmqpBus::start(AmqpConfig {
-        url: a.amqp_url.clone(),
-        prefix: a.prefix.clone(),
+        url: a.backends.amqp_url.clone(),
+        prefix: a.backends.prefix.clone(),
     }));
     let config = ChatConfig {
         retention: (a.retention_days > 0)
@@ -224,7 +231,7 @@ where
         internal = %a.internal_listen,
         admin = %a.admin_listen,
         ops = %a.ops_listen,
-        prefix = %a.prefix,
+        prefix = %a.backends.prefix,
         "chat service starting"
     );
 
@@ -238,7 +245,7 @@ where
     let internal_task = tokio::spawn(crate::internal::serve(
         internal,
         chat.clone(),
-        a.internal_key,
+        a.backends.internal_key,
         until_stopped(&stop_rx),
     ));
     let admin_task = tokio::spawn(crate::admin::serve(

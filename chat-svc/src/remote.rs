@@ -523,6 +523,16 @@ mod tests {
         let page = remote.sync("bob", 15, 100).await.unwrap();
         assert_eq!(page.entries.len(), 5);
 
+        // A name resolving to several addresses counts each as a replica;
+        // those that do not answer are passed over.
+        let mut by_name = RemoteConfig::new(vec![format!("localhost:{}", b.addr.port())]);
+        by_name.key = Some("k3y".into());
+        let by_name = RemoteChat::connect(by_name).await.unwrap();
+        assert!(!by_name.replicas().is_empty());
+        for _ in 0..4 {
+            assert_eq!(by_name.authenticate(&token).await.unwrap(), "alice");
+        }
+
         // Without the key, calls are refused, and not retried.
         config.key = None;
         let keyless = RemoteChat::connect(config).await.unwrap();

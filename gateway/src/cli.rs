@@ -12,6 +12,7 @@ use crate::cluster::{self, ClusterConfig};
 use anyhow::Context;
 use clap::Parser;
 use parley_chat::RemoteConfig;
+use parley_chat::cli::BackendArgs;
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -59,24 +60,8 @@ struct Args {
         required = true
     )]
     chat_addrs: Vec<String>,
-    /// Shared key for calls to the chat service.
-    #[arg(long, env = "PARLEY_INTERNAL_KEY", hide_env_values = true)]
-    internal_key: Option<String>,
-    #[arg(
-        long,
-        env = "PARLEY_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/"
-    )]
-    redis_url: String,
-    #[arg(
-        long,
-        env = "PARLEY_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp_url: String,
-    /// Starts every Redis key and RabbitMQ name of this cluster.
-    #[arg(long, env = "PARLEY_PREFIX", default_value = "parley")]
-    prefix: String,
+    #[command(flatten)]
+    backends: BackendArgs,
     #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 200_000)]
     max_connections: usize,
     /// Close a connection silent for this long (seconds).
@@ -135,7 +120,7 @@ where
             .unwrap_or_else(|| format!("gw-{:08x}", rand_id()))
     });
     let mut chat = RemoteConfig::new(a.chat_addrs);
-    chat.key = a.internal_key;
+    chat.key = a.backends.internal_key;
     let cfg = ClusterConfig {
         gateway: GatewayConfig {
             gateway_id,
@@ -153,9 +138,9 @@ where
         ops_listen: a.ops_listen,
         advertise,
         chat,
-        redis_url: a.redis_url,
-        amqp_url: a.amqp_url,
-        prefix: a.prefix,
+        redis_url: a.backends.redis_url,
+        amqp_url: a.backends.amqp_url,
+        prefix: a.backends.prefix,
         lease_every: Duration::from_secs(a.lease_secs.max(1)),
         lease_ttl: Duration::from_secs(a.lease_secs.max(1) * 3),
         drain_pause: Duration::from_millis(a.drain_pause_ms),

@@ -193,5 +193,29 @@ pub(crate) fn direct_key(a: &str, b: &str) -> String {
     }
 }
 
+/// The seq a history query starts from: Backward from 0 means from the
+/// newest.
+pub(crate) fn history_bound(from_seq: u64, direction: pb::Direction) -> i64 {
+    match direction {
+        pb::Direction::Backward if from_seq == 0 => i64::MAX,
+        _ => from_seq as i64,
+    }
+}
+
+/// Rows fetched one past `limit` (Backward ones newest first) as a page in
+/// ascending seq order, and whether there was more.
+pub(crate) fn history_page<T>(
+    mut rows: Vec<T>,
+    limit: u32,
+    direction: pb::Direction,
+) -> (Vec<T>, bool) {
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    if direction == pb::Direction::Backward {
+        rows.reverse();
+    }
+    (rows, has_more)
+}
+
 #[cfg(test)]
 mod tests;

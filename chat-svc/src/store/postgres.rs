@@ -20,7 +20,7 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use super::{
     Appended, ConversationRecord, HistorySlice, InboxPage, MembershipChange, NewMessage, Store,
-    UserRecord, direct_key,
+    UserRecord, direct_key, history_bound, history_page,
 };
 use crate::error::ChatError;
 use crate::redis_state::BlockCache;
@@ -1066,49 +1066,27 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<HistorySlice, ChatError> {
         let mut conn = self.pool.acquire().await?;
-        let fetch = limit as i64 + 1;
-        let mut rows = match direction {
-            pb::Direction::Backward => {
-                let before = if from_seq == 0 {
-                    i64::MAX
-                } else {
-                    from_seq as i64
-                };
-                let mut rows = sqlx::query(concat!(
-                    "SELECT ",
-                    message_columns!(),
-                    " FROM messages m WHERE m.conversation_id = $1 AND m.seq < $2 \
-                     ORDER BY m.seq DESC LIMIT $3"
-                ))
-                .bind(conversation_id as i64)
-                .bind(before)
-                .bind(fetch)
-                .fetch_all(&mut *conn)
-                .await?;
-                rows.reverse();
-                rows
-            }
-            pb::Direction::Forward => {
-                sqlx::query(concat!(
-                    "SELECT ",
-                    message_columns!(),
-                    " FROM messages m WHERE m.conversation_id = $1 AND m.seq > $2 \
-                     ORDER BY m.seq LIMIT $3"
-                ))
-                .bind(conversation_id as i64)
-                .bind(from_seq as i64)
-                .bind(fetch)
-                .fetch_all(&mut *conn)
-                .await?
-            }
+        let sql = match direction {
+            pb::Direction::Backward => concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE m.conversation_id = $1 AND m.seq < $2 \
+                 ORDER BY m.seq DESC LIMIT $3"
+            ),
+            pb::Direction::Forward => concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE m.conversation_id = $1 AND m.seq > $2 \
+                 ORDER BY m.seq LIMIT $3"
+            ),
         };
-        let has_more = rows.len() as i64 == fetch;
-        if has_more {
-            match direction {
-                pb::Direction::Backward => drop(rows.remove(0)),
-                pb::Direction::Forward => drop(rows.pop()),
-            }
-        }
+        let rows = sqlx::query(sql)
+            .bind(conversation_id as i64)
+            .bind(history_bound(from_seq, direction))
+            .bind(limit as i64 + 1)
+            .fetch_all(&mut *conn)
+            .await?;
+        let (rows, has_more) = history_page(rows, limit, direction);
         let oldest: Option<i64> =
             sqlx::query_scalar("SELECT MIN(seq) FROM messages WHERE conversation_id = $1")
                 .bind(conversation_id as i64)
