@@ -214,6 +214,28 @@ async fn missing_users_in(
         .collect())
 }
 
+/// The members of each of `ids`, sorted.
+async fn members_of(
+    conn: &mut PgConnection,
+    ids: &[i64],
+) -> Result<HashMap<u64, Vec<String>>, ChatError> {
+    let mut members: HashMap<u64, Vec<String>> = HashMap::new();
+    for r in sqlx::query(
+        "SELECT conversation_id, user_id FROM members WHERE conversation_id = ANY($1) \
+         ORDER BY conversation_id, user_id",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        members
+            .entry(r.try_get::<i64, _>(0)? as u64)
+            .or_default()
+            .push(r.try_get(1)?);
+    }
+    Ok(members)
+}
+
 fn no_such_users(missing: &[String]) -> ChatError {
     ChatError::NotFound(format!("no such user: {}", missing.join(", ")))
 }
@@ -551,20 +573,7 @@ impl PgStore {
                 (kind_from_i16(r.try_get(1)?), r.try_get(2)?),
             );
         }
-        let mut members: HashMap<u64, Vec<String>> = HashMap::new();
-        for r in sqlx::query(
-            "SELECT conversation_id, user_id FROM members WHERE conversation_id = ANY($1) \
-             ORDER BY conversation_id, user_id",
-        )
-        .bind(&conv_ids)
-        .fetch_all(&mut *tx)
-        .await?
-        {
-            members
-                .entry(r.try_get::<i64, _>(0)? as u64)
-                .or_default()
-                .push(r.try_get(1)?);
-        }
+        let members = members_of(tx, &conv_ids).await?;
         // 2. Dedup: messages already stored under these client ids.
         let senders: Vec<&str> = batch.iter().map(|m| m.sender_id.as_str()).collect();
         let client_ids: Vec<&str> = batch.iter().map(|m| m.client_msg_id.as_str()).collect();
@@ -967,20 +976,7 @@ impl Store for PgStore {
             .iter()
             .map(|r| r.try_get(0))
             .collect::<Result<_, _>>()?;
-        let mut members: HashMap<i64, Vec<String>> = HashMap::new();
-        for r in sqlx::query(
-            "SELECT conversation_id, user_id FROM members WHERE conversation_id = ANY($1) \
-             ORDER BY conversation_id, user_id",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await?
-        {
-            members
-                .entry(r.try_get(0)?)
-                .or_default()
-                .push(r.try_get(1)?);
-        }
+        let mut members = members_of(&mut conn, &ids).await?;
         rows.iter()
             .map(|r| {
                 let id: i64 = r.try_get(0)?;
@@ -989,7 +985,7 @@ impl Store for PgStore {
                     kind: kind_from_i16(r.try_get(1)?),
                     name: r.try_get(2)?,
                     owner: r.try_get(3)?,
-                    members: members.remove(&id).unwrap_or_default(),
+                    members: members.remove(&(id as u64)).unwrap_or_default(),
                     last_seq: r.try_get::<i64, _>(4)? as u64,
                 })
             })
