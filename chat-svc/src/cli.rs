@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::ops::{self, BackendMetrics, Probe};
+use crate::ops::{self, BackendMetrics, Probe, Readiness};
 use crate::{AmqpBus, AmqpConfig, ChatConfig, ChatService, PgStore, RedisState, TokenKeys};
 use anyhow::Context;
 use async_trait::async_trait;
@@ -133,24 +133,28 @@ struct Node {
 
 #[async_trait]
 impl Probe for Node {
-    async fn ready(&self) -> Result<(), Vec<String>> {
-        let mut why = Vec::new();
+    /// PostgreSQL is required: it is where every message commits. Without
+    /// Redis or RabbitMQ sends still commit and devices get them by sync, so
+    /// those only degrade the service (taking every replica out of service
+    /// during a broker outage would stop sends too).
+    async fn ready(&self) -> Readiness {
+        let mut r = Readiness::default();
         if self.draining.load(Ordering::Relaxed) {
-            why.push("draining".to_owned());
+            r.blockers.push("draining".to_owned());
         }
         let (pg, redis) = tokio::join!(self.store.ping(), self.redis.ping());
         self.backends.set_up("postgres", pg);
         self.backends.set_up("redis", redis);
         if !pg {
-            why.push("postgres is unreachable".to_owned());
+            r.blockers.push("postgres is unreachable".to_owned());
         }
         if !redis {
-            why.push("redis is unreachable".to_owned());
+            r.degraded.push("redis is unreachable".to_owned());
         }
         if !self.bus.status().connected() {
-            why.push("rabbitmq is unreachable".to_owned());
+            r.degraded.push("rabbitmq is unreachable".to_owned());
         }
-        if why.is_empty() { Ok(()) } else { Err(why) }
+        r
     }
 
     fn metrics(&self) -> String {

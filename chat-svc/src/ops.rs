@@ -1,7 +1,8 @@
 //! What every Parley process serves for its operators over HTTP: liveness
-//! (`/healthz`), readiness (`/readyz`, false while draining or while a
-//! required backend is down, with the reasons in the body) and Prometheus
-//! metrics (`/metrics`). A gateway adds its route lookup to the same router.
+//! (`/healthz`), readiness (`/readyz`: 503 while draining or while a backend
+//! the process cannot work without is down, with the reasons in the body;
+//! backends it works around are named as degraded) and Prometheus metrics
+//! (`/metrics`). A gateway adds its route lookup to the same router.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,11 +20,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+/// Whether a process should receive traffic, and what is wrong with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Reasons not to send it traffic: draining, or a backend it cannot
+    /// work without is down.
+    pub blockers: Vec<String>,
+    /// Backends down that it works around (deliveries wait for sync).
+    pub degraded: Vec<String>,
+}
+
 /// What a process reports about itself.
 #[async_trait]
 pub trait Probe: Send + Sync + 'static {
-    /// Ok when the process should receive traffic; the reasons otherwise.
-    async fn ready(&self) -> Result<(), Vec<String>>;
+    async fn ready(&self) -> Readiness;
     /// The metrics in the Prometheus text format.
     fn metrics(&self) -> String;
 }
@@ -38,12 +48,19 @@ pub fn router(probe: Arc<dyn Probe>) -> Router {
 }
 
 async fn readyz(State(probe): State<Arc<dyn Probe>>) -> impl IntoResponse {
-    match probe.ready().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(reasons) => (
+    let r = probe.ready().await;
+    let degraded = if r.degraded.is_empty() {
+        String::new()
+    } else {
+        format!(" (degraded: {})", r.degraded.join("; "))
+    };
+    if r.blockers.is_empty() {
+        (StatusCode::OK, format!("ready{degraded}\n"))
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", reasons.join("; ")),
-        ),
+            format!("not ready: {}{degraded}\n", r.blockers.join("; ")),
+        )
     }
 }
 

@@ -26,7 +26,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use parley_chat::amqp_bus::{self, AmqpConfig, LinkStatus};
-use parley_chat::ops::{self, Probe};
+use parley_chat::ops::{self, Probe, Readiness};
 use parley_chat::redis_state::PRESENCE_TTL;
 use parley_chat::{RedisState, RemoteChat, RemoteConfig};
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -69,27 +69,37 @@ struct Node {
     redis: RedisState,
     amqp: Arc<LinkStatus>,
     redis_up: AtomicBool,
+    /// The first lease write was tried (whether Redis answered or not).
+    started: AtomicBool,
     advertise: String,
     metrics: MetricsRegistry,
 }
 
 #[async_trait]
 impl Probe for Node {
-    async fn ready(&self) -> Result<(), Vec<String>> {
-        let mut why = Vec::new();
+    /// The chat service is required: without it nobody can log in or send.
+    /// Without Redis or RabbitMQ clients still connect and send, and catch
+    /// up once they are back, so those only degrade the gateway.
+    async fn ready(&self) -> Readiness {
+        let mut r = Readiness::default();
         if self.shared.draining.load(Ordering::Relaxed) {
-            why.push("draining".to_owned());
+            r.blockers.push("draining".to_owned());
+        }
+        if !self.started.load(Ordering::Relaxed) {
+            r.blockers
+                .push("starting: the lease is not written yet".to_owned());
         }
         if !self.chat.healthy() {
-            why.push("no chat-service replica answers".to_owned());
+            r.blockers
+                .push("no chat-service replica answers".to_owned());
         }
         if !self.redis_up.load(Ordering::Relaxed) {
-            why.push("redis is unreachable".to_owned());
+            r.degraded.push("redis is unreachable".to_owned());
         }
         if !self.amqp.connected() {
-            why.push("rabbitmq is unreachable".to_owned());
+            r.degraded.push("rabbitmq is unreachable".to_owned());
         }
-        if why.is_empty() { Ok(()) } else { Err(why) }
+        r
     }
 
     fn metrics(&self) -> String {
@@ -188,6 +198,7 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
                 }
             }
         }
+        node.started.store(true, Ordering::Relaxed);
         if refreshed.elapsed() > PRESENCE_TTL / 3 && node.redis_up.load(Ordering::Relaxed) {
             if let Err(e) = node.redis.online_many(&registry.sessions()).await {
                 tracing::warn!(error = %e, "presence refresh failed");
@@ -239,6 +250,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         redis,
         amqp: feed.status.clone(),
         redis_up: AtomicBool::new(false),
+        started: AtomicBool::new(false),
         advertise: cfg.advertise.clone(),
         metrics,
     });
