@@ -1,0 +1,474 @@
+//! The `ChatCluster` resource (`parley.dev/v1alpha1`): what a platform team
+//! declares, and what the operator reports back. The CRD in `crds/` is
+//! generated from these types (`parley-operator crd`), and a test keeps the
+//! file equal to them.
+
+// Several `printcolumn(...)` attributes share argument names, which this
+// lint mistakes for repeated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Parley instant-messaging cluster: gateways that hold client
+/// connections, chat-service replicas, and the least-connections routing
+/// table that sends each new client to the least-loaded gateway.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "parley.dev",
+    version = "v1alpha1",
+    kind = "ChatCluster",
+    plural = "chatclusters",
+    shortname = "chat",
+    category = "parley",
+    namespaced,
+    status = "ChatClusterStatus",
+    derive = "PartialEq",
+    doc = "A Parley instant-messaging cluster: gateways, chat services and the routing table that spreads clients over the gateways.",
+    scale(
+        spec_replicas_path = ".spec.gateway.replicas",
+        status_replicas_path = ".status.gateway.readyReplicas",
+        label_selector_path = ".status.gateway.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.gateway.ready",
+        description = "Ready gateways out of those wanted"
+    ),
+    printcolumn(
+        name = "Online",
+        type_ = "integer",
+        json_path = ".status.gateway.connections",
+        description = "Client connections on all gateways"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatClusterSpec {
+    /// Container images of the Parley processes.
+    #[serde(default)]
+    pub images: Images,
+    /// The gateways: client connections, scaled on their online counts.
+    #[serde(default)]
+    pub gateway: GatewaySpec,
+    /// The chat-service replicas.
+    #[serde(default)]
+    pub chat: ChatServiceSpec,
+    /// PostgreSQL, the source of truth (`postgres://...`).
+    pub postgres: Backend,
+    /// Redis: presence, leases, the routing table, block lists.
+    pub redis: Backend,
+    /// RabbitMQ: deliveries between the processes, and events.
+    pub rabbitmq: Backend,
+    /// The secret that signs client tokens (at least 32 bytes); your app's
+    /// backend mints tokens with the admin API.
+    pub token_secret: SecretKeyRef,
+    /// The key the admin API requires.
+    pub admin_key: SecretKeyRef,
+}
+
+/// Container images and how to pull them.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Images {
+    #[serde(default = "default_gateway_image")]
+    pub gateway: String,
+    #[serde(default = "default_chat_image")]
+    pub chat: String,
+    #[serde(default)]
+    pub pull_policy: PullPolicy,
+}
+
+fn default_gateway_image() -> String {
+    format!(
+        "ghcr.io/parley-im/parley-gateway:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+fn default_chat_image() -> String {
+    format!(
+        "ghcr.io/parley-im/parley-chat:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+impl Default for Images {
+    fn default() -> Self {
+        Self {
+            gateway: default_gateway_image(),
+            chat: default_chat_image(),
+            pull_policy: PullPolicy::default(),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    #[default]
+    LoadBalancer,
+}
+
+/// The gateways and how they scale.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("gateway.minReplicas must not exceed gateway.maxReplicas"))]
+pub struct GatewaySpec {
+    /// Set this (or let an HPA or KEDA set it through the scale
+    /// subresource) to choose the gateway count yourself, within the
+    /// bounds; leave it out and the operator scales on online connections.
+    /// Either way the operator picks which pods go, and drains them first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Client connections one gateway pod should carry.
+    #[serde(default = "default_target_connections")]
+    #[schemars(range(min = 1))]
+    pub target_connections: i64,
+    /// Headroom over the current load before scaling up, in percent.
+    #[serde(default = "default_buffer_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub buffer_percent: i32,
+    /// How long load must stay low before a scale-down (the highest
+    /// recommendation within this window wins).
+    #[serde(default = "default_stabilization")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i64,
+    /// At most this many pods go per scale-down period.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1))]
+    pub scale_down_pods_per_period: i32,
+    #[serde(default = "default_scale_down_period")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub scale_down_period_seconds: i64,
+    /// Clients a draining gateway moves away per second.
+    #[serde(default = "default_drain_rate")]
+    #[schemars(range(min = 1))]
+    pub drain_rate_per_second: i32,
+    /// A drain that takes longer is cut short: the pod goes anyway.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(range(min = 10, max = 7200))]
+    pub drain_timeout_seconds: i64,
+    #[serde(default)]
+    pub ports: GatewayPorts,
+    /// How clients reach the gateways.
+    #[serde(default)]
+    pub service_type: ServiceType,
+    /// TLS for clients across the internet: a `kubernetes.io/tls` Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Time a gateway gets to drain when it is stopped.
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub termination_grace_period_seconds: i64,
+}
+
+fn default_min_replicas() -> i32 {
+    2
+}
+fn default_max_replicas() -> i32 {
+    10
+}
+fn default_target_connections() -> i64 {
+    10_000
+}
+fn default_buffer_percent() -> i32 {
+    10
+}
+fn default_stabilization() -> i64 {
+    300
+}
+fn default_one() -> i32 {
+    1
+}
+fn default_scale_down_period() -> i64 {
+    60
+}
+fn default_drain_rate() -> i32 {
+    500
+}
+fn default_drain_timeout() -> i64 {
+    600
+}
+fn default_grace() -> i64 {
+    60
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        Self {
+            replicas: None,
+            min_replicas: default_min_replicas(),
+            max_replicas: default_max_replicas(),
+            target_connections: default_target_connections(),
+            buffer_percent: default_buffer_percent(),
+            scale_down_stabilization_seconds: default_stabilization(),
+            scale_down_pods_per_period: default_one(),
+            scale_down_period_seconds: default_scale_down_period(),
+            drain_rate_per_second: default_drain_rate(),
+            drain_timeout_seconds: default_drain_timeout(),
+            ports: GatewayPorts::default(),
+            service_type: ServiceType::default(),
+            tls_secret_name: None,
+            resources: None,
+            termination_grace_period_seconds: default_grace(),
+        }
+    }
+}
+
+/// Ports of the gateway Service.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPorts {
+    /// Length-prefixed frames over TCP.
+    #[serde(default = "default_tcp_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub tcp: i32,
+    /// WebSocket; none when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub websocket: Option<i32>,
+    /// TLS (needs `tlsSecretName`).
+    #[serde(default = "default_tls_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub tls: i32,
+}
+
+fn default_tcp_port() -> i32 {
+    7400
+}
+fn default_tls_port() -> i32 {
+    7443
+}
+
+impl Default for GatewayPorts {
+    fn default() -> Self {
+        Self {
+            tcp: default_tcp_port(),
+            websocket: None,
+            tls: default_tls_port(),
+        }
+    }
+}
+
+/// The chat-service replicas.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatServiceSpec {
+    #[serde(default = "default_chat_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn default_chat_replicas() -> i32 {
+    2
+}
+
+impl Default for ChatServiceSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_chat_replicas(),
+            resources: None,
+        }
+    }
+}
+
+/// Where a backend is: a URL, or a key of a Secret holding the URL (for
+/// URLs with passwords).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.secretRef)").message("give either url or secretRef, not both"))]
+pub struct Backend {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the ChatCluster's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// What the operator observed and did.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatClusterStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending, Running, Scaling or Degraded.
+    #[serde(default)]
+    pub phase: String,
+    /// Ready, Progressing, Degraded and RoutingTableSynced, one each.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub gateway: GatewayStatus,
+    #[serde(default)]
+    pub chat: ChatStatus,
+    #[serde(default)]
+    pub routing_table: RoutingTableStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale: Option<ScaleDecisionStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    pub desired_replicas: i32,
+    pub ready_replicas: i32,
+    /// "ready/desired", for `kubectl get`.
+    pub ready: String,
+    /// The pods' label selector, for the scale subresource.
+    pub selector: String,
+    /// Client connections on all gateways.
+    pub connections: i64,
+    #[serde(default)]
+    pub pods: Vec<GatewayPodStatus>,
+    #[serde(default)]
+    pub drains: Vec<DrainStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPodStatus {
+    pub name: String,
+    pub address: String,
+    pub connections: i64,
+    pub ready: bool,
+    pub state: PodState,
+}
+
+/// Where a gateway pod is in its life.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PodState {
+    #[default]
+    Active,
+    Draining,
+    Terminating,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainStatus {
+    pub pod: String,
+    pub started: Option<Time>,
+    /// Clients still connected.
+    pub remaining: i64,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatStatus {
+    pub desired_replicas: i32,
+    pub ready_replicas: i32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingTableStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_written: Option<Time>,
+    pub entries: i32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDecisionStatus {
+    pub from: i32,
+    pub to: i32,
+    pub reason: String,
+    pub at: Option<Time>,
+}
+
+/// The CRD as YAML, as `crds/` holds it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let mut out = String::from(
+        "# Generated by `parley-operator crd` from operator/src/crd.rs; do not edit.\n",
+    );
+    out.push_str(&serde_yaml::to_string(&ChatCluster::crd()).expect("a CRD serializes"));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_crd_file_is_what_the_types_generate() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../crds/chatclusters.parley.dev.yaml"
+        );
+        let file = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            file == crd_yaml(),
+            "crds/chatclusters.parley.dev.yaml is stale: run `cargo run -p parley-operator -- crd > crds/chatclusters.parley.dev.yaml`"
+        );
+    }
+
+    #[test]
+    fn a_minimal_resource_takes_the_defaults() {
+        let yaml = r#"
+apiVersion: parley.dev/v1alpha1
+kind: ChatCluster
+metadata: {name: chat, namespace: im}
+spec:
+  postgres: {secretRef: {name: parley-db, key: url}}
+  redis: {url: "redis://redis:6379/"}
+  rabbitmq: {url: "amqp://guest:guest@rabbitmq:5672/%2f"}
+  tokenSecret: {name: parley, key: token-secret}
+  adminKey: {name: parley, key: admin-key}
+"#;
+        let c: ChatCluster = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(c.spec.gateway, GatewaySpec::default());
+        assert_eq!(c.spec.gateway.service_type, ServiceType::LoadBalancer);
+        assert_eq!(c.spec.chat.replicas, 2);
+        assert!(c.spec.images.gateway.contains("parley-gateway"));
+    }
+
+    #[test]
+    fn the_schema_carries_its_validation_rules() {
+        let yaml = crd_yaml();
+        assert!(yaml.contains("self.minReplicas <= self.maxReplicas"));
+        assert!(yaml.contains("has(self.url) != has(self.secretRef)"));
+        assert!(yaml.contains("x-kubernetes-list-map-keys"));
+        assert!(yaml.contains("specReplicasPath: .spec.gateway.replicas"));
+    }
+}

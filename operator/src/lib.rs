@@ -1,0 +1,6 @@
+//! Parley's Kubernetes operator: the `ChatCluster` resource, the pure
+//! desired-state and scaling logic, and (next) the controller that applies
+//! them.
+
+pub mod crd;
+pub mod scaling;
