@@ -3,4 +3,5 @@
 //! them.
 
 pub mod crd;
+pub mod desired;
 pub mod scaling;

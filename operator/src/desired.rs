@@ -1,0 +1,633 @@
+//! The objects a ChatCluster owns, as pure functions of the resource: the
+//! gateway Deployment and its Service, the chat-service Deployment with a
+//! headless Service (gateways balance over its pod addresses) and an admin
+//! Service, a ConfigMap of shared settings, and a PodDisruptionBudget for
+//! each Deployment. The controller applies them with server-side apply;
+//! every object carries an owner reference, so deleting the ChatCluster
+//! deletes them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SecretKeySelector,
+    SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::{Backend, ChatCluster, PullPolicy, ServiceType};
+
+/// Ports inside the pods (the Service maps the public ones onto them).
+pub const GATEWAY_TCP: i32 = 7400;
+pub const GATEWAY_WS: i32 = 7401;
+pub const GATEWAY_TLS: i32 = 7443;
+pub const GATEWAY_OPS: i32 = 7403;
+pub const CHAT_INTERNAL: i32 = 7500;
+pub const CHAT_ADMIN: i32 = 7402;
+pub const CHAT_OPS: i32 = 7501;
+
+/// The field manager of every apply.
+pub const MANAGER: &str = "parley-operator";
+
+/// Names of the owned objects.
+pub fn gateway_name(cc: &ChatCluster) -> String {
+    format!("{}-gateway", cc.name_any())
+}
+pub fn chat_name(cc: &ChatCluster) -> String {
+    format!("{}-chat", cc.name_any())
+}
+pub fn admin_name(cc: &ChatCluster) -> String {
+    format!("{}-admin", cc.name_any())
+}
+pub fn config_name(cc: &ChatCluster) -> String {
+    format!("{}-config", cc.name_any())
+}
+
+/// The Redis key prefix and broker-name prefix of a cluster: unique per
+/// namespace and name, so clusters can share a Redis and a broker.
+pub fn prefix(cc: &ChatCluster) -> String {
+    format!(
+        "parley.{}.{}",
+        cc.meta().namespace.clone().unwrap_or_default(),
+        cc.name_any()
+    )
+}
+
+/// The labels of a component's pods (and its selector).
+pub fn labels(cc: &ChatCluster, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "parley".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), cc.name_any()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.to_owned(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGER.to_owned(),
+        ),
+    ])
+}
+
+/// The gateway pods' selector as a string, for the scale subresource.
+pub fn gateway_selector(cc: &ChatCluster) -> String {
+    let l = labels(cc, "gateway");
+    [
+        "app.kubernetes.io/name",
+        "app.kubernetes.io/instance",
+        "app.kubernetes.io/component",
+    ]
+    .iter()
+    .map(|k| format!("{k}={}", l[*k]))
+    .collect::<Vec<_>>()
+    .join(",")
+}
+
+fn selector(cc: &ChatCluster, component: &str) -> LabelSelector {
+    let mut l = labels(cc, component);
+    l.remove("app.kubernetes.io/managed-by");
+    LabelSelector {
+        match_labels: Some(l),
+        ..LabelSelector::default()
+    }
+}
+
+fn meta(cc: &ChatCluster, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: cc.meta().namespace.clone(),
+        labels: Some(labels(cc, component)),
+        owner_references: cc
+            .controller_owner_ref(&())
+            .map(|o: OwnerReference| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn env_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.to_owned(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn env_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// A backend's URL, inline (in the ConfigMap) or from its Secret.
+fn backend_env(name: &str, b: &Backend) -> Option<EnvVar> {
+    match (&b.url, &b.secret_ref) {
+        (_, Some(s)) => Some(env_secret(name, &s.name, &s.key)),
+        (Some(_), None) => None, // in the ConfigMap
+        (None, None) => None,
+    }
+}
+
+fn port(name: &str, p: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: p,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+fn http_probe(path: &str, port: i32, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(port),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn pull_policy(p: PullPolicy) -> String {
+    match p {
+        PullPolicy::Always => "Always",
+        PullPolicy::IfNotPresent => "IfNotPresent",
+        PullPolicy::Never => "Never",
+    }
+    .to_owned()
+}
+
+/// Settings shared by both components, without secrets.
+pub fn config_map(cc: &ChatCluster) -> ConfigMap {
+    let mut data = BTreeMap::from([
+        ("PARLEY_PREFIX".to_owned(), prefix(cc)),
+        ("PARLEY_LOG".to_owned(), "info".to_owned()),
+    ]);
+    for (name, b) in [
+        ("PARLEY_DATABASE_URL", &cc.spec.postgres),
+        ("PARLEY_REDIS_URL", &cc.spec.redis),
+        ("PARLEY_AMQP_URL", &cc.spec.rabbitmq),
+    ] {
+        if let (Some(url), None) = (&b.url, &b.secret_ref) {
+            data.insert(name.to_owned(), url.clone());
+        }
+    }
+    ConfigMap {
+        metadata: meta(cc, config_name(cc), "config"),
+        data: Some(data),
+        ..ConfigMap::default()
+    }
+}
+
+fn common_env(cc: &ChatCluster) -> (Vec<EnvFromSource>, Vec<EnvVar>) {
+    let from = vec![EnvFromSource {
+        config_map_ref: Some(ConfigMapEnvSource {
+            name: config_name(cc),
+            optional: Some(false),
+        }),
+        ..EnvFromSource::default()
+    }];
+    let mut vars = vec![];
+    vars.extend(backend_env("PARLEY_REDIS_URL", &cc.spec.redis));
+    vars.extend(backend_env("PARLEY_AMQP_URL", &cc.spec.rabbitmq));
+    (from, vars)
+}
+
+/// The gateway Deployment at `replicas`.
+pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
+    let g = &cc.spec.gateway;
+    let (env_from, mut vars) = common_env(cc);
+    vars.extend([
+        env_field("PARLEY_GATEWAY_ID", "metadata.name"),
+        env_field("POD_IP", "status.podIP"),
+        env("PARLEY_LISTEN", format!("0.0.0.0:{GATEWAY_TCP}")),
+        env("PARLEY_OPS_LISTEN", format!("0.0.0.0:{GATEWAY_OPS}")),
+        env(
+            "PARLEY_CHAT_ADDRS",
+            format!(
+                "{}.{}.svc:{CHAT_INTERNAL}",
+                chat_name(cc),
+                cc.meta().namespace.clone().unwrap_or_default()
+            ),
+        ),
+        env(
+            "PARLEY_SHUTDOWN_GRACE_SECS",
+            (g.termination_grace_period_seconds - 5).max(1).to_string(),
+        ),
+    ]);
+    let mut ports = vec![port("tcp", GATEWAY_TCP), port("ops", GATEWAY_OPS)];
+    if g.ports.websocket.is_some() {
+        vars.push(env("PARLEY_WS_LISTEN", format!("0.0.0.0:{GATEWAY_WS}")));
+        ports.push(port("ws", GATEWAY_WS));
+    }
+    let mut volumes = None;
+    let mut mounts = None;
+    match &g.tls_secret_name {
+        Some(secret) => {
+            vars.extend([
+                env("PARLEY_TLS_LISTEN", format!("0.0.0.0:{GATEWAY_TLS}")),
+                env("PARLEY_TLS_CERT", "/etc/parley/tls/tls.crt"),
+                env("PARLEY_TLS_KEY", "/etc/parley/tls/tls.key"),
+                // Clients come over TLS: the routing table names that port.
+                env("PARLEY_ADVERTISE", format!("$(POD_IP):{GATEWAY_TLS}")),
+            ]);
+            ports.push(port("tls", GATEWAY_TLS));
+            volumes = Some(vec![Volume {
+                name: "tls".to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.clone()),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]);
+            mounts = Some(vec![VolumeMount {
+                name: "tls".to_owned(),
+                mount_path: "/etc/parley/tls".to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]);
+        }
+        None => vars.push(env("PARLEY_ADVERTISE", format!("$(POD_IP):{GATEWAY_TCP}"))),
+    }
+    let container = Container {
+        name: "gateway".to_owned(),
+        image: Some(cc.spec.images.gateway.clone()),
+        image_pull_policy: Some(pull_policy(cc.spec.images.pull_policy)),
+        env: Some(vars),
+        env_from: Some(env_from),
+        ports: Some(ports),
+        readiness_probe: Some(http_probe("/readyz", GATEWAY_OPS, 5)),
+        liveness_probe: Some(http_probe("/healthz", GATEWAY_OPS, 10)),
+        resources: g.resources.clone(),
+        volume_mounts: mounts,
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(cc, gateway_name(cc), "gateway"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: selector(cc, "gateway"),
+            // New pods first, old ones drained one at a time.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(cc, "gateway")),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(g.termination_grace_period_seconds),
+                    volumes,
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// How clients reach the gateways.
+pub fn gateway_service(cc: &ChatCluster) -> Service {
+    let g = &cc.spec.gateway;
+    let svc_port = |name: &str, port: i32, target: i32| ServicePort {
+        name: Some(name.to_owned()),
+        port,
+        target_port: Some(IntOrString::Int(target)),
+        protocol: Some("TCP".to_owned()),
+        ..ServicePort::default()
+    };
+    let mut ports = vec![svc_port("tcp", g.ports.tcp, GATEWAY_TCP)];
+    if let Some(ws) = g.ports.websocket {
+        ports.push(svc_port("ws", ws, GATEWAY_WS));
+    }
+    if g.tls_secret_name.is_some() {
+        ports.push(svc_port("tls", g.ports.tls, GATEWAY_TLS));
+    }
+    let type_ = match g.service_type {
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::LoadBalancer => "LoadBalancer",
+    };
+    Service {
+        metadata: meta(cc, gateway_name(cc), "gateway"),
+        spec: Some(ServiceSpec {
+            type_: Some(type_.to_owned()),
+            selector: selector(cc, "gateway").match_labels,
+            ports: Some(ports),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The chat-service Deployment.
+pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
+    let (env_from, mut vars) = common_env(cc);
+    vars.extend(backend_env("PARLEY_DATABASE_URL", &cc.spec.postgres));
+    vars.extend([
+        env("PARLEY_INTERNAL_LISTEN", format!("0.0.0.0:{CHAT_INTERNAL}")),
+        env("PARLEY_ADMIN_LISTEN", format!("0.0.0.0:{CHAT_ADMIN}")),
+        env("PARLEY_OPS_LISTEN", format!("0.0.0.0:{CHAT_OPS}")),
+        env_secret(
+            "PARLEY_TOKEN_SECRET",
+            &cc.spec.token_secret.name,
+            &cc.spec.token_secret.key,
+        ),
+        env_secret(
+            "PARLEY_ADMIN_KEY",
+            &cc.spec.admin_key.name,
+            &cc.spec.admin_key.key,
+        ),
+    ]);
+    let container = Container {
+        name: "chat".to_owned(),
+        image: Some(cc.spec.images.chat.clone()),
+        image_pull_policy: Some(pull_policy(cc.spec.images.pull_policy)),
+        env: Some(vars),
+        env_from: Some(env_from),
+        ports: Some(vec![
+            port("internal", CHAT_INTERNAL),
+            port("admin", CHAT_ADMIN),
+            port("ops", CHAT_OPS),
+        ]),
+        readiness_probe: Some(http_probe("/readyz", CHAT_OPS, 5)),
+        liveness_probe: Some(http_probe("/healthz", CHAT_OPS, 10)),
+        resources: cc.spec.chat.resources.clone(),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(cc, chat_name(cc), "chat"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(cc.spec.chat.replicas),
+            selector: selector(cc, "chat"),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(cc, "chat")),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(30),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// Headless: its DNS name resolves to every ready chat pod, which is how
+/// gateways find the replicas they balance over.
+pub fn chat_service(cc: &ChatCluster) -> Service {
+    Service {
+        metadata: meta(cc, chat_name(cc), "chat"),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            selector: selector(cc, "chat").match_labels,
+            ports: Some(vec![ServicePort {
+                name: Some("internal".to_owned()),
+                port: CHAT_INTERNAL,
+                target_port: Some(IntOrString::Int(CHAT_INTERNAL)),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The admin API, for the app's backend inside the cluster.
+pub fn admin_service(cc: &ChatCluster) -> Service {
+    Service {
+        metadata: meta(cc, admin_name(cc), "chat"),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: selector(cc, "chat").match_labels,
+            ports: Some(vec![ServicePort {
+                name: Some("admin".to_owned()),
+                port: CHAT_ADMIN,
+                target_port: Some(IntOrString::Int(CHAT_ADMIN)),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// At most one pod of `component` down by voluntary disruption at a time.
+pub fn pdb(cc: &ChatCluster, component: &str) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(cc, format!("{}-{component}", cc.name_any()), component),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(selector(cc, component)),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> ChatCluster {
+        let yaml = r#"
+apiVersion: parley.dev/v1alpha1
+kind: ChatCluster
+metadata: {name: chat, namespace: im, uid: 0b4f5c9e-0000-4000-8000-000000000001}
+spec:
+  postgres: {secretRef: {name: parley-db, key: url}}
+  redis: {url: "redis://redis:6379/"}
+  rabbitmq: {url: "amqp://guest:guest@rabbitmq:5672/%2f"}
+  tokenSecret: {name: parley, key: token-secret}
+  adminKey: {name: parley, key: admin-key}
+"#;
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn env_of(d: &Deployment) -> Vec<EnvVar> {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .clone()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_object_is_owned_and_labelled() {
+        let cc = cluster();
+        let objects: Vec<ObjectMeta> = vec![
+            gateway_deployment(&cc, 3).metadata,
+            gateway_service(&cc).metadata,
+            chat_deployment(&cc).metadata,
+            chat_service(&cc).metadata,
+            admin_service(&cc).metadata,
+            config_map(&cc).metadata,
+            pdb(&cc, "gateway").metadata,
+            pdb(&cc, "chat").metadata,
+        ];
+        for m in objects {
+            let owner = &m.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str()),
+                ("ChatCluster", "chat")
+            );
+            assert_eq!(owner.controller, Some(true));
+            assert_eq!(m.namespace.as_deref(), Some("im"));
+            assert_eq!(
+                m.labels.as_ref().unwrap()["app.kubernetes.io/instance"],
+                "chat"
+            );
+        }
+    }
+
+    #[test]
+    fn gateways_find_the_chat_replicas_and_advertise_their_pod_address() {
+        let cc = cluster();
+        let d = gateway_deployment(&cc, 4);
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(4));
+        let env = env_of(&d);
+        let get = |n: &str| env.iter().find(|e| e.name == n).cloned().unwrap();
+        assert_eq!(
+            get("PARLEY_CHAT_ADDRS").value.as_deref(),
+            Some("chat-chat.im.svc:7500")
+        );
+        assert_eq!(
+            get("PARLEY_ADVERTISE").value.as_deref(),
+            Some("$(POD_IP):7400")
+        );
+        // $(POD_IP) expands only if POD_IP comes first.
+        let pos = |n: &str| env.iter().position(|e| e.name == n).unwrap();
+        assert!(pos("POD_IP") < pos("PARLEY_ADVERTISE"));
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.termination_grace_period_seconds, Some(60));
+        let probe = pod.containers[0].readiness_probe.clone().unwrap();
+        assert_eq!(probe.http_get.unwrap().path.as_deref(), Some("/readyz"));
+    }
+
+    #[test]
+    fn secrets_stay_in_secrets_and_urls_go_to_the_config_map() {
+        let cc = cluster();
+        let data = config_map(&cc).data.unwrap();
+        assert_eq!(data["PARLEY_REDIS_URL"], "redis://redis:6379/");
+        assert_eq!(data["PARLEY_PREFIX"], "parley.im.chat");
+        assert!(
+            !data.contains_key("PARLEY_DATABASE_URL"),
+            "it is in a Secret"
+        );
+        let env = env_of(&chat_deployment(&cc));
+        let db = env
+            .iter()
+            .find(|e| e.name == "PARLEY_DATABASE_URL")
+            .unwrap();
+        let secret = db
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("parley-db", "url")
+        );
+        assert!(
+            env.iter()
+                .any(|e| e.name == "PARLEY_TOKEN_SECRET" && e.value.is_none())
+        );
+    }
+
+    #[test]
+    fn tls_adds_a_port_a_volume_and_advertises_it() {
+        let mut cc = cluster();
+        cc.spec.gateway.tls_secret_name = Some("chat-tls".into());
+        cc.spec.gateway.ports.websocket = Some(443);
+        let svc = gateway_service(&cc).spec.unwrap();
+        assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
+        let names: Vec<String> = svc
+            .ports
+            .unwrap()
+            .into_iter()
+            .filter_map(|p| p.name)
+            .collect();
+        assert_eq!(names, vec!["tcp", "ws", "tls"]);
+        let d = gateway_deployment(&cc, 2);
+        let env = env_of(&d);
+        let adv = env.iter().find(|e| e.name == "PARLEY_ADVERTISE").unwrap();
+        assert_eq!(adv.value.as_deref(), Some("$(POD_IP):7443"));
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            pod.volumes.unwrap()[0]
+                .secret
+                .as_ref()
+                .unwrap()
+                .secret_name
+                .as_deref(),
+            Some("chat-tls")
+        );
+    }
+
+    #[test]
+    fn the_chat_service_is_headless_and_the_selector_matches_the_pods() {
+        let cc = cluster();
+        assert_eq!(
+            chat_service(&cc).spec.unwrap().cluster_ip.as_deref(),
+            Some("None")
+        );
+        assert_eq!(
+            gateway_selector(&cc),
+            "app.kubernetes.io/name=parley,app.kubernetes.io/instance=chat,app.kubernetes.io/component=gateway"
+        );
+        let d = gateway_deployment(&cc, 1).spec.unwrap();
+        let pod_labels = d.template.metadata.unwrap().labels.unwrap();
+        for (k, v) in d.selector.match_labels.unwrap() {
+            assert_eq!(pod_labels[&k], v);
+        }
+    }
+}
