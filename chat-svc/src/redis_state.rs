@@ -57,7 +57,9 @@ return 0
 
 /// Writes a gateway's lease and its routing entry (or removes the entry when
 /// it drains), and drops entries nobody refreshed within the TTL. Time comes
-/// from Redis, so gateways' clocks need not agree.
+/// from Redis, so gateways' clocks need not agree. When the operator owns
+/// the routing table (ARGV[5] = 1), only the lease is written, and a
+/// draining gateway takes its own entry out.
 const ANNOUNCE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -67,6 +69,9 @@ redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ttl)
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+elseif ARGV[5] == '1' then
+  -- The operator owns the routing table: only the lease is ours.
+  return had
 else
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   redis.call('HSET', KEYS[3], ARGV[1], now)
@@ -184,9 +189,10 @@ impl RedisState {
     }
 
     /// Writes this gateway's lease (address and online count, alive for
-    /// `ttl`) and its routing entry; `draining` takes the entry out instead.
-    /// False when the lease had gone (first start, expiry, or a Redis that
-    /// restarted and lost everything): presence must be written again.
+    /// `ttl`) and, unless the operator owns the routing table (`managed`),
+    /// its routing entry; `draining` takes the entry out instead. False when
+    /// the lease had gone (first start, expiry, or a Redis that restarted and
+    /// lost everything): presence must be written again.
     pub async fn announce(
         &self,
         gateway: &str,
@@ -194,6 +200,7 @@ impl RedisState {
         connections: u64,
         ttl: Duration,
         draining: bool,
+        managed: bool,
     ) -> Result<bool, ChatError> {
         let mut c = self.conn.clone();
         let had: i64 = self
@@ -205,6 +212,7 @@ impl RedisState {
             .arg(connections)
             .arg(ttl.as_millis() as u64)
             .arg(if draining { "1" } else { "0" })
+            .arg(if managed { "1" } else { "0" })
             .invoke_async(&mut c)
             .await
             .map_err(redis_err)?;
@@ -222,6 +230,22 @@ impl RedisState {
             .query_async::<()>(&mut c)
             .await
             .map_err(redis_err)
+    }
+
+    /// Replaces the whole routing table with `entries` (address,
+    /// connections), atomically: the operator's write, once it owns the
+    /// table. Route lookups never see it half written.
+    pub async fn replace_routes(&self, entries: &[(String, u64)]) -> Result<(), ChatError> {
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(self.routes_key())
+            .del(format!("{}:routes:seen", self.prefix));
+        if !entries.is_empty() {
+            let members: Vec<(u64, &str)> = entries.iter().map(|(a, n)| (*n, a.as_str())).collect();
+            pipe.zadd_multiple(self.routes_key(), &members);
+        }
+        pipe.query_async::<()>(&mut c).await.map_err(redis_err)
     }
 
     /// The routing table's key: advertised addresses scored by connections.
@@ -438,17 +462,17 @@ mod tests {
         assert!(r.ping().await, "Redis for tests (run scripts/services)");
         let ttl = Duration::from_secs(30);
         assert!(
-            !r.announce("g1", "10.0.0.1:7400", 1, ttl, false)
+            !r.announce("g1", "10.0.0.1:7400", 1, ttl, false, false)
                 .await
                 .unwrap(),
             "a first lease is new"
         );
         assert!(
-            r.announce("g1", "10.0.0.1:7400", 1, ttl, false)
+            r.announce("g1", "10.0.0.1:7400", 1, ttl, false, false)
                 .await
                 .unwrap()
         );
-        r.announce("g2", "10.0.0.2:7400", 1, ttl, false)
+        r.announce("g2", "10.0.0.2:7400", 1, ttl, false, false)
             .await
             .unwrap();
         r.online(&s("ann", "phone", "g1", 1)).await.unwrap();
@@ -467,13 +491,27 @@ mod tests {
 
         // A gateway that dies says nothing: its lease runs out, and its
         // devices are no longer located.
-        r.announce("g3", "10.0.0.3:7400", 1, Duration::from_millis(200), false)
-            .await
-            .unwrap();
+        r.announce(
+            "g3",
+            "10.0.0.3:7400",
+            1,
+            Duration::from_secs(2),
+            false,
+            false,
+        )
+        .await
+        .unwrap();
         r.online(&s("bo", "phone", "g3", 4)).await.unwrap();
         assert!(r.locate(&["bo"]).await.unwrap().contains_key("g3"));
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(r.locate(&["bo"]).await.unwrap().is_empty());
+        let mut gone = false;
+        for _ in 0..80 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if r.locate(&["bo"]).await.unwrap().is_empty() {
+                gone = true;
+                break;
+            }
+        }
+        assert!(gone, "the dead gateway's devices are no longer located");
 
         // A gateway re-registers what it holds in bulk (after a Redis restart).
         let many: Vec<Session> = (0..2500)
@@ -491,8 +529,8 @@ mod tests {
         let r = state(&t);
         let ttl = Duration::from_secs(30);
         assert_eq!(r.route().await.unwrap(), None);
-        r.announce("a", "a:1", 5, ttl, false).await.unwrap();
-        r.announce("b", "b:1", 2, ttl, false).await.unwrap();
+        r.announce("a", "a:1", 5, ttl, false, false).await.unwrap();
+        r.announce("b", "b:1", 2, ttl, false, false).await.unwrap();
         let mut picked = Vec::new();
         for _ in 0..5 {
             picked.push(r.route().await.unwrap().unwrap());
@@ -500,18 +538,18 @@ mod tests {
         // b takes clients until it is as loaded as a, then they alternate.
         assert_eq!(picked, vec!["b:1", "b:1", "b:1", "a:1", "b:1"]);
         // A refresh puts the real count back.
-        r.announce("b", "b:1", 2, ttl, false).await.unwrap();
+        r.announce("b", "b:1", 2, ttl, false, false).await.unwrap();
         assert_eq!(r.routes().await.unwrap()[0], ("b:1".to_owned(), 2.0));
         // A draining gateway leaves the table but keeps its lease.
-        r.announce("b", "b:1", 2, ttl, true).await.unwrap();
+        r.announce("b", "b:1", 2, ttl, true, false).await.unwrap();
         assert_eq!(r.route().await.unwrap().as_deref(), Some("a:1"));
         assert_eq!(r.leases(&["b"]).await.unwrap()[0].connections, 2);
         // An entry nobody refreshes is pruned by the next announcement.
-        r.announce("c", "c:1", 0, Duration::from_millis(100), false)
+        r.announce("c", "c:1", 0, Duration::from_millis(100), false, false)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
-        r.announce("a", "a:1", 6, Duration::from_millis(100), false)
+        r.announce("a", "a:1", 6, Duration::from_millis(100), false, false)
             .await
             .unwrap();
         let routes: Vec<String> = r.routes().await.unwrap().into_iter().map(|e| e.0).collect();

@@ -73,6 +73,10 @@ struct Args {
     /// Milliseconds between leaving the routing table and telling clients to go.
     #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
     drain_pause_ms: u64,
+    /// Who writes the routing table: "gateways" (each its own entry) or
+    /// "operator" (the Kubernetes operator; gateways write only their lease).
+    #[arg(long, env = "PARLEY_ROUTING_TABLE", default_value = "gateways", value_parser = ["gateways", "operator"])]
+    routing_table: String,
     /// Seconds between lease writes (the lease lives three times as long).
     #[arg(long, env = "PARLEY_LEASE_SECS", default_value_t = 5)]
     lease_secs: u64,
@@ -144,6 +148,7 @@ where
         lease_every: Duration::from_secs(a.lease_secs.max(1)),
         lease_ttl: Duration::from_secs(a.lease_secs.max(1) * 3),
         drain_pause: Duration::from_millis(a.drain_pause_ms),
+        routing_managed: a.routing_table == "operator",
     };
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -58,6 +58,8 @@ pub struct ClusterConfig {
     pub prefix: String,
     pub lease_every: Duration,
     pub lease_ttl: Duration,
+    /// The operator owns the routing table: write only the lease.
+    pub routing_managed: bool,
     /// Between leaving the routing table and telling clients to go.
     pub drain_pause: Duration,
 }
@@ -163,7 +165,14 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
         let count = registry.len() as u64;
         match node
             .redis
-            .announce(id, &node.advertise, count, cfg.lease_ttl, draining)
+            .announce(
+                id,
+                &node.advertise,
+                count,
+                cfg.lease_ttl,
+                draining,
+                cfg.routing_managed,
+            )
             .await
         {
             Ok(had) => {

@@ -231,6 +231,8 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
         env_field("PARLEY_GATEWAY_ID", "metadata.name"),
         env_field("POD_IP", "status.podIP"),
         env("PARLEY_LISTEN", format!("0.0.0.0:{GATEWAY_TCP}")),
+        // The operator writes the routing table from here on.
+        env("PARLEY_ROUTING_TABLE", "operator"),
         env("PARLEY_OPS_LISTEN", format!("0.0.0.0:{GATEWAY_OPS}")),
         env(
             "PARLEY_CHAT_ADDRS",

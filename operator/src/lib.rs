@@ -4,4 +4,5 @@
 
 pub mod crd;
 pub mod desired;
+pub mod routing;
 pub mod scaling;
