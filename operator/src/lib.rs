@@ -6,3 +6,4 @@ pub mod crd;
 pub mod desired;
 pub mod routing;
 pub mod scaling;
+pub mod status;
