@@ -1,6 +1,9 @@
 //! `parley-chat`: one chat-service replica of a Parley cluster (see `--help`).
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    parley_chat::cli::run(std::env::args_os()).await
+async fn main() {
+    if let Err(e) = parley_chat::cli::run(std::env::args_os()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

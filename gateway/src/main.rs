@@ -1,6 +1,9 @@
 //! `parley-gateway`: one gateway of a Parley cluster (see `--help`).
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    parley_gateway::cli::run(std::env::args_os()).await
+async fn main() {
+    if let Err(e) = parley_gateway::cli::run(std::env::args_os()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }
