@@ -445,17 +445,7 @@ mod tests {
 
     #[test]
     fn a_minimal_resource_takes_the_defaults() {
-        let yaml = r#"
-apiVersion: parley.dev/v1alpha1
-kind: ChatCluster
-metadata: {name: chat, namespace: im}
-spec:
-  postgres: {secretRef: {name: parley-db, key: url}}
-  redis: {url: "redis://redis:6379/"}
-  rabbitmq: {url: "amqp://guest:guest@rabbitmq:5672/%2f"}
-  tokenSecret: {name: parley, key: token-secret}
-  adminKey: {name: parley, key: admin-key}
-"#;
+        let yaml = include_str!("../../examples/chatcluster.yaml");
         let c: ChatCluster = serde_yaml::from_str(yaml).unwrap();
         assert_eq!(c.spec.gateway, GatewaySpec::default());
         assert_eq!(c.spec.gateway.service_type, ServiceType::LoadBalancer);

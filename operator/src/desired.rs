@@ -416,18 +416,24 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
     }
 }
 
-/// Headless: its DNS name resolves to every ready chat pod, which is how
-/// gateways find the replicas they balance over.
-pub fn chat_service(cc: &ChatCluster) -> Service {
+/// A Service in front of the chat pods with one port.
+fn chat_port_service(
+    cc: &ChatCluster,
+    name: String,
+    headless: bool,
+    port_name: &str,
+    port: i32,
+) -> Service {
     Service {
-        metadata: meta(cc, chat_name(cc), "chat"),
+        metadata: meta(cc, name, "chat"),
         spec: Some(ServiceSpec {
-            cluster_ip: Some("None".to_owned()),
+            cluster_ip: headless.then(|| "None".to_owned()),
+            type_: Some("ClusterIP".to_owned()),
             selector: selector(cc, "chat").match_labels,
             ports: Some(vec![ServicePort {
-                name: Some("internal".to_owned()),
-                port: CHAT_INTERNAL,
-                target_port: Some(IntOrString::Int(CHAT_INTERNAL)),
+                name: Some(port_name.to_owned()),
+                port,
+                target_port: Some(IntOrString::Int(port)),
                 ..ServicePort::default()
             }]),
             ..ServiceSpec::default()
@@ -436,23 +442,15 @@ pub fn chat_service(cc: &ChatCluster) -> Service {
     }
 }
 
+/// Headless: its DNS name resolves to every ready chat pod, which is how
+/// gateways find the replicas they balance over.
+pub fn chat_service(cc: &ChatCluster) -> Service {
+    chat_port_service(cc, chat_name(cc), true, "internal", CHAT_INTERNAL)
+}
+
 /// The admin API, for the app's backend inside the cluster.
 pub fn admin_service(cc: &ChatCluster) -> Service {
-    Service {
-        metadata: meta(cc, admin_name(cc), "chat"),
-        spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".to_owned()),
-            selector: selector(cc, "chat").match_labels,
-            ports: Some(vec![ServicePort {
-                name: Some("admin".to_owned()),
-                port: CHAT_ADMIN,
-                target_port: Some(IntOrString::Int(CHAT_ADMIN)),
-                ..ServicePort::default()
-            }]),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    }
+    chat_port_service(cc, admin_name(cc), false, "admin", CHAT_ADMIN)
 }
 
 /// At most one pod of `component` down by voluntary disruption at a time.
@@ -473,18 +471,11 @@ mod tests {
     use super::*;
 
     fn cluster() -> ChatCluster {
-        let yaml = r#"
-apiVersion: parley.dev/v1alpha1
-kind: ChatCluster
-metadata: {name: chat, namespace: im, uid: 0b4f5c9e-0000-4000-8000-000000000001}
-spec:
-  postgres: {secretRef: {name: parley-db, key: url}}
-  redis: {url: "redis://redis:6379/"}
-  rabbitmq: {url: "amqp://guest:guest@rabbitmq:5672/%2f"}
-  tokenSecret: {name: parley, key: token-secret}
-  adminKey: {name: parley, key: admin-key}
-"#;
-        serde_yaml::from_str(yaml).unwrap()
+        let mut cc: ChatCluster =
+            serde_yaml::from_str(include_str!("../../examples/chatcluster.yaml")).unwrap();
+        // As the API server would give it.
+        cc.metadata.uid = Some("0b4f5c9e-0000-4000-8000-000000000001".into());
+        cc
     }
 
     fn env_of(d: &Deployment) -> Vec<EnvVar> {
