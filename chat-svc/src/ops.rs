@@ -184,3 +184,71 @@ pub async fn terminated() {
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    struct Fixed(Readiness);
+
+    #[async_trait]
+    impl Probe for Fixed {
+        async fn ready(&self) -> Readiness {
+            self.0.clone()
+        }
+        fn metrics(&self) -> String {
+            "# EOF\n".to_owned()
+        }
+    }
+
+    async fn get(readiness: Readiness, path: &str) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let probe: Arc<dyn Probe> = Arc::new(Fixed(readiness));
+        let server = tokio::spawn(serve(listener, router(probe), std::future::pending()));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        server.abort();
+        out
+    }
+
+    #[tokio::test]
+    async fn readiness_tells_blockers_from_degradation() {
+        let ok = get(Readiness::default(), "/readyz").await;
+        assert!(
+            ok.starts_with("HTTP/1.1 200") && ok.ends_with("ready\n"),
+            "{ok}"
+        );
+        let degraded = Readiness {
+            blockers: vec![],
+            degraded: vec!["rabbitmq is unreachable".into()],
+        };
+        let r = get(degraded, "/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(
+            r.ends_with("ready (degraded: rabbitmq is unreachable)\n"),
+            "{r}"
+        );
+        let blocked = Readiness {
+            blockers: vec!["draining".into()],
+            degraded: vec![],
+        };
+        let r = get(blocked, "/readyz").await;
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.ends_with("not ready: draining\n"),
+            "{r}"
+        );
+        let live = get(Readiness::default(), "/healthz").await;
+        assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+        let m = get(Readiness::default(), "/metrics").await;
+        assert!(m.contains("application/openmetrics-text"), "{m}");
+    }
+}
