@@ -228,6 +228,8 @@ pub struct Cluster {
     pub gateways: Vec<Node>,
     /// The TLS listener of each gateway, when the spec asked for TLS.
     pub tls_addrs: Vec<SocketAddr>,
+    /// The WebSocket-over-TLS listener of each gateway, likewise.
+    pub wss_addrs: Vec<SocketAddr>,
     pub admin_url: String,
     pub admin_key: String,
     _db: TestDatabase,
@@ -291,6 +293,7 @@ impl Cluster {
         let chat_addrs: Vec<String> = chats.iter().map(|c| c.addr.to_string()).collect();
         let mut gateways = Vec::new();
         let mut tls_addrs = Vec::new();
+        let mut wss_addrs = Vec::new();
         for i in 0..spec.gateways {
             let (addr, ops) = (loopback(free_port()), loopback(free_port()));
             let mut env = common.clone();
@@ -304,10 +307,12 @@ impl Cluster {
                 ("PARLEY_SHUTDOWN_GRACE_SECS".to_owned(), "5".to_owned()),
             ]);
             if let Some((cert, key)) = &spec.tls {
-                let tls = loopback(free_port());
+                let (tls, wss) = (loopback(free_port()), loopback(free_port()));
                 tls_addrs.push(tls);
+                wss_addrs.push(wss);
                 env.extend([
                     ("PARLEY_TLS_LISTEN".to_owned(), tls.to_string()),
+                    ("PARLEY_WSS_LISTEN".to_owned(), wss.to_string()),
                     ("PARLEY_TLS_CERT".to_owned(), cert.display().to_string()),
                     ("PARLEY_TLS_KEY".to_owned(), key.display().to_string()),
                 ]);
@@ -331,6 +336,7 @@ impl Cluster {
             chats,
             gateways,
             tls_addrs,
+            wss_addrs,
             admin_url: format!("http://{}", loopback(admin_port)),
             admin_key,
             _db: db,

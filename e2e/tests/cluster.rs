@@ -466,6 +466,9 @@ async fn clients_connect_over_tls() {
     let (ledger, _) = traffic(&rec, streams).await;
     check(&ledger, "tls", &c);
 
+    // WebSocket over TLS (wss://) speaks the same frames.
+    assert_eq!(wss_hello(c.wss_addrs[0], &cert_path).await, 1);
+
     // A client that does not trust the certificate is refused.
     let other = tempfile::NamedTempFile::new().unwrap();
     let stranger = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
@@ -475,4 +478,57 @@ async fn clients_connect_over_tls() {
         refused.is_err(),
         "an untrusted certificate must fail the handshake"
     );
+}
+
+/// Opens wss:// to `addr` trusting `ca`, sends Hello, returns the version
+/// the HelloOk names.
+async fn wss_hello(addr: std::net::SocketAddr, ca: &std::path::Path) -> u32 {
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message as _;
+    use rustls_pki_types::pem::PemObject;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{}/", addr.port()), tls)
+            .await
+            .unwrap();
+    let hello = pb::ClientFrame::new(
+        1,
+        pb::client_frame::Body::Hello(pb::Hello {
+            min_version: 1,
+            max_version: 1,
+            client: "e2e-wss".into(),
+        }),
+    );
+    ws.send(Ws::Binary(hello.encode_to_vec().into()))
+        .await
+        .unwrap();
+    loop {
+        match ws.next().await.unwrap().unwrap() {
+            Ws::Binary(b) => {
+                let frame = pb::ServerFrame::decode(b.as_ref()).unwrap();
+                match frame.body {
+                    Some(pb::server_frame::Body::HelloOk(ok)) => return ok.version,
+                    other => panic!("expected HelloOk, got {other:?}"),
+                }
+            }
+            _ => continue,
+        }
+    }
 }
