@@ -17,7 +17,6 @@ use anyhow::Context;
 use async_trait::async_trait;
 use clap::{Parser, Subcommand};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -223,14 +222,9 @@ where
         registry,
     });
 
-    let bind = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the {what} listener on {addr}"))
-    };
-    let internal = bind(a.internal_listen, "internal").await?;
-    let admin = bind(a.admin_listen, "admin").await?;
-    let ops_listener = bind(a.ops_listen, "ops").await?;
+    let internal = ops::bind(a.internal_listen, "internal").await?;
+    let admin = ops::bind(a.admin_listen, "admin").await?;
+    let ops_listener = ops::bind(a.ops_listen, "ops").await?;
     tracing::info!(
         internal = %a.internal_listen,
         admin = %a.admin_listen,

@@ -74,6 +74,15 @@ async fn metrics(State(probe): State<Arc<dyn Probe>>) -> impl IntoResponse {
     )
 }
 
+/// Binds a listener, naming it in the error ("binding the ops listener on
+/// 0.0.0.0:7403: address in use").
+pub async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener on {addr}"))
+}
+
 /// Serves `router` on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,

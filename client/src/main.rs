@@ -250,15 +250,6 @@ impl ChatArgs {
     }
 }
 
-fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() {
     if let Err(e) = run(Cli::parse()).await {
@@ -270,7 +261,7 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => {
-            init_tracing();
+            parley_chat::ops::init_logging();
             up(args).await
         }
         Command::User {

@@ -83,6 +83,39 @@ pub async fn connect(
     Ok(Box::new(stream))
 }
 
+/// A plain HTTP/1.1 GET of `path` at `authority` (host:port): the status
+/// and the body (at most 64 KiB), within 5 s.
+pub async fn http_get(authority: &str, path: &str) -> Result<(u16, String), String> {
+    let work = async {
+        let mut s = TcpStream::connect(authority)
+            .await
+            .map_err(|e| format!("{authority}: {e}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        s.take(64 * 1024)
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| format!("{authority} did not answer within 5 s"))??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{authority}: malformed HTTP response"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("{authority}: malformed HTTP status line"))?;
+    Ok((status, body.to_owned()))
+}
+
 /// Asks a gateway's route lookup (`http://host:port/route`) for the
 /// least-loaded gateway's address.
 pub async fn lookup_route(url: &str) -> Result<String, String> {
@@ -93,30 +126,10 @@ pub async fn lookup_route(url: &str) -> Result<String, String> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/route"),
     };
-    let work = async {
-        let mut s = TcpStream::connect(authority)
-            .await
-            .map_err(|e| format!("route lookup at {authority}: {e}"))?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut body = Vec::new();
-        s.take(64 * 1024)
-            .read_to_end(&mut body)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(body)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(5), work)
+    let (status, body) = http_get(authority, path)
         .await
-        .map_err(|_| format!("route lookup at {authority} timed out"))??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("route lookup: malformed HTTP response")?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
+        .map_err(|e| format!("route lookup at {e}"))?;
+    if status != 200 {
         return Err(format!("route lookup answered {status}: {}", body.trim()));
     }
     // {"address":"host:port"}

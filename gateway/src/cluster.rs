@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use async_trait::async_trait;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -106,6 +105,7 @@ impl Probe for Node {
 
     fn metrics(&self) -> String {
         let m = &self.shared.metrics;
+        m.sessions.set(self.shared.registry.len() as i64);
         m.backends.set_up("chat", self.chat.healthy());
         m.backends
             .set_up("redis", self.redis_up.load(Ordering::Relaxed));
@@ -144,11 +144,7 @@ async fn route(State(node): State<Arc<Node>>) -> impl IntoResponse {
 
 async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
     match addr {
-        Some(a) => {
-            Ok(Some(TcpListener::bind(a).await.with_context(|| {
-                format!("binding the {what} listener on {a}")
-            })?))
-        }
+        Some(a) => Ok(Some(ops::bind(a, what).await?)),
         None => Ok(None),
     }
 }
@@ -239,9 +235,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         wss: bind(cfg.wss_listen, "WSS").await?,
         acceptor,
     };
-    let ops_listener = TcpListener::bind(cfg.ops_listen)
-        .await
-        .with_context(|| format!("binding the ops listener on {}", cfg.ops_listen))?;
+    let ops_listener = ops::bind(cfg.ops_listen, "ops").await?;
 
     let chat = Arc::new(RemoteChat::connect(cfg.chat.clone()).await?);
     let redis = RedisState::new(&cfg.redis_url, &cfg.prefix)?;

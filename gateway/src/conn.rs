@@ -178,7 +178,6 @@ pub async fn serve<IO: FrameIo>(
     }
     shared.metrics.connections.dec();
     if let Some(l) = live {
-        shared.metrics.sessions.dec();
         shared.registry.unregister(&l.session.user, conn_id);
         if let Err(e) = shared.presence.offline(&l.session).await {
             tracing::warn!(error = %e, "presence not cleared; it expires with this gateway's lease");
@@ -366,7 +365,6 @@ async fn on_frame(
             };
             l.delivered = resume;
             *phase = Phase::Ready;
-            shared.metrics.sessions.inc();
             out.push(pb::ServerFrame::new(
                 rid,
                 Resp::AuthOk(pb::AuthOk {

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 pub struct GatewayMetrics {
     /// Open client connections, authenticated or not.
     pub connections: Gauge,
-    /// Authenticated device sessions.
+    /// Authenticated device sessions (set from the registry when scraped).
     pub sessions: Gauge,
     pub accepted: Counter,
     /// Send frames received.
