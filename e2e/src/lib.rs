@@ -16,8 +16,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use parley_chat::testing::{TestDatabase, unique_name};
 use parley_client::{Admin, Client, ClientConfig, TlsOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 pub use ledger::{Ledger, Recorder};
@@ -116,23 +114,11 @@ impl Proc {
     }
 }
 
-/// A minimal HTTP GET: (status, body).
+/// An HTTP GET (the SDK's): (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
+    parley_client::transport::http_get(&addr.to_string(), path)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 /// Waits for `/readyz` on `ops` to answer 200.

@@ -62,6 +62,15 @@ async fn stream(
     }
 }
 
+/// Connects device `name` ("user/device") to gateway `i` and records what
+/// it receives under that name.
+async fn join(c: &Cluster, i: usize, token: &str, name: &str, rec: &Recorder) -> Client {
+    let (_, device) = name.split_once('/').expect("user/device");
+    connect(c.at_gateway(i, token, device), rec, name)
+        .await
+        .unwrap()
+}
+
 /// Every device name but `sender`.
 fn others(devices: &[&str], sender: &str) -> Vec<String> {
     devices
@@ -103,24 +112,12 @@ async fn one_to_one_and_group_messages_cross_gateways_exactly_once_in_order() {
     let t = c.users(&["ann", "bob", "cyd", "dan"]).await.unwrap();
     let rec = Recorder::default();
     // Six devices over three gateways; ann and dan have two each.
-    let ann_phone = connect(c.at_gateway(0, &t[0], "phone"), &rec, "ann/phone")
-        .await
-        .unwrap();
-    let _ann_laptop = connect(c.at_gateway(1, &t[0], "laptop"), &rec, "ann/laptop")
-        .await
-        .unwrap();
-    let bob = connect(c.at_gateway(1, &t[1], "phone"), &rec, "bob/phone")
-        .await
-        .unwrap();
-    let cyd = connect(c.at_gateway(2, &t[2], "phone"), &rec, "cyd/phone")
-        .await
-        .unwrap();
-    let dan = connect(c.at_gateway(2, &t[3], "phone"), &rec, "dan/phone")
-        .await
-        .unwrap();
-    let _dan_tablet = connect(c.at_gateway(0, &t[3], "tablet"), &rec, "dan/tablet")
-        .await
-        .unwrap();
+    let ann_phone = join(&c, 0, &t[0], "ann/phone", &rec).await;
+    let _ann_laptop = join(&c, 1, &t[0], "ann/laptop", &rec).await;
+    let bob = join(&c, 1, &t[1], "bob/phone", &rec).await;
+    let cyd = join(&c, 2, &t[2], "cyd/phone", &rec).await;
+    let dan = join(&c, 2, &t[3], "dan/phone", &rec).await;
+    let _dan_tablet = join(&c, 0, &t[3], "dan/tablet", &rec).await;
 
     let direct = ann_phone.open_direct("bob").await.unwrap().id;
     let group = ann_phone
@@ -281,15 +278,9 @@ async fn a_chat_service_killed_mid_stream_costs_retries_not_messages() {
     let c = Cluster::start(spec()).await.unwrap();
     let t = c.users(&["ann", "bob", "cyd"]).await.unwrap();
     let rec = Recorder::default();
-    let ann = connect(c.at_gateway(0, &t[0], "phone"), &rec, "ann/phone")
-        .await
-        .unwrap();
-    let bob = connect(c.at_gateway(1, &t[1], "phone"), &rec, "bob/phone")
-        .await
-        .unwrap();
-    let cyd = connect(c.at_gateway(2, &t[2], "phone"), &rec, "cyd/phone")
-        .await
-        .unwrap();
+    let ann = join(&c, 0, &t[0], "ann/phone", &rec).await;
+    let bob = join(&c, 1, &t[1], "bob/phone", &rec).await;
+    let cyd = join(&c, 2, &t[2], "cyd/phone", &rec).await;
     let group = ann.create_group("g", &["bob", "cyd"]).await.unwrap().id;
     let all = ["ann/phone", "bob/phone", "cyd/phone"];
     let pause = Duration::from_millis(5);
@@ -357,15 +348,9 @@ where
 {
     let t = c.users(&["ann", "bob"]).await.unwrap();
     let rec = Recorder::default();
-    let ann = connect(c.at_gateway(0, &t[0], "phone"), &rec, "ann/phone")
-        .await
-        .unwrap();
-    let _ann2 = connect(c.at_gateway(2, &t[0], "laptop"), &rec, "ann/laptop")
-        .await
-        .unwrap();
-    let bob = connect(c.at_gateway(1, &t[1], "phone"), &rec, "bob/phone")
-        .await
-        .unwrap();
+    let ann = join(c, 0, &t[0], "ann/phone", &rec).await;
+    let _ann2 = join(c, 2, &t[0], "ann/laptop", &rec).await;
+    let bob = join(c, 1, &t[1], "bob/phone", &rec).await;
     let direct = ann.open_direct("bob").await.unwrap().id;
     let devices = ["ann/phone", "ann/laptop", "bob/phone"];
     let pause = Duration::from_millis(20);
