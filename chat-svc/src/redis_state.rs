@@ -59,19 +59,21 @@ return 0
 /// it drains), and drops entries nobody refreshed within the TTL. Time comes
 /// from Redis, so gateways' clocks need not agree. When the operator owns
 /// the routing table (ARGV[5] = 1), only the lease is written, and a
-/// draining gateway takes its own entry out.
+/// draining gateway takes its own entry out. The reply also carries the
+/// operator's drain request for this gateway, if any.
 const ANNOUNCE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
 local had = redis.call('EXISTS', KEYS[1])
+local drain = redis.call('GET', KEYS[4])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ttl)
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
 elseif ARGV[5] == '1' then
   -- The operator owns the routing table: only the lease is ours.
-  return had
+  return {had, drain}
 else
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   redis.call('HSET', KEYS[3], ARGV[1], now)
@@ -83,7 +85,7 @@ for i = 1, #seen, 2 do
     redis.call('HDEL', KEYS[3], seen[i])
   end
 end
-return had
+return {had, drain}
 ";
 
 /// Takes the least-loaded address and counts the client about to arrive on
@@ -116,6 +118,17 @@ impl std::fmt::Debug for RedisState {
 
 fn redis_err(e: redis::RedisError) -> ChatError {
     ChatError::Unavailable(format!("redis: {e}"))
+}
+
+/// What a lease write learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announced {
+    /// False when the lease had gone (first start, expiry, or a Redis that
+    /// restarted and lost everything): presence must be written again.
+    pub had_lease: bool,
+    /// The operator asks this gateway to drain at this many clients per
+    /// second.
+    pub drain_rate: Option<u32>,
 }
 
 /// One gateway's lease as read back.
@@ -190,9 +203,7 @@ impl RedisState {
 
     /// Writes this gateway's lease (address and online count, alive for
     /// `ttl`) and, unless the operator owns the routing table (`managed`),
-    /// its routing entry; `draining` takes the entry out instead. False when
-    /// the lease had gone (first start, expiry, or a Redis that restarted and
-    /// lost everything): presence must be written again.
+    /// its routing entry; `draining` takes the entry out instead.
     pub async fn announce(
         &self,
         gateway: &str,
@@ -201,13 +212,14 @@ impl RedisState {
         ttl: Duration,
         draining: bool,
         managed: bool,
-    ) -> Result<bool, ChatError> {
+    ) -> Result<Announced, ChatError> {
         let mut c = self.conn.clone();
-        let had: i64 = self
+        let (had, drain): (i64, Option<String>) = self
             .announce
             .key(self.key("gw", gateway))
             .key(self.routes_key())
             .key(format!("{}:routes:seen", self.prefix))
+            .key(self.key("drain", gateway))
             .arg(address)
             .arg(connections)
             .arg(ttl.as_millis() as u64)
@@ -216,7 +228,25 @@ impl RedisState {
             .invoke_async(&mut c)
             .await
             .map_err(redis_err)?;
-        Ok(had == 1)
+        Ok(Announced {
+            had_lease: had == 1,
+            drain_rate: drain.and_then(|d| d.parse().ok()),
+        })
+    }
+
+    /// Asks `gateway` to move its clients away at `rate` per second (the
+    /// operator's scale-down). The gateway reads the request with its next
+    /// lease write; the request lapses after `ttl`.
+    pub async fn request_drain(
+        &self,
+        gateway: &str,
+        rate: u32,
+        ttl: Duration,
+    ) -> Result<(), ChatError> {
+        let mut c = self.conn.clone();
+        c.pset_ex::<_, _, ()>(self.key("drain", gateway), rate, ttl.as_millis() as u64)
+            .await
+            .map_err(redis_err)
     }
 
     /// Removes this gateway's lease and routing entry (a clean shutdown).
@@ -461,17 +491,26 @@ mod tests {
         let r = state(&t);
         assert!(r.ping().await, "Redis for tests (run scripts/services)");
         let ttl = Duration::from_secs(30);
-        assert!(
-            !r.announce("g1", "10.0.0.1:7400", 1, ttl, false, false)
+        let first = r
+            .announce("g1", "10.0.0.1:7400", 1, ttl, false, false)
+            .await
+            .unwrap();
+        assert!(!first.had_lease, "a first lease is new");
+        assert_eq!(first.drain_rate, None);
+        let again = r
+            .announce("g1", "10.0.0.1:7400", 1, ttl, false, false)
+            .await
+            .unwrap();
+        assert!(again.had_lease);
+        // The operator asks g1 to drain; g1 learns it with its next lease.
+        r.request_drain("g1", 250, ttl).await.unwrap();
+        for managed in [false, true] {
+            let asked = r
+                .announce("g1", "10.0.0.1:7400", 1, ttl, false, managed)
                 .await
-                .unwrap(),
-            "a first lease is new"
-        );
-        assert!(
-            r.announce("g1", "10.0.0.1:7400", 1, ttl, false, false)
-                .await
-                .unwrap()
-        );
+                .unwrap();
+            assert_eq!(asked.drain_rate, Some(250));
+        }
         r.announce("g2", "10.0.0.2:7400", 1, ttl, false, false)
             .await
             .unwrap();

@@ -273,6 +273,107 @@ async fn a_gateway_killed_its_clients_reconnect_through_the_route_lookup() {
     assert!(reconnected > 0, "someone was on the killed gateway");
 }
 
+/// A gauge of gateway `i`, read from its /metrics.
+async fn gauge(c: &Cluster, i: usize, name: &str) -> i64 {
+    let (_, body) = http_get(c.gateways[i].ops, "/metrics").await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_request_moves_clients_away_at_its_rate_and_loses_nothing() {
+    let c = Cluster::start(spec()).await.unwrap();
+    let users = ["ann", "bob", "cyd", "dan"];
+    let t = c.users(&users).await.unwrap();
+    let rec = Recorder::default();
+    let mut devices = Vec::new();
+    let mut clients = Vec::new();
+    for (user, token) in users.iter().zip(&t) {
+        for device in ["phone", "laptop", "tablet"] {
+            let name = format!("{user}/{device}");
+            clients.push(
+                connect(c.via_route(2, token, device), &rec, &name)
+                    .await
+                    .unwrap(),
+            );
+            devices.push(name);
+        }
+    }
+    let of = |users: [&str; 2]| -> Vec<&str> {
+        devices
+            .iter()
+            .filter(|d| users.iter().any(|u| d.starts_with(&format!("{u}/"))))
+            .map(String::as_str)
+            .collect()
+    };
+    let (ab, cd) = (of(["ann", "bob"]), of(["cyd", "dan"]));
+    let ann_bob = clients[0].open_direct("bob").await.unwrap().id;
+    let cyd_dan = clients[6].open_direct("dan").await.unwrap().id;
+    let pause = Duration::from_millis(20);
+    let streams = vec![
+        tokio::spawn(stream(
+            clients[0].clone(),
+            ann_bob,
+            250,
+            pause,
+            others(&ab, "ann/phone"),
+        )),
+        tokio::spawn(stream(
+            clients[9].clone(),
+            cyd_dan,
+            250,
+            pause,
+            others(&cd, "dan/phone"),
+        )),
+    ];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // What the operator does when it scales a gateway away.
+    let victim = busiest(&c, &[0, 1, 2]).await;
+    let held = gauge(&c, victim, "parley_gateway_connections").await;
+    let rate = 4;
+    let redis = parley_chat::RedisState::new(&c.spec.redis_url, &c.prefix).unwrap();
+    let asked = std::time::Instant::now();
+    redis
+        .request_drain(&format!("gw{victim}"), rate, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut left = held;
+    while left > 0 && asked.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = gauge(&c, victim, "parley_gateway_connections").await;
+    }
+    let took = asked.elapsed();
+    println!("gw{victim} drained {held} clients at {rate}/s in {took:?}");
+    assert_eq!(left, 0, "every client moved away\n{}", c.logs());
+    // A lower bound only: tickets are issued one per 1/rate seconds.
+    let floor = Duration::from_millis(1000 / rate as u64) * (held.max(1) as u32 - 1);
+    assert!(
+        took >= floor,
+        "{held} clients at {rate}/s took only {took:?}"
+    );
+    let (status, body) = http_get(c.gateways[victim].ops, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "a draining gateway is not ready: {body}");
+    let routed: Vec<String> = redis
+        .routes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    assert!(!routed.contains(&c.gateways[victim].addr.to_string()));
+
+    let (ledger, _) = traffic(&rec, streams).await;
+    check(&ledger, "drained", &c);
+    let moved = devices.iter().filter(|d| rec.log(d).connects > 1).count();
+    assert!(
+        moved as i64 >= held,
+        "{moved} devices reconnected, {held} were on gw{victim}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_service_killed_mid_stream_costs_retries_not_messages() {
     let c = Cluster::start(spec()).await.unwrap();

@@ -67,9 +67,14 @@ struct Args {
     /// Close a connection silent for this long (seconds).
     #[arg(long, env = "PARLEY_IDLE_TIMEOUT_SECS", default_value_t = 90)]
     idle_timeout_secs: u64,
-    /// Seconds clients get to leave after the gateway starts draining.
+    /// Seconds clients get to leave after the gateway starts draining on
+    /// SIGTERM (keep it under the pod's termination grace period).
     #[arg(long, env = "PARLEY_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     shutdown_grace_secs: u64,
+    /// Clients told to go per second while draining; on SIGTERM faster if
+    /// that is what it takes to finish within the grace period.
+    #[arg(long, env = "PARLEY_DRAIN_RATE", default_value_t = 500)]
+    drain_rate: u32,
     /// Milliseconds between leaving the routing table and telling clients to go.
     #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
     drain_pause_ms: u64,
@@ -148,6 +153,7 @@ where
         lease_every: Duration::from_secs(a.lease_secs.max(1)),
         lease_ttl: Duration::from_secs(a.lease_secs.max(1) * 3),
         drain_pause: Duration::from_millis(a.drain_pause_ms),
+        drain_rate: a.drain_rate.max(1),
         routing_managed: a.routing_table == "operator",
     };
     let (stop, stop_rx) = watch::channel(false);

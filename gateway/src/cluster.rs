@@ -9,9 +9,12 @@
 //! up from the database, so nothing committed meanwhile is missed. The same
 //! catch-up follows a reconnect of its RabbitMQ consumer.
 //!
-//! On SIGTERM it drains: readiness turns false and its routing entry goes,
-//! then after a pause for routes to settle it tells every client to
-//! reconnect (GoAway) and waits for them to leave within the grace period.
+//! It drains when the operator asks (a drain request read back with the
+//! lease, see [`crate::drain`]) or on SIGTERM: readiness turns false and its
+//! routing entry goes, then after a pause for routes to settle it tells its
+//! clients to reconnect (GoAway) at the drain rate. On SIGTERM the rate
+//! rises if need be so that everyone has been told within the grace period;
+//! whoever is left at its end is told at once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,6 +64,8 @@ pub struct ClusterConfig {
     pub routing_managed: bool,
     /// Between leaving the routing table and telling clients to go.
     pub drain_pause: Duration,
+    /// Clients told to go per second while draining.
+    pub drain_rate: u32,
 }
 
 /// What the gateway's loops share with its probe.
@@ -83,7 +88,7 @@ impl Probe for Node {
     /// up once they are back, so those only degrade the gateway.
     async fn ready(&self) -> Readiness {
         let mut r = Readiness::default();
-        if self.shared.draining.load(Ordering::Relaxed) {
+        if self.shared.drain.active() {
             r.blockers.push("draining".to_owned());
         }
         if !self.started.load(Ordering::Relaxed) {
@@ -123,9 +128,7 @@ impl Probe for Node {
 async fn route(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let address = match node.redis.route().await {
         Ok(Some(a)) => Some(a),
-        Ok(None) | Err(_) if !node.shared.draining.load(Ordering::Relaxed) => {
-            Some(node.advertise.clone())
-        }
+        Ok(None) | Err(_) if !node.shared.drain.active() => Some(node.advertise.clone()),
         _ => None,
     };
     match address {
@@ -157,7 +160,8 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
     let mut refreshed = Instant::now();
     let mut first = true;
     loop {
-        let draining = node.shared.draining.load(Ordering::Relaxed);
+        let mut again = false;
+        let draining = node.shared.drain.active();
         let count = registry.len() as u64;
         match node
             .redis
@@ -171,7 +175,22 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
             )
             .await
         {
-            Ok(had) => {
+            Ok(announced) => {
+                let had = announced.had_lease;
+                if let Some(rate) = announced.drain_rate
+                    && !node.shared.drain.active()
+                {
+                    // Out of the routing table first (the lease is written
+                    // again at once), clients moved only after the pause.
+                    tracing::info!(rate, "the operator asked this gateway to drain");
+                    node.shared.drain.announce();
+                    again = true;
+                    let (shared, pause) = (node.shared.clone(), cfg.drain_pause);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(pause).await;
+                        shared.drain.start(rate);
+                    });
+                }
                 let was_up = node.redis_up.swap(true, Ordering::Relaxed);
                 if !first && !was_up {
                     node.shared.metrics.backends.reconnected("redis");
@@ -212,7 +231,9 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
             }
         }
         // Sleep, but write at once when draining starts.
-        let _ = tokio::time::timeout(cfg.lease_every, wake.changed()).await;
+        if !again {
+            let _ = tokio::time::timeout(cfg.lease_every, wake.changed()).await;
+        }
     }
 }
 
@@ -295,14 +316,41 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         gw_stop_rx,
     ));
 
+    let drain = amqp_bus::AbortOnDrop(tokio::spawn({
+        let shared = shared.clone();
+        async move { shared.drain.issue().await }
+    }));
+
     crate::stopped(&mut shutdown).await;
-    tracing::info!("draining: leaving the routing table");
-    shared.draining.store(true, Ordering::Relaxed);
+    let asked = shared.drain.active();
+    tracing::info!(
+        already_draining = asked,
+        "SIGTERM: leaving the routing table"
+    );
+    shared.drain.announce();
     let _ = wake_lease.send(true);
-    tokio::time::sleep(cfg.drain_pause).await;
+    if !asked {
+        tokio::time::sleep(cfg.drain_pause).await;
+    }
+    // Everyone must have been told before the grace period ends.
+    let window = cfg
+        .gateway
+        .shutdown_grace
+        .saturating_sub(cfg.drain_pause)
+        .max(Duration::from_secs(1));
+    let online = shared.metrics.connections.get().max(0) as u64;
+    let needed = online
+        .div_ceil(window.as_secs().max(1))
+        .min(u32::MAX as u64) as u32;
+    shared.drain.start(cfg.drain_rate.max(needed));
+    tracing::info!(online, rate = shared.drain.rate(), "moving clients away");
+    let deadline = Instant::now() + window;
+    while shared.metrics.connections.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _ = gw_stop.send(true);
     let _ = gateway.await;
-    drop((lease, resyncer, feed.task));
+    drop((lease, resyncer, drain, feed.task));
     if let Err(e) = node
         .redis
         .withdraw(&cfg.gateway.gateway_id, &cfg.advertise)

@@ -116,6 +116,7 @@ pub async fn serve<IO: FrameIo>(
         let step = tokio::select! {
             biased;
             () = crate::stopped(&mut shutdown) => Err(End::GoAway),
+            () = shared.drain.turn() => Err(End::GoAway),
             _ = sleep_until(idle_deadline) => {
                 Err(End::Fatal(ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
             }
@@ -163,7 +164,7 @@ pub async fn serve<IO: FrameIo>(
         }
         End::GoAway => {
             let go = pb::GoAway {
-                reason: "server shutting down".into(),
+                reason: "gateway draining: reconnect through the route lookup".into(),
                 reconnect_after_ms: cfg.reconnect_hint.as_millis() as u32,
                 redirect: String::new(),
             };

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod conn;
+pub mod drain;
 pub mod io;
 pub mod metrics;
 pub mod registry;
@@ -66,8 +67,9 @@ impl Default for GatewayConfig {
 
 /// What every connection of a gateway shares.
 pub struct Shared {
-    /// Set when the gateway drains: not ready, out of the routing table.
-    pub draining: std::sync::atomic::AtomicBool,
+    /// Once the gateway drains: not ready, out of the routing table, and
+    /// its clients moved away at a bounded rate.
+    pub drain: drain::Drain,
     pub config: GatewayConfig,
     pub chat: Arc<dyn ChatBackend>,
     pub presence: Arc<dyn Presence>,
@@ -91,7 +93,7 @@ impl Shared {
         presence: Arc<dyn Presence>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            draining: std::sync::atomic::AtomicBool::new(false),
+            drain: drain::Drain::default(),
             config,
             chat,
             presence,

@@ -246,6 +246,7 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
             "PARLEY_SHUTDOWN_GRACE_SECS",
             (g.termination_grace_period_seconds - 5).max(1).to_string(),
         ),
+        env("PARLEY_DRAIN_RATE", g.drain_rate_per_second.to_string()),
     ]);
     let mut ports = vec![port("tcp", GATEWAY_TCP), port("ops", GATEWAY_OPS)];
     if g.ports.websocket.is_some() {

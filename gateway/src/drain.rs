@@ -1,0 +1,174 @@
+//! Moving clients off a gateway at a bounded rate.
+//!
+//! A gateway that drains (the operator scales it away, or it got SIGTERM)
+//! must not send every client a GoAway at once: they would all reconnect in
+//! the same instant and hammer the route lookup, the other gateways' TLS
+//! handshakes and the chat service's catch-up reads together. Instead each
+//! connection waits for a ticket, and tickets are issued at the drain rate;
+//! a connection that gets one says GoAway and closes, and its client comes
+//! back through the route lookup and resumes from its cursor.
+//!
+//! Draining only ever starts and speeds up: a gateway never returns to
+//! service, since the routing table and the readiness probe have already
+//! let go of it.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+
+/// How often tickets are issued.
+const TICK: Duration = Duration::from_millis(100);
+const TICKS_PER_SECOND: u32 = 10;
+
+/// The drain state a gateway's connections share.
+pub struct Drain {
+    /// Clients per second; zero while not draining.
+    rate: AtomicU32,
+    started: watch::Sender<bool>,
+    tickets: Semaphore,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            rate: AtomicU32::new(0),
+            started: watch::Sender::new(false),
+            tickets: Semaphore::new(0),
+        }
+    }
+}
+
+impl std::fmt::Debug for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drain")
+            .field("rate", &self.rate())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drain {
+    /// Whether the gateway is draining.
+    pub fn active(&self) -> bool {
+        *self.started.borrow()
+    }
+
+    /// Clients moved away per second (zero while not draining).
+    pub fn rate(&self) -> u32 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Starts draining at `rate` clients per second, or speeds an ongoing
+    /// drain up to it. True when this call started the drain: the caller
+    /// then runs [`Drain::issue`].
+    pub fn start(&self, rate: u32) -> bool {
+        self.rate.fetch_max(rate.max(1), Ordering::Relaxed);
+        !self.started.send_replace(true)
+    }
+
+    /// Marks the gateway as draining (out of the routing table, not ready)
+    /// without moving anyone yet: the pause while routes settle.
+    pub fn announce(&self) {
+        self.started.send_replace(true);
+    }
+
+    /// Resolves when this connection's turn to leave has come. Cheap to
+    /// create in every turn of a connection's select loop: until the drain
+    /// starts it only waits on a watch.
+    pub async fn turn(&self) {
+        let mut started = self.started.subscribe();
+        let _ = started.wait_for(|s| *s).await;
+        if let Ok(ticket) = self.tickets.acquire().await {
+            ticket.forget();
+        }
+    }
+
+    /// Issues tickets at the current rate, forever (the gateway exits when
+    /// it is done): every 100 ms a tenth of the rate, or one at a time for
+    /// rates under ten a second. At most one tick's worth waits unclaimed,
+    /// so a pause in claims does not build up a burst.
+    pub async fn issue(&self) {
+        loop {
+            let rate = self.rate();
+            if rate == 0 {
+                tokio::time::sleep(TICK).await;
+                continue;
+            }
+            let per_tick = rate.div_ceil(TICKS_PER_SECOND) as usize;
+            let waiting = self.tickets.available_permits();
+            if waiting < per_tick {
+                self.tickets.add_permits(per_tick - waiting);
+            }
+            let every = if rate < TICKS_PER_SECOND {
+                Duration::from_secs(1) / rate
+            } else {
+                TICK
+            };
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_leave_at_the_drain_rate_and_faster_when_asked() {
+        let drain = Arc::new(Drain::default());
+        let left = Arc::new(AtomicUsize::new(0));
+        for _ in 0..100 {
+            let (drain, left) = (drain.clone(), left.clone());
+            tokio::spawn(async move {
+                drain.turn().await;
+                left.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(left.load(Ordering::Relaxed), 0, "nobody leaves before");
+        assert!(!drain.active());
+
+        assert!(drain.start(20));
+        assert!(!drain.start(10), "a second request does not restart it");
+        assert_eq!(drain.rate(), 20, "nor slow it down");
+        let issuer = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.issue().await }
+        });
+        tokio::time::sleep(Duration::from_millis(1050)).await;
+        let after_one_second = left.load(Ordering::Relaxed);
+        assert!(
+            (18..=22).contains(&after_one_second),
+            "20 per second, not {after_one_second}"
+        );
+        // SIGTERM with little grace left: faster.
+        drain.start(200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(left.load(Ordering::Relaxed), 100);
+        issuer.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_rates_issue_one_ticket_at_a_time() {
+        let drain = Arc::new(Drain::default());
+        let left = Arc::new(AtomicUsize::new(0));
+        for _ in 0..10 {
+            let (drain, left) = (drain.clone(), left.clone());
+            tokio::spawn(async move {
+                drain.turn().await;
+                left.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        drain.start(2);
+        let issuer = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.issue().await }
+        });
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(left.load(Ordering::Relaxed), 5, "two a second");
+        issuer.abort();
+    }
+}
