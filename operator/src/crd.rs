@@ -390,6 +390,22 @@ pub struct DrainStatus {
     pub started: Option<Time>,
     /// Clients still connected.
     pub remaining: i64,
+    #[serde(default)]
+    pub phase: DrainPhase,
+    /// When the pod was handed to the Deployment to remove.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<Time>,
+}
+
+/// Where a drain is: out of the routing table while routes settle, moving
+/// its clients away, or released (marked to go first, the replica count
+/// lowered) and waiting for the pod to be gone.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DrainPhase {
+    #[default]
+    Unrouted,
+    Moving,
+    Released,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -1,9 +1,13 @@
 //! Parley's Kubernetes operator: the `ChatCluster` resource, the pure
-//! desired-state and scaling logic, and (next) the controller that applies
-//! them.
+//! desired-state, scaling and drain logic, and the controller that applies
+//! them, with leader election on a Lease.
 
+pub mod controller;
 pub mod crd;
 pub mod desired;
+pub mod drains;
+pub mod leader;
+pub mod metrics;
 pub mod routing;
 pub mod scaling;
 pub mod status;

@@ -1,6 +1,26 @@
-//! `parley-operator`: `crd` prints the CustomResourceDefinition.
+//! `parley-operator`: `run` reconciles ChatCluster resources (one active
+//! replica, elected on a Lease); `crd` prints the CustomResourceDefinition.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
 use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use parley_chat::ops::{self, Probe, Readiness};
+use parley_operator::controller::{self, Context};
+use parley_operator::crd::ChatCluster;
+use parley_operator::leader::Elector;
+use parley_operator::metrics::Metrics;
+use prometheus_client::registry::Registry;
 
 #[derive(Parser)]
 #[command(name = "parley-operator", version, about = "The Parley operator")]
@@ -11,12 +31,138 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Reconcile ChatCluster resources until SIGTERM.
+    Run(RunArgs),
     /// Print the ChatCluster CustomResourceDefinition as YAML.
     Crd,
 }
 
-fn main() {
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Health (/healthz, /readyz) and metrics (/metrics).
+    #[arg(long, env = "PARLEY_OPS_LISTEN", default_value = "0.0.0.0:8080")]
+    ops_listen: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "PARLEY_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// The namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "parley-system")]
+    lease_namespace: String,
+    #[arg(long, env = "PARLEY_LEASE_NAME", default_value = "parley-operator")]
+    lease_name: String,
+    /// This replica's name in the Lease and in Events.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader that stopped renewing keeps the Lease.
+    #[arg(long, env = "PARLEY_LEASE_SECS", default_value_t = 15)]
+    lease_secs: u64,
+}
+
+struct Node {
+    registry: Registry,
+}
+
+#[async_trait]
+impl Probe for Node {
+    /// Standby replicas are ready too: they serve metrics and wait.
+    async fn ready(&self) -> Readiness {
+        Readiness::default()
+    }
+
+    fn metrics(&self) -> String {
+        ops::encode(&self.registry)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crd => print!("{}", parley_operator::crd::crd_yaml()),
+        Command::Crd => {
+            print!("{}", parley_operator::crd::crd_yaml());
+            Ok(())
+        }
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(args)),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    ops::init_logging();
+    let client = kube::Client::try_default().await?;
+    let metrics = Metrics::default();
+    let mut registry = Registry::with_prefix("parley_operator");
+    metrics.register(&mut registry);
+    let listener = ops::bind(args.ops_listen, "ops").await?;
+    let probe: Arc<dyn Probe> = Arc::new(Node { registry });
+    tokio::spawn(ops::serve(
+        listener,
+        ops::router(probe),
+        std::future::pending(),
+    ));
+
+    let identity = args.identity.unwrap_or_else(|| {
+        std::env::var("HOSTNAME")
+            .unwrap_or_else(|_| format!("parley-operator-{}", std::process::id()))
+    });
+    let elector = Elector::new(
+        Api::<Lease>::namespaced(client.clone(), &args.lease_namespace),
+        &args.lease_name,
+        &identity,
+        Duration::from_secs(args.lease_secs.max(3)),
+    );
+    tracing::info!(%identity, lease = %args.lease_name, "waiting to lead");
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = ops::terminated() => return Ok(()),
+    }
+    metrics.leader.set(1);
+    tracing::info!(%identity, "leading: reconciling ChatClusters");
+
+    let reporter = Reporter {
+        controller: "parley-operator".into(),
+        instance: Some(identity.clone()),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Recorder::new(client.clone(), reporter),
+        metrics.clone(),
+    ));
+    let clusters: Api<ChatCluster> = match &args.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    fn scoped<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ns = &args.watch_namespace;
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=parley-operator");
+    let controller = Controller::new(clusters, watcher::Config::default())
+        .owns(scoped::<Deployment>(&client, ns), owned.clone())
+        .owns(scoped::<Service>(&client, ns), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, ns), owned)
+        .shutdown_on_signal()
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        });
+    tokio::select! {
+        () = controller => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        () = elector.keep() => {
+            metrics.leader.set(0);
+            anyhow::bail!("lost the leader Lease; exiting so that a new candidate starts")
+        }
     }
 }

@@ -36,7 +36,8 @@ pub struct Observed {
     pub apply_error: Option<String>,
 }
 
-fn time(at: SystemTime) -> Time {
+/// A Kubernetes timestamp, to the second.
+pub fn time(at: SystemTime) -> Time {
     let since = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
@@ -153,6 +154,8 @@ pub fn compute(old: &ChatClusterStatus, seen: &Observed, now: SystemTime) -> Cha
     };
     let phase = if degraded {
         "Degraded"
+    } else if seen.gateway_ready == 0 && seen.chat_ready == 0 {
+        "Pending"
     } else if !seen.drains.is_empty() || seen.gateway_ready != seen.gateway_desired {
         "Scaling"
     } else if ready {
@@ -341,6 +344,7 @@ mod tests {
             pod: "b".into(),
             started: Some(time(t(0))),
             remaining: 5,
+            ..DrainStatus::default()
         }];
         let s = compute(&ChatClusterStatus::default(), &o, t(1));
         assert_eq!(s.phase, "Scaling");

@@ -1,0 +1,715 @@
+//! The reconciler against a mocked API server (kube's tower-test pattern)
+//! and a real Redis. The fake API server keeps the objects it was sent, so
+//! a pass sees what the last one left, and logs every request; each test
+//! asserts the exact requests of a pass.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::{Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::events::Reporter;
+use parley_chat::testing::{TestRedis, redis_url};
+use serde_json::{Value, json};
+
+use super::*;
+use crate::crd::{ChatClusterSpec, DrainPhase, GatewaySpec};
+
+/// A tiny API server: objects by path, and a log of requests.
+#[derive(Default)]
+struct Fake {
+    objects: Mutex<BTreeMap<String, Value>>,
+    log: Mutex<Vec<String>>,
+    /// Bodies of writes, by log line.
+    bodies: Mutex<Vec<(String, Value)>>,
+    version: AtomicU64,
+}
+
+fn not_found() -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "reason": "NotFound", "message": "not found", "code": 404}),
+    )
+}
+
+impl Fake {
+    fn put(&self, path: &str, v: Value) {
+        self.objects.lock().unwrap().insert(path.to_owned(), v);
+    }
+
+    fn get(&self, path: &str) -> Option<Value> {
+        self.objects.lock().unwrap().get(path).cloned()
+    }
+
+    fn remove(&self, path: &str) {
+        self.objects.lock().unwrap().remove(path);
+    }
+
+    fn take_log(&self) -> Vec<String> {
+        self.bodies.lock().unwrap().clear();
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+
+    fn body(&self, line: &str) -> Value {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(l, _)| l == line)
+            .map(|(_, b)| b.clone())
+            .unwrap_or_else(|| panic!("no write {line}"))
+    }
+
+    fn stamp(&self, v: &mut Value) {
+        let n = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        v["metadata"]["resourceVersion"] = json!(n.to_string());
+    }
+
+    fn answer(&self, method: &str, path: &str, content: &str, body: &[u8]) -> (StatusCode, Value) {
+        // .../namespaces/<ns>/<plural>[/<name>[/<sub>]]
+        let rest = path.split("/namespaces/").nth(1).unwrap_or("");
+        let parts: Vec<&str> = rest.split('/').collect();
+        let (plural, name, sub) = (
+            parts.get(1).copied().unwrap_or(""),
+            parts.get(2).copied(),
+            parts.get(3).copied(),
+        );
+        let item = match (name, sub) {
+            (Some(_), Some(_)) => path.rsplit_once('/').unwrap().0.to_owned(),
+            _ => path.to_owned(),
+        };
+        let body: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(body).expect("a JSON body")
+        };
+        let verb = match (method, content) {
+            ("GET", _) if name.is_none() => "LIST",
+            ("PATCH", c) if c.contains("apply-patch") => "APPLY",
+            ("PATCH", c) if c.contains("merge-patch") => "MERGE",
+            ("PATCH", c) if c.contains("json-patch") => "JSONPATCH",
+            (m, _) => m,
+        };
+        let line = match (name, sub) {
+            (Some(n), Some(s)) => format!("{verb} {plural}/{n}/{s}"),
+            (Some(n), None) => format!("{verb} {plural}/{n}"),
+            _ => format!("{verb} {plural}"),
+        };
+        self.log.lock().unwrap().push(line.clone());
+        if !body.is_null() {
+            self.bodies.lock().unwrap().push((line, body.clone()));
+        }
+
+        let mut objects = self.objects.lock().unwrap();
+        match verb {
+            "LIST" => {
+                let prefix = format!("{path}/");
+                let items: Vec<Value> = objects
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+                )
+            }
+            "GET" => match objects.get(&item) {
+                Some(v) => (StatusCode::OK, v.clone()),
+                None => not_found(),
+            },
+            "APPLY" => {
+                let mut v = match objects.get(&item) {
+                    Some(old) => {
+                        let mut merged = old.clone();
+                        json_patch::merge(&mut merged, &body);
+                        merged
+                    }
+                    None => body,
+                };
+                self.stamp(&mut v);
+                objects.insert(item, v.clone());
+                (StatusCode::OK, v)
+            }
+            "MERGE" | "JSONPATCH" => {
+                let Some(mut v) = objects.get(&item).cloned() else {
+                    return not_found();
+                };
+                if verb == "MERGE" {
+                    json_patch::merge(&mut v, &body);
+                } else {
+                    // Like the API server, a missing path tests equal to null.
+                    let ops: Vec<Value> = body
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|op| {
+                            !(op["op"] == "test"
+                                && op["value"].is_null()
+                                && v.pointer(op["path"].as_str().unwrap_or("")).is_none())
+                        })
+                        .cloned()
+                        .collect();
+                    let patch: json_patch::Patch =
+                        serde_json::from_value(Value::Array(ops)).unwrap();
+                    if json_patch::patch(&mut v, &patch).is_err() {
+                        return (
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "Invalid", "message": "test failed", "code": 422}),
+                        );
+                    }
+                }
+                self.stamp(&mut v);
+                objects.insert(item, v.clone());
+                (StatusCode::OK, v)
+            }
+            "POST" => {
+                let mut v = body;
+                let name = v["metadata"]["name"].as_str().unwrap_or("x").to_owned();
+                self.stamp(&mut v);
+                objects.insert(format!("{path}/{name}"), v.clone());
+                (StatusCode::CREATED, v)
+            }
+            "PUT" => {
+                let Some(old) = objects.get(&item) else {
+                    return not_found();
+                };
+                if old["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"] {
+                    return (
+                        StatusCode::CONFLICT,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "reason": "Conflict", "message": "conflict", "code": 409}),
+                    );
+                }
+                let mut v = body;
+                self.stamp(&mut v);
+                objects.insert(item, v.clone());
+                (StatusCode::OK, v)
+            }
+            "DELETE" => match objects.remove(&item) {
+                Some(v) => (StatusCode::OK, v),
+                None => not_found(),
+            },
+            _ => panic!("unexpected {method} {path}"),
+        }
+    }
+}
+
+/// Serves the fake to a kube client.
+fn client(fake: Arc<Fake>) -> kube::Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap();
+            let content = parts
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let (status, value) =
+                fake.answer(parts.method.as_str(), parts.uri.path(), &content, &bytes);
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&value).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+fn t0() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+/// A ChatCluster "im" in a namespace of its own, its Redis keys removed
+/// when the test ends.
+struct Harness {
+    fake: Arc<Fake>,
+    ctx: Arc<Context>,
+    ns: String,
+    redis: RedisState,
+    _keys: TestRedis,
+}
+
+impl Harness {
+    fn new(gateway: GatewaySpec) -> Self {
+        let ns = parley_chat::testing::unique_name("t");
+        let mut spec: ChatClusterSpec = serde_json::from_value(json!({
+            "postgres": {"url": "postgres://db/parley"},
+            "redis": {"url": redis_url()},
+            "rabbitmq": {"url": "amqp://mq"},
+            "tokenSecret": {"name": "parley", "key": "token-secret"},
+            "adminKey": {"name": "parley", "key": "admin-key"},
+        }))
+        .unwrap();
+        spec.gateway = gateway;
+        let mut cc = ChatCluster::new("im", spec);
+        cc.metadata.namespace = Some(ns.clone());
+        cc.metadata.uid = Some("uid-im".into());
+        cc.metadata.generation = Some(1);
+        let fake = Arc::new(Fake::default());
+        let client = client(fake.clone());
+        let reporter = Reporter {
+            controller: "parley-operator".into(),
+            instance: Some("test".into()),
+        };
+        let mut ctx = Context::new(
+            client.clone(),
+            Recorder::new(client, reporter),
+            Metrics::default(),
+        );
+        ctx.clock = Clock::at(t0());
+        let prefix = desired::prefix(&cc);
+        let h = Self {
+            redis: RedisState::new(&redis_url(), &prefix).unwrap(),
+            _keys: TestRedis {
+                url: redis_url(),
+                prefix,
+            },
+            fake,
+            ctx: Arc::new(ctx),
+            ns,
+        };
+        h.fake.put(&h.cc_path(), serde_json::to_value(&cc).unwrap());
+        h
+    }
+
+    fn cc_path(&self) -> String {
+        format!(
+            "/apis/parley.dev/v1alpha1/namespaces/{}/chatclusters/im",
+            self.ns
+        )
+    }
+
+    fn path(&self, api: &str, plural: &str, name: &str) -> String {
+        format!("{api}/namespaces/{}/{plural}/{name}", self.ns)
+    }
+
+    fn cc(&self) -> ChatCluster {
+        serde_json::from_value(self.fake.get(&self.cc_path()).unwrap()).unwrap()
+    }
+
+    /// One pass over the resource as the API server has it; its requests.
+    async fn pass(&self) -> Vec<String> {
+        self.fake.take_log();
+        reconcile(Arc::new(self.cc()), self.ctx.clone())
+            .await
+            .unwrap_or_else(|e| panic!("reconcile: {e}"));
+        self.fake.log.lock().unwrap().clone()
+    }
+
+    /// What the Deployment controller and the gateways would do: Deployments
+    /// become ready, gateway pods exist and are ready, and each writes its
+    /// lease with its count.
+    async fn run_pods(&self, counts: &[(&str, u64)]) {
+        for name in ["im-gateway", "im-chat"] {
+            let path = self.path("/apis/apps/v1", "deployments", name);
+            let mut d = self.fake.get(&path).expect("the deployment was applied");
+            let replicas = d["spec"]["replicas"].clone();
+            d["status"] = json!({"replicas": replicas, "readyReplicas": replicas});
+            self.fake.put(&path, d);
+        }
+        let labels = desired::labels(&self.cc(), "gateway");
+        for (i, (name, connections)) in counts.iter().enumerate() {
+            let ip = format!("10.0.0.{}", i + 1);
+            let path = self.path("/api/v1", "pods", name);
+            if self.fake.get(&path).is_none() {
+                self.fake.put(
+                    &path,
+                    json!({
+                        "apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": name, "namespace": self.ns, "labels": labels},
+                        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+                    }),
+                );
+            }
+            self.redis
+                .announce(
+                    name,
+                    &format!("{ip}:7400"),
+                    *connections,
+                    Duration::from_secs(60),
+                    false,
+                    true,
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    fn status(&self) -> ChatClusterStatus {
+        self.cc().status.unwrap_or_default()
+    }
+
+    fn later(&self, secs: u64) {
+        self.ctx.clock.advance(Duration::from_secs(secs));
+    }
+}
+
+fn quick_scaling() -> GatewaySpec {
+    GatewaySpec {
+        min_replicas: 2,
+        max_replicas: 5,
+        target_connections: 1000,
+        scale_down_stabilization_seconds: 0,
+        ..GatewaySpec::default()
+    }
+}
+
+const OBJECTS: [(&str, &str); 8] = [
+    ("configmaps", "im-config"),
+    ("deployments", "im-chat"),
+    ("services", "im-chat"),
+    ("services", "im-admin"),
+    ("deployments", "im-gateway"),
+    ("services", "im-gateway"),
+    ("poddisruptionbudgets", "im-gateway"),
+    ("poddisruptionbudgets", "im-chat"),
+];
+
+/// GET then APPLY for every object, the gateway Deployment read first.
+fn creating_everything() -> Vec<String> {
+    let mut want = vec![
+        "GET deployments/im-gateway".to_owned(),
+        "LIST pods".to_owned(),
+    ];
+    for (plural, name) in OBJECTS {
+        if (plural, name) != ("deployments", "im-gateway") {
+            want.push(format!("GET {plural}/{name}"));
+        }
+        want.push(format!("APPLY {plural}/{name}"));
+    }
+    want.push("MERGE chatclusters/im/status".to_owned());
+    want
+}
+
+/// Reads only: the pass of a resource at rest.
+fn reading_everything() -> Vec<String> {
+    let mut want = vec![
+        "GET deployments/im-gateway".to_owned(),
+        "LIST pods".to_owned(),
+    ];
+    for (plural, name) in OBJECTS {
+        if (plural, name) != ("deployments", "im-gateway") {
+            want.push(format!("GET {plural}/{name}"));
+        }
+    }
+    want
+}
+
+#[tokio::test]
+async fn a_new_resource_gets_its_finalizer_then_every_object_and_a_status() {
+    let h = Harness::new(GatewaySpec::default());
+    assert_eq!(
+        h.pass().await,
+        vec!["JSONPATCH chatclusters/im"],
+        "the finalizer comes first, alone"
+    );
+    assert_eq!(h.cc().metadata.finalizers, Some(vec![FINALIZER.to_owned()]));
+
+    assert_eq!(h.pass().await, creating_everything());
+    let apply = h.fake.body("APPLY deployments/im-gateway");
+    assert_eq!(apply["spec"]["replicas"], 2, "the minimum to start with");
+    assert_eq!(
+        apply["metadata"]["ownerReferences"][0]["uid"], "uid-im",
+        "owned by the ChatCluster"
+    );
+    assert!(apply["metadata"]["annotations"][APPLIED_HASH].is_string());
+    let s = h.status();
+    assert_eq!(s.observed_generation, Some(1));
+    assert_eq!(s.gateway.desired_replicas, 2);
+    assert_eq!(s.phase, "Pending");
+    assert_eq!(s.last_scale.as_ref().map(|l| (l.from, l.to)), Some((0, 2)));
+    assert_eq!(s.routing_table.entries, 0);
+}
+
+#[tokio::test]
+async fn a_resource_at_rest_makes_no_write() {
+    let h = Harness::new(GatewaySpec::default());
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 10), ("gw-b", 12)]).await;
+    let log = h.pass().await;
+    assert!(
+        log.contains(&"MERGE chatclusters/im/status".to_owned()),
+        "readiness changed: {log:?}"
+    );
+    let s = h.status();
+    assert_eq!(s.phase, "Running");
+    assert_eq!(s.gateway.connections, 22);
+    assert_eq!(s.routing_table.entries, 2);
+    assert_eq!(
+        h.redis.routes().await.unwrap(),
+        vec![
+            ("10.0.0.1:7400".to_owned(), 10.0),
+            ("10.0.0.2:7400".to_owned(), 12.0)
+        ]
+    );
+
+    // Nothing changed: reads only. Counts that move are written at a
+    // bounded rate, not on every pass.
+    h.later(5);
+    assert_eq!(h.pass().await, reading_everything());
+    h.run_pods(&[("gw-a", 11), ("gw-b", 12)]).await;
+    h.later(5);
+    assert_eq!(h.pass().await, reading_everything());
+    h.later(status::COUNTS_EVERY.as_secs());
+    let mut want = reading_everything();
+    want.push("MERGE chatclusters/im/status".to_owned());
+    assert_eq!(h.pass().await, want);
+    assert_eq!(h.status().gateway.connections, 23);
+}
+
+#[tokio::test]
+async fn an_owned_object_deleted_or_edited_by_hand_is_put_back() {
+    let h = Harness::new(GatewaySpec::default());
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 1), ("gw-b", 1)]).await;
+    h.pass().await;
+
+    h.fake.remove(&h.path("/api/v1", "services", "im-gateway"));
+    let chat = h.path("/apis/apps/v1", "deployments", "im-chat");
+    let mut d = h.fake.get(&chat).unwrap();
+    d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("evil:latest");
+    h.fake.put(&chat, d);
+    h.later(5);
+    let mut want = reading_everything();
+    let after = |want: &mut Vec<String>, read: &str, write: &str| {
+        let i = want.iter().position(|l| l == read).unwrap();
+        want.insert(i + 1, write.to_owned());
+    };
+    after(
+        &mut want,
+        "GET deployments/im-chat",
+        "APPLY deployments/im-chat",
+    );
+    after(
+        &mut want,
+        "GET services/im-gateway",
+        "APPLY services/im-gateway",
+    );
+    assert_eq!(h.pass().await, want);
+    assert!(
+        h.fake
+            .get(&h.path("/api/v1", "services", "im-gateway"))
+            .is_some()
+    );
+    assert_ne!(
+        h.fake.get(&chat).unwrap()["spec"]["template"]["spec"]["containers"][0]["image"],
+        "evil:latest"
+    );
+    h.later(5);
+    assert_eq!(h.pass().await, reading_everything(), "and then at rest");
+}
+
+#[tokio::test]
+async fn load_scales_the_gateways_up_at_once() {
+    let h = Harness::new(quick_scaling());
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 1200), ("gw-b", 1300)]).await;
+    h.later(5);
+    let log = h.pass().await;
+    // 2,500 connections +10% over 1,000 a pod: 3 gateways.
+    let mut want = reading_everything();
+    want.insert(2, "POST events".to_owned());
+    want.insert(
+        want.iter()
+            .position(|l| l == "GET services/im-gateway")
+            .unwrap(),
+        "APPLY deployments/im-gateway".to_owned(),
+    );
+    want.push("MERGE chatclusters/im/status".to_owned());
+    assert_eq!(log, want);
+    assert_eq!(
+        h.fake.body("APPLY deployments/im-gateway")["spec"]["replicas"],
+        3
+    );
+    let event = h.fake.body("POST events");
+    assert_eq!(event["reason"], "ScaleUp");
+    let s = h.status();
+    assert_eq!(s.last_scale.as_ref().map(|l| (l.from, l.to)), Some((2, 3)));
+    assert_eq!(s.gateway.desired_replicas, 3);
+}
+
+#[tokio::test]
+async fn a_scale_down_drains_the_least_loaded_pod_before_it_goes() {
+    let h = Harness::new(quick_scaling());
+    h.pass().await;
+    h.pass().await;
+    // Load brings a third gateway; then it ebbs, and two are enough.
+    h.run_pods(&[("gw-a", 1200), ("gw-b", 1300)]).await;
+    h.later(5);
+    h.pass().await;
+    h.run_pods(&[("gw-a", 1000), ("gw-b", 900), ("gw-c", 40)])
+        .await;
+    h.later(5);
+    h.pass().await;
+    assert_eq!(h.status().phase, "Running");
+    h.run_pods(&[("gw-a", 300), ("gw-b", 200), ("gw-c", 40)])
+        .await;
+    h.later(5);
+
+    // 1. gw-c (least loaded) leaves the routing table; the count stays.
+    let log = h.pass().await;
+    assert!(
+        !log.contains(&"APPLY deployments/im-gateway".to_owned()),
+        "{log:?}"
+    );
+    assert_eq!(h.fake.body("POST events")["reason"], "ScaleDown");
+    let s = h.status();
+    assert_eq!(s.gateway.drains.len(), 1);
+    assert_eq!(s.gateway.drains[0].pod, "gw-c");
+    assert_eq!(s.gateway.drains[0].phase, DrainPhase::Unrouted);
+    assert_eq!(s.gateway.desired_replicas, 3);
+    let routes: Vec<String> = h
+        .redis
+        .routes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(
+        routes,
+        vec!["10.0.0.2:7400", "10.0.0.1:7400"],
+        "gw-c is out"
+    );
+
+    // 2. Routes settled: gw-c is asked to move its clients away.
+    h.later(5);
+    let log = h.pass().await;
+    assert!(log.contains(&"POST events".to_owned()));
+    assert_eq!(h.fake.body("POST events")["reason"], "Draining");
+    let asked = h
+        .redis
+        .announce(
+            "gw-c",
+            "10.0.0.3:7400",
+            40,
+            Duration::from_secs(60),
+            false,
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(asked.drain_rate, Some(500), "the gateway reads the request");
+    assert_eq!(h.status().gateway.drains[0].phase, DrainPhase::Moving);
+
+    // 3. While clients move, nothing but the status.
+    h.run_pods(&[("gw-a", 320), ("gw-b", 210), ("gw-c", 10)])
+        .await;
+    h.later(2);
+    let log = h.pass().await;
+    assert!(
+        !log.iter()
+            .any(|l| l.starts_with("APPLY") || l.starts_with("POST")),
+        "{log:?}"
+    );
+
+    // 4. Empty: marked to go first, and only then the count is lowered.
+    h.run_pods(&[("gw-a", 330), ("gw-b", 220), ("gw-c", 0)])
+        .await;
+    h.later(2);
+    let log = h.pass().await;
+    let mark = log
+        .iter()
+        .position(|l| l == "MERGE pods/gw-c")
+        .expect("gw-c marked");
+    let lower = log
+        .iter()
+        .position(|l| l == "APPLY deployments/im-gateway")
+        .expect("count lowered");
+    assert!(mark < lower, "{log:?}");
+    assert_eq!(
+        h.fake.body("MERGE pods/gw-c")["metadata"]["annotations"][DELETION_COST],
+        i32::MIN.to_string()
+    );
+    assert_eq!(
+        h.fake.body("APPLY deployments/im-gateway")["spec"]["replicas"],
+        2
+    );
+    assert_eq!(h.fake.body("POST events")["reason"], "Drained");
+    assert_eq!(h.status().gateway.drains[0].phase, DrainPhase::Released);
+
+    // 5. The Deployment removed gw-c: the drain is over.
+    h.fake.remove(&h.path("/api/v1", "pods", "gw-c"));
+    h.run_pods(&[("gw-a", 330), ("gw-b", 220)]).await;
+    h.later(2);
+    let log = h.pass().await;
+    assert!(log.contains(&"MERGE chatclusters/im/status".to_owned()));
+    let s = h.status();
+    assert!(s.gateway.drains.is_empty());
+    assert_eq!(s.gateway.desired_replicas, 2);
+    assert_eq!(s.phase, "Running");
+}
+
+#[tokio::test]
+async fn deleting_the_resource_removes_its_redis_keys_then_the_finalizer() {
+    let h = Harness::new(GatewaySpec::default());
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 3), ("gw-b", 4)]).await;
+    h.pass().await;
+    assert!(!h.redis.routes().await.unwrap().is_empty());
+
+    let mut cc = h.fake.get(&h.cc_path()).unwrap();
+    cc["metadata"]["deletionTimestamp"] = json!("2027-01-15T08:00:00Z");
+    h.fake.put(&h.cc_path(), cc);
+    assert_eq!(h.pass().await, vec!["JSONPATCH chatclusters/im"]);
+    assert_eq!(h.cc().metadata.finalizers, Some(vec![]));
+    assert!(h.redis.routes().await.unwrap().is_empty());
+    assert!(
+        h.redis.leases(&["gw-a", "gw-b"]).await.unwrap().is_empty(),
+        "every key under the cluster's prefix is gone"
+    );
+}
+
+#[tokio::test]
+async fn one_replica_leads_and_a_silent_leader_is_replaced() {
+    let fake = Arc::new(Fake::default());
+    let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client(fake.clone()), "parley-system");
+    let a =
+        crate::leader::Elector::new(api.clone(), "parley-operator", "a", Duration::from_secs(15));
+    let b = crate::leader::Elector::new(api, "parley-operator", "b", Duration::from_secs(15));
+    let now = k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap();
+    let at = |s: i64| now + k8s_openapi::jiff::SignedDuration::from_secs(s);
+    assert!(a.try_lead(at(0)).await.unwrap(), "the first takes it");
+    assert!(!b.try_lead(at(1)).await.unwrap(), "the second waits");
+    assert!(a.try_lead(at(5)).await.unwrap(), "the leader renews");
+    assert!(
+        !b.try_lead(at(19)).await.unwrap(),
+        "still within the duration"
+    );
+    assert!(
+        b.try_lead(at(21)).await.unwrap(),
+        "a leader silent too long is replaced"
+    );
+    assert!(
+        !a.try_lead(at(22)).await.unwrap(),
+        "and the old one knows it"
+    );
+    assert_eq!(
+        fake.take_log(),
+        vec![
+            "GET leases/parley-operator",
+            "POST leases",
+            "GET leases/parley-operator",
+            "GET leases/parley-operator",
+            "PUT leases/parley-operator",
+            "GET leases/parley-operator",
+            "GET leases/parley-operator",
+            "PUT leases/parley-operator",
+            "GET leases/parley-operator",
+        ]
+    );
+}
