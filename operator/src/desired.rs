@@ -467,6 +467,25 @@ pub fn pdb(cc: &ChatCluster, component: &str) -> PodDisruptionBudget {
     }
 }
 
+/// Every owned object as YAML documents, the gateways at `replicas`: what
+/// `parley-operator objects` prints for a dry run and for validation.
+pub fn manifests(cc: &ChatCluster, replicas: i32) -> String {
+    fn doc<T: serde::Serialize>(out: &mut String, object: &T) {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(object).expect("objects serialize"));
+    }
+    let mut out = String::new();
+    doc(&mut out, &config_map(cc));
+    doc(&mut out, &chat_deployment(cc));
+    doc(&mut out, &chat_service(cc));
+    doc(&mut out, &admin_service(cc));
+    doc(&mut out, &gateway_deployment(cc, replicas));
+    doc(&mut out, &gateway_service(cc));
+    doc(&mut out, &pdb(cc, "gateway"));
+    doc(&mut out, &pdb(cc, "chat"));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,9 @@ enum Command {
     Run(RunArgs),
     /// Print the ChatCluster CustomResourceDefinition as YAML.
     Crd,
+    /// Print the objects the operator applies for a ChatCluster file, the
+    /// gateways at their minimum (a dry run, and what CI validates).
+    Objects { file: std::path::PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -78,6 +81,15 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", parley_operator::crd::crd_yaml());
+            Ok(())
+        }
+        Command::Objects { file } => {
+            let text = std::fs::read_to_string(&file)?;
+            let mut cc: ChatCluster = serde_yaml::from_str(&text)?;
+            // Owner references need a uid; the API server gives the real one.
+            cc.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+            let replicas = cc.spec.gateway.min_replicas;
+            print!("{}", parley_operator::desired::manifests(&cc, replicas));
             Ok(())
         }
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
