@@ -12,6 +12,9 @@ use parley_e2e::services::{PrivateRabbit, PrivateRedis};
 use parley_e2e::{Cluster, Ledger, Recorder, Spec, connect, http_get};
 use parley_proto::pb;
 
+#[path = "cluster/kubernetes.rs"]
+mod kubernetes;
+
 const SETTLE: Duration = Duration::from_secs(30);
 
 /// 3 gateways and 2 chat services, running the real binaries' code.
