@@ -202,17 +202,21 @@ async fn one_to_one_and_group_messages_cross_gateways_exactly_once_in_order() {
 async fn busiest(c: &Cluster, candidates: &[usize]) -> usize {
     let mut best = (candidates[0], -1i64);
     for &i in candidates {
-        let (_, body) = http_get(c.gateways[i].ops, "/metrics").await.unwrap();
-        let sessions = body
-            .lines()
-            .find_map(|l| l.strip_prefix("parley_gateway_sessions "))
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .unwrap_or(0);
+        let sessions = gauge(c, i, "parley_gateway_sessions").await;
         if sessions > best.1 {
             best = (i, sessions);
         }
     }
     best.0
+}
+
+/// A gauge of gateway `i`, read from its /metrics.
+async fn gauge(c: &Cluster, i: usize, name: &str) -> i64 {
+    let (_, body) = http_get(c.gateways[i].ops, "/metrics").await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,15 +278,6 @@ async fn a_gateway_killed_its_clients_reconnect_through_the_route_lookup() {
     let reconnected = devices.iter().filter(|d| rec.log(d).connects > 1).count();
     println!("devices that reconnected: {reconnected}");
     assert!(reconnected > 0, "someone was on the killed gateway");
-}
-
-/// A gauge of gateway `i`, read from its /metrics.
-async fn gauge(c: &Cluster, i: usize, name: &str) -> i64 {
-    let (_, body) = http_get(c.gateways[i].ops, "/metrics").await.unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

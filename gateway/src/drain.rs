@@ -116,17 +116,28 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn connections_leave_at_the_drain_rate_and_faster_when_asked() {
-        let drain = Arc::new(Drain::default());
+    /// `n` connections waiting for their turn; counts those that left.
+    fn waiting(drain: &Arc<Drain>, n: usize) -> Arc<AtomicUsize> {
         let left = Arc::new(AtomicUsize::new(0));
-        for _ in 0..100 {
+        for _ in 0..n {
             let (drain, left) = (drain.clone(), left.clone());
             tokio::spawn(async move {
                 drain.turn().await;
                 left.fetch_add(1, Ordering::Relaxed);
             });
         }
+        left
+    }
+
+    fn issuing(drain: &Arc<Drain>) -> tokio::task::JoinHandle<()> {
+        let drain = drain.clone();
+        tokio::spawn(async move { drain.issue().await })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_leave_at_the_drain_rate_and_faster_when_asked() {
+        let drain = Arc::new(Drain::default());
+        let left = waiting(&drain, 100);
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(left.load(Ordering::Relaxed), 0, "nobody leaves before");
         assert!(!drain.active());
@@ -134,10 +145,7 @@ mod tests {
         assert!(drain.start(20));
         assert!(!drain.start(10), "a second request does not restart it");
         assert_eq!(drain.rate(), 20, "nor slow it down");
-        let issuer = tokio::spawn({
-            let drain = drain.clone();
-            async move { drain.issue().await }
-        });
+        let issuer = issuing(&drain);
         tokio::time::sleep(Duration::from_millis(1050)).await;
         let after_one_second = left.load(Ordering::Relaxed);
         assert!(
@@ -154,19 +162,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn slow_rates_issue_one_ticket_at_a_time() {
         let drain = Arc::new(Drain::default());
-        let left = Arc::new(AtomicUsize::new(0));
-        for _ in 0..10 {
-            let (drain, left) = (drain.clone(), left.clone());
-            tokio::spawn(async move {
-                drain.turn().await;
-                left.fetch_add(1, Ordering::Relaxed);
-            });
-        }
+        let left = waiting(&drain, 10);
         drain.start(2);
-        let issuer = tokio::spawn({
-            let drain = drain.clone();
-            async move { drain.issue().await }
-        });
+        let issuer = issuing(&drain);
         tokio::time::sleep(Duration::from_millis(2100)).await;
         assert_eq!(left.load(Ordering::Relaxed), 5, "two a second");
         issuer.abort();

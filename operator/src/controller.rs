@@ -145,18 +145,20 @@ impl Context {
         Ok(r)
     }
 
+    fn memory_key(cc: &ChatCluster) -> String {
+        format!("{}/{}", cc.namespace().unwrap_or_default(), cc.name_any())
+    }
+
     fn remember<T>(&self, cc: &ChatCluster, f: impl FnOnce(&mut Memory) -> T) -> T {
-        let key = format!("{}/{}", cc.namespace().unwrap_or_default(), cc.name_any());
         let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        f(memory.entry(key).or_default())
+        f(memory.entry(Self::memory_key(cc)).or_default())
     }
 
     fn forget(&self, cc: &ChatCluster) {
-        let key = format!("{}/{}", cc.namespace().unwrap_or_default(), cc.name_any());
         self.memory
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
+            .remove(&Self::memory_key(cc));
     }
 
     async fn event(&self, cc: &ChatCluster, kind: EventType, reason: &str, note: String) {
@@ -651,21 +653,8 @@ async fn cleanup(
             Ok(kube::runtime::controller::Action::await_change())
         }
         Err(e) => {
-            let deleting_for = cc
-                .metadata
-                .deletion_timestamp
-                .as_ref()
-                .map(|t| {
-                    let secs = (ctx
-                        .clock
-                        .now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs() as i64)
-                        - t.0.as_second();
-                    Duration::from_secs(secs.max(0) as u64)
-                })
-                .unwrap_or_default();
+            let deleting_for =
+                status::since(cc.metadata.deletion_timestamp.as_ref(), ctx.clock.now());
             if deleting_for >= CLEANUP_PATIENCE {
                 ctx.event(
                     cc,

@@ -14,11 +14,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
 use crate::crd::{DrainPhase, DrainStatus};
 use crate::scaling::PodLoad;
-use crate::status::time;
+use crate::status::{since, time};
 
 /// How drains proceed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,18 +47,6 @@ pub enum Step {
     Delete { pod: String },
     /// The pod is gone: the drain is over.
     Done { pod: String },
-}
-
-fn at(t: &Option<Time>) -> Option<SystemTime> {
-    let t = t.as_ref()?;
-    let secs = t.0.as_second();
-    (secs >= 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64))
-}
-
-fn since(t: &Option<Time>, now: SystemTime) -> Duration {
-    at(t)
-        .and_then(|t| now.duration_since(t).ok())
-        .unwrap_or_default()
 }
 
 /// Starts draining `pod`.
@@ -106,7 +92,7 @@ pub fn advance(
             DrainPhase::Unrouted | DrainPhase::Moving if pod.terminating => {
                 release(&mut d, false, &mut steps);
             }
-            DrainPhase::Unrouted if since(&d.started, now) >= policy.settle => {
+            DrainPhase::Unrouted if since(d.started.as_ref(), now) >= policy.settle => {
                 d.phase = DrainPhase::Moving;
                 steps.push(Step::Ask {
                     pod: d.pod.clone(),
@@ -118,12 +104,12 @@ pub fn advance(
                 release(&mut d, false, &mut steps);
             }
             DrainPhase::Unrouted | DrainPhase::Moving
-                if since(&d.started, now) >= policy.timeout =>
+                if since(d.started.as_ref(), now) >= policy.timeout =>
             {
                 release(&mut d, true, &mut steps);
             }
             DrainPhase::Released
-                if !pod.terminating && since(&d.released, now) >= policy.release_grace =>
+                if !pod.terminating && since(d.released.as_ref(), now) >= policy.release_grace =>
             {
                 steps.push(Step::Delete { pod: d.pod.clone() });
             }

@@ -44,6 +44,15 @@ pub fn time(at: SystemTime) -> Time {
     Time(Timestamp::from_second(since.as_secs() as i64).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
+/// How long ago `t` was at `now` (zero when unknown or in the future).
+pub fn since(t: Option<&Time>, now: SystemTime) -> Duration {
+    t.map(|t| t.0.as_second())
+        .filter(|secs| *secs >= 0)
+        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64))
+        .and_then(|at| now.duration_since(at).ok())
+        .unwrap_or_default()
+}
+
 /// A condition, keeping its transition time when its status did not change.
 fn condition(
     old: &[Condition],
