@@ -269,6 +269,9 @@ where
         let _ = admin_task.await;
     })
     .await;
+    if let Err(e) = chat.flush_cursors().await {
+        tracing::warn!(error = %e, "acked cursors not written at exit");
+    }
     // Give confirmed publishing a moment to empty its queue.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = ops_task.await;

@@ -20,7 +20,9 @@ use prometheus_client::registry::Registry;
 use crate::error::ChatError;
 use crate::ops::{CodeLabel, code_label};
 use crate::presence::Presence;
-use crate::store::{Appended, ConversationRecord, MembershipChange, NewMessage, Store};
+use crate::store::{
+    Appended, ConversationRecord, DeviceCursor, MembershipChange, NewMessage, Store,
+};
 use crate::token::TokenKeys;
 
 /// Limits and policies of the chat service.
@@ -34,6 +36,10 @@ pub struct ChatConfig {
     pub retention: Option<Duration>,
     /// Most sends committed in one transaction.
     pub max_batch: usize,
+    /// How often acknowledged cursors are written, all in one transaction.
+    /// A cursor is advisory (a device resumes from its own), so a crash
+    /// costs at most this much re-delivery, which clients drop as duplicates.
+    pub cursor_flush: Duration,
 }
 
 impl Default for ChatConfig {
@@ -43,6 +49,7 @@ impl Default for ChatConfig {
             token_ttl: Duration::from_secs(30 * 24 * 3600),
             retention: None,
             max_batch: 256,
+            cursor_flush: Duration::from_millis(500),
         }
     }
 }
@@ -133,6 +140,8 @@ pub struct ChatService {
     tokens: TokenKeys,
     config: ChatConfig,
     appends: mpsc::Sender<AppendJob>,
+    /// Acked cursors not yet written, by (user, device).
+    cursors: std::sync::Mutex<HashMap<(String, String), u64>>,
     metrics: ChatMetrics,
 }
 
@@ -169,9 +178,11 @@ impl ChatService {
             tokens,
             config,
             appends,
+            cursors: std::sync::Mutex::default(),
             metrics: ChatMetrics::default(),
         });
         tokio::spawn(batch_writer(Arc::downgrade(&svc), rx));
+        tokio::spawn(cursor_writer(Arc::downgrade(&svc)));
         if let Some(retention) = svc.config.retention {
             tokio::spawn(retention_task(Arc::downgrade(&svc), retention));
         }
@@ -213,21 +224,58 @@ impl ChatService {
         cursor: Option<u64>,
     ) -> Result<(u64, u64), ChatError> {
         let head = self.store.inbox_head(user).await?;
+        let pending = self.pending_cursor(user, device);
         let resume = match cursor {
             Some(c) => c.min(head),
-            None => self
-                .store
-                .get_cursor(user, device)
-                .await?
-                .unwrap_or(head)
-                .min(head),
+            None => match pending {
+                Some(c) => c,
+                None => self.store.get_cursor(user, device).await?.unwrap_or(head),
+            }
+            .min(head),
         };
         Ok((resume, head))
     }
 
-    /// Records what a device has received.
+    /// Records what a device has received. The cursor is written with the
+    /// others acked in the same `cursor_flush` period, in one transaction.
     pub async fn ack(&self, user: &str, device: &str, cursor: u64) -> Result<(), ChatError> {
-        self.store.set_cursor(user, device, cursor, now_ms()).await
+        let mut pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        let c = pending
+            .entry((user.to_owned(), device.to_owned()))
+            .or_default();
+        *c = (*c).max(cursor);
+        Ok(())
+    }
+
+    fn pending_cursor(&self, user: &str, device: &str) -> Option<u64> {
+        let pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        pending.get(&(user.to_owned(), device.to_owned())).copied()
+    }
+
+    /// Writes every acked cursor not yet written. On failure they stay
+    /// pending (unless a newer ack replaced them) for the next attempt.
+    pub async fn flush_cursors(&self) -> Result<(), ChatError> {
+        let taken = std::mem::take(&mut *self.cursors.lock().unwrap_or_else(|p| p.into_inner()));
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<DeviceCursor> = taken
+            .iter()
+            .map(|((user, device), cursor)| DeviceCursor {
+                user: user.clone(),
+                device: device.clone(),
+                cursor: *cursor,
+            })
+            .collect();
+        let result = self.store.set_cursors(&batch, now_ms()).await;
+        if result.is_err() {
+            let mut pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, cursor) in taken {
+                let c = pending.entry(key).or_default();
+                *c = (*c).max(cursor);
+            }
+        }
+        result
     }
 
     /// The user's timeline after `after`, with what retention removed.
@@ -593,6 +641,22 @@ async fn batch_writer(weak: std::sync::Weak<ChatService>, mut rx: mpsc::Receiver
                     let _ = reply.send(Err(ChatError::Unavailable("storage failed; retry".into())));
                 }
             }
+        }
+    }
+}
+
+/// Writes acked cursors every `cursor_flush`.
+async fn cursor_writer(svc: std::sync::Weak<ChatService>) {
+    let Some(every) = svc.upgrade().map(|s| s.config.cursor_flush) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(svc) = svc.upgrade() else { return };
+        if let Err(e) = svc.flush_cursors().await {
+            tracing::warn!(error = %e, "cursors not written; retrying");
         }
     }
 }

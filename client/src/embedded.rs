@@ -153,6 +153,9 @@ impl Embedded {
         let _ = self.stop.send(true);
         let _ = self.gateway.await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.admin).await;
+        if let Err(e) = self.chat.flush_cursors().await {
+            tracing::warn!(error = %e, "acked cursors not written at exit");
+        }
     }
 
     /// The admin API's URL.

@@ -65,8 +65,8 @@ impl Proc {
             .open(&log)?;
         let child = Command::new(program)
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("PARLEY_LOG", "info,parley=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -187,6 +187,8 @@ pub struct Spec {
     pub lease_secs: u64,
     /// PEM certificate and key: gateways listen with TLS as well.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// More environment for every process (the benchmarks quiet the logs).
+    pub env: Vec<(String, String)>,
 }
 
 impl Spec {
@@ -200,6 +202,7 @@ impl Spec {
             amqp_url: amqp_url(),
             lease_secs: 1,
             tls: None,
+            env: Vec::new(),
         }
     }
 }
@@ -218,6 +221,8 @@ pub struct Cluster {
     pub wss_addrs: Vec<SocketAddr>,
     pub admin_url: String,
     pub admin_key: String,
+    /// The token-signing secret, for minting device tokens without the admin API.
+    pub token_secret: String,
     _db: TestDatabase,
 }
 
@@ -246,6 +251,7 @@ impl Cluster {
             ("PARLEY_INTERNAL_KEY".to_owned(), "internal-e2e".to_owned()),
             ("PARLEY_DRAIN_PAUSE_MS".to_owned(), "200".to_owned()),
         ];
+        let common: Vec<_> = common.into_iter().chain(spec.env.clone()).collect();
         let admin_port = free_port();
         let mut chats = Vec::new();
         for i in 0..spec.chats {
@@ -325,6 +331,7 @@ impl Cluster {
             wss_addrs,
             admin_url: format!("http://{}", loopback(admin_port)),
             admin_key,
+            token_secret: secret,
             _db: db,
         })
     }

@@ -95,6 +95,14 @@ pub enum MembershipChange {
     Leave,
 }
 
+/// A device's acknowledged position in its user's inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCursor {
+    pub user: String,
+    pub device: String,
+    pub cursor: u64,
+}
+
 /// The store every chat backend implements.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -161,14 +169,9 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<HistorySlice, ChatError>;
 
-    /// Records a device's acknowledged cursor (never moving it backwards).
-    async fn set_cursor(
-        &self,
-        user: &str,
-        device: &str,
-        cursor: u64,
-        now_ms: i64,
-    ) -> Result<(), ChatError>;
+    /// Records devices' acknowledged cursors, each never moving backwards,
+    /// in one transaction. Each (user, device) appears at most once.
+    async fn set_cursors(&self, cursors: &[DeviceCursor], now_ms: i64) -> Result<(), ChatError>;
     async fn get_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, ChatError>;
 
     async fn set_block(

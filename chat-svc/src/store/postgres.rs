@@ -19,8 +19,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use super::{
-    Appended, ConversationRecord, HistorySlice, InboxPage, MembershipChange, NewMessage, Store,
-    UserRecord, direct_key, history_bound, history_page,
+    Appended, ConversationRecord, DeviceCursor, HistorySlice, InboxPage, MembershipChange,
+    NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
 };
 use crate::error::ChatError;
 use crate::redis_state::BlockCache;
@@ -1099,21 +1099,22 @@ impl Store for PgStore {
         })
     }
 
-    async fn set_cursor(
-        &self,
-        user: &str,
-        device: &str,
-        cursor: u64,
-        now_ms: i64,
-    ) -> Result<(), ChatError> {
+    async fn set_cursors(&self, cursors: &[DeviceCursor], now_ms: i64) -> Result<(), ChatError> {
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        let users: Vec<&str> = cursors.iter().map(|c| c.user.as_str()).collect();
+        let devices: Vec<&str> = cursors.iter().map(|c| c.device.as_str()).collect();
+        let positions: Vec<i64> = cursors.iter().map(|c| c.cursor as i64).collect();
         sqlx::query(
-            "INSERT INTO devices (user_id, device_id, cursor, last_seen) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO devices (user_id, device_id, cursor, last_seen) \
+             SELECT u, d, c, $4 FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS t(u, d, c) \
              ON CONFLICT (user_id, device_id) DO UPDATE \
              SET cursor = GREATEST(devices.cursor, excluded.cursor), last_seen = excluded.last_seen",
         )
-        .bind(user)
-        .bind(device)
-        .bind(cursor as i64)
+        .bind(&users)
+        .bind(&devices)
+        .bind(&positions)
         .bind(now_ms)
         .execute(&self.pool)
         .await?;

@@ -14,8 +14,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::{
-    Appended, ConversationRecord, HistorySlice, InboxPage, MembershipChange, NewMessage, Store,
-    UserRecord, direct_key, history_bound, history_page,
+    Appended, ConversationRecord, DeviceCursor, HistorySlice, InboxPage, MembershipChange,
+    NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
 };
 use crate::error::ChatError;
 
@@ -676,23 +676,36 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn set_cursor(
-        &self,
-        user: &str,
-        device: &str,
-        cursor: u64,
-        now_ms: i64,
-    ) -> Result<(), ChatError> {
-        sqlx::query(
-            "INSERT INTO devices (user_id, device_id, cursor, last_seen) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (user_id, device_id) DO UPDATE SET cursor = MAX(cursor, excluded.cursor), last_seen = excluded.last_seen",
-        )
-        .bind(user)
-        .bind(device)
-        .bind(cursor as i64)
-        .bind(now_ms)
-        .execute(&self.writer)
-        .await?;
+    async fn set_cursors(&self, cursors: &[DeviceCursor], now_ms: i64) -> Result<(), ChatError> {
+        // One statement per chunk of rows (SQLite allows 32,766 parameters),
+        // all in one transaction: one fsync however many devices acked.
+        let mut tx = self.begin().await?;
+        for chunk in cursors.chunks(500) {
+            let mut sql =
+                String::from("INSERT INTO devices (user_id, device_id, cursor, last_seen) VALUES ");
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 {
+                    "(?, ?, ?, ?)"
+                } else {
+                    ", (?, ?, ?, ?)"
+                });
+            }
+            sql.push_str(
+                " ON CONFLICT (user_id, device_id) DO UPDATE \
+                 SET cursor = MAX(cursor, excluded.cursor), last_seen = excluded.last_seen",
+            );
+            // Only placeholders are spliced in; every value is bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for c in chunk {
+                q = q
+                    .bind(&c.user)
+                    .bind(&c.device)
+                    .bind(c.cursor as i64)
+                    .bind(now_ms);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

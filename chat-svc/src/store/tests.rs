@@ -256,9 +256,19 @@ pub(crate) async fn retention_leaves_a_visible_hole(store: &dyn Store) {
 
 pub(crate) async fn cursors_only_move_forward(store: &dyn Store) {
     assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), None);
-    store.set_cursor("alice", "phone", 7, 0).await.unwrap();
-    store.set_cursor("alice", "phone", 3, 0).await.unwrap();
+    let at = |device: &str, cursor| DeviceCursor {
+        user: "alice".into(),
+        device: device.into(),
+        cursor,
+    };
+    store.set_cursors(&[at("phone", 7)], 0).await.unwrap();
+    store
+        .set_cursors(&[at("phone", 3), at("laptop", 2)], 0)
+        .await
+        .unwrap();
     assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), Some(7));
+    assert_eq!(store.get_cursor("alice", "laptop").await.unwrap(), Some(2));
+    store.set_cursors(&[], 0).await.unwrap();
     assert!(matches!(
         store.create_user("alice", "", 0).await,
         Err(ChatError::Conflict(_))
