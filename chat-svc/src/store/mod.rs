@@ -5,6 +5,7 @@
 
 mod postgres;
 mod sqlite;
+mod sqlite_append;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -1,6 +1,8 @@
-//! The embedded default: one SQLite file in WAL mode. Writes go through a
-//! pool of one connection with `BEGIN IMMEDIATE`, so writers queue instead of
-//! failing with SQLITE_BUSY; reads use a pool of their own.
+//! The embedded default: one SQLite file in WAL mode. Sends are written by a
+//! thread of their own, a batch per transaction (sqlite_append.rs). Other
+//! writes go through a pool of one connection with `BEGIN IMMEDIATE`; the
+//! two writers queue on SQLite's lock (busy timeout) instead of failing with
+//! SQLITE_BUSY. Reads use a pool of their own.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
+use super::sqlite_append::Appender;
 use super::{
     Appended, ConversationRecord, DeviceCursor, HistorySlice, InboxPage, MembershipChange,
     NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
@@ -32,6 +35,8 @@ macro_rules! message_columns {
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Sends, a batch per hand-over (see sqlite_append.rs).
+    appender: Appender,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -63,7 +68,12 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        let appender = Appender::start(path)?;
+        Ok(Self {
+            writer,
+            reader,
+            appender,
+        })
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, ChatError> {
@@ -138,76 +148,6 @@ async fn missing_users_in(
         }
     }
     Ok(missing)
-}
-
-/// Appends one message inside the caller's transaction. Domain refusals come
-/// back as `Ok(Err(..))` and write nothing; `Err` means the transaction is
-/// broken.
-async fn append_one(
-    conn: &mut SqliteConnection,
-    m: &NewMessage,
-) -> Result<Result<Appended, ChatError>, ChatError> {
-    let existing = sqlx::query(concat!(
-        "SELECT ",
-        message_columns!(),
-        " FROM messages m WHERE m.sender_id = ? AND m.client_msg_id = ?"
-    ))
-    .bind(&m.sender_id)
-    .bind(&m.client_msg_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(row) = existing {
-        let message = message_from_row(&row, 0)?;
-        let recipients = sqlx::query_as::<_, (String, i64)>(
-            "SELECT user_id, seq FROM inbox WHERE message_id = ? ORDER BY user_id",
-        )
-        .bind(message.msg_id as i64)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|(u, s)| (u, s as u64))
-        .collect();
-        return Ok(Ok(Appended {
-            message,
-            recipients,
-            duplicate: true,
-        }));
-    }
-
-    let Some(conv) = sqlx::query("SELECT kind, last_seq FROM conversations WHERE id = ?")
-        .bind(m.conversation_id as i64)
-        .fetch_optional(&mut *conn)
-        .await?
-    else {
-        return Ok(Err(ChatError::NotMember(m.conversation_id)));
-    };
-    let kind = kind_from_i64(conv.try_get(0)?);
-    let seq = conv.try_get::<i64, _>(1)? + 1;
-
-    let members: Vec<String> = sqlx::query_scalar(
-        "SELECT user_id FROM members WHERE conversation_id = ? ORDER BY user_id",
-    )
-    .bind(m.conversation_id as i64)
-    .fetch_all(&mut *conn)
-    .await?;
-    if !members.contains(&m.sender_id) {
-        return Ok(Err(ChatError::NotMember(m.conversation_id)));
-    }
-    if kind == pb::ConversationKind::Direct {
-        for peer in members.iter().filter(|u| **u != m.sender_id) {
-            let blocked: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM blocks WHERE user_id = ? AND blocked_id = ?")
-                    .bind(peer)
-                    .bind(&m.sender_id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            if blocked.is_some() {
-                return Ok(Err(ChatError::Blocked(peer.clone())));
-            }
-        }
-    }
-
-    Ok(Ok(insert_message(conn, m, seq, members).await?))
 }
 
 /// Gives `message_id` the next inbox sequence number of `user`.
@@ -580,13 +520,7 @@ impl Store for SqliteStore {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
-        let mut tx = self.begin().await?;
-        let mut results = Vec::with_capacity(batch.len());
-        for m in &batch {
-            results.push(append_one(&mut tx, m).await?);
-        }
-        tx.commit().await?;
-        Ok(results)
+        self.appender.append(batch).await
     }
 
     async fn inbox_after(
