@@ -83,6 +83,13 @@ struct Live {
     sub: Subscription,
     /// The newest inbox sequence number written to the device.
     delivered: u64,
+    /// A catch-up is under way: its last page was full. Pages are written
+    /// one at a time, so a device far behind costs one page of memory.
+    behind: bool,
+    /// What retention removed, found during the catch-up under way.
+    missing: Option<(u64, u64)>,
+    /// The request a SyncDone answers once the catch-up ends (0: login).
+    sync_done: Option<u64>,
 }
 
 /// Why the connection ends.
@@ -147,6 +154,24 @@ pub async fn serve<IO: FrameIo>(
             }
         }
         if let Err(end) = step {
+            break end;
+        }
+        // The rest of a catch-up, a page per write.
+        let mut next = Ok(());
+        while let Some(l) = live.as_mut().filter(|l| l.behind) {
+            out.clear();
+            next = catch_up(&shared, l, &mut out).await;
+            if !out.is_empty() {
+                shared.metrics.written(&out);
+                if !write(&mut io, &out, cfg.write_timeout).await {
+                    next = Err(End::Io);
+                }
+            }
+            if next.is_err() {
+                break;
+            }
+        }
+        if let Err(end) = next {
             break end;
         }
     };
@@ -244,35 +269,50 @@ fn deliver(inbox_seq: u64, message: pb::Message) -> pb::ServerFrame {
     )
 }
 
-/// Sends everything after `live.delivered` from the database; returns what
-/// retention removed.
+/// Sends the next page of what follows `live.delivered` from the database.
+/// While pages come back full, `live.behind` stays set and the caller asks
+/// again after writing this one; the last page is followed by the SyncDone
+/// a request is waiting for.
 async fn catch_up(
     shared: &Shared,
     live: &mut Live,
     out: &mut Vec<pb::ServerFrame>,
-) -> Result<Option<(u64, u64)>, End> {
-    let mut missing = None;
-    loop {
-        let page = shared
-            .chat
-            .sync(&live.session.user, live.delivered, CATCH_UP_PAGE)
-            .await
-            .map_err(|e| End::Fatal(ErrorCode::Unavailable, e.client_message()))?;
-        // A cursor from the future (a confused client) restarts at the head.
-        live.delivered = live.delivered.min(page.head);
-        if let Some((from, to)) = page.missing {
-            missing = Some(missing.map_or((from, to), |(f, _)| (f, to)));
-            live.delivered = to;
-        }
-        let full = page.entries.len() as u32 == CATCH_UP_PAGE;
-        for (seq, message) in page.entries {
-            live.delivered = seq;
-            out.push(deliver(seq, message));
-        }
-        if !full {
-            return Ok(missing);
-        }
+) -> Result<(), End> {
+    let page = shared
+        .chat
+        .sync(&live.session.user, live.delivered, CATCH_UP_PAGE)
+        .await
+        .map_err(|e| End::Fatal(ErrorCode::Unavailable, e.client_message()))?;
+    // A cursor from the future (a confused client) restarts at the head.
+    live.delivered = live.delivered.min(page.head);
+    if let Some((from, to)) = page.missing {
+        live.missing = Some(live.missing.map_or((from, to), |(f, _)| (f, to)));
+        live.delivered = to;
     }
+    live.behind = page.entries.len() as u32 == CATCH_UP_PAGE;
+    for (seq, message) in page.entries {
+        live.delivered = seq;
+        out.push(deliver(seq, message));
+    }
+    if !live.behind
+        && let Some(request_id) = live.sync_done.take()
+    {
+        out.push(sync_done(request_id, live.delivered, live.missing.take()));
+    }
+    Ok(())
+}
+
+/// Starts a catch-up from `live.delivered` that ends with a SyncDone for
+/// `request_id`.
+async fn start_sync(
+    shared: &Shared,
+    live: &mut Live,
+    request_id: u64,
+    out: &mut Vec<pb::ServerFrame>,
+) -> Result<(), End> {
+    live.missing = None;
+    live.sync_done = Some(request_id);
+    catch_up(shared, live, out).await
 }
 
 fn sync_done(request_id: u64, cursor: u64, missing: Option<(u64, u64)>) -> pb::ServerFrame {
@@ -346,6 +386,9 @@ async fn on_frame(
                 session,
                 sub,
                 delivered: 0,
+                behind: false,
+                missing: None,
+                sync_done: None,
             };
             if let Err(e) = shared.presence.online(&l.session).await {
                 // The device still gets everything: the gateway registers its
@@ -375,10 +418,9 @@ async fn on_frame(
                     resume_from: resume,
                 }),
             ));
-            let result = catch_up(shared, &mut l, out).await;
-            let cursor = l.delivered;
+            let result = start_sync(shared, &mut l, 0, out).await;
             *live = Some(l);
-            out.push(sync_done(0, cursor, result?));
+            result?;
         }
         Req::Ping(p) => out.push(pb::ServerFrame::new(
             rid,
@@ -398,8 +440,7 @@ async fn on_frame(
         Req::Sync(sync) => {
             let l = live.as_mut().expect("admitted only when ready");
             l.delivered = sync.after;
-            let missing = catch_up(shared, l, out).await?;
-            out.push(sync_done(rid, l.delivered, missing));
+            start_sync(shared, l, rid, out).await?;
         }
         req => {
             if matches!(req, Req::Send(_)) && !bucket.take() {
