@@ -671,10 +671,9 @@ async fn websocket_clients_speak_the_same_frames() {
     };
     ws.send(frame(1, hello())).await.unwrap();
     ws.send(frame(2, auth(&ta, "browser"))).await.unwrap();
-    bob.send(conv.id, pb::Content::text("to the browser"))
-        .await
-        .unwrap();
+    // A device never seen before starts at the head: send once it is in.
     let mut saw_auth = false;
+    let mut sent = false;
     loop {
         let msg = timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
         let f = pb::ServerFrame::decode(msg.into_data()).unwrap();
@@ -682,6 +681,12 @@ async fn websocket_clients_speak_the_same_frames() {
             Some(Resp::AuthOk(ok)) => {
                 assert_eq!(ok.user_id, "alice");
                 saw_auth = true;
+            }
+            Some(Resp::SyncDone(_)) if !sent => {
+                bob.send(conv.id, pb::Content::text("to the browser"))
+                    .await
+                    .unwrap();
+                sent = true;
             }
             Some(Resp::Deliver(d)) => {
                 assert_eq!(text_of(d.message.as_ref().unwrap()), "to the browser");

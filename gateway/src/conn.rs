@@ -15,9 +15,9 @@ use tokio::time::{Instant, sleep_until, timeout};
 
 use parley_chat::ops::code_label;
 
-use crate::Shared;
 use crate::io::{FrameIo, ReadError};
 use crate::registry::{Push, Subscription};
+use crate::{Shared, heap};
 
 /// Where a connection is in the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,14 +129,20 @@ pub async fn serve<IO: FrameIo>(
             }
             n = recv_pushes(&mut live, &mut pushes) => {
                 match live.as_mut() {
-                    Some(l) if n > 0 => on_pushes(&shared, l, pushes.drain(..), &mut out).await,
+                    Some(l) if n > 0 => {
+                        let pushed = heap(on_pushes(&shared, l, pushes.drain(..), &mut out));
+                        pushed.await
+                    }
                     _ => Ok(()),
                 }
             }
             frame = io.read() => match frame {
                 Ok(Some(frame)) => {
                     idle_deadline = Instant::now() + cfg.idle_timeout;
-                    on_frame(&shared, conn_id, frame, &mut phase, &mut live, &mut bucket, &mut out).await
+                    // Boxed, as every large step here: an idle connection's
+                    // state is only what waits in this select.
+                    let handled = heap(on_frame(&shared, conn_id, frame, &mut phase, &mut live, &mut bucket, &mut out));
+                    handled.await
                 }
                 Ok(None) => Err(End::Closed),
                 Err(ReadError::Decode(DecodeError::TooLarge { len, max })) => Err(End::Fatal(
@@ -149,7 +155,8 @@ pub async fn serve<IO: FrameIo>(
         };
         if !out.is_empty() {
             shared.metrics.written(&out);
-            if !write(&mut io, &out, cfg.write_timeout).await {
+            let written = heap(write(&mut io, &out, cfg.write_timeout));
+            if !written.await {
                 break End::Io;
             }
         }
@@ -160,10 +167,12 @@ pub async fn serve<IO: FrameIo>(
         let mut next = Ok(());
         while let Some(l) = live.as_mut().filter(|l| l.behind) {
             out.clear();
-            next = catch_up(&shared, l, &mut out).await;
+            let page = heap(catch_up(&shared, l, &mut out));
+            next = page.await;
             if !out.is_empty() {
                 shared.metrics.written(&out);
-                if !write(&mut io, &out, cfg.write_timeout).await {
+                let written = heap(write(&mut io, &out, cfg.write_timeout));
+                if !written.await {
                     next = Err(End::Io);
                 }
             }
@@ -176,16 +185,11 @@ pub async fn serve<IO: FrameIo>(
         }
     };
 
-    match end {
+    let farewell = match end {
         End::Fatal(code, message) => {
             tracing::debug!(conn_id, ?code, %message, "closing connection");
             shared.metrics.errors.get_or_create(&code_label(code)).inc();
-            let _ = write(
-                &mut io,
-                &[pb::ServerFrame::error(0, code, message)],
-                cfg.write_timeout,
-            )
-            .await;
+            Some(pb::ServerFrame::error(0, code, message))
         }
         End::GoAway => {
             let go = pb::GoAway {
@@ -193,14 +197,14 @@ pub async fn serve<IO: FrameIo>(
                 reconnect_after_ms: cfg.reconnect_hint.as_millis() as u32,
                 redirect: String::new(),
             };
-            let _ = write(
-                &mut io,
-                &[pb::ServerFrame::new(0, Resp::GoAway(go))],
-                cfg.write_timeout,
-            )
-            .await;
+            Some(pb::ServerFrame::new(0, Resp::GoAway(go)))
         }
-        End::Closed | End::Io => {}
+        End::Closed | End::Io => None,
+    };
+    if let Some(frame) = farewell {
+        let frames = [frame];
+        let bye = heap(write(&mut io, &frames, cfg.write_timeout));
+        let _ = bye.await;
     }
     shared.metrics.connections.dec();
     if let Some(l) = live {

@@ -21,7 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_util::either::Either;
 
 use crate::io::{FrameIo, StreamIo, WsIo};
 use crate::registry::Registry;
@@ -213,39 +212,20 @@ pub async fn run(
         let stop = shutdown.clone();
         let acceptor = acceptor.clone();
         conns.spawn(async move {
-            let handshake = Duration::from_secs(10);
-            let stream = match (kind, acceptor) {
-                (Kind::Tls | Kind::Wss, Some(acceptor)) => {
-                    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => Either::Right(s),
-                        _ => {
-                            tracing::debug!("TLS handshake failed");
-                            return;
-                        }
-                    }
-                }
-                _ => Either::Left(stream),
+            let Some(acceptor) = acceptor.filter(|_| matches!(kind, Kind::Tls | Kind::Wss)) else {
+                return session(stream, kind, permit.ok(), shared, id, stop).await;
             };
-            let Ok(_permit) = permit else {
-                refuse(stream, kind.is_ws(), &shared).await;
+            // Boxed: a TLS handshake's state is large, and a plain
+            // connection's task should not be sized for it.
+            // Each boxed in a statement of its own: a temporary in an
+            // awaited expression would keep its room in this task.
+            let accept = heap(tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)));
+            let Ok(Ok(tls)) = accept.await else {
+                tracing::debug!("TLS handshake failed");
                 return;
             };
-            if kind.is_ws() {
-                let ws_config = WebSocketConfig::default()
-                    .max_message_size(Some(shared.config.max_frame_bytes))
-                    .max_frame_size(Some(shared.config.max_frame_bytes));
-                let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config));
-                match tokio::time::timeout(handshake, upgrade).await {
-                    Ok(Ok(ws)) => {
-                        let io = WsIo::new(ws, shared.config.max_frame_bytes);
-                        conn::serve(io, shared, id, stop).await
-                    }
-                    _ => tracing::debug!("websocket handshake failed"),
-                }
-            } else {
-                let io = StreamIo::new(stream, shared.config.max_frame_bytes);
-                conn::serve(io, shared, id, stop).await
-            }
+            let served = heap(session(tls, kind, permit.ok(), shared, id, stop));
+            served.await;
         });
     }
 
@@ -263,6 +243,59 @@ pub async fn run(
     dispatcher.abort();
 }
 
+/// How long a client has for the TLS and WebSocket handshakes.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// One connection after its TLS handshake, if any: refused over the cap,
+/// upgraded to WebSocket if it came that way, then served. The protocol
+/// state lives in a box of its own, sized for this stream type, so an idle
+/// plain TCP connection costs what it holds and not what TLS or WebSocket
+/// connections need.
+async fn session<S>(
+    stream: S,
+    kind: Kind,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+    id: u64,
+    stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(_permit) = permit else {
+        let refused = heap(refuse(stream, kind.is_ws(), shared));
+        refused.await;
+        return;
+    };
+    let max = shared.config.max_frame_bytes;
+    if kind.is_ws() {
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let upgrade = heap(tokio::time::timeout(
+            HANDSHAKE,
+            tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)),
+        ));
+        let Ok(Ok(ws)) = upgrade.await else {
+            tracing::debug!("websocket handshake failed");
+            return;
+        };
+        let served = heap(conn::serve(WsIo::new(ws, max), shared, id, stop));
+        served.await;
+    } else {
+        let served = heap(conn::serve(StreamIo::new(stream, max), shared, id, stop));
+        served.await;
+    }
+}
+
+/// `fut` on the heap. Async callers keep room inline for every future they
+/// await (and for temporaries around them); boxing the large, rare or
+/// type-specific ones here keeps each connection's task small.
+pub(crate) fn heap<'a, F: Future + Send + 'a>(
+    fut: F,
+) -> std::pin::Pin<Box<dyn Future<Output = F::Output> + Send + 'a>> {
+    Box::pin(fut)
+}
+
 /// Resolves once `shutdown` turns true (or its sender is gone).
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -276,7 +309,7 @@ async fn accept_opt(l: Option<&TcpListener>) -> std::io::Result<TcpStream> {
 }
 
 /// Tells a client over the connection cap to come back later.
-async fn refuse<S>(stream: S, is_ws: bool, shared: &Shared)
+async fn refuse<S>(stream: S, is_ws: bool, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
