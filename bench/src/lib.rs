@@ -89,6 +89,13 @@ impl Server {
         }
     }
 
+    /// Stops the servers (gracefully where that matters).
+    pub async fn stop(self) {
+        if let Self::Parley(p) = self {
+            p.stop().await;
+        }
+    }
+
     /// The processes that hold client connections.
     pub fn front_pids(&self) -> Vec<u32> {
         match self {

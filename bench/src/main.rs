@@ -214,6 +214,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             for &system in &common.systems {
                 let server = Server::start(system, &env).await?;
                 rows.push(parley_bench::traffic(system, &server, load.workload(rate)).await?);
+                server.stop().await;
             }
             print!("{}", table::traffic(&rows));
             save(&common, &rows)

@@ -29,6 +29,11 @@ async fn connect(
     keep_alive: Duration,
 ) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let (client, mut ev) = AsyncClient::new(options(id, broker, keep_alive), 1024);
+    // Nagle's algorithm would hold small publishes for the peer's delayed
+    // ACK (up to 40 ms); every other client here disables it.
+    let mut net = ev.network_options();
+    net.set_tcp_nodelay(true);
+    ev.set_network_options(net);
     client.subscribe(topic, QoS::AtLeastOnce).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -144,6 +149,8 @@ async fn events(mut ev: EventLoop, e: usize, run: Arc<Run>, queued: Arc<Mutex<Ve
                 }
             }
             Ok(_) => {}
+            // The run's end closes connections; only a failure before it counts.
+            Err(_) if *stop.borrow() => return,
             Err(err) => {
                 run.error(format!("connection: {err}"));
                 return;

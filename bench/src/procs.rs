@@ -151,8 +151,7 @@ pub struct ParleyServer {
     _keep: Keep,
 }
 
-/// Held only so the server lives as long as its handle.
-#[expect(dead_code, reason = "held, never read")]
+/// Held so the server lives as long as its handle.
 enum Keep {
     Embedded(Box<(Proc, tempfile::TempDir)>),
     Cluster(Box<Cluster>),
@@ -179,9 +178,23 @@ impl ParleyServer {
             ("PARLEY_TOKEN_SECRET".to_owned(), token_secret.clone()),
             ("PARLEY_LOG".to_owned(), "warn".to_owned()),
         ];
-        let proc = Proc::spawn("parley-embedded", exe, &args, &env, dir.path())?;
-        wait_listening(tcp, Duration::from_secs(30), &proc).await?;
-        wait_listening(admin, Duration::from_secs(30), &proc).await?;
+        // PARLEY_BENCH_WRAP runs the server under a profiler, e.g.
+        // "valgrind --tool=dhat --dhat-out-file=/tmp/dhat.out" or
+        // "strace -c -f -o /tmp/strace.txt" (see docs/benchmarks.md).
+        let (program, args) = match std::env::var("PARLEY_BENCH_WRAP") {
+            Ok(wrap) if !wrap.trim().is_empty() => {
+                let mut words = wrap.split_whitespace().map(str::to_owned);
+                let program = PathBuf::from(words.next().expect("a word"));
+                let mut all: Vec<String> = words.collect();
+                all.push(exe.display().to_string());
+                all.extend(args);
+                (program, all)
+            }
+            _ => (exe.to_path_buf(), args),
+        };
+        let proc = Proc::spawn("parley-embedded", &program, &args, &env, dir.path())?;
+        wait_listening(tcp, Duration::from_secs(120), &proc).await?;
+        wait_listening(admin, Duration::from_secs(120), &proc).await?;
         let pid = proc.pid().context("the server exited")?;
         Ok(Self {
             name: "parley".to_owned(),
@@ -193,6 +206,15 @@ impl ParleyServer {
             gateway_pids: vec![pid],
             _keep: Keep::Embedded(Box::new((proc, dir))),
         })
+    }
+
+    /// Stops the server with SIGTERM, so that a profiler it runs under
+    /// writes its report (a dropped server is killed).
+    pub async fn stop(self) {
+        match self._keep {
+            Keep::Embedded(mut b) => b.0.terminate(Duration::from_secs(60)).await,
+            Keep::Cluster(c) => drop(c),
+        }
     }
 
     /// Parley in cluster mode on PostgreSQL, Redis and RabbitMQ.
@@ -253,7 +275,7 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n\
                  max_connections -1\nmax_queued_messages 100000\nmax_inflight_messages 0\n\
                  log_type error\nlog_dest stderr\n",
                 addr.port()

@@ -252,30 +252,34 @@ impl ChatService {
         pending.get(&(user.to_owned(), device.to_owned())).copied()
     }
 
-    /// Writes every acked cursor not yet written. On failure they stay
-    /// pending (unless a newer ack replaced them) for the next attempt.
+    /// Writes every acked cursor not yet written. They stay pending (and
+    /// are what a login reads) until they are committed, so a failure only
+    /// delays them to the next attempt.
     pub async fn flush_cursors(&self) -> Result<(), ChatError> {
-        let taken = std::mem::take(&mut *self.cursors.lock().unwrap_or_else(|p| p.into_inner()));
-        if taken.is_empty() {
+        let batch: Vec<DeviceCursor> = {
+            let pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+            pending
+                .iter()
+                .map(|((user, device), cursor)| DeviceCursor {
+                    user: user.clone(),
+                    device: device.clone(),
+                    cursor: *cursor,
+                })
+                .collect()
+        };
+        if batch.is_empty() {
             return Ok(());
         }
-        let batch: Vec<DeviceCursor> = taken
-            .iter()
-            .map(|((user, device), cursor)| DeviceCursor {
-                user: user.clone(),
-                device: device.clone(),
-                cursor: *cursor,
-            })
-            .collect();
-        let result = self.store.set_cursors(&batch, now_ms()).await;
-        if result.is_err() {
-            let mut pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
-            for (key, cursor) in taken {
-                let c = pending.entry(key).or_default();
-                *c = (*c).max(cursor);
+        self.store.set_cursors(&batch, now_ms()).await?;
+        let mut pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        for c in batch {
+            let key = (c.user, c.device);
+            // A newer ack that came in meanwhile stays for the next flush.
+            if pending.get(&key) == Some(&c.cursor) {
+                pending.remove(&key);
             }
         }
-        result
+        Ok(())
     }
 
     /// The user's timeline after `after`, with what retention removed.
@@ -650,7 +654,7 @@ async fn cursor_writer(svc: std::sync::Weak<ChatService>) {
     let Some(every) = svc.upgrade().map(|s| s.config.cursor_flush) else {
         return;
     };
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -426,3 +426,40 @@ async fn blocks_through_the_redis_cache_take_effect_at_once() {
     store.set_block("bob", "alice", false, 0).await.unwrap();
     assert!(one(&store, text(conv.id, "alice", "3", "x")).await.is_ok());
 }
+
+/// Acked cursors wait in memory and are written together, not one
+/// transaction per Ack; meanwhile a login in the same process resumes from
+/// the pending one, and a cursor never moves backwards.
+#[tokio::test]
+async fn acked_cursors_are_coalesced_then_written_together() {
+    use std::sync::Arc;
+    let (_dir, store) = sqlite().await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+    for id in ["1", "2", "3"] {
+        one(&*store, text(conv.id, "bob", id, "x")).await.unwrap();
+    }
+    let config = crate::ChatConfig {
+        cursor_flush: std::time::Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let chat = crate::ChatService::start(
+        store.clone(),
+        Arc::new(crate::MemoryPresence::default()),
+        Arc::new(crate::LocalBus::default()),
+        crate::TokenKeys::new(&[7; 32]).unwrap(),
+        config,
+    );
+    chat.ack("alice", "phone", 3).await.unwrap();
+    chat.ack("alice", "phone", 2).await.unwrap();
+    chat.ack("alice", "laptop", 1).await.unwrap();
+    assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), None);
+    let (resume, head) = chat.session_opened("alice", "phone", None).await.unwrap();
+    assert_eq!((resume, head), (3, 3));
+    chat.flush_cursors().await.unwrap();
+    assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), Some(3));
+    assert_eq!(store.get_cursor("alice", "laptop").await.unwrap(), Some(1));
+    // Nothing pending: the next login reads the store.
+    let (resume, _) = chat.session_opened("alice", "laptop", None).await.unwrap();
+    assert_eq!(resume, 1);
+}
