@@ -30,6 +30,32 @@ macro_rules! message_columns {
     };
 }
 
+// A conversation's last seq and a user's inbox head are not counters
+// rewritten by every message: they are read off the newest entry of the
+// messages' (conversation_id, seq) index and of the inbox's (user_id, seq)
+// key, pages a message writes anyway. Counters cost two or three more
+// B-tree pages per 1:1 message in every commit, the biggest share of a
+// commit's WAL writes (docs/benchmarks.md). The columns
+// `conversations.last_seq` and `users.inbox_head` remain as floors: pruning
+// raises them before it deletes the rows that carried the newest numbers,
+// so no number is ever given twice. `?1` is the conversation or the user.
+macro_rules! last_seq {
+    () => {
+        "MAX(last_seq, IFNULL((SELECT MAX(seq) FROM messages WHERE conversation_id = ?1), 0))"
+    };
+}
+
+/// A conversation's kind and last seq, by id (`?1`).
+pub(super) const CONVERSATION_KIND_AND_SEQ: &str = concat!(
+    "SELECT kind, ",
+    last_seq!(),
+    " FROM conversations WHERE id = ?1"
+);
+
+/// A user's inbox head, by id (`?1`); no row for an unknown user.
+pub(super) const INBOX_HEAD: &str = "SELECT MAX(inbox_head, \
+     IFNULL((SELECT MAX(seq) FROM inbox WHERE user_id = ?1), 0)) FROM users WHERE id = ?1";
+
 /// Parley's store on a SQLite file.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -109,11 +135,14 @@ async fn load_conversation(
     conn: &mut SqliteConnection,
     id: u64,
 ) -> Result<Option<ConversationRecord>, ChatError> {
-    let Some(row) =
-        sqlx::query("SELECT kind, name, owner, last_seq FROM conversations WHERE id = ?")
-            .bind(id as i64)
-            .fetch_optional(&mut *conn)
-            .await?
+    let Some(row) = sqlx::query(concat!(
+        "SELECT kind, name, owner, ",
+        last_seq!(),
+        " FROM conversations WHERE id = ?1"
+    ))
+    .bind(id as i64)
+    .fetch_optional(&mut *conn)
+    .await?
     else {
         return Ok(None);
     };
@@ -156,12 +185,11 @@ async fn add_inbox_entry(
     user: &str,
     message_id: i64,
 ) -> Result<u64, ChatError> {
-    let inbox_seq: i64 = sqlx::query_scalar(
-        "UPDATE users SET inbox_head = inbox_head + 1 WHERE id = ? RETURNING inbox_head",
-    )
-    .bind(user)
-    .fetch_one(&mut *conn)
-    .await?;
+    let head: i64 = sqlx::query_scalar(INBOX_HEAD)
+        .bind(user)
+        .fetch_one(&mut *conn)
+        .await?;
+    let inbox_seq = head + 1;
     sqlx::query("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)")
         .bind(user)
         .bind(inbox_seq)
@@ -193,11 +221,6 @@ async fn insert_message(
     seq: i64,
     members: Vec<String>,
 ) -> Result<Appended, ChatError> {
-    sqlx::query("UPDATE conversations SET last_seq = ? WHERE id = ?")
-        .bind(seq)
-        .bind(m.conversation_id as i64)
-        .execute(&mut *conn)
-        .await?;
     let content = m.content.encode_to_vec();
     let msg_id: i64 = sqlx::query_scalar(
         "INSERT INTO messages (conversation_id, seq, sender_id, sender_device, client_msg_id, content, created_at) \
@@ -242,7 +265,7 @@ async fn append_system(
     event: pb::SystemEvent,
     now_ms: i64,
 ) -> Result<Appended, ChatError> {
-    let last_seq: i64 = sqlx::query_scalar("SELECT last_seq FROM conversations WHERE id = ?")
+    let (_kind, last_seq): (i64, i64) = sqlx::query_as(CONVERSATION_KIND_AND_SEQ)
         .bind(conversation_id as i64)
         .fetch_one(&mut *conn)
         .await?;
@@ -531,7 +554,7 @@ impl Store for SqliteStore {
     ) -> Result<InboxPage, ChatError> {
         // One read transaction, so the head and the page agree.
         let mut tx = self.reader.begin().await?;
-        let head: Option<i64> = sqlx::query_scalar("SELECT inbox_head FROM users WHERE id = ?")
+        let head: Option<i64> = sqlx::query_scalar(INBOX_HEAD)
             .bind(user)
             .fetch_optional(&mut *tx)
             .await?;
@@ -558,7 +581,7 @@ impl Store for SqliteStore {
     }
 
     async fn inbox_head(&self, user: &str) -> Result<u64, ChatError> {
-        let head: Option<i64> = sqlx::query_scalar("SELECT inbox_head FROM users WHERE id = ?")
+        let head: Option<i64> = sqlx::query_scalar(INBOX_HEAD)
             .bind(user)
             .fetch_optional(&self.reader)
             .await?;
@@ -697,6 +720,24 @@ impl Store for SqliteStore {
         let Some(max_id) = newest_old else {
             return Ok(0);
         };
+        // The newest numbers may be in the rows about to go: keep them as
+        // floors, so a conversation or an inbox never numbers from 1 again.
+        sqlx::query(
+            "UPDATE conversations SET last_seq = MAX(last_seq, \
+             IFNULL((SELECT MAX(seq) FROM messages WHERE conversation_id = conversations.id), 0)) \
+             WHERE id IN (SELECT DISTINCT conversation_id FROM messages WHERE id <= ?1)",
+        )
+        .bind(max_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE users SET inbox_head = MAX(inbox_head, \
+             IFNULL((SELECT MAX(seq) FROM inbox WHERE user_id = users.id), 0)) \
+             WHERE id IN (SELECT DISTINCT user_id FROM inbox WHERE message_id <= ?1)",
+        )
+        .bind(max_id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM inbox WHERE message_id <= ?")
             .bind(max_id)
             .execute(&mut *tx)

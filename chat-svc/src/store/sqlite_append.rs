@@ -10,7 +10,7 @@
 //! the conversation's next seq and every member's next inbox number.
 
 use std::path::Path;
-use std::sync::{Arc, Weak, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
 use parley_proto::pb;
@@ -32,6 +32,10 @@ pub(super) struct Appender {
     _alive: Arc<()>,
 }
 
+/// WAL pages (4 KiB each) after which the checkpointer makes the WAL start
+/// over: the WAL file stays near 64 MiB under any load.
+const WAL_RESTART: i64 = 16 * 1024;
+
 fn storage(e: rusqlite::Error) -> ChatError {
     ChatError::Unavailable(format!("storage: {e}"))
 }
@@ -40,31 +44,24 @@ impl Appender {
     /// Opens its own connection to the database at `path` (already
     /// migrated) and starts the thread.
     pub(super) fn start(path: &Path) -> Result<Self, ChatError> {
-        let conn = Connection::open(path).map_err(storage)?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(storage)?;
-        // As the sqlx connections: WAL, and FULL so an acked message
-        // survives a power loss (one fsync per batch). No checkpoints on
-        // commit: copying the WAL back into the database is the
-        // checkpointer's job, off the senders' path.
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-             PRAGMA foreign_keys = ON; PRAGMA cache_size = -16000; \
-             PRAGMA wal_autocheckpoint = 0;",
-        )
-        .map_err(storage)?;
-        conn.set_prepared_statement_cache_capacity(32);
+        let conn = open_writer(path, WAL_RESTART).map_err(storage)?;
         let checkpointer = Connection::open(path).map_err(storage)?;
         checkpointer
             .busy_timeout(Duration::from_secs(10))
             .map_err(storage)?;
         let (jobs, rx) = mpsc::channel::<Job>();
+        let writing = Arc::new(Mutex::new(()));
+        let held = writing.clone();
         std::thread::Builder::new()
             .name("sqlite-append".into())
             .spawn(move || {
                 let mut conn = conn;
                 while let Ok((batch, reply)) = rx.recv() {
-                    let _ = reply.send(append_batch(&mut conn, &batch));
+                    let appended = {
+                        let _turn = held.lock().unwrap_or_else(PoisonError::into_inner);
+                        append_batch(&mut conn, &batch)
+                    };
+                    let _ = reply.send(appended);
                 }
             })
             .map_err(|e| ChatError::Unavailable(format!("cannot start the append thread: {e}")))?;
@@ -72,7 +69,14 @@ impl Appender {
         let store = Arc::downgrade(&alive);
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || checkpoints(checkpointer, store))
+            .spawn(move || {
+                while store.upgrade().is_some() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if let Err(e) = checkpoint(&checkpointer, &writing, WAL_RESTART) {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                    }
+                }
+            })
             .map_err(|e| ChatError::Unavailable(format!("cannot start the checkpointer: {e}")))?;
         Ok(Self {
             jobs,
@@ -90,16 +94,42 @@ impl Appender {
     }
 }
 
-/// Copies the WAL back into the database every 200 ms without blocking
-/// writers (PASSIVE), for as long as the store lives. SQLite starts the
-/// WAL over once a checkpoint has copied all of it and no reader needs it.
-fn checkpoints(conn: Connection, store: Weak<()>) {
-    while store.upgrade().is_some() {
-        std::thread::sleep(Duration::from_millis(200));
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
-        }
+/// The append thread's connection. As the sqlx connections: WAL, and FULL
+/// so an acked message survives a power loss (one fsync per batch). No
+/// checkpoints on commit: copying the WAL back into the database is the
+/// checkpointer's job, off the senders' path. The size limit trims a WAL
+/// that a long reader let grow past twice `restart_at` pages.
+fn open_writer(path: &Path, restart_at: i64) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+         PRAGMA foreign_keys = ON; PRAGMA cache_size = -16000; \
+         PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {};",
+        restart_at.saturating_mul(2 * 4096)
+    ))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// One pass of the checkpointer (every 200 ms): copies the WAL back into
+/// the database without blocking writers (PASSIVE).
+///
+/// SQLite starts the WAL over only when a writer begins after a checkpoint
+/// has copied all of it. While sends keep coming that never happens: the
+/// append thread has always committed more by the time a checkpoint ends,
+/// and the WAL grew without bound (by 80 MB a second at 6,000 messages a
+/// second). So once the WAL holds `restart_at` pages, the pass holds the
+/// append thread between two batches (`writing`) and copies the little
+/// written since its first step; the next batch starts the WAL over. The
+/// pause is that catch-up, every 64 MiB of WAL.
+fn checkpoint(conn: &Connection, writing: &Mutex<()>, restart_at: i64) -> rusqlite::Result<()> {
+    let pass = || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+    if pass()? >= restart_at {
+        let _pause = writing.lock().unwrap_or_else(PoisonError::into_inner);
+        pass()?;
     }
+    Ok(())
 }
 
 fn append_batch(conn: &mut Connection, batch: &[NewMessage]) -> Outcome {
@@ -165,7 +195,7 @@ fn append_one(
     }
 
     let conv = tx
-        .prepare_cached("SELECT kind, last_seq FROM conversations WHERE id = ?1")?
+        .prepare_cached(super::sqlite::CONVERSATION_KIND_AND_SEQ)?
         .query_row([m.conversation_id as i64], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
         })
@@ -195,8 +225,6 @@ fn append_one(
     // dhat showed as most of the bytes allocated per message. A plain write
     // followed by a read in the same transaction does not.
     let seq = last_seq + 1;
-    tx.prepare_cached("UPDATE conversations SET last_seq = ?1 WHERE id = ?2")?
-        .execute(params![seq, m.conversation_id as i64])?;
     let content = m.content.encode_to_vec();
     tx.prepare_cached(
         "INSERT INTO messages (conversation_id, seq, sender_id, sender_device, client_msg_id, content, created_at) \
@@ -212,15 +240,12 @@ fn append_one(
         m.now_ms
     ])?;
     let msg_id = tx.last_insert_rowid();
-    let mut bump =
-        tx.prepare_cached("UPDATE users SET inbox_head = inbox_head + 1 WHERE id = ?1")?;
-    let mut head = tx.prepare_cached("SELECT inbox_head FROM users WHERE id = ?1")?;
+    let mut head = tx.prepare_cached(super::sqlite::INBOX_HEAD)?;
     let mut entry =
         tx.prepare_cached("INSERT INTO inbox (user_id, seq, message_id) VALUES (?1, ?2, ?3)")?;
     let mut recipients = Vec::with_capacity(members.len());
     for user in members {
-        bump.execute([&user])?;
-        let inbox_seq: i64 = head.query_row([&user], |r| r.get(0))?;
+        let inbox_seq: i64 = head.query_row([&user], |r| r.get::<_, i64>(0))? + 1;
         entry.execute(params![user, inbox_seq, msg_id])?;
         recipients.push((user, inbox_seq as u64));
     }
@@ -238,4 +263,74 @@ fn append_one(
         recipients,
         duplicate: false,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::store::{SqliteStore, Store};
+
+    /// Under sends that never pause, the WAL still starts over once it
+    /// passes the limit, so the file stays near it instead of holding
+    /// everything ever written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_starts_over_under_a_steady_stream_of_sends() {
+        const LIMIT: i64 = 256; // pages: 1 MiB
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        for u in ["alice", "bob"] {
+            store.create_user(u, "", 0).await.unwrap();
+        }
+        let conv = store.open_direct("alice", "bob", 0).await.unwrap().id;
+        drop(store);
+
+        let writing = Arc::new(Mutex::new(()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let checkpointer = {
+            let (writing, stop, path) = (writing.clone(), stop.clone(), path.clone());
+            std::thread::spawn(move || {
+                let conn = Connection::open(&path).unwrap();
+                conn.busy_timeout(Duration::from_secs(10)).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    checkpoint(&conn, &writing, LIMIT).unwrap();
+                }
+            })
+        };
+        let mut conn = open_writer(&path, LIMIT).unwrap();
+        let body = "x".repeat(2000);
+        let mut written = 0;
+        // 20 MB of message rows alone, twenty times the limit.
+        for k in 0..400 {
+            let batch: Vec<NewMessage> = (0..25)
+                .map(|i| NewMessage {
+                    conversation_id: conv,
+                    sender_id: "alice".into(),
+                    sender_device: "d1".into(),
+                    client_msg_id: format!("m{k}-{i}"),
+                    content: parley_proto::pb::Content::text(&body),
+                    now_ms: 0,
+                })
+                .collect();
+            let _turn = writing.lock().unwrap();
+            for r in append_batch(&mut conn, &batch).unwrap() {
+                assert!(!r.unwrap().duplicate);
+                written += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        checkpointer.join().unwrap();
+        assert_eq!(written, 10_000);
+        let wal = std::fs::metadata(dir.path().join("t.db-wal"))
+            .unwrap()
+            .len();
+        assert!(
+            wal < 8 << 20,
+            "the WAL grew to {wal} bytes with a limit of {} bytes",
+            LIMIT * 4096
+        );
+    }
 }

@@ -254,6 +254,78 @@ pub(crate) async fn retention_leaves_a_visible_hole(store: &dyn Store) {
     assert_eq!(h.oldest_available_seq, 2);
 }
 
+/// Numbers are never given twice, even when retention took every row that
+/// carried the newest ones (SQLite reads them off those rows).
+pub(crate) async fn numbering_survives_pruning_everything(store: &dyn Store) {
+    let conv = store.open_direct("alice", "carol", 0).await.unwrap();
+    let mut batch: Vec<NewMessage> = (1..=3)
+        .map(|i| text(conv.id, "alice", &format!("p{i}"), "old"))
+        .collect();
+    for m in &mut batch {
+        m.now_ms = 10;
+    }
+    store.append(batch).await.unwrap();
+    let g = store
+        .create_group("carol", "g", &["alice".into(), "carol".into()], 10)
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(store.inbox_head("carol").await.unwrap(), 4);
+    assert_eq!(store.prune_before(1_000).await.unwrap(), 4);
+    assert_eq!(store.inbox_head("carol").await.unwrap(), 4);
+    assert_eq!(store.inbox_head("alice").await.unwrap(), 4);
+    assert_eq!(
+        store
+            .get_conversation(conv.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seq,
+        3
+    );
+
+    let a = one(store, text(conv.id, "carol", "after", "new"))
+        .await
+        .unwrap();
+    assert_eq!(a.message.seq, 4);
+    assert_eq!(
+        a.recipients,
+        vec![("alice".to_owned(), 5), ("carol".to_owned(), 5)]
+    );
+    let (_, joined) = store
+        .change_members(
+            g.id,
+            "carol",
+            MembershipChange::Add,
+            &["bob".into()],
+            2_000,
+            0,
+        )
+        .await
+        .unwrap();
+    let joined = joined.expect("a system event");
+    assert_eq!(
+        joined.message.seq, 2,
+        "the group's creation event was seq 1"
+    );
+    assert!(joined.recipients.contains(&("carol".to_owned(), 6)));
+    let page = store.inbox_after("carol", 0, 10).await.unwrap();
+    assert_eq!(
+        page.entries.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    assert_eq!(page.head, 6);
+    assert_eq!(
+        store
+            .get_conversation(conv.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seq,
+        4
+    );
+}
+
 pub(crate) async fn cursors_only_move_forward(store: &dyn Store) {
     assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), None);
     let at = |device: &str, cursor| DeviceCursor {
@@ -304,6 +376,7 @@ mod on_sqlite {
         history_pages_both_ways,
         groups_record_membership_changes,
         retention_leaves_a_visible_hole,
+        numbering_survives_pruning_everything,
         cursors_only_move_forward,
     );
 }
@@ -318,6 +391,7 @@ mod on_postgres {
         history_pages_both_ways,
         groups_record_membership_changes,
         retention_leaves_a_visible_hole,
+        numbering_survives_pruning_everything,
         cursors_only_move_forward,
     );
 }
