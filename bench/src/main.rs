@@ -47,6 +47,10 @@ enum Command {
         /// Messages per second offered.
         #[arg(long, default_value_t = 10_000.0)]
         rate: f64,
+        /// Runs per system, one after the other on the same server: shows
+        /// whether a server degrades as its data and history grow.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
     /// The highest sustained rate with p99 under a limit, then latency at half that rate.
     Throughput {
@@ -208,12 +212,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", table::idle(&rows));
             save(&common, &rows)
         }
-        Command::Run { common, load, rate } => {
+        Command::Run {
+            common,
+            load,
+            rate,
+            repeat,
+        } => {
             let env = env(&common)?;
             let mut rows = Vec::new();
             for &system in &common.systems {
                 let server = Server::start(system, &env).await?;
-                rows.push(parley_bench::traffic(system, &server, load.workload(rate)).await?);
+                for _ in 0..repeat.max(1) {
+                    let t = parley_bench::traffic(system, &server, load.workload(rate)).await?;
+                    if repeat > 1 {
+                        eprintln!("  {}", table::step_line(&t));
+                    }
+                    rows.push(t);
+                }
                 server.stop().await;
             }
             print!("{}", table::traffic(&rows));
