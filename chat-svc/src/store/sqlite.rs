@@ -33,9 +33,9 @@ macro_rules! message_columns {
 // A conversation's last seq and a user's inbox head are not counters
 // rewritten by every message: they are read off the newest entry of the
 // messages' (conversation_id, seq) index and of the inbox's (user_id, seq)
-// key, pages a message writes anyway. Counters cost two or three more
-// B-tree pages per 1:1 message in every commit, the biggest share of a
-// commit's WAL writes (docs/benchmarks.md). The columns
+// key, pages a message writes anyway. Counters cost three more B-tree
+// pages per 1:1 message (both users' rows and the conversation's), each a
+// random page of its own in a large store (docs/benchmarks.md). The columns
 // `conversations.last_seq` and `users.inbox_head` remain as floors: pruning
 // raises them before it deletes the rows that carried the newest numbers,
 // so no number is ever given twice. `?1` is the conversation or the user.
