@@ -38,23 +38,38 @@ macro_rules! message_columns {
 // random page of its own in a large store (docs/benchmarks.md). The columns
 // `conversations.last_seq` and `users.inbox_head` remain as floors: pruning
 // raises them before it deletes the rows that carried the newest numbers,
-// so no number is ever given twice. `?1` is the conversation or the user.
+// so no number is ever given twice. Each macro takes the SQL that names
+// the conversation or the user (`?1`, or the outer row's id).
 macro_rules! last_seq {
-    () => {
-        "MAX(last_seq, IFNULL((SELECT MAX(seq) FROM messages WHERE conversation_id = ?1), 0))"
+    ($conversation:literal) => {
+        concat!(
+            "MAX(last_seq, IFNULL((SELECT MAX(seq) FROM messages WHERE conversation_id = ",
+            $conversation,
+            "), 0))"
+        )
+    };
+}
+
+macro_rules! inbox_head {
+    ($user:literal) => {
+        concat!(
+            "MAX(inbox_head, IFNULL((SELECT MAX(seq) FROM inbox WHERE user_id = ",
+            $user,
+            "), 0))"
+        )
     };
 }
 
 /// A conversation's kind and last seq, by id (`?1`).
 pub(super) const CONVERSATION_KIND_AND_SEQ: &str = concat!(
     "SELECT kind, ",
-    last_seq!(),
+    last_seq!("?1"),
     " FROM conversations WHERE id = ?1"
 );
 
 /// A user's inbox head, by id (`?1`); no row for an unknown user.
-pub(super) const INBOX_HEAD: &str = "SELECT MAX(inbox_head, \
-     IFNULL((SELECT MAX(seq) FROM inbox WHERE user_id = ?1), 0)) FROM users WHERE id = ?1";
+pub(super) const INBOX_HEAD: &str =
+    concat!("SELECT ", inbox_head!("?1"), " FROM users WHERE id = ?1");
 
 /// Parley's store on a SQLite file.
 #[derive(Clone)]
@@ -137,7 +152,7 @@ async fn load_conversation(
 ) -> Result<Option<ConversationRecord>, ChatError> {
     let Some(row) = sqlx::query(concat!(
         "SELECT kind, name, owner, ",
-        last_seq!(),
+        last_seq!("?1"),
         " FROM conversations WHERE id = ?1"
     ))
     .bind(id as i64)
@@ -721,27 +736,23 @@ impl Store for SqliteStore {
             return Ok(0);
         };
         // The newest numbers may be in the rows about to go: keep them as
-        // floors, so a conversation or an inbox never numbers from 1 again.
-        sqlx::query(
-            "UPDATE conversations SET last_seq = MAX(last_seq, \
-             IFNULL((SELECT MAX(seq) FROM messages WHERE conversation_id = conversations.id), 0)) \
-             WHERE id IN (SELECT DISTINCT conversation_id FROM messages WHERE id <= ?1)",
-        )
-        .bind(max_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE users SET inbox_head = MAX(inbox_head, \
-             IFNULL((SELECT MAX(seq) FROM inbox WHERE user_id = users.id), 0)) \
-             WHERE id IN (SELECT DISTINCT user_id FROM inbox WHERE message_id <= ?1)",
-        )
-        .bind(max_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM inbox WHERE message_id <= ?")
-            .bind(max_id)
-            .execute(&mut *tx)
-            .await?;
+        // floors first, so a conversation or an inbox never numbers from 1
+        // again.
+        for sql in [
+            concat!(
+                "UPDATE conversations SET last_seq = ",
+                last_seq!("conversations.id"),
+                " WHERE id IN (SELECT DISTINCT conversation_id FROM messages WHERE id <= ?1)"
+            ),
+            concat!(
+                "UPDATE users SET inbox_head = ",
+                inbox_head!("users.id"),
+                " WHERE id IN (SELECT DISTINCT user_id FROM inbox WHERE message_id <= ?1)"
+            ),
+            "DELETE FROM inbox WHERE message_id <= ?1",
+        ] {
+            sqlx::query(sql).bind(max_id).execute(&mut *tx).await?;
+        }
         let done = sqlx::query("DELETE FROM messages WHERE id <= ?")
             .bind(max_id)
             .execute(&mut *tx)

@@ -48,6 +48,15 @@ async fn one(store: &dyn Store, m: NewMessage) -> Result<Appended, ChatError> {
     store.append(vec![m]).await.unwrap().pop().unwrap()
 }
 
+async fn last_seq(store: &dyn Store, conversation: u64) -> u64 {
+    store
+        .get_conversation(conversation)
+        .await
+        .unwrap()
+        .expect("the conversation exists")
+        .last_seq
+}
+
 pub(crate) async fn seqs_are_gap_free_and_resends_are_deduped(store: &dyn Store) {
     let conv = store.open_direct("alice", "bob", 0).await.unwrap();
     assert_eq!(
@@ -76,15 +85,7 @@ pub(crate) async fn seqs_are_gap_free_and_resends_are_deduped(store: &dyn Store)
         results[2].as_ref().unwrap().recipients,
         "a duplicate carries the original's recipients, for a redone fan-out"
     );
-    assert_eq!(
-        store
-            .get_conversation(conv.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seq,
-        5
-    );
+    assert_eq!(last_seq(store, conv.id).await, 5);
 }
 
 pub(crate) async fn a_resend_inside_one_batch_is_a_duplicate(store: &dyn Store) {
@@ -274,15 +275,7 @@ pub(crate) async fn numbering_survives_pruning_everything(store: &dyn Store) {
     assert_eq!(store.prune_before(1_000).await.unwrap(), 4);
     assert_eq!(store.inbox_head("carol").await.unwrap(), 4);
     assert_eq!(store.inbox_head("alice").await.unwrap(), 4);
-    assert_eq!(
-        store
-            .get_conversation(conv.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seq,
-        3
-    );
+    assert_eq!(last_seq(store, conv.id).await, 3);
 
     let a = one(store, text(conv.id, "carol", "after", "new"))
         .await
@@ -315,15 +308,7 @@ pub(crate) async fn numbering_survives_pruning_everything(store: &dyn Store) {
         vec![5, 6]
     );
     assert_eq!(page.head, 6);
-    assert_eq!(
-        store
-            .get_conversation(conv.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seq,
-        4
-    );
+    assert_eq!(last_seq(store, conv.id).await, 4);
 }
 
 pub(crate) async fn cursors_only_move_forward(store: &dyn Store) {
