@@ -1,13 +1,26 @@
 //! Compiles the `.proto` files with the protoc shipped inside the
 //! `protoc-bin-vendored` crate, so a fresh machine needs nothing installed.
+//! Messages are always generated; the gRPC clients and servers only with
+//! the `grpc-client` and `grpc-server` features, so a crate that speaks the
+//! client protocol alone compiles no gRPC code.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let client = std::env::var_os("CARGO_FEATURE_GRPC_CLIENT").is_some();
+    let server = std::env::var_os("CARGO_FEATURE_GRPC_SERVER").is_some();
+    let builder = || {
+        tonic_prost_build::configure()
+            .build_client(client)
+            .build_server(server)
+            // Clients are made over a channel the caller builds, so the
+            // generated code needs no `tonic::transport`.
+            .build_transport(false)
+    };
 
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(&protoc);
-    tonic_prost_build::configure()
+    builder()
         .file_descriptor_set_path(out.join("parley_descriptor.bin"))
         .compile_with_config(
             config,
@@ -22,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `crate::pb`.
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(&protoc);
-    tonic_prost_build::configure()
+    builder()
         .extern_path(".parley.v1", "crate::pb")
         .compile_with_config(
             config,

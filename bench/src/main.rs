@@ -300,15 +300,15 @@ async fn serve(
     listen: SocketAddr,
     admin_listen: SocketAddr,
 ) -> anyhow::Result<()> {
-    parley_chat::ops::init_logging();
-    let mut cfg = parley_client::EmbeddedConfig::ephemeral(data_dir);
+    parley_ops::init_logging();
+    let mut cfg = parley::EmbeddedConfig::ephemeral(data_dir);
     cfg.listen = listen;
     cfg.ws_listen = None;
     cfg.admin_listen = admin_listen;
     cfg.admin_key = std::env::var("PARLEY_ADMIN_KEY").ok();
     cfg.token_secret = std::env::var("PARLEY_TOKEN_SECRET").ok();
-    let server = parley_client::Embedded::start(cfg).await?;
-    parley_chat::ops::terminated().await;
+    let server = parley::Embedded::start(cfg).await?;
+    parley_ops::terminated().await;
     server.shutdown().await;
     Ok(())
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::BytesMut;
-use parley_chat::TokenKeys;
 use parley_client::Admin;
+use parley_core::TokenKeys;
 use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
 use parley_proto::{PROTOCOL_VERSION, codec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -10,9 +10,10 @@ use parley_proto::pb::{self, admin_server};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use crate::error::ChatError;
-use crate::service::{ChatService, now_ms};
-use crate::store::MembershipChange;
+use parley_core::store::MembershipChange;
+use parley_core::{ChatError, ChatService, now_ms};
+
+use crate::status;
 
 /// The Admin service over a chat service.
 #[derive(Debug, Clone)]
@@ -36,11 +37,10 @@ pub(crate) fn check_bearer(key: &str, req: &Request<()>, what: &str) -> Result<(
     });
     match presented {
         Some(p) if same_secret(p.as_bytes(), key.as_bytes()) => Ok(()),
-        Some(_) => Err(ChatError::Unauthenticated(format!("wrong {what}")).into()),
-        None => Err(ChatError::Unauthenticated(format!(
+        Some(_) => Err(status(ChatError::Unauthenticated(format!("wrong {what}")))),
+        None => Err(status(ChatError::Unauthenticated(format!(
             "{what} required: send `authorization: Bearer <{what}>`"
-        ))
-        .into()),
+        )))),
     }
 }
 
@@ -90,7 +90,8 @@ impl admin_server::Admin for AdminApi {
             .chat
             .store()
             .create_user(&r.id, &r.display_name, now_ms())
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::User {
             id: u.id,
             display_name: u.display_name,
@@ -107,7 +108,8 @@ impl admin_server::Admin for AdminApi {
             .chat
             .store()
             .get_user(&id)
-            .await?
+            .await
+            .map_err(status)?
             .ok_or_else(|| Status::not_found(format!("no user {id}")))?;
         let user = pb::User {
             id: u.id,
@@ -122,7 +124,14 @@ impl admin_server::Admin for AdminApi {
         req: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::Token>, Status> {
         let r = req.into_inner();
-        if self.chat.store().get_user(&r.user_id).await?.is_none() {
+        if self
+            .chat
+            .store()
+            .get_user(&r.user_id)
+            .await
+            .map_err(status)?
+            .is_none()
+        {
             return Err(Status::not_found(format!("no user {}", r.user_id)));
         }
         let ttl = match r.ttl_seconds {
@@ -130,7 +139,11 @@ impl admin_server::Admin for AdminApi {
             n => n.min(365 * 24 * 3600),
         } as i64;
         let now_s = now_ms() / 1000;
-        let token = self.chat.tokens().issue(&r.user_id, now_s, ttl)?;
+        let token = self
+            .chat
+            .tokens()
+            .issue(&r.user_id, now_s, ttl)
+            .map_err(status)?;
         Ok(Response::new(pb::Token {
             token,
             expires_at_ms: (now_s + ttl) * 1000,
@@ -142,7 +155,11 @@ impl admin_server::Admin for AdminApi {
         req: Request<pb::AdminCreateGroupRequest>,
     ) -> Result<Response<pb::Conversation>, Status> {
         let r = req.into_inner();
-        let conv = self.chat.create_group(&r.owner, &r.name, r.members).await?;
+        let conv = self
+            .chat
+            .create_group(&r.owner, &r.name, r.members)
+            .await
+            .map_err(status)?;
         Ok(Response::new(conv.into()))
     }
 
@@ -168,7 +185,8 @@ impl admin_server::Admin for AdminApi {
         let conv = self
             .chat
             .conversation(req.into_inner().conversation_id)
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(conv.into()))
     }
 
@@ -180,7 +198,8 @@ impl admin_server::Admin for AdminApi {
             .chat
             .store()
             .list_conversations(&req.into_inner().user_id)
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::ConversationList {
             conversations: list.into_iter().map(Into::into).collect(),
         }))
@@ -196,10 +215,11 @@ impl AdminApi {
         match self
             .chat
             .change_members(r.conversation_id, "", change, &r.users)
-            .await?
+            .await
+            .map_err(status)?
         {
             pb::server_frame::Body::Conversation(c) => Ok(Response::new(c)),
-            _ => Err(ChatError::Unavailable("unexpected answer".into()).into()),
+            _ => Err(status(ChatError::Unavailable("unexpected answer".into()))),
         }
     }
 }

@@ -11,11 +11,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::ops::{self, BackendMetrics, Probe, Readiness};
-use crate::{AmqpBus, AmqpConfig, ChatConfig, ChatService, PgStore, RedisState, TokenKeys};
 use anyhow::Context;
 use async_trait::async_trait;
 use clap::{Parser, Subcommand};
+use parley_amqp::{AmqpBus, AmqpConfig};
+use parley_core::{ChatConfig, ChatService, TokenKeys};
+use parley_ops::args::BackendArgs;
+use parley_ops::{self as ops, BackendMetrics, Probe, Readiness};
+use parley_redis::RedisState;
+use parley_store::PgStore;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -76,29 +80,6 @@ struct ServeArgs {
     /// Milliseconds between turning unready and closing the listeners.
     #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
     drain_pause_ms: u64,
-}
-
-/// Where the shared backends are; the gateway takes the same flags.
-#[derive(clap::Args, Debug, Clone)]
-pub struct BackendArgs {
-    /// Shared key on gateway-to-chat-service calls (optional; the same on both).
-    #[arg(long, env = "PARLEY_INTERNAL_KEY", hide_env_values = true)]
-    pub internal_key: Option<String>,
-    #[arg(
-        long,
-        env = "PARLEY_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/"
-    )]
-    pub redis_url: String,
-    #[arg(
-        long,
-        env = "PARLEY_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-    /// Starts every Redis key and RabbitMQ name of this cluster.
-    #[arg(long, env = "PARLEY_PREFIX", default_value = "parley")]
-    pub prefix: String,
 }
 
 /// Connects, retrying while the database is not up yet.

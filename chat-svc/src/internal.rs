@@ -1,6 +1,7 @@
 //! The gRPC service gateways call (`parley.internal.v1.ChatInternal`): the
-//! chat service's side of [`ChatBackend`] across processes. When an internal
-//! key is set, every call must carry `authorization: Bearer <key>`.
+//! chat service's side of `parley_core::ChatBackend` across processes (the
+//! gateway's side is `parley_gateway::remote`). When an internal key is
+//! set, every call must carry `authorization: Bearer <key>`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use parley_proto::pb;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use crate::error::ChatError;
-use crate::service::ChatService;
+use parley_core::{ChatError, ChatService};
+
+use crate::status;
 
 /// The internal service over a chat service.
 #[derive(Debug, Clone)]
@@ -60,7 +62,11 @@ impl chat_internal_server::ChatInternal for InternalApi {
         &self,
         req: Request<ipb::AuthenticateRequest>,
     ) -> Result<Response<ipb::AuthenticateReply>, Status> {
-        let user_id = self.chat.authenticate(&req.into_inner().token).await?;
+        let user_id = self
+            .chat
+            .authenticate(&req.into_inner().token)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ipb::AuthenticateReply { user_id }))
     }
 
@@ -72,7 +78,8 @@ impl chat_internal_server::ChatInternal for InternalApi {
         let (resume_from, inbox_head) = self
             .chat
             .session_opened(&r.user_id, &r.device_id, r.cursor)
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(ipb::OpenSessionReply {
             resume_from,
             inbox_head,
@@ -81,7 +88,10 @@ impl chat_internal_server::ChatInternal for InternalApi {
 
     async fn ack(&self, req: Request<ipb::AckRequest>) -> Result<Response<ipb::Empty>, Status> {
         let r = req.into_inner();
-        self.chat.ack(&r.user_id, &r.device_id, r.cursor).await?;
+        self.chat
+            .ack(&r.user_id, &r.device_id, r.cursor)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ipb::Empty {}))
     }
 
@@ -90,7 +100,11 @@ impl chat_internal_server::ChatInternal for InternalApi {
         req: Request<ipb::SyncRequest>,
     ) -> Result<Response<ipb::SyncReply>, Status> {
         let r = req.into_inner();
-        let page = self.chat.sync(&r.user_id, r.after, r.limit).await?;
+        let page = self
+            .chat
+            .sync(&r.user_id, r.after, r.limit)
+            .await
+            .map_err(status)?;
         let (missing_from, missing_to) = page.missing.unwrap_or((0, 0));
         Ok(Response::new(ipb::SyncReply {
             entries: page
@@ -113,9 +127,13 @@ impl chat_internal_server::ChatInternal for InternalApi {
     ) -> Result<Response<ipb::CallReply>, Status> {
         let r = req.into_inner();
         let Some(body) = r.frame.and_then(|f| f.body) else {
-            return Err(ChatError::invalid("a call needs a request frame").into());
+            return Err(status(ChatError::invalid("a call needs a request frame")));
         };
-        let resp = self.chat.call(&r.user_id, &r.device_id, body).await?;
+        let resp = self
+            .chat
+            .call(&r.user_id, &r.device_id, body)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ipb::CallReply {
             frame: Some(pb::ServerFrame::new(0, resp)),
         }))

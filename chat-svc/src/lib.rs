@@ -1,32 +1,19 @@
-//! Parley's chat core: users, devices, conversations (direct and group),
-//! sequence numbers, persistence, the offline inbox and sync, history, the
-//! block list, dedup, delivery fan-out and the admin API. Storage, presence
-//! and the delivery bus sit behind traits, so one process (SQLite, memory,
-//! channels) and a cluster (PostgreSQL, Redis, RabbitMQ) share this logic.
+//! `parley-chat`, one chat-service replica of a Parley cluster: the domain
+//! core (`parley-core`) on PostgreSQL (`parley-store`), Redis
+//! (`parley-redis`) and RabbitMQ (`parley-amqp`), served to gateways over
+//! internal gRPC and to the app's backend over the admin gRPC API. The chat
+//! rules are not here: this crate wires adapters to the core and speaks
+//! gRPC.
 
 pub mod admin;
-pub mod amqp_bus;
-pub mod backend;
-pub mod bus;
 pub mod cli;
-pub mod error;
 pub mod internal;
-pub mod ops;
-pub mod presence;
-pub mod redis_state;
-pub mod remote;
-pub mod service;
-pub mod store;
-pub mod testing;
-pub mod token;
 
-pub use amqp_bus::{AmqpBus, AmqpConfig};
-pub use backend::ChatBackend;
-pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus};
-pub use error::ChatError;
-pub use presence::{MemoryPresence, Presence, Session};
-pub use redis_state::{BlockCache, RedisState};
-pub use remote::{RemoteChat, RemoteConfig};
-pub use service::{ChatConfig, ChatMetrics, ChatService, SyncPage, now_ms};
-pub use store::{PgStore, SqliteStore, Store};
-pub use token::TokenKeys;
+use parley_core::ChatError;
+
+/// The gRPC status a chat error is answered with: the Parley error code in
+/// the metadata, a client-safe message (storage details are logged, not
+/// sent).
+pub fn status(e: ChatError) -> tonic::Status {
+    parley_proto::grpc::status(e.code(), e.client_message())
+}

@@ -1,5 +1,6 @@
-//! A small admin API client: connects with the admin key attached to every
-//! call. Used by the `parley` command and the tests.
+//! A small admin API client (the `admin` feature): connects with the admin
+//! key attached to every call. For an app's backend written in Rust; the
+//! `parley` command and the tests use it too.
 
 use parley_proto::pb::{self, admin_client::AdminClient};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -19,6 +20,17 @@ impl tonic::service::Interceptor for BearerAuth {
 
 type Authed = InterceptedService<Channel, BearerAuth>;
 
+/// Why the admin API could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin API URL {0:?} is not a valid URI")]
+    Url(String),
+    #[error("the admin key must be printable ASCII")]
+    Key,
+    #[error("cannot connect to the admin API: {0}")]
+    Connect(#[from] tonic::transport::Error),
+}
+
 /// The admin API, authenticated.
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -26,9 +38,15 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn connect(url: &str, admin_key: &str) -> anyhow::Result<Self> {
-        let channel = Channel::from_shared(url.to_owned())?.connect().await?;
-        let value: MetadataValue<Ascii> = format!("Bearer {admin_key}").parse()?;
+    /// Connects to the admin API at `url` (`http://host:port`).
+    pub async fn connect(url: &str, admin_key: &str) -> Result<Self, AdminError> {
+        let value: MetadataValue<Ascii> = format!("Bearer {admin_key}")
+            .parse()
+            .map_err(|_| AdminError::Key)?;
+        let channel = Channel::from_shared(url.to_owned())
+            .map_err(|_| AdminError::Url(url.to_owned()))?
+            .connect()
+            .await?;
         Ok(Self {
             inner: AdminClient::with_interceptor(channel, BearerAuth(value)),
         })

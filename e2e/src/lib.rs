@@ -14,15 +14,16 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use parley_chat::testing::{TestDatabase, unique_name};
 use parley_client::{Admin, Client, ClientConfig, TlsOptions};
+use parley_core::testing::unique_name;
+use parley_store::testing::TestDatabase;
 use tokio::process::{Child, Command};
 
 pub use ledger::{Ledger, Recorder};
 
 /// The default local services (see `scripts/services`).
 pub fn redis_url() -> String {
-    parley_chat::testing::redis_url()
+    parley_redis::testing::redis_url()
 }
 
 pub fn amqp_url() -> String {
@@ -337,7 +338,7 @@ impl Cluster {
     }
 
     pub async fn admin(&self) -> anyhow::Result<Admin> {
-        Admin::connect(&self.admin_url, &self.admin_key).await
+        Ok(Admin::connect(&self.admin_url, &self.admin_key).await?)
     }
 
     /// Creates users and returns a token for each.
@@ -401,7 +402,7 @@ impl Drop for Cluster {
             n.proc = None;
         }
         let redis = self.spec.redis_url.clone();
-        let amqp = parley_chat::AmqpConfig {
+        let amqp = parley_amqp::AmqpConfig {
             url: self.spec.amqp_url.clone(),
             prefix: self.prefix.clone(),
         };
@@ -414,9 +415,9 @@ impl Drop for Cluster {
                 .expect("a runtime for cleanup");
             rt.block_on(async {
                 let cleanup = async {
-                    let _ = parley_chat::redis_state::delete_prefix(&redis, &prefix).await;
+                    let _ = parley_redis::delete_prefix(&redis, &prefix).await;
                     let names: Vec<&str> = gateways.iter().map(String::as_str).collect();
-                    let _ = parley_chat::amqp_bus::delete_topology(&amqp, &names).await;
+                    let _ = parley_amqp::delete_topology(&amqp, &names).await;
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(10), cleanup).await;
             });

@@ -261,7 +261,7 @@ async fn a_gateway_killed_its_clients_reconnect_through_the_route_lookup() {
     println!("killed gw{victim} (SIGKILL) during traffic");
 
     // Its lease, and with it its users' presence, runs out on its own.
-    let redis = parley_chat::RedisState::new(&c.spec.redis_url, &c.prefix).unwrap();
+    let redis = parley_redis::RedisState::new(&c.spec.redis_url, &c.prefix).unwrap();
     let name = format!("gw{victim}");
     let mut expired = false;
     for _ in 0..100 {
@@ -332,7 +332,7 @@ async fn a_drain_request_moves_clients_away_at_its_rate_and_loses_nothing() {
     let victim = busiest(&c, &[0, 1, 2]).await;
     let held = gauge(&c, victim, "parley_gateway_connections").await;
     let rate = 4;
-    let redis = parley_chat::RedisState::new(&c.spec.redis_url, &c.prefix).unwrap();
+    let redis = parley_redis::RedisState::new(&c.spec.redis_url, &c.prefix).unwrap();
     let asked = std::time::Instant::now();
     redis
         .request_drain(&format!("gw{victim}"), rate, Duration::from_secs(60))

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use crate::GatewayConfig;
 use crate::cluster::{self, ClusterConfig};
+use crate::remote::RemoteConfig;
 use anyhow::Context;
 use clap::Parser;
-use parley_chat::RemoteConfig;
-use parley_chat::cli::BackendArgs;
+use parley_ops::args::BackendArgs;
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -112,7 +112,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    parley_chat::ops::init_logging();
+    parley_ops::init_logging();
     let a = Args::parse_from(args);
     let listen = listener(&a.listen, "--listen")?;
     let tls_listen = listener(&a.tls_listen, "--tls-listen")?;
@@ -158,12 +158,12 @@ where
     };
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
-        parley_chat::ops::terminated().await;
+        parley_ops::terminated().await;
         let _ = stop.send(true);
     });
     cluster::run(cfg, stop_rx).await
 }
 
 fn rand_id() -> u32 {
-    std::process::id() ^ (parley_chat::now_ms() as u32)
+    std::process::id() ^ (parley_core::now_ms() as u32)
 }

@@ -27,14 +27,15 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use parley_chat::amqp_bus::{self, AmqpConfig, LinkStatus};
-use parley_chat::ops::{self, Probe, Readiness};
-use parley_chat::redis_state::PRESENCE_TTL;
-use parley_chat::{RedisState, RemoteChat, RemoteConfig};
+use parley_amqp::{AmqpConfig, LinkStatus};
+use parley_ops::{self as ops, Probe, Readiness, stopped};
+use parley_redis::{PRESENCE_TTL, RedisState};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 
+use crate::remote::{RemoteChat, RemoteConfig};
 use crate::{GatewayConfig, Listeners, Shared};
 
 /// Everything a cluster gateway needs to know.
@@ -264,7 +265,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         url: cfg.amqp_url.clone(),
         prefix: cfg.prefix.clone(),
     };
-    let feed = amqp_bus::consume(amqp, &cfg.gateway.gateway_id, 4096);
+    let feed = parley_amqp::consume(amqp, &cfg.gateway.gateway_id, 4096);
     let shared = Shared::new(cfg.gateway.clone(), chat.clone(), Arc::new(redis.clone()));
     let mut metrics = MetricsRegistry::with_prefix("parley");
     shared.metrics.register(&mut metrics);
@@ -289,13 +290,14 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     // A consumer that reconnected may have missed deliveries.
     let mut resync = feed.resync.clone();
     let resync_registry = shared.registry.clone();
-    let resyncer = amqp_bus::AbortOnDrop(tokio::spawn(async move {
+    let resyncer = AbortOnDropHandle::new(tokio::spawn(async move {
         while resync.changed().await.is_ok() {
             resync_registry.resync_all();
         }
     }));
     let (wake_lease, wake_rx) = watch::channel(false);
-    let lease = amqp_bus::AbortOnDrop(tokio::spawn(keep_lease(node.clone(), cfg.clone(), wake_rx)));
+    let lease =
+        AbortOnDropHandle::new(tokio::spawn(keep_lease(node.clone(), cfg.clone(), wake_rx)));
 
     let (ops_stop, mut ops_stop_rx) = watch::channel(false);
     let probe: Arc<dyn Probe> = node.clone();
@@ -305,7 +307,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
             .with_state(node.clone()),
     );
     let ops_task = tokio::spawn(ops::serve(ops_listener, router, async move {
-        crate::stopped(&mut ops_stop_rx).await
+        stopped(&mut ops_stop_rx).await
     }));
 
     let (gw_stop, gw_stop_rx) = watch::channel(false);
@@ -316,12 +318,12 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         gw_stop_rx,
     ));
 
-    let drain = amqp_bus::AbortOnDrop(tokio::spawn({
+    let drain = AbortOnDropHandle::new(tokio::spawn({
         let shared = shared.clone();
         async move { shared.drain.issue().await }
     }));
 
-    crate::stopped(&mut shutdown).await;
+    stopped(&mut shutdown).await;
     let asked = shared.drain.active();
     tracing::info!(
         already_draining = asked,

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use parley_chat::Session;
+use parley_core::Session;
 use parley_proto::codec::DecodeError;
 use parley_proto::pb::{self, ErrorCode, client_frame::Body as Req, server_frame::Body as Resp};
 use parley_proto::{PROTOCOL_VERSION, ids};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 
-use parley_chat::ops::code_label;
+use parley_core::code_label;
 
 use crate::io::{FrameIo, ReadError};
 use crate::registry::{Push, Subscription};
@@ -122,7 +122,7 @@ pub async fn serve<IO: FrameIo>(
         out.clear();
         let step = tokio::select! {
             biased;
-            () = crate::stopped(&mut shutdown) => Err(End::GoAway),
+            () = parley_ops::stopped(&mut shutdown) => Err(End::GoAway),
             () = shared.drain.turn() => Err(End::GoAway),
             _ = sleep_until(idle_deadline) => {
                 Err(End::Fatal(ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))

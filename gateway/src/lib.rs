@@ -10,13 +10,15 @@ pub mod drain;
 pub mod io;
 pub mod metrics;
 pub mod registry;
+pub mod remote;
 pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parley_chat::{ChatBackend, Delivery, Presence};
+use parley_core::{ChatBackend, Delivery, Presence};
+use parley_ops::stopped;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -105,7 +107,7 @@ impl Shared {
     /// A connection epoch larger than any earlier one, here or (by the
     /// clock) on another gateway.
     pub fn next_epoch(&self) -> u64 {
-        let now = parley_chat::now_ms().max(0) as u64 * 1000;
+        let now = parley_core::now_ms().max(0) as u64 * 1000;
         let mut cur = self.epoch.load(Ordering::Relaxed);
         loop {
             let next = now.max(cur + 1);
@@ -294,11 +296,6 @@ pub(crate) fn heap<'a, F: Future + Send + 'a>(
     fut: F,
 ) -> std::pin::Pin<Box<dyn Future<Output = F::Output> + Send + 'a>> {
     Box::pin(fut)
-}
-
-/// Resolves once `shutdown` turns true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 async fn accept_opt(l: Option<&TcpListener>) -> std::io::Result<TcpStream> {

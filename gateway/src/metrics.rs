@@ -1,6 +1,7 @@
 //! What a gateway counts, exported at `/metrics` by the gateway binary.
 
-use parley_chat::ops::{BackendMetrics, CodeLabel, code_label};
+use parley_core::{CodeLabel, code_label};
+use parley_ops::BackendMetrics;
 use parley_proto::pb::{self, server_frame::Body as Resp};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

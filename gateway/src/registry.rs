@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use parley_chat::{Delivery, Session};
+use parley_core::{Delivery, Session};
 use parley_proto::pb;
 use tokio::sync::mpsc;
 

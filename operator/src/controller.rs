@@ -27,7 +27,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Resource, ResourceExt};
-use parley_chat::RedisState;
+use parley_redis::RedisState;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -58,7 +58,7 @@ pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("redis: {0}")]
-    Redis(#[from] parley_chat::ChatError),
+    Redis(#[from] parley_core::ChatError),
     #[error("{0}")]
     Config(String),
     #[error("finalizer: {0}")]
@@ -641,7 +641,7 @@ async fn cleanup(
     let ns = cc.namespace().unwrap_or_default();
     let prefix = desired::prefix(cc);
     let result = match backend_url(&ctx.client, &ns, "redis", &cc.spec.redis).await {
-        Ok(url) => parley_chat::redis_state::delete_prefix(&url, &prefix)
+        Ok(url) => parley_redis::delete_prefix(&url, &prefix)
             .await
             .map_err(Error::from),
         Err(e) => Err(e),

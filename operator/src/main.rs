@@ -15,11 +15,11 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
-use parley_chat::ops::{self, Probe, Readiness};
 use parley_operator::controller::{self, Context};
 use parley_operator::crd::ChatCluster;
 use parley_operator::leader::Elector;
 use parley_operator::metrics::Metrics;
+use parley_ops::{self as ops, Probe, Readiness};
 use prometheus_client::registry::Registry;
 
 #[derive(Parser)]

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use parley_chat::RedisState;
-use parley_chat::redis_state::Lease;
+use parley_redis::Lease;
+use parley_redis::RedisState;
 
 use crate::scaling::PodLoad;
 
@@ -58,7 +58,7 @@ pub fn entries(loads: &[(PodLoad, Option<String>)]) -> Vec<(String, u64)> {
 pub async fn sync(
     redis: &RedisState,
     pods: &[GatewayPod],
-) -> Result<Vec<(String, u64)>, parley_chat::ChatError> {
+) -> Result<Vec<(String, u64)>, parley_core::ChatError> {
     let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
     let leases = redis.leases(&names).await?;
     let table = entries(&loads(pods, &leases));
@@ -70,7 +70,7 @@ pub async fn sync(
 mod tests {
     use std::time::Duration;
 
-    use parley_chat::testing::TestRedis;
+    use parley_redis::testing::TestRedis;
 
     use super::*;
 

@@ -1,25 +1,31 @@
 //! Parley's wire protocol: the protobuf frames exchanged with clients, the
-//! admin gRPC service, the length-prefixed frame codec and the rules for
-//! identifiers. Nothing here does I/O; the gateway, the SDK and the tests
-//! share these types.
+//! length-prefixed frame codec and the rules for identifiers; the admin and
+//! internal gRPC services' stubs come with the `grpc-client` and
+//! `grpc-server` features. Nothing here does I/O; the gateway, the SDK and
+//! the tests share these types.
 
 pub mod codec;
+#[cfg(any(feature = "grpc-client", feature = "grpc-server"))]
+pub mod grpc;
 pub mod ids;
 
-/// Generated protobuf types and the admin service (package `parley.v1`).
+/// Generated protobuf types and, with the gRPC features, the admin service
+/// (package `parley.v1`).
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
-    tonic::include_proto!("parley.v1");
+    include!(concat!(env!("OUT_DIR"), "/parley.v1.rs"));
 
     /// The encoded file descriptors, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("parley_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/parley_descriptor.bin"));
 }
 
 /// Contracts between Parley's own processes (package `parley.internal.v1`):
-/// the gateway-to-chat gRPC service and the messages on RabbitMQ.
+/// the messages on RabbitMQ and, with the gRPC features, the
+/// gateway-to-chat service.
 #[allow(clippy::all, missing_docs)]
 pub mod internal {
-    tonic::include_proto!("parley.internal.v1");
+    include!(concat!(env!("OUT_DIR"), "/parley.internal.v1.rs"));
 }
 
 pub use codec::{DecodeError, decode_frame, encode_frame};

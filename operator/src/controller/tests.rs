@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use kube::runtime::events::Reporter;
-use parley_chat::testing::{TestRedis, redis_url};
+use parley_redis::testing::{TestRedis, redis_url};
 use serde_json::{Value, json};
 
 use super::*;
@@ -240,7 +240,7 @@ struct Harness {
 
 impl Harness {
     fn new(gateway: GatewaySpec) -> Self {
-        let ns = parley_chat::testing::unique_name("t");
+        let ns = parley_core::testing::unique_name("t");
         let mut spec: ChatClusterSpec = serde_json::from_value(json!({
             "postgres": {"url": "postgres://db/parley"},
             "redis": {"url": redis_url()},

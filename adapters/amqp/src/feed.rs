@@ -1,0 +1,164 @@
+//! The consuming side, used by each gateway: its own queue, bound to the
+//! deliveries exchange with its name, declared on every connect; a tick on
+//! `resync` whenever the consumer had to reconnect.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use parley_core::Delivery;
+use parley_proto::internal as ipb;
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::{AmqpConfig, LinkStatus, backoff, connect, declare_exchanges};
+
+/// The consuming side of one gateway; consuming stops when `task` drops.
+#[derive(Debug)]
+pub struct GatewayFeed {
+    /// Delivery batches in the order the broker handed them over.
+    pub deliveries: mpsc::Receiver<Vec<Delivery>>,
+    /// Ticks every time the consumer reconnects: deliveries may have been
+    /// lost meanwhile, so connections should catch up from the database.
+    pub resync: watch::Receiver<u64>,
+    pub status: Arc<LinkStatus>,
+    pub task: AbortOnDropHandle<()>,
+}
+
+/// Starts consuming `gateway`'s queue, declaring it (and the exchange) on
+/// every connect.
+pub fn consume(config: AmqpConfig, gateway: &str, capacity: usize) -> GatewayFeed {
+    let (tx, rx) = mpsc::channel(capacity);
+    let (resync_tx, resync) = watch::channel(0);
+    let status = Arc::new(LinkStatus::default());
+    let task = tokio::spawn(consumer(
+        config,
+        gateway.to_owned(),
+        tx,
+        resync_tx,
+        status.clone(),
+    ));
+    GatewayFeed {
+        deliveries: rx,
+        resync,
+        status,
+        task: AbortOnDropHandle::new(task),
+    }
+}
+
+fn decode_batch(body: &[u8]) -> Option<Vec<Delivery>> {
+    let batch = ipb::DeliveryBatch::decode(body).ok()?;
+    Some(
+        batch
+            .items
+            .into_iter()
+            .filter_map(|item| {
+                Some(Delivery {
+                    message: Arc::new(item.message?),
+                    recipients: item
+                        .recipients
+                        .into_iter()
+                        .map(|r| (r.user_id, r.inbox_seq))
+                        .collect(),
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn consumer(
+    config: AmqpConfig,
+    gateway: String,
+    tx: mpsc::Sender<Vec<Delivery>>,
+    resync: watch::Sender<u64>,
+    status: Arc<LinkStatus>,
+) {
+    let queue = config.gateway_queue(&gateway);
+    let mut first = true;
+    let mut attempt = 0;
+    loop {
+        let setup = async {
+            let (conn, channel) =
+                connect(&config.url, &format!("parley-gateway {gateway}")).await?;
+            declare_exchanges(&channel, &config).await?;
+            let mut args = FieldTable::default();
+            // Gone 30 s after its gateway; bounded while it lives.
+            args.insert("x-expires".into(), AMQPValue::LongUInt(30_000));
+            args.insert("x-max-length".into(), AMQPValue::LongUInt(100_000));
+            args.insert("x-message-ttl".into(), AMQPValue::LongUInt(60_000));
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("drop-head".into()),
+            );
+            channel
+                .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args)
+                .await?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    config.deliveries().into(),
+                    gateway.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    format!("gw-{gateway}").into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((conn, channel, consumer))
+        };
+        let (conn, _channel, mut stream) = match setup.await {
+            Ok(s) => s,
+            Err(e) => {
+                status.down();
+                tracing::warn!(error = %e, "RabbitMQ consumer setup failed; retrying");
+                backoff(&mut attempt).await;
+                continue;
+            }
+        };
+        status.up(first);
+        if !first {
+            tracing::info!(
+                gateway,
+                "RabbitMQ consumer reconnected; connections catch up"
+            );
+            resync.send_modify(|n| *n += 1);
+        }
+        first = false;
+        attempt = 0;
+        while let Some(delivery) = stream.next().await {
+            match delivery {
+                Ok(d) => match decode_batch(&d.data) {
+                    Some(batch) => {
+                        if tx.send(batch).await.is_err() {
+                            let _ = conn.close(200, "bye".into()).await;
+                            return;
+                        }
+                    }
+                    None => tracing::warn!("undecodable delivery batch skipped"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "RabbitMQ consumer failed");
+                    break;
+                }
+            }
+        }
+        status.down();
+        tracing::warn!(
+            gateway,
+            "RabbitMQ consumer lost its connection; reconnecting"
+        );
+        let _ = conn.close(200, "bye".into()).await;
+        backoff(&mut attempt).await;
+    }
+}

@@ -1,0 +1,212 @@
+//! The publishing side, used by the chat service: delivery batches to the
+//! gateways' queues and events to the events exchange, through one task
+//! that owns the connection, publishes in batches and waits for confirms.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel};
+use parley_core::{ChatError, ChatEvent, Delivery, DeliveryBus};
+use parley_proto::internal as ipb;
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use crate::{AmqpConfig, LinkStatus, OFFLINE_MESSAGE_KEY, backoff, connect, declare_exchanges};
+
+/// Publishes waiting for the broker, at most; beyond, new ones are dropped
+/// (devices recover them by sync) rather than growing memory.
+const PUBLISH_QUEUE: usize = 65_536;
+
+/// One message for the publisher task.
+struct Outgoing {
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+}
+
+/// The publishing side, used by the chat service.
+pub struct AmqpBus {
+    config: AmqpConfig,
+    tx: mpsc::Sender<Outgoing>,
+    status: Arc<LinkStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for AmqpBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBus")
+            .field("prefix", &self.config.prefix)
+            .field("connected", &self.status.connected())
+            .finish()
+    }
+}
+
+impl Drop for AmqpBus {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl AmqpBus {
+    /// Starts the publisher; it connects (and reconnects) in the background.
+    pub fn start(config: AmqpConfig) -> Self {
+        let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
+        let status = Arc::new(LinkStatus::default());
+        let task = tokio::spawn(publisher(config.clone(), rx, status.clone()));
+        Self {
+            config,
+            tx,
+            status,
+            task,
+        }
+    }
+
+    pub fn status(&self) -> &Arc<LinkStatus> {
+        &self.status
+    }
+
+    fn enqueue(&self, out: Outgoing) {
+        if self.tx.try_send(out).is_err() {
+            self.status.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("publish queue full; delivery dropped, devices will sync");
+        }
+    }
+}
+
+#[async_trait]
+impl DeliveryBus for AmqpBus {
+    async fn publish(&self, gateway: &str, deliveries: Vec<Delivery>) -> Result<(), ChatError> {
+        let batch = ipb::DeliveryBatch {
+            items: deliveries
+                .into_iter()
+                .map(|d| ipb::DeliveryItem {
+                    message: Some(Arc::unwrap_or_clone(d.message)),
+                    recipients: d
+                        .recipients
+                        .into_iter()
+                        .map(|(user_id, inbox_seq)| ipb::Recipient { user_id, inbox_seq })
+                        .collect(),
+                })
+                .collect(),
+        };
+        self.enqueue(Outgoing {
+            exchange: self.config.deliveries(),
+            routing_key: gateway.to_owned(),
+            body: batch.encode_to_vec(),
+        });
+        Ok(())
+    }
+
+    async fn event(&self, event: ChatEvent) -> Result<(), ChatError> {
+        let ChatEvent::OfflineMessage {
+            user,
+            inbox_seq,
+            message,
+        } = event;
+        let body = ipb::OfflineMessage {
+            user_id: user,
+            inbox_seq,
+            message: Some(Arc::unwrap_or_clone(message)),
+        }
+        .encode_to_vec();
+        self.enqueue(Outgoing {
+            exchange: self.config.events(),
+            routing_key: OFFLINE_MESSAGE_KEY.to_owned(),
+            body,
+        });
+        Ok(())
+    }
+}
+
+/// Owns the publishing connection: sends in batches, waits for confirms,
+/// and keeps what was not confirmed for after the reconnect.
+async fn publisher(config: AmqpConfig, mut rx: mpsc::Receiver<Outgoing>, status: Arc<LinkStatus>) {
+    let mut unconfirmed: VecDeque<Outgoing> = VecDeque::new();
+    let mut first = true;
+    let mut attempt = 0;
+    loop {
+        let (conn, channel) = match connect(&config.url, "parley-chat").await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "RabbitMQ unreachable; retrying");
+                backoff(&mut attempt).await;
+                if rx.is_closed() && rx.is_empty() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let ready = async {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            declare_exchanges(&channel, &config).await
+        };
+        if let Err(e) = ready.await {
+            tracing::warn!(error = %e, "RabbitMQ setup failed; retrying");
+            backoff(&mut attempt).await;
+            continue;
+        }
+        status.up(first);
+        if !first {
+            tracing::info!(
+                resending = unconfirmed.len(),
+                "RabbitMQ publisher reconnected"
+            );
+        }
+        first = false;
+        attempt = 0;
+        let result = publish_loop(&channel, &mut rx, &mut unconfirmed).await;
+        status.down();
+        let _ = conn.close(200, "bye".into()).await;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, pending = unconfirmed.len(), "RabbitMQ publisher lost its connection; reconnecting");
+                backoff(&mut attempt).await;
+            }
+        }
+    }
+}
+
+/// Publishes until the channel fails (Err) or the bus is dropped (Ok).
+async fn publish_loop(
+    channel: &Channel,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    unconfirmed: &mut VecDeque<Outgoing>,
+) -> Result<(), lapin::Error> {
+    let props = BasicProperties::default().with_content_type("application/x-protobuf".into());
+    let mut fresh = Vec::with_capacity(256);
+    loop {
+        if unconfirmed.is_empty() {
+            if rx.recv_many(&mut fresh, 256).await == 0 {
+                return Ok(());
+            }
+            unconfirmed.extend(fresh.drain(..));
+        }
+        // Everything in `unconfirmed` goes out, then one wait covers it all.
+        for out in unconfirmed.iter() {
+            channel
+                .basic_publish(
+                    out.exchange.as_str().into(),
+                    out.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &out.body,
+                    props.clone(),
+                )
+                .await?;
+        }
+        channel.wait_for_confirms().await?;
+        unconfirmed.clear();
+        // Take what queued meanwhile without waiting.
+        while unconfirmed.len() < 256 {
+            match rx.try_recv() {
+                Ok(out) => unconfirmed.push_back(out),
+                Err(_) => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Every Redis key name of a Parley cluster, in one place: the chat
+//! service, the gateways and the operator take them from here.
+//!
+//! Keys (`P` is the cluster's prefix, `--prefix` / `PARLEY_PREFIX`):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `P:presence:<user>` | hash | device → `<gateway>|<epoch>`; expires unless refreshed |
+//! | `P:gw:<gateway>` | string | `<address>|<connections>`, a lease with a short TTL |
+//! | `P:drain:<gateway>` | string | the operator's drain request: clients per second; expires |
+//! | `P:routes` | sorted set | advertised address scored by connections |
+//! | `P:routes:seen` | hash | address → when its entry was last written (ms) |
+//! | `P:blocks:<user>` | string | the users `<user>` blocks, newline-separated |
+
+/// The key names under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn of(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    /// A user's devices and the gateways holding them.
+    pub fn presence(&self, user: &str) -> String {
+        self.of("presence", user)
+    }
+
+    /// A gateway's lease: its address and online count.
+    pub fn lease(&self, gateway: &str) -> String {
+        self.of("gw", gateway)
+    }
+
+    /// The operator's request that a gateway drain.
+    pub fn drain(&self, gateway: &str) -> String {
+        self.of("drain", gateway)
+    }
+
+    /// The routing table: advertised addresses scored by connections.
+    pub fn routes(&self) -> String {
+        format!("{}:routes", self.prefix)
+    }
+
+    /// When each routing entry was last written.
+    pub fn routes_seen(&self) -> String {
+        format!("{}:routes:seen", self.prefix)
+    }
+
+    /// The users a user blocks (a cache).
+    pub fn blocks(&self, user: &str) -> String {
+        self.of("blocks", user)
+    }
+
+    /// A SCAN pattern matching every key of the cluster.
+    pub fn all(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Keys;
+
+    #[test]
+    fn every_key_starts_with_the_prefix() {
+        let k = Keys::new("im");
+        for key in [
+            k.presence("ann"),
+            k.lease("gw-0"),
+            k.drain("gw-0"),
+            k.routes(),
+            k.routes_seen(),
+            k.blocks("ann"),
+        ] {
+            assert!(key.starts_with("im:"), "{key}");
+        }
+        assert_eq!(k.lease("gw-0"), "im:gw:gw-0");
+        assert_eq!(k.all(), "im:*");
+    }
+}

@@ -1,0 +1,121 @@
+//! The cluster's shared, short-lived state in Redis: presence (which
+//! gateway holds each device), the block-list cache, each gateway's lease
+//! (address and online count), the routing table the route lookup reads,
+//! and the operator's drain requests. Every key starts with a prefix, so
+//! clusters and tests share one Redis without touching each other's keys;
+//! every key name is in [`keys`], the one place the chat service, the
+//! gateways and the operator take them from.
+
+mod blocks;
+pub mod keys;
+mod presence;
+mod routing;
+pub mod testing;
+
+use std::time::Duration;
+
+use parley_core::ChatError;
+use redis::AsyncCommands;
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+pub use keys::Keys;
+pub use presence::PRESENCE_TTL;
+pub use routing::{Announced, Lease};
+
+/// A connection to the cluster's Redis, under a key prefix.
+#[derive(Clone)]
+pub struct RedisState {
+    conn: ConnectionManager,
+    keys: Keys,
+    online: Script,
+    offline: Script,
+    announce: Script,
+    route: Script,
+}
+
+impl std::fmt::Debug for RedisState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisState")
+            .field("prefix", &self.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn redis_err(e: redis::RedisError) -> ChatError {
+    ChatError::Unavailable(format!("redis: {e}"))
+}
+
+impl RedisState {
+    /// A handle on `url` under `prefix`. It connects on first use and
+    /// reconnects by itself after Redis restarts.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, ChatError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| ChatError::invalid(format!("redis url {url:?}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(redis_err)?;
+        Ok(Self {
+            conn,
+            keys: Keys::new(prefix),
+            online: Script::new(presence::ONLINE),
+            offline: Script::new(presence::OFFLINE),
+            announce: Script::new(routing::ANNOUNCE),
+            route: Script::new(routing::ROUTE),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        self.keys.prefix()
+    }
+
+    /// The key names of this cluster.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> bool {
+        let mut c = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .is_ok()
+    }
+}
+
+/// Removes every key under `prefix` (tests, and a cluster being deleted).
+pub async fn delete_prefix(url: &str, prefix: &str) -> Result<u64, ChatError> {
+    let client = redis::Client::open(url).map_err(redis_err)?;
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(redis_err)?;
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(Keys::new(prefix).all())
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut c)
+            .await
+            .map_err(redis_err)?;
+        if !keys.is_empty() {
+            deleted += keys.len() as u64;
+            c.del::<_, ()>(keys).await.map_err(redis_err)?;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests;

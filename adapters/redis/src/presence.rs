@@ -1,0 +1,127 @@
+//! Presence in Redis: for each user a hash of device → `<gateway>|<epoch>`.
+//! A device's entry names its gateway and connection epoch. Locating users
+//! only returns gateways whose lease is alive, so the devices of a gateway
+//! that died without a word stop receiving within one lease TTL; a device
+//! that reconnected elsewhere replaced its entry with a larger epoch, and the
+//! old connection's late goodbye cannot remove it.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parley_core::{ChatError, Presence, Session};
+
+use crate::{RedisState, redis_err};
+
+/// How long a user's presence hash lives without a refresh. Gateways
+/// refresh their sessions well within it.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// Records a device's gateway unless a newer connection (a larger epoch)
+/// already did.
+pub(crate) const ONLINE: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local e = tonumber(string.match(cur, '|(%d+)$'))
+  if e and e > tonumber(ARGV[3]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+";
+
+/// Removes a device's entry if it is still this connection's.
+pub(crate) const OFFLINE: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+";
+
+impl RedisState {
+    /// Records many sessions at once (a gateway re-registering everything it
+    /// holds after Redis came back, or refreshing before the TTL).
+    pub async fn online_many(&self, sessions: &[Session]) -> Result<(), ChatError> {
+        let ttl = PRESENCE_TTL.as_millis() as u64;
+        for chunk in sessions.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for s in chunk {
+                pipe.cmd("EVAL")
+                    .arg(ONLINE)
+                    .arg(1)
+                    .arg(self.keys.presence(&s.user))
+                    .arg(&s.device)
+                    .arg(&s.gateway)
+                    .arg(s.epoch)
+                    .arg(ttl)
+                    .ignore();
+            }
+            let mut c = self.conn.clone();
+            pipe.query_async::<()>(&mut c).await.map_err(redis_err)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Presence for RedisState {
+    async fn online(&self, s: &Session) -> Result<(), ChatError> {
+        let mut c = self.conn.clone();
+        self.online
+            .key(self.keys.presence(&s.user))
+            .arg(&s.device)
+            .arg(&s.gateway)
+            .arg(s.epoch)
+            .arg(PRESENCE_TTL.as_millis() as u64)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn offline(&self, s: &Session) -> Result<(), ChatError> {
+        let mut c = self.conn.clone();
+        self.offline
+            .key(self.keys.presence(&s.user))
+            .arg(&s.device)
+            .arg(format!("{}|{}", s.gateway, s.epoch))
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn locate(&self, users: &[&str]) -> Result<HashMap<String, Vec<String>>, ChatError> {
+        let mut pipe = redis::pipe();
+        for u in users {
+            pipe.hvals(self.keys.presence(u));
+        }
+        let mut c = self.conn.clone();
+        let entries: Vec<Vec<String>> = pipe.query_async(&mut c).await.map_err(redis_err)?;
+        let mut wanted: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (user, devices) in users.iter().zip(&entries) {
+            let mut gateways: Vec<&str> = devices
+                .iter()
+                .filter_map(|v| v.rsplit_once('|').map(|(g, _)| g))
+                .collect();
+            gateways.sort_unstable();
+            gateways.dedup();
+            for g in gateways {
+                wanted.entry(g).or_default().push(user);
+            }
+        }
+        let names: Vec<&str> = wanted.keys().copied().collect();
+        let alive: HashSet<String> = self
+            .leases(&names)
+            .await?
+            .into_iter()
+            .map(|l| l.gateway)
+            .collect();
+        Ok(wanted
+            .into_iter()
+            .filter(|(g, _)| alive.contains(*g))
+            .map(|(g, users)| (g.to_owned(), users.into_iter().map(str::to_owned).collect()))
+            .collect())
+    }
+}

@@ -1,0 +1,193 @@
+//! Gateways' leases, the routing table and drain requests. Every few
+//! seconds a gateway writes its lease (address and online count, with a
+//! TTL) and, unless the operator owns the table, its own routing entry; the
+//! route lookup hands out the least-loaded address; the operator replaces
+//! the whole table at once and asks gateways to drain.
+
+use std::time::Duration;
+
+use parley_core::ChatError;
+use redis::AsyncCommands;
+
+use crate::{RedisState, redis_err};
+
+/// Writes a gateway's lease and its routing entry (or removes the entry when
+/// it drains), and drops entries nobody refreshed within the TTL. Time comes
+/// from Redis, so gateways' clocks need not agree. When the operator owns
+/// the routing table (ARGV[5] = 1), only the lease is written, and a
+/// draining gateway takes its own entry out. The reply also carries the
+/// operator's drain request for this gateway, if any.
+pub(crate) const ANNOUNCE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+local had = redis.call('EXISTS', KEYS[1])
+local drain = redis.call('GET', KEYS[4])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ttl)
+if ARGV[4] == '1' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+elseif ARGV[5] == '1' then
+  -- The operator owns the routing table: only the lease is ours.
+  return {had, drain}
+else
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  redis.call('HSET', KEYS[3], ARGV[1], now)
+end
+local seen = redis.call('HGETALL', KEYS[3])
+for i = 1, #seen, 2 do
+  if tonumber(seen[i + 1]) < now - ttl then
+    redis.call('ZREM', KEYS[2], seen[i])
+    redis.call('HDEL', KEYS[3], seen[i])
+  end
+end
+return {had, drain}
+";
+
+/// Takes the least-loaded address and counts the client about to arrive on
+/// it, so a burst of lookups between two refreshes spreads out.
+pub(crate) const ROUTE: &str = r"
+local r = redis.call('ZRANGE', KEYS[1], 0, 0)
+if #r == 0 then return false end
+redis.call('ZINCRBY', KEYS[1], 1, r[1])
+return r[1]
+";
+
+/// What a lease write learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announced {
+    /// False when the lease had gone (first start, expiry, or a Redis that
+    /// restarted and lost everything): presence must be written again.
+    pub had_lease: bool,
+    /// The operator asks this gateway to drain at this many clients per
+    /// second.
+    pub drain_rate: Option<u32>,
+}
+
+/// One gateway's lease as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub gateway: String,
+    pub address: String,
+    pub connections: u64,
+}
+
+impl RedisState {
+    /// Writes this gateway's lease (address and online count, alive for
+    /// `ttl`) and, unless the operator owns the routing table (`managed`),
+    /// its routing entry; `draining` takes the entry out instead.
+    pub async fn announce(
+        &self,
+        gateway: &str,
+        address: &str,
+        connections: u64,
+        ttl: Duration,
+        draining: bool,
+        managed: bool,
+    ) -> Result<Announced, ChatError> {
+        let mut c = self.conn.clone();
+        let (had, drain): (i64, Option<String>) = self
+            .announce
+            .key(self.keys.lease(gateway))
+            .key(self.keys.routes())
+            .key(self.keys.routes_seen())
+            .key(self.keys.drain(gateway))
+            .arg(address)
+            .arg(connections)
+            .arg(ttl.as_millis() as u64)
+            .arg(if draining { "1" } else { "0" })
+            .arg(if managed { "1" } else { "0" })
+            .invoke_async(&mut c)
+            .await
+            .map_err(redis_err)?;
+        Ok(Announced {
+            had_lease: had == 1,
+            drain_rate: drain.and_then(|d| d.parse().ok()),
+        })
+    }
+
+    /// Asks `gateway` to move its clients away at `rate` per second (the
+    /// operator's scale-down). The gateway reads the request with its next
+    /// lease write; the request lapses after `ttl`.
+    pub async fn request_drain(
+        &self,
+        gateway: &str,
+        rate: u32,
+        ttl: Duration,
+    ) -> Result<(), ChatError> {
+        let mut c = self.conn.clone();
+        c.pset_ex::<_, _, ()>(self.keys.drain(gateway), rate, ttl.as_millis() as u64)
+            .await
+            .map_err(redis_err)
+    }
+
+    /// Removes this gateway's lease and routing entry (a clean shutdown).
+    pub async fn withdraw(&self, gateway: &str, address: &str) -> Result<(), ChatError> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .del(self.keys.lease(gateway))
+            .zrem(self.keys.routes(), address)
+            .hdel(self.keys.routes_seen(), address)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(redis_err)
+    }
+
+    /// Replaces the whole routing table with `entries` (address,
+    /// connections), atomically: the operator's write, once it owns the
+    /// table. Route lookups never see it half written.
+    pub async fn replace_routes(&self, entries: &[(String, u64)]) -> Result<(), ChatError> {
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(self.keys.routes())
+            .del(self.keys.routes_seen());
+        if !entries.is_empty() {
+            let members: Vec<(u64, &str)> = entries.iter().map(|(a, n)| (*n, a.as_str())).collect();
+            pipe.zadd_multiple(self.keys.routes(), &members);
+        }
+        pipe.query_async::<()>(&mut c).await.map_err(redis_err)
+    }
+
+    /// The least-loaded gateway's address, counting the caller on it.
+    pub async fn route(&self) -> Result<Option<String>, ChatError> {
+        let mut c = self.conn.clone();
+        self.route
+            .key(self.keys.routes())
+            .invoke_async::<Option<String>>(&mut c)
+            .await
+            .map_err(redis_err)
+    }
+
+    /// The routing table, lowest score first.
+    pub async fn routes(&self) -> Result<Vec<(String, f64)>, ChatError> {
+        let mut c = self.conn.clone();
+        c.zrange_withscores(self.keys.routes(), 0, -1)
+            .await
+            .map_err(redis_err)
+    }
+
+    /// The leases of `gateways` that are alive.
+    pub async fn leases(&self, gateways: &[&str]) -> Result<Vec<Lease>, ChatError> {
+        if gateways.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = gateways.iter().map(|g| self.keys.lease(g)).collect();
+        let mut c = self.conn.clone();
+        let values: Vec<Option<String>> = c.mget(keys).await.map_err(redis_err)?;
+        Ok(gateways
+            .iter()
+            .zip(values)
+            .filter_map(|(g, v)| {
+                let v = v?;
+                let (address, n) = v.rsplit_once('|')?;
+                Some(Lease {
+                    gateway: (*g).to_owned(),
+                    address: address.to_owned(),
+                    connections: n.parse().unwrap_or(0),
+                })
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,144 @@
+//! The Redis state against a real Redis, each test under a prefix of its own.
+
+use std::time::Duration;
+
+use parley_core::{BlockCache, Presence, Session};
+
+use crate::RedisState;
+use crate::testing::TestRedis;
+
+fn s(user: &str, device: &str, gateway: &str, epoch: u64) -> Session {
+    Session::new(user, device, gateway, epoch)
+}
+
+fn state(t: &TestRedis) -> RedisState {
+    RedisState::new(&t.url, &t.prefix).unwrap()
+}
+
+#[tokio::test]
+async fn presence_is_fenced_by_epoch_and_needs_a_live_gateway() {
+    let t = TestRedis::new();
+    let r = state(&t);
+    assert!(r.ping().await, "Redis for tests (run scripts/services)");
+    let ttl = Duration::from_secs(30);
+    let first = r
+        .announce("g1", "10.0.0.1:7400", 1, ttl, false, false)
+        .await
+        .unwrap();
+    assert!(!first.had_lease, "a first lease is new");
+    assert_eq!(first.drain_rate, None);
+    let again = r
+        .announce("g1", "10.0.0.1:7400", 1, ttl, false, false)
+        .await
+        .unwrap();
+    assert!(again.had_lease);
+    // The operator asks g1 to drain; g1 learns it with its next lease.
+    r.request_drain("g1", 250, ttl).await.unwrap();
+    for managed in [false, true] {
+        let asked = r
+            .announce("g1", "10.0.0.1:7400", 1, ttl, false, managed)
+            .await
+            .unwrap();
+        assert_eq!(asked.drain_rate, Some(250));
+    }
+    r.announce("g2", "10.0.0.2:7400", 1, ttl, false, false)
+        .await
+        .unwrap();
+    r.online(&s("ann", "phone", "g1", 1)).await.unwrap();
+    r.online(&s("ann", "phone", "g2", 2)).await.unwrap();
+    // The old connection's registration and goodbye arrive late.
+    r.online(&s("ann", "phone", "g1", 1)).await.unwrap();
+    r.offline(&s("ann", "phone", "g1", 1)).await.unwrap();
+    r.online(&s("ann", "laptop", "g1", 3)).await.unwrap();
+    let located = r.locate(&["ann", "nobody"]).await.unwrap();
+    assert_eq!(located.len(), 2);
+    assert_eq!(located["g2"], vec!["ann".to_owned()]);
+    assert_eq!(located["g1"], vec!["ann".to_owned()]);
+    r.offline(&s("ann", "laptop", "g1", 3)).await.unwrap();
+    let located = r.locate(&["ann"]).await.unwrap();
+    assert_eq!(located.keys().collect::<Vec<_>>(), vec!["g2"]);
+
+    // A gateway that dies says nothing: its lease runs out, and its
+    // devices are no longer located.
+    r.announce(
+        "g3",
+        "10.0.0.3:7400",
+        1,
+        Duration::from_secs(2),
+        false,
+        false,
+    )
+    .await
+    .unwrap();
+    r.online(&s("bo", "phone", "g3", 4)).await.unwrap();
+    assert!(r.locate(&["bo"]).await.unwrap().contains_key("g3"));
+    let mut gone = false;
+    for _ in 0..80 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if r.locate(&["bo"]).await.unwrap().is_empty() {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "the dead gateway's devices are no longer located");
+
+    // A gateway re-registers what it holds in bulk (after a Redis restart).
+    let many: Vec<Session> = (0..2500)
+        .map(|i| s(&format!("u{i}"), "d", "g2", 10))
+        .collect();
+    r.online_many(&many).await.unwrap();
+    let users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();
+    let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+    assert_eq!(r.locate(&refs).await.unwrap()["g2"].len(), 2500);
+}
+
+#[tokio::test]
+async fn the_route_lookup_spreads_clients_over_the_least_loaded() {
+    let t = TestRedis::new();
+    let r = state(&t);
+    let ttl = Duration::from_secs(30);
+    assert_eq!(r.route().await.unwrap(), None);
+    r.announce("a", "a:1", 5, ttl, false, false).await.unwrap();
+    r.announce("b", "b:1", 2, ttl, false, false).await.unwrap();
+    let mut picked = Vec::new();
+    for _ in 0..5 {
+        picked.push(r.route().await.unwrap().unwrap());
+    }
+    // b takes clients until it is as loaded as a, then they alternate.
+    assert_eq!(picked, vec!["b:1", "b:1", "b:1", "a:1", "b:1"]);
+    // A refresh puts the real count back.
+    r.announce("b", "b:1", 2, ttl, false, false).await.unwrap();
+    assert_eq!(r.routes().await.unwrap()[0], ("b:1".to_owned(), 2.0));
+    // A draining gateway leaves the table but keeps its lease.
+    r.announce("b", "b:1", 2, ttl, true, false).await.unwrap();
+    assert_eq!(r.route().await.unwrap().as_deref(), Some("a:1"));
+    assert_eq!(r.leases(&["b"]).await.unwrap()[0].connections, 2);
+    // An entry nobody refreshes is pruned by the next announcement.
+    r.announce("c", "c:1", 0, Duration::from_millis(100), false, false)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    r.announce("a", "a:1", 6, Duration::from_millis(100), false, false)
+        .await
+        .unwrap();
+    let routes: Vec<String> = r.routes().await.unwrap().into_iter().map(|e| e.0).collect();
+    assert_eq!(routes, vec!["a:1"]);
+    r.withdraw("a", "a:1").await.unwrap();
+    assert!(r.routes().await.unwrap().is_empty());
+    assert!(r.leases(&["a"]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn block_lists_are_cached_and_forgotten() {
+    let t = TestRedis::new();
+    let r = state(&t);
+    assert_eq!(r.get(&["ann"]).await.unwrap(), vec![None]);
+    r.put("ann", &[]).await.unwrap();
+    r.put("bo", &["x".into(), "y".into()]).await.unwrap();
+    assert_eq!(
+        r.get(&["ann", "bo", "cy"]).await.unwrap(),
+        vec![Some(vec![]), Some(vec!["x".into(), "y".into()]), None]
+    );
+    r.forget("bo").await.unwrap();
+    assert_eq!(r.get(&["bo"]).await.unwrap(), vec![None]);
+}

@@ -1,0 +1,1199 @@
+//! The cluster's store: PostgreSQL, shared by every chat-service replica.
+//!
+//! Sequence numbers are decided under row locks: a batch first locks its
+//! conversations (`SELECT .. FOR UPDATE`, in id order), then the users whose
+//! timelines it extends (in id order). Every writing transaction takes its
+//! locks in that one order, so replicas appending to the same conversation
+//! queue behind each other instead of deadlocking, and a seq is only ever
+//! taken by a row that commits: gap-free and strictly increasing. A batch is
+//! a fixed number of statements whatever its size (arrays through `unnest`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parley_proto::pb;
+use prost::Message as _;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, PgPool, Row};
+
+use parley_core::ChatError;
+use parley_core::membership::{
+    changed_members, membership_event, no_such_users, require_group, system_message,
+};
+use parley_core::store::{
+    Appended, ConversationRecord, DeviceCursor, HistorySlice, InboxPage, MembershipChange,
+    NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
+};
+
+use crate::Db;
+use parley_core::BlockCache;
+
+/// The columns `message_from_row` reads, in order.
+macro_rules! message_columns {
+    () => {
+        "m.id, m.conversation_id, m.seq, m.sender_id, m.sender_device, m.client_msg_id, m.content, m.created_at"
+    };
+}
+
+/// How often a transaction that lost a race (a deadlock, a serialization
+/// failure, a concurrent duplicate) is tried again before giving up.
+const ATTEMPTS: usize = 5;
+
+/// Parley's store on PostgreSQL.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    blocks: Option<Arc<dyn BlockCache>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgStore")
+    }
+}
+
+impl PgStore {
+    /// Connects to `url`. With `schema`, every table lives in that schema
+    /// (created if missing), which lets tests and tenants share a database.
+    /// Migrations are not run here: see [`PgStore::migrate`].
+    pub async fn connect(
+        url: &str,
+        schema: Option<&str>,
+        max_connections: u32,
+    ) -> Result<Self, ChatError> {
+        let mut options = url.parse::<PgConnectOptions>().db()?;
+        // The schema in the name tells tenants' (and tests') sessions apart.
+        let app = match schema {
+            Some(s) => format!("parley-chat {s}"),
+            None => "parley-chat".to_owned(),
+        };
+        options = options.application_name(&app);
+        if let Some(schema) = schema {
+            check_schema_name(schema)?;
+            let mut conn = PgConnection::connect_with(&options).await.db()?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+            )))
+            .execute(&mut conn)
+            .await
+            .db()?;
+            conn.close().await.db()?;
+            options = options.options([("search_path", schema)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .db()?;
+        Ok(Self { pool, blocks: None })
+    }
+
+    /// Reads block lists through `cache` (Redis in a cluster). Changes go
+    /// to the database and then evict the cached list, twice: right after
+    /// the commit and once more a moment later, so a reader that loaded the
+    /// old list just before the commit cannot leave it cached.
+    pub fn with_block_cache(mut self, cache: Arc<dyn BlockCache>) -> Self {
+        self.blocks = Some(cache);
+        self
+    }
+
+    /// Brings the schema up to date. Safe to run from several replicas at
+    /// once: sqlx serializes migrators with an advisory lock.
+    pub async fn migrate(&self) -> Result<(), ChatError> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await
+            .db()?;
+        Ok(())
+    }
+
+    /// The connection pool (for health checks).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+/// Schema names are spliced into SQL, so only a plain identifier is taken.
+fn check_schema_name(schema: &str) -> Result<(), ChatError> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !schema.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else {
+        Err(ChatError::invalid(format!(
+            "schema name {schema:?} must be lowercase letters, digits and _"
+        )))
+    }
+}
+
+/// A transaction worth trying again: it lost a race, not an argument.
+fn is_retryable(e: &ChatError) -> bool {
+    let ChatError::Storage(source) = e else {
+        return false;
+    };
+    match source.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40001" | "40P01" | "23505"))
+        }
+        _ => false,
+    }
+}
+
+fn message_from_row(row: &PgRow, offset: usize) -> Result<pb::Message, ChatError> {
+    let content: Vec<u8> = row.try_get(offset + 6).db()?;
+    let content = pb::Content::decode(content.as_slice())
+        .map_err(|e| ChatError::Corrupt(format!("message content: {e}")))?;
+    Ok(pb::Message {
+        msg_id: row.try_get::<i64, _>(offset).db()? as u64,
+        conversation_id: row.try_get::<i64, _>(offset + 1).db()? as u64,
+        seq: row.try_get::<i64, _>(offset + 2).db()? as u64,
+        sender_id: row.try_get(offset + 3).db()?,
+        sender_device: row.try_get(offset + 4).db()?,
+        client_msg_id: row.try_get(offset + 5).db()?,
+        content: Some(content),
+        server_time_ms: row.try_get(offset + 7).db()?,
+    })
+}
+
+fn kind_from_i16(kind: i16) -> pb::ConversationKind {
+    match kind {
+        1 => pb::ConversationKind::Direct,
+        2 => pb::ConversationKind::Group,
+        _ => pb::ConversationKind::Unspecified,
+    }
+}
+
+/// Loads a conversation; `lock` takes its row lock for the transaction.
+async fn load_conversation(
+    conn: &mut PgConnection,
+    id: u64,
+    lock: bool,
+) -> Result<Option<ConversationRecord>, ChatError> {
+    let sql = if lock {
+        "SELECT kind, name, owner, last_seq FROM conversations WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT kind, name, owner, last_seq FROM conversations WHERE id = $1"
+    };
+    let Some(row) = sqlx::query(sql)
+        .bind(id as i64)
+        .fetch_optional(&mut *conn)
+        .await
+        .db()?
+    else {
+        return Ok(None);
+    };
+    let members: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id FROM members WHERE conversation_id = $1 ORDER BY user_id",
+    )
+    .bind(id as i64)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    Ok(Some(ConversationRecord {
+        id,
+        kind: kind_from_i16(row.try_get(0).db()?),
+        name: row.try_get(1).db()?,
+        owner: row.try_get(2).db()?,
+        members,
+        last_seq: row.try_get::<i64, _>(3).db()? as u64,
+    }))
+}
+
+async fn missing_users_in(
+    conn: &mut PgConnection,
+    ids: &[String],
+) -> Result<Vec<String>, ChatError> {
+    let found: Vec<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+    let found: HashSet<&str> = found.iter().map(String::as_str).collect();
+    Ok(ids
+        .iter()
+        .filter(|id| !found.contains(id.as_str()))
+        .cloned()
+        .collect())
+}
+
+/// The members of each of `ids`, sorted.
+async fn members_of(
+    conn: &mut PgConnection,
+    ids: &[i64],
+) -> Result<HashMap<u64, Vec<String>>, ChatError> {
+    let mut members: HashMap<u64, Vec<String>> = HashMap::new();
+    for r in sqlx::query(
+        "SELECT conversation_id, user_id FROM members WHERE conversation_id = ANY($1) \
+         ORDER BY conversation_id, user_id",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?
+    {
+        members
+            .entry(r.try_get::<i64, _>(0).db()? as u64)
+            .or_default()
+            .push(r.try_get(1).db()?);
+    }
+    Ok(members)
+}
+
+async fn insert_members(
+    conn: &mut PgConnection,
+    conversation_id: i64,
+    users: &[String],
+    now_ms: i64,
+) -> Result<(), ChatError> {
+    sqlx::query(
+        "INSERT INTO members (conversation_id, user_id, joined_at) \
+         SELECT $1, u, $3 FROM unnest($2::text[]) AS u ON CONFLICT DO NOTHING",
+    )
+    .bind(conversation_id)
+    .bind(users)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await
+    .db()?;
+    Ok(())
+}
+
+/// Creates the direct conversation of `users` under `key`, or finds the one
+/// a concurrent call just created.
+async fn open_direct_in(
+    tx: &mut PgConnection,
+    key: &str,
+    users: &[String],
+    now_ms: i64,
+) -> Result<ConversationRecord, ChatError> {
+    let missing = missing_users_in(tx, users).await?;
+    if !missing.is_empty() {
+        return Err(no_such_users(&missing));
+    }
+    // Two replicas opening the same pair at once: one inserts, the other
+    // finds its row.
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO conversations (kind, direct_key, created_at) VALUES (1, $1, $2) \
+         ON CONFLICT (direct_key) DO NOTHING RETURNING id",
+    )
+    .bind(key)
+    .bind(now_ms)
+    .fetch_optional(&mut *tx)
+    .await
+    .db()?;
+    let id = match inserted {
+        Some(id) => {
+            insert_members(tx, id, users, now_ms).await?;
+            id
+        }
+        None => sqlx::query_scalar("SELECT id FROM conversations WHERE direct_key = $1")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?,
+    };
+    Ok(load_conversation(tx, id as u64, false)
+        .await?
+        .expect("conversation just read or written"))
+}
+
+/// A message whose seq is decided, with everyone who gets an inbox entry.
+struct Planned<'a> {
+    message: &'a NewMessage,
+    seq: i64,
+    recipients: Vec<String>,
+}
+
+/// Writes planned messages, their inbox entries and the conversations' new
+/// last seq. The caller holds the conversations' row locks; the users' are
+/// taken here, in id order. A concurrent duplicate (same sender and
+/// client_msg_id committed meanwhile) fails the transaction with 23505, which
+/// the caller retries.
+async fn write_messages(
+    conn: &mut PgConnection,
+    planned: &[Planned<'_>],
+) -> Result<Vec<Appended>, ChatError> {
+    if planned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = planned.len();
+    let mut conv = Vec::with_capacity(n);
+    let mut seq = Vec::with_capacity(n);
+    let mut sender = Vec::with_capacity(n);
+    let mut device = Vec::with_capacity(n);
+    let mut client_id = Vec::with_capacity(n);
+    let mut content = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    for p in planned {
+        conv.push(p.message.conversation_id as i64);
+        seq.push(p.seq);
+        sender.push(p.message.sender_id.as_str());
+        device.push(p.message.sender_device.as_str());
+        client_id.push(p.message.client_msg_id.as_str());
+        content.push(p.message.content.encode_to_vec());
+        created.push(p.message.now_ms);
+    }
+    let rows = sqlx::query(
+        "INSERT INTO messages (conversation_id, seq, sender_id, sender_device, client_msg_id, content, created_at) \
+         SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::int8[]) \
+         RETURNING id, conversation_id, seq",
+    )
+    .bind(&conv)
+    .bind(&seq)
+    .bind(&sender)
+    .bind(&device)
+    .bind(&client_id)
+    .bind(&content)
+    .bind(&created)
+    .fetch_all(&mut *conn)
+    .await.db()?;
+    let mut ids: HashMap<(i64, i64), i64> = HashMap::with_capacity(n);
+    for r in &rows {
+        ids.insert((r.try_get(1).db()?, r.try_get(2).db()?), r.try_get(0).db()?);
+    }
+
+    // Timelines: lock the users in id order, then move every head at once.
+    let mut counts: HashMap<&str, i64> = HashMap::new();
+    for p in planned {
+        for u in &p.recipients {
+            *counts.entry(u.as_str()).or_default() += 1;
+        }
+    }
+    let mut users: Vec<&str> = counts.keys().copied().collect();
+    users.sort_unstable();
+    sqlx::query("SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&users)
+        .execute(&mut *conn)
+        .await
+        .db()?;
+    let adds: Vec<i64> = users.iter().map(|u| counts[u]).collect();
+    let heads = sqlx::query(
+        "UPDATE users SET inbox_head = users.inbox_head + k.n \
+         FROM unnest($1::text[], $2::int8[]) AS k(id, n) WHERE users.id = k.id \
+         RETURNING users.id, users.inbox_head",
+    )
+    .bind(&users)
+    .bind(&adds)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    // The next inbox seq of each user: the new head minus what was added.
+    let mut next: HashMap<String, i64> = HashMap::with_capacity(heads.len());
+    for r in &heads {
+        let id: String = r.try_get(0).db()?;
+        let head: i64 = r.try_get(1).db()?;
+        let added = counts.get(id.as_str()).copied().unwrap_or(0);
+        next.insert(id, head - added + 1);
+    }
+
+    let mut inbox_user: Vec<&str> = Vec::new();
+    let mut inbox_seq: Vec<i64> = Vec::new();
+    let mut inbox_msg: Vec<i64> = Vec::new();
+    let mut out = Vec::with_capacity(n);
+    for p in planned {
+        let key = (p.message.conversation_id as i64, p.seq);
+        let msg_id = *ids
+            .get(&key)
+            .ok_or_else(|| ChatError::Corrupt("inserted message not returned".into()))?;
+        let mut recipients = Vec::with_capacity(p.recipients.len());
+        for u in &p.recipients {
+            // A recipient without a user row has no timeline to extend.
+            let Some(s) = next.get_mut(u.as_str()) else {
+                continue;
+            };
+            inbox_user.push(u.as_str());
+            inbox_seq.push(*s);
+            inbox_msg.push(msg_id);
+            recipients.push((u.clone(), *s as u64));
+            *s += 1;
+        }
+        let m = p.message;
+        out.push(Appended {
+            message: pb::Message {
+                msg_id: msg_id as u64,
+                conversation_id: m.conversation_id,
+                seq: p.seq as u64,
+                sender_id: m.sender_id.clone(),
+                sender_device: m.sender_device.clone(),
+                client_msg_id: m.client_msg_id.clone(),
+                server_time_ms: m.now_ms,
+                content: Some(m.content.clone()),
+            },
+            recipients,
+            duplicate: false,
+        });
+    }
+    sqlx::query(
+        "INSERT INTO inbox (user_id, seq, message_id) \
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[])",
+    )
+    .bind(&inbox_user)
+    .bind(&inbox_seq)
+    .bind(&inbox_msg)
+    .execute(&mut *conn)
+    .await
+    .db()?;
+
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    for p in planned {
+        let e = last.entry(p.message.conversation_id as i64).or_default();
+        *e = (*e).max(p.seq);
+    }
+    let (conv_ids, last_seqs): (Vec<i64>, Vec<i64>) = last.into_iter().unzip();
+    sqlx::query(
+        "UPDATE conversations SET last_seq = k.seq \
+         FROM unnest($1::int8[], $2::int8[]) AS k(id, seq) WHERE conversations.id = k.id",
+    )
+    .bind(&conv_ids)
+    .bind(&last_seqs)
+    .execute(&mut *conn)
+    .await
+    .db()?;
+    Ok(out)
+}
+
+/// Appends a server-written event to a conversation whose row lock the
+/// caller holds; `extra` (users who just left) get inbox entries as well.
+async fn append_system(
+    conn: &mut PgConnection,
+    conv: &ConversationRecord,
+    actor: &str,
+    event: pb::SystemEvent,
+    extra: &[String],
+    now_ms: i64,
+) -> Result<Appended, ChatError> {
+    let seq = conv.last_seq as i64 + 1;
+    let m = system_message(conv.id, seq as u64, actor, event, now_ms);
+    let mut recipients = conv.members.clone();
+    recipients.extend(extra.iter().cloned());
+    let planned = [Planned {
+        message: &m,
+        seq,
+        recipients,
+    }];
+    let mut out = write_messages(conn, &planned).await?;
+    Ok(out.remove(0))
+}
+
+/// (user, inbox_seq) of each recipient of a message.
+type Recipients = Vec<(String, u64)>;
+
+/// What the batch decided for one message.
+enum Plan {
+    Done(Box<Result<Appended, ChatError>>),
+    /// Index into the planned writes.
+    Write(usize),
+    /// A resend of an earlier message of the same batch.
+    SameAs(usize),
+}
+
+impl PgStore {
+    /// The users each of `users` blocks: from the cache where it has them,
+    /// from the database (filling the cache) where it does not or is down.
+    async fn block_lists(
+        &self,
+        conn: &mut PgConnection,
+        users: &[&str],
+    ) -> Result<HashMap<String, HashSet<String>>, ChatError> {
+        let mut lists: HashMap<String, HashSet<String>> = HashMap::new();
+        if users.is_empty() {
+            return Ok(lists);
+        }
+        let mut misses: Vec<&str> = users.to_vec();
+        if let Some(cache) = &self.blocks {
+            match cache.get(users).await {
+                Ok(cached) => {
+                    misses.clear();
+                    for (u, list) in users.iter().zip(cached) {
+                        match list {
+                            Some(list) => {
+                                lists.insert((*u).to_owned(), list.into_iter().collect());
+                            }
+                            None => misses.push(u),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "block cache unavailable; reading the database")
+                }
+            }
+        }
+        if misses.is_empty() {
+            return Ok(lists);
+        }
+        let mut loaded: HashMap<String, Vec<String>> = misses
+            .iter()
+            .map(|u| ((*u).to_owned(), Vec::new()))
+            .collect();
+        for r in sqlx::query("SELECT user_id, blocked_id FROM blocks WHERE user_id = ANY($1)")
+            .bind(&misses)
+            .fetch_all(&mut *conn)
+            .await
+            .db()?
+        {
+            let user: String = r.try_get(0).db()?;
+            loaded.entry(user).or_default().push(r.try_get(1).db()?);
+        }
+        for (user, list) in loaded {
+            if let Some(cache) = &self.blocks
+                && let Err(e) = cache.put(&user, &list).await
+            {
+                tracing::debug!(error = %e, "block list not cached");
+            }
+            lists.insert(user, list.into_iter().collect());
+        }
+        Ok(lists)
+    }
+
+    async fn append_in(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[NewMessage],
+    ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
+        let mut conv_ids: Vec<i64> = batch.iter().map(|m| m.conversation_id as i64).collect();
+        conv_ids.sort_unstable();
+        conv_ids.dedup();
+        // 1. The conversations' row locks, in id order: concurrent appends
+        // to one conversation queue here.
+        let mut convs: HashMap<u64, (pb::ConversationKind, i64)> = HashMap::new();
+        for r in sqlx::query(
+            "SELECT id, kind, last_seq FROM conversations WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&conv_ids)
+        .fetch_all(&mut *tx)
+        .await.db()?
+        {
+            convs.insert(
+                r.try_get::<i64, _>(0).db()? as u64,
+                (kind_from_i16(r.try_get(1).db()?), r.try_get(2).db()?),
+            );
+        }
+        let members = members_of(tx, &conv_ids).await?;
+        // 2. Dedup: messages already stored under these client ids.
+        let senders: Vec<&str> = batch.iter().map(|m| m.sender_id.as_str()).collect();
+        let client_ids: Vec<&str> = batch.iter().map(|m| m.client_msg_id.as_str()).collect();
+        let mut existing: HashMap<(String, String), (pb::Message, Recipients)> = HashMap::new();
+        for r in sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages m JOIN unnest($1::text[], $2::text[]) AS k(s, c) \
+             ON m.sender_id = k.s AND m.client_msg_id = k.c"
+        ))
+        .bind(&senders)
+        .bind(&client_ids)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?
+        {
+            let m = message_from_row(&r, 0)?;
+            existing.insert(
+                (m.sender_id.clone(), m.client_msg_id.clone()),
+                (m, Vec::new()),
+            );
+        }
+        if !existing.is_empty() {
+            let ids: Vec<i64> = existing.values().map(|(m, _)| m.msg_id as i64).collect();
+            let mut by_id: HashMap<u64, Vec<(String, u64)>> = HashMap::new();
+            for r in sqlx::query(
+                "SELECT message_id, user_id, seq FROM inbox WHERE message_id = ANY($1) \
+                 ORDER BY message_id, user_id",
+            )
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .db()?
+            {
+                by_id
+                    .entry(r.try_get::<i64, _>(0).db()? as u64)
+                    .or_default()
+                    .push((r.try_get(1).db()?, r.try_get::<i64, _>(2).db()? as u64));
+            }
+            for (m, recipients) in existing.values_mut() {
+                *recipients = by_id.remove(&m.msg_id).unwrap_or_default();
+            }
+        }
+        // 3. The block lists of the other parties of direct conversations.
+        let mut peers: Vec<&str> = Vec::new();
+        for m in batch {
+            if let Some((pb::ConversationKind::Direct, _)) = convs.get(&m.conversation_id) {
+                for peer in members.get(&m.conversation_id).into_iter().flatten() {
+                    if *peer != m.sender_id {
+                        peers.push(peer);
+                    }
+                }
+            }
+        }
+        peers.sort_unstable();
+        peers.dedup();
+        let block_lists = self.block_lists(&mut *tx, &peers).await?;
+        let blocks = |peer: &str, sender: &str| {
+            block_lists
+                .get(peer)
+                .is_some_and(|list| list.contains(sender))
+        };
+
+        // 4. Decide each message in order.
+        let mut plans = Vec::with_capacity(batch.len());
+        let mut planned: Vec<Planned<'_>> = Vec::new();
+        let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+        for m in batch {
+            let key = (m.sender_id.as_str(), m.client_msg_id.as_str());
+            if let Some((found, recipients)) =
+                existing.get(&(m.sender_id.clone(), m.client_msg_id.clone()))
+            {
+                plans.push(Plan::Done(Box::new(Ok(Appended {
+                    message: found.clone(),
+                    recipients: recipients.clone(),
+                    duplicate: true,
+                }))));
+                continue;
+            }
+            if let Some(&i) = in_batch.get(&key) {
+                plans.push(Plan::SameAs(i));
+                continue;
+            }
+            let Some((kind, last_seq)) = convs.get_mut(&m.conversation_id) else {
+                plans.push(Plan::Done(Box::new(Err(ChatError::NotMember(
+                    m.conversation_id,
+                )))));
+                continue;
+            };
+            let conv_members = members.get(&m.conversation_id).cloned().unwrap_or_default();
+            if !conv_members.contains(&m.sender_id) {
+                plans.push(Plan::Done(Box::new(Err(ChatError::NotMember(
+                    m.conversation_id,
+                )))));
+                continue;
+            }
+            if *kind == pb::ConversationKind::Direct
+                && let Some(peer) = conv_members.iter().find(|p| blocks(p, &m.sender_id))
+            {
+                plans.push(Plan::Done(Box::new(Err(ChatError::Blocked(peer.clone())))));
+                continue;
+            }
+            *last_seq += 1;
+            in_batch.insert(key, planned.len());
+            plans.push(Plan::Write(planned.len()));
+            planned.push(Planned {
+                message: m,
+                seq: *last_seq,
+                recipients: conv_members,
+            });
+        }
+
+        // 5. Write them all.
+        let written = write_messages(&mut *tx, &planned).await?;
+        Ok(plans
+            .into_iter()
+            .map(|p| match p {
+                Plan::Done(r) => *r,
+                Plan::Write(i) => Ok(written[i].clone()),
+                Plan::SameAs(i) => Ok(Appended {
+                    duplicate: true,
+                    ..written[i].clone()
+                }),
+            })
+            .collect())
+    }
+
+    async fn change_members_in(
+        tx: &mut PgConnection,
+        conversation_id: u64,
+        actor: &str,
+        change: MembershipChange,
+        users: &[String],
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Option<Appended>), ChatError> {
+        let before = require_group(
+            load_conversation(&mut *tx, conversation_id, true).await?,
+            conversation_id,
+        )?;
+        if change == MembershipChange::Add {
+            let missing = missing_users_in(&mut *tx, users).await?;
+            if !missing.is_empty() {
+                return Err(no_such_users(&missing));
+            }
+        }
+        let changed = changed_members(&before, change, users, max_members)?;
+        if changed.is_empty() {
+            return Ok((before, None));
+        }
+        if change == MembershipChange::Add {
+            insert_members(&mut *tx, conversation_id as i64, &changed, now_ms).await?;
+        } else {
+            sqlx::query("DELETE FROM members WHERE conversation_id = $1 AND user_id = ANY($2)")
+                .bind(conversation_id as i64)
+                .bind(&changed)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+        }
+        let event = membership_event(change, actor, &changed);
+        let after = load_conversation(&mut *tx, conversation_id, false)
+            .await?
+            .expect("conversation is locked");
+        // Those who left still learn that they did, on their other devices.
+        let extra: &[String] = if change == MembershipChange::Add {
+            &[]
+        } else {
+            &changed
+        };
+        let appended = append_system(&mut *tx, &after, actor, event, extra, now_ms).await?;
+        let after = ConversationRecord {
+            last_seq: appended.message.seq,
+            ..after
+        };
+        Ok((after, Some(appended)))
+    }
+
+    async fn create_group_in(
+        tx: &mut PgConnection,
+        owner: &str,
+        name: &str,
+        members: &[String],
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Appended), ChatError> {
+        let missing = missing_users_in(&mut *tx, members).await?;
+        if !missing.is_empty() {
+            return Err(no_such_users(&missing));
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO conversations (kind, name, owner, created_at) VALUES (2, $1, $2, $3) RETURNING id",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await.db()?;
+        insert_members(&mut *tx, id, members, now_ms).await?;
+        let conv = load_conversation(&mut *tx, id as u64, true)
+            .await?
+            .expect("group just written");
+        let event = pb::SystemEvent {
+            kind: pb::SystemEventKind::GroupCreated as i32,
+            actor: owner.to_owned(),
+            users: members.to_vec(),
+        };
+        let appended = append_system(&mut *tx, &conv, owner, event, &[], now_ms).await?;
+        let conv = ConversationRecord {
+            last_seq: appended.message.seq,
+            ..conv
+        };
+        Ok((conv, appended))
+    }
+}
+
+/// Runs `$body` with `$tx` a new transaction, committed when the body
+/// returns Ok and rolled back at once otherwise (a dropped transaction would
+/// roll back only when its connection is next used, holding its row locks
+/// until then).
+macro_rules! in_transaction {
+    ($pool:expr, $tx:ident => $body:expr) => {{
+        let mut $tx = $pool.begin().await.db()?;
+        match $body.await {
+            Ok(v) => {
+                $tx.commit().await.db()?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = $tx.rollback().await;
+                Err(e)
+            }
+        }
+    }};
+}
+
+/// Evaluates `$f` until it succeeds, fails for a reason other than a lost
+/// race, or has been tried `ATTEMPTS` times.
+macro_rules! with_retries {
+    ($f:expr) => {{
+        let mut attempt = 1;
+        loop {
+            match $f {
+                Err(e) if attempt < ATTEMPTS && is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "transaction lost a race; retrying");
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_user(
+        &self,
+        id: &str,
+        display_name: &str,
+        now_ms: i64,
+    ) -> Result<UserRecord, ChatError> {
+        let done = sqlx::query(
+            "INSERT INTO users (id, display_name, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(display_name)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await.db()?;
+        if done.rows_affected() == 0 {
+            return Err(ChatError::Conflict(format!("user {id} already exists")));
+        }
+        Ok(UserRecord {
+            id: id.to_owned(),
+            display_name: display_name.to_owned(),
+            created_at_ms: now_ms,
+        })
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<UserRecord>, ChatError> {
+        let row = sqlx::query("SELECT display_name, created_at FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .db()?;
+        row.map(|r| {
+            Ok(UserRecord {
+                id: id.to_owned(),
+                display_name: r.try_get(0).db()?,
+                created_at_ms: r.try_get(1).db()?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn missing_users(&self, ids: &[String]) -> Result<Vec<String>, ChatError> {
+        let mut conn = self.pool.acquire().await.db()?;
+        missing_users_in(&mut conn, ids).await
+    }
+
+    async fn open_direct(
+        &self,
+        a: &str,
+        b: &str,
+        now_ms: i64,
+    ) -> Result<ConversationRecord, ChatError> {
+        let key = direct_key(a, b);
+        let existing: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM conversations WHERE direct_key = $1")
+                .bind(&key)
+                .fetch_optional(&self.pool)
+                .await
+                .db()?;
+        if let Some(id) = existing {
+            return self.get_conversation(id as u64).await?.ok_or_else(|| {
+                ChatError::Corrupt(format!("conversation {id} vanished while read"))
+            });
+        }
+        let mut users = vec![a.to_owned(), b.to_owned()];
+        users.sort();
+        users.dedup();
+        in_transaction!(self.pool, tx => open_direct_in(&mut tx, &key, &users, now_ms))
+    }
+
+    async fn create_group(
+        &self,
+        owner: &str,
+        name: &str,
+        members: &[String],
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Appended), ChatError> {
+        with_retries!(
+            in_transaction!(self.pool, tx => Self::create_group_in(&mut tx, owner, name, members, now_ms))
+        )
+    }
+
+    async fn get_conversation(&self, id: u64) -> Result<Option<ConversationRecord>, ChatError> {
+        let mut conn = self.pool.acquire().await.db()?;
+        load_conversation(&mut conn, id, false).await
+    }
+
+    async fn change_members(
+        &self,
+        conversation_id: u64,
+        actor: &str,
+        change: MembershipChange,
+        users: &[String],
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Option<Appended>), ChatError> {
+        with_retries!(in_transaction!(self.pool, tx => Self::change_members_in(
+            &mut tx,
+            conversation_id,
+            actor,
+            change,
+            users,
+            max_members,
+            now_ms
+        )))
+    }
+
+    async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {
+        let mut conn = self.pool.acquire().await.db()?;
+        let rows = sqlx::query(
+            "SELECT c.id, c.kind, c.name, c.owner, c.last_seq FROM conversations c \
+             JOIN members me ON me.conversation_id = c.id WHERE me.user_id = $1 ORDER BY c.id",
+        )
+        .bind(user)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+        let ids: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .db()?;
+        let mut members = members_of(&mut conn, &ids).await?;
+        rows.iter()
+            .map(|r| {
+                let id: i64 = r.try_get(0).db()?;
+                Ok(ConversationRecord {
+                    id: id as u64,
+                    kind: kind_from_i16(r.try_get(1).db()?),
+                    name: r.try_get(2).db()?,
+                    owner: r.try_get(3).db()?,
+                    members: members.remove(&(id as u64)).unwrap_or_default(),
+                    last_seq: r.try_get::<i64, _>(4).db()? as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn is_member(&self, conversation_id: u64, user: &str) -> Result<bool, ChatError> {
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2")
+                .bind(conversation_id as i64)
+                .bind(user)
+                .fetch_optional(&self.pool)
+                .await
+                .db()?;
+        Ok(found.is_some())
+    }
+
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
+        with_retries!(in_transaction!(self.pool, tx => self.append_in(&mut tx, &batch)))
+    }
+
+    async fn inbox_after(
+        &self,
+        user: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<InboxPage, ChatError> {
+        // REPEATABLE READ: the head and the page come from one snapshot.
+        let mut tx = self.pool.begin().await.db()?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        let head: Option<i64> = sqlx::query_scalar("SELECT inbox_head FROM users WHERE id = $1")
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await
+            .db()?;
+        let rows = sqlx::query(concat!(
+            "SELECT i.seq, ",
+            message_columns!(),
+            " FROM inbox i JOIN messages m ON m.id = i.message_id \
+             WHERE i.user_id = $1 AND i.seq > $2 ORDER BY i.seq LIMIT $3"
+        ))
+        .bind(user)
+        .bind(after as i64)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        let entries = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0).db()? as u64, message_from_row(r, 1)?)))
+            .collect::<Result<Vec<_>, ChatError>>()?;
+        Ok(InboxPage {
+            entries,
+            head: head.unwrap_or(0) as u64,
+        })
+    }
+
+    async fn inbox_head(&self, user: &str) -> Result<u64, ChatError> {
+        let head: Option<i64> = sqlx::query_scalar("SELECT inbox_head FROM users WHERE id = $1")
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await
+            .db()?;
+        Ok(head.unwrap_or(0) as u64)
+    }
+
+    async fn history(
+        &self,
+        conversation_id: u64,
+        from_seq: u64,
+        direction: pb::Direction,
+        limit: u32,
+    ) -> Result<HistorySlice, ChatError> {
+        let mut conn = self.pool.acquire().await.db()?;
+        let sql = match direction {
+            pb::Direction::Backward => concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE m.conversation_id = $1 AND m.seq < $2 \
+                 ORDER BY m.seq DESC LIMIT $3"
+            ),
+            pb::Direction::Forward => concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE m.conversation_id = $1 AND m.seq > $2 \
+                 ORDER BY m.seq LIMIT $3"
+            ),
+        };
+        let rows = sqlx::query(sql)
+            .bind(conversation_id as i64)
+            .bind(history_bound(from_seq, direction))
+            .bind(limit as i64 + 1)
+            .fetch_all(&mut *conn)
+            .await
+            .db()?;
+        let (rows, has_more) = history_page(rows, limit, direction);
+        let oldest: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(seq) FROM messages WHERE conversation_id = $1")
+                .bind(conversation_id as i64)
+                .fetch_one(&mut *conn)
+                .await
+                .db()?;
+        let messages = rows
+            .iter()
+            .map(|r| message_from_row(r, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(HistorySlice {
+            messages,
+            has_more,
+            oldest_available_seq: oldest.unwrap_or(0) as u64,
+        })
+    }
+
+    async fn set_cursors(&self, cursors: &[DeviceCursor], now_ms: i64) -> Result<(), ChatError> {
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        let users: Vec<&str> = cursors.iter().map(|c| c.user.as_str()).collect();
+        let devices: Vec<&str> = cursors.iter().map(|c| c.device.as_str()).collect();
+        let positions: Vec<i64> = cursors.iter().map(|c| c.cursor as i64).collect();
+        sqlx::query(
+            "INSERT INTO devices (user_id, device_id, cursor, last_seen) \
+             SELECT u, d, c, $4 FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS t(u, d, c) \
+             ON CONFLICT (user_id, device_id) DO UPDATE \
+             SET cursor = GREATEST(devices.cursor, excluded.cursor), last_seen = excluded.last_seen",
+        )
+        .bind(&users)
+        .bind(&devices)
+        .bind(&positions)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await.db()?;
+        Ok(())
+    }
+
+    async fn get_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, ChatError> {
+        let cursor: Option<i64> =
+            sqlx::query_scalar("SELECT cursor FROM devices WHERE user_id = $1 AND device_id = $2")
+                .bind(user)
+                .bind(device)
+                .fetch_optional(&self.pool)
+                .await
+                .db()?;
+        Ok(cursor.map(|c| c as u64))
+    }
+
+    async fn set_block(
+        &self,
+        user: &str,
+        other: &str,
+        blocked: bool,
+        now_ms: i64,
+    ) -> Result<(), ChatError> {
+        if let Some(cache) = &self.blocks {
+            // Refuse the change while the cache cannot be told about it.
+            cache.forget(user).await?;
+        }
+        if blocked {
+            sqlx::query(
+                "INSERT INTO blocks (user_id, blocked_id, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(user)
+            .bind(other)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await.db()?;
+        } else {
+            sqlx::query("DELETE FROM blocks WHERE user_id = $1 AND blocked_id = $2")
+                .bind(user)
+                .bind(other)
+                .execute(&self.pool)
+                .await
+                .db()?;
+        }
+        if let Some(cache) = self.blocks.clone() {
+            let _ = cache.forget(user).await;
+            let user = user.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = cache.forget(&user).await;
+            });
+        }
+        Ok(())
+    }
+
+    async fn is_blocked(&self, user: &str, by: &str) -> Result<bool, ChatError> {
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM blocks WHERE user_id = $1 AND blocked_id = $2")
+                .bind(by)
+                .bind(user)
+                .fetch_optional(&self.pool)
+                .await
+                .db()?;
+        Ok(found.is_some())
+    }
+
+    async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError> {
+        in_transaction!(self.pool, tx => prune_in(&mut tx, cutoff_ms))
+    }
+}
+
+/// Removes messages created before `cutoff_ms` and their inbox entries.
+async fn prune_in(tx: &mut PgConnection, cutoff_ms: i64) -> Result<u64, ChatError> {
+    let newest_old: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(id) FROM messages WHERE created_at < $1")
+            .bind(cutoff_ms)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
+    let Some(max_id) = newest_old else {
+        return Ok(0);
+    };
+    sqlx::query("DELETE FROM inbox WHERE message_id <= $1")
+        .bind(max_id)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+    let done = sqlx::query("DELETE FROM messages WHERE id <= $1")
+        .bind(max_id)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,745 @@
+//! The embedded default: one SQLite file in WAL mode. Sends are written by a
+//! thread of their own, a batch per transaction (sqlite_append.rs). Other
+//! writes go through a pool of one connection with `BEGIN IMMEDIATE`; the
+//! two writers queue on SQLite's lock (busy timeout) instead of failing with
+//! SQLITE_BUSY. Reads use a pool of their own.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parley_proto::pb;
+use prost::Message as _;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use crate::sqlite_append::Appender;
+use parley_core::ChatError;
+use parley_core::membership::{
+    changed_members, membership_event, no_such_users, require_group, system_message,
+};
+use parley_core::store::{
+    Appended, ConversationRecord, DeviceCursor, HistorySlice, InboxPage, MembershipChange,
+    NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
+};
+
+use crate::Db;
+
+/// The columns `message_from_row` reads, in order (a macro so queries stay
+/// `&'static str`, which sqlx requires of SQL).
+macro_rules! message_columns {
+    () => {
+        "m.id, m.conversation_id, m.seq, m.sender_id, m.sender_device, m.client_msg_id, m.content, m.created_at"
+    };
+}
+
+// A conversation's last seq and a user's inbox head are not counters
+// rewritten by every message: they are read off the newest entry of the
+// messages' (conversation_id, seq) index and of the inbox's (user_id, seq)
+// key, pages a message writes anyway. Counters cost three more B-tree
+// pages per 1:1 message (both users' rows and the conversation's), each a
+// random page of its own in a large store (docs/benchmarks.md). The columns
+// `conversations.last_seq` and `users.inbox_head` remain as floors: pruning
+// raises them before it deletes the rows that carried the newest numbers,
+// so no number is ever given twice. Each macro takes the SQL that names
+// the conversation or the user (`?1`, or the outer row's id).
+macro_rules! last_seq {
+    ($conversation:literal) => {
+        concat!(
+            "MAX(last_seq, IFNULL((SELECT MAX(seq) FROM messages WHERE conversation_id = ",
+            $conversation,
+            "), 0))"
+        )
+    };
+}
+
+macro_rules! inbox_head {
+    ($user:literal) => {
+        concat!(
+            "MAX(inbox_head, IFNULL((SELECT MAX(seq) FROM inbox WHERE user_id = ",
+            $user,
+            "), 0))"
+        )
+    };
+}
+
+/// A conversation's kind and last seq, by id (`?1`).
+pub(super) const CONVERSATION_KIND_AND_SEQ: &str = concat!(
+    "SELECT kind, ",
+    last_seq!("?1"),
+    " FROM conversations WHERE id = ?1"
+);
+
+/// A user's inbox head, by id (`?1`); no row for an unknown user.
+pub(super) const INBOX_HEAD: &str =
+    concat!("SELECT ", inbox_head!("?1"), " FROM users WHERE id = ?1");
+
+/// Parley's store on a SQLite file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    /// Sends, a batch per hand-over (see sqlite_append.rs).
+    appender: Appender,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub async fn open(path: &Path) -> Result<Self, ChatError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an acknowledged message survives a power loss too, at one
+            // fsync per committed batch.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-16000")
+            .pragma("temp_store", "memory");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await
+            .db()?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&writer)
+            .await
+            .db()?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .db()?;
+        let appender = Appender::start(path)?;
+        Ok(Self {
+            writer,
+            reader,
+            appender,
+        })
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, ChatError> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await.db()
+    }
+}
+
+fn message_from_row(row: &SqliteRow, offset: usize) -> Result<pb::Message, ChatError> {
+    let content: Vec<u8> = row.try_get(offset + 6).db()?;
+    let content = pb::Content::decode(content.as_slice())
+        .map_err(|e| ChatError::Corrupt(format!("message content: {e}")))?;
+    Ok(pb::Message {
+        msg_id: row.try_get::<i64, _>(offset).db()? as u64,
+        conversation_id: row.try_get::<i64, _>(offset + 1).db()? as u64,
+        seq: row.try_get::<i64, _>(offset + 2).db()? as u64,
+        sender_id: row.try_get(offset + 3).db()?,
+        sender_device: row.try_get(offset + 4).db()?,
+        client_msg_id: row.try_get(offset + 5).db()?,
+        content: Some(content),
+        server_time_ms: row.try_get(offset + 7).db()?,
+    })
+}
+
+fn kind_from_i64(kind: i64) -> pb::ConversationKind {
+    match kind {
+        1 => pb::ConversationKind::Direct,
+        2 => pb::ConversationKind::Group,
+        _ => pb::ConversationKind::Unspecified,
+    }
+}
+
+async fn load_conversation(
+    conn: &mut SqliteConnection,
+    id: u64,
+) -> Result<Option<ConversationRecord>, ChatError> {
+    let Some(row) = sqlx::query(concat!(
+        "SELECT kind, name, owner, ",
+        last_seq!("?1"),
+        " FROM conversations WHERE id = ?1"
+    ))
+    .bind(id as i64)
+    .fetch_optional(&mut *conn)
+    .await
+    .db()?
+    else {
+        return Ok(None);
+    };
+    let members: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id FROM members WHERE conversation_id = ? ORDER BY user_id",
+    )
+    .bind(id as i64)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    Ok(Some(ConversationRecord {
+        id,
+        kind: kind_from_i64(row.try_get(0).db()?),
+        name: row.try_get(1).db()?,
+        owner: row.try_get(2).db()?,
+        members,
+        last_seq: row.try_get::<i64, _>(3).db()? as u64,
+    }))
+}
+
+async fn missing_users_in(
+    conn: &mut SqliteConnection,
+    ids: &[String],
+) -> Result<Vec<String>, ChatError> {
+    let mut missing = Vec::new();
+    for id in ids {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .db()?;
+        if found.is_none() {
+            missing.push(id.clone());
+        }
+    }
+    Ok(missing)
+}
+
+/// Gives `message_id` the next inbox sequence number of `user`.
+async fn add_inbox_entry(
+    conn: &mut SqliteConnection,
+    user: &str,
+    message_id: i64,
+) -> Result<u64, ChatError> {
+    let head: i64 = sqlx::query_scalar(INBOX_HEAD)
+        .bind(user)
+        .fetch_one(&mut *conn)
+        .await
+        .db()?;
+    let inbox_seq = head + 1;
+    sqlx::query("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)")
+        .bind(user)
+        .bind(inbox_seq)
+        .bind(message_id)
+        .execute(&mut *conn)
+        .await
+        .db()?;
+    Ok(inbox_seq as u64)
+}
+
+async fn insert_member(
+    conn: &mut SqliteConnection,
+    conversation_id: i64,
+    user: &str,
+    now_ms: i64,
+) -> Result<(), ChatError> {
+    sqlx::query("INSERT INTO members (conversation_id, user_id, joined_at) VALUES (?, ?, ?)")
+        .bind(conversation_id)
+        .bind(user)
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await
+        .db()?;
+    Ok(())
+}
+
+/// Writes a message at `seq` and one inbox entry per member.
+async fn insert_message(
+    conn: &mut SqliteConnection,
+    m: &NewMessage,
+    seq: i64,
+    members: Vec<String>,
+) -> Result<Appended, ChatError> {
+    let content = m.content.encode_to_vec();
+    let msg_id: i64 = sqlx::query_scalar(
+        "INSERT INTO messages (conversation_id, seq, sender_id, sender_device, client_msg_id, content, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(m.conversation_id as i64)
+    .bind(seq)
+    .bind(&m.sender_id)
+    .bind(&m.sender_device)
+    .bind(&m.client_msg_id)
+    .bind(&content)
+    .bind(m.now_ms)
+    .fetch_one(&mut *conn)
+    .await.db()?;
+    let mut recipients = Vec::with_capacity(members.len());
+    for user in members {
+        let inbox_seq = add_inbox_entry(conn, &user, msg_id).await?;
+        recipients.push((user, inbox_seq));
+    }
+    let message = pb::Message {
+        msg_id: msg_id as u64,
+        conversation_id: m.conversation_id,
+        seq: seq as u64,
+        sender_id: m.sender_id.clone(),
+        sender_device: m.sender_device.clone(),
+        client_msg_id: m.client_msg_id.clone(),
+        server_time_ms: m.now_ms,
+        content: Some(m.content.clone()),
+    };
+    Ok(Appended {
+        message,
+        recipients,
+        duplicate: false,
+    })
+}
+
+/// Appends a server-written event to a conversation.
+async fn append_system(
+    conn: &mut SqliteConnection,
+    conversation_id: u64,
+    actor: &str,
+    event: pb::SystemEvent,
+    now_ms: i64,
+) -> Result<Appended, ChatError> {
+    let (_kind, last_seq): (i64, i64) = sqlx::query_as(CONVERSATION_KIND_AND_SEQ)
+        .bind(conversation_id as i64)
+        .fetch_one(&mut *conn)
+        .await
+        .db()?;
+    let members: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id FROM members WHERE conversation_id = ? ORDER BY user_id",
+    )
+    .bind(conversation_id as i64)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    let seq = last_seq + 1;
+    let m = system_message(conversation_id, seq as u64, actor, event, now_ms);
+    insert_message(conn, &m, seq, members).await
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(
+        &self,
+        id: &str,
+        display_name: &str,
+        now_ms: i64,
+    ) -> Result<UserRecord, ChatError> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("INSERT INTO users (id, display_name, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+            .bind(id)
+            .bind(display_name)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await.db()?;
+        if done.rows_affected() == 0 {
+            return Err(ChatError::Conflict(format!("user {id} already exists")));
+        }
+        tx.commit().await.db()?;
+        Ok(UserRecord {
+            id: id.to_owned(),
+            display_name: display_name.to_owned(),
+            created_at_ms: now_ms,
+        })
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<UserRecord>, ChatError> {
+        let row = sqlx::query("SELECT display_name, created_at FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await
+            .db()?;
+        row.map(|r| {
+            Ok(UserRecord {
+                id: id.to_owned(),
+                display_name: r.try_get(0).db()?,
+                created_at_ms: r.try_get(1).db()?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn missing_users(&self, ids: &[String]) -> Result<Vec<String>, ChatError> {
+        let mut conn = self.reader.acquire().await.db()?;
+        missing_users_in(&mut conn, ids).await
+    }
+
+    async fn open_direct(
+        &self,
+        a: &str,
+        b: &str,
+        now_ms: i64,
+    ) -> Result<ConversationRecord, ChatError> {
+        let key = direct_key(a, b);
+        let mut tx = self.begin().await?;
+        let existing: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM conversations WHERE direct_key = ?")
+                .bind(&key)
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let missing = missing_users_in(&mut tx, &[a.to_owned(), b.to_owned()]).await?;
+                if !missing.is_empty() {
+                    return Err(no_such_users(&missing));
+                }
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO conversations (kind, direct_key, created_at) VALUES (1, ?, ?) RETURNING id",
+                )
+                .bind(&key)
+                .bind(now_ms)
+                .fetch_one(&mut *tx)
+                .await.db()?;
+                let mut users = vec![a, b];
+                users.dedup();
+                for u in users {
+                    insert_member(&mut tx, id, u, now_ms).await?;
+                }
+                id
+            }
+        };
+        let conv = load_conversation(&mut tx, id as u64)
+            .await?
+            .expect("conversation just read or written");
+        tx.commit().await.db()?;
+        Ok(conv)
+    }
+
+    async fn create_group(
+        &self,
+        owner: &str,
+        name: &str,
+        members: &[String],
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Appended), ChatError> {
+        let mut tx = self.begin().await?;
+        let missing = missing_users_in(&mut tx, members).await?;
+        if !missing.is_empty() {
+            return Err(no_such_users(&missing));
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO conversations (kind, name, owner, created_at) VALUES (2, ?, ?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await.db()?;
+        for u in members {
+            insert_member(&mut tx, id, u, now_ms).await?;
+        }
+        let event = pb::SystemEvent {
+            kind: pb::SystemEventKind::GroupCreated as i32,
+            actor: owner.to_owned(),
+            users: members.to_vec(),
+        };
+        let appended = append_system(&mut tx, id as u64, owner, event, now_ms).await?;
+        let conv = load_conversation(&mut tx, id as u64)
+            .await?
+            .expect("group just written");
+        tx.commit().await.db()?;
+        Ok((conv, appended))
+    }
+
+    async fn get_conversation(&self, id: u64) -> Result<Option<ConversationRecord>, ChatError> {
+        let mut conn = self.reader.acquire().await.db()?;
+        load_conversation(&mut conn, id).await
+    }
+
+    async fn change_members(
+        &self,
+        conversation_id: u64,
+        actor: &str,
+        change: MembershipChange,
+        users: &[String],
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Option<Appended>), ChatError> {
+        let mut tx = self.begin().await?;
+        let before = require_group(
+            load_conversation(&mut tx, conversation_id).await?,
+            conversation_id,
+        )?;
+        if change == MembershipChange::Add {
+            let missing = missing_users_in(&mut tx, users).await?;
+            if !missing.is_empty() {
+                return Err(no_such_users(&missing));
+            }
+        }
+        let changed = changed_members(&before, change, users, max_members)?;
+        if changed.is_empty() {
+            return Ok((before, None));
+        }
+        for u in &changed {
+            if change == MembershipChange::Add {
+                insert_member(&mut tx, conversation_id as i64, u, now_ms).await?;
+            } else {
+                sqlx::query("DELETE FROM members WHERE conversation_id = ? AND user_id = ?")
+                    .bind(conversation_id as i64)
+                    .bind(u)
+                    .execute(&mut *tx)
+                    .await
+                    .db()?;
+            }
+        }
+        let event = membership_event(change, actor, &changed);
+        let mut appended = append_system(&mut tx, conversation_id, actor, event, now_ms).await?;
+        if change != MembershipChange::Add {
+            // Those who left still learn that they did, on their other devices.
+            for u in changed {
+                let inbox_seq =
+                    add_inbox_entry(&mut tx, &u, appended.message.msg_id as i64).await?;
+                appended.recipients.push((u, inbox_seq));
+            }
+        }
+        let after = load_conversation(&mut tx, conversation_id)
+            .await?
+            .expect("conversation exists");
+        tx.commit().await.db()?;
+        Ok((after, Some(appended)))
+    }
+
+    async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {
+        let mut conn = self.reader.acquire().await.db()?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT conversation_id FROM members WHERE user_id = ? ORDER BY conversation_id",
+        )
+        .bind(user)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(c) = load_conversation(&mut conn, id as u64).await? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn is_member(&self, conversation_id: u64, user: &str) -> Result<bool, ChatError> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM members WHERE conversation_id = ? AND user_id = ?")
+                .bind(conversation_id as i64)
+                .bind(user)
+                .fetch_optional(&self.reader)
+                .await
+                .db()?;
+        Ok(found.is_some())
+    }
+
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
+        self.appender.append(batch).await
+    }
+
+    async fn inbox_after(
+        &self,
+        user: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<InboxPage, ChatError> {
+        // One read transaction, so the head and the page agree.
+        let mut tx = self.reader.begin().await.db()?;
+        let head: Option<i64> = sqlx::query_scalar(INBOX_HEAD)
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await
+            .db()?;
+        let rows = sqlx::query(concat!(
+            "SELECT i.seq, ",
+            message_columns!(),
+            " FROM inbox i JOIN messages m ON m.id = i.message_id \
+             WHERE i.user_id = ? AND i.seq > ? ORDER BY i.seq LIMIT ?"
+        ))
+        .bind(user)
+        .bind(after as i64)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        let entries = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0).db()? as u64, message_from_row(r, 1)?)))
+            .collect::<Result<Vec<_>, ChatError>>()?;
+        Ok(InboxPage {
+            entries,
+            head: head.unwrap_or(0) as u64,
+        })
+    }
+
+    async fn inbox_head(&self, user: &str) -> Result<u64, ChatError> {
+        let head: Option<i64> = sqlx::query_scalar(INBOX_HEAD)
+            .bind(user)
+            .fetch_optional(&self.reader)
+            .await
+            .db()?;
+        Ok(head.unwrap_or(0) as u64)
+    }
+
+    async fn history(
+        &self,
+        conversation_id: u64,
+        from_seq: u64,
+        direction: pb::Direction,
+        limit: u32,
+    ) -> Result<HistorySlice, ChatError> {
+        let mut conn = self.reader.acquire().await.db()?;
+        let sql = match direction {
+            pb::Direction::Backward => concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE m.conversation_id = ? AND m.seq < ? \
+                 ORDER BY m.seq DESC LIMIT ?"
+            ),
+            pb::Direction::Forward => concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE m.conversation_id = ? AND m.seq > ? \
+                 ORDER BY m.seq LIMIT ?"
+            ),
+        };
+        let rows = sqlx::query(sql)
+            .bind(conversation_id as i64)
+            .bind(history_bound(from_seq, direction))
+            .bind(limit as i64 + 1)
+            .fetch_all(&mut *conn)
+            .await
+            .db()?;
+        let (rows, has_more) = history_page(rows, limit, direction);
+        let oldest: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(seq) FROM messages WHERE conversation_id = ?")
+                .bind(conversation_id as i64)
+                .fetch_one(&mut *conn)
+                .await
+                .db()?;
+        let messages = rows
+            .iter()
+            .map(|r| message_from_row(r, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(HistorySlice {
+            messages,
+            has_more,
+            oldest_available_seq: oldest.unwrap_or(0) as u64,
+        })
+    }
+
+    async fn set_cursors(&self, cursors: &[DeviceCursor], now_ms: i64) -> Result<(), ChatError> {
+        // One statement per chunk of rows (SQLite allows 32,766 parameters),
+        // all in one transaction: one fsync however many devices acked.
+        let mut tx = self.begin().await?;
+        for chunk in cursors.chunks(500) {
+            let mut sql =
+                String::from("INSERT INTO devices (user_id, device_id, cursor, last_seen) VALUES ");
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 {
+                    "(?, ?, ?, ?)"
+                } else {
+                    ", (?, ?, ?, ?)"
+                });
+            }
+            sql.push_str(
+                " ON CONFLICT (user_id, device_id) DO UPDATE \
+                 SET cursor = MAX(cursor, excluded.cursor), last_seen = excluded.last_seen",
+            );
+            // Only placeholders are spliced in; every value is bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for c in chunk {
+                q = q
+                    .bind(&c.user)
+                    .bind(&c.device)
+                    .bind(c.cursor as i64)
+                    .bind(now_ms);
+            }
+            q.execute(&mut *tx).await.db()?;
+        }
+        tx.commit().await.db()?;
+        Ok(())
+    }
+
+    async fn get_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, ChatError> {
+        let cursor: Option<i64> =
+            sqlx::query_scalar("SELECT cursor FROM devices WHERE user_id = ? AND device_id = ?")
+                .bind(user)
+                .bind(device)
+                .fetch_optional(&self.reader)
+                .await
+                .db()?;
+        Ok(cursor.map(|c| c as u64))
+    }
+
+    async fn set_block(
+        &self,
+        user: &str,
+        other: &str,
+        blocked: bool,
+        now_ms: i64,
+    ) -> Result<(), ChatError> {
+        if blocked {
+            sqlx::query("INSERT INTO blocks (user_id, blocked_id, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+                .bind(user)
+                .bind(other)
+                .bind(now_ms)
+                .execute(&self.writer)
+                .await.db()?;
+        } else {
+            sqlx::query("DELETE FROM blocks WHERE user_id = ? AND blocked_id = ?")
+                .bind(user)
+                .bind(other)
+                .execute(&self.writer)
+                .await
+                .db()?;
+        }
+        Ok(())
+    }
+
+    async fn is_blocked(&self, user: &str, by: &str) -> Result<bool, ChatError> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM blocks WHERE user_id = ? AND blocked_id = ?")
+                .bind(by)
+                .bind(user)
+                .fetch_optional(&self.reader)
+                .await
+                .db()?;
+        Ok(found.is_some())
+    }
+
+    async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError> {
+        let mut tx = self.begin().await?;
+        let newest_old: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(id) FROM messages WHERE created_at < ?")
+                .bind(cutoff_ms)
+                .fetch_one(&mut *tx)
+                .await
+                .db()?;
+        let Some(max_id) = newest_old else {
+            return Ok(0);
+        };
+        // The newest numbers may be in the rows about to go: keep them as
+        // floors first, so a conversation or an inbox never numbers from 1
+        // again.
+        for sql in [
+            concat!(
+                "UPDATE conversations SET last_seq = ",
+                last_seq!("conversations.id"),
+                " WHERE id IN (SELECT DISTINCT conversation_id FROM messages WHERE id <= ?1)"
+            ),
+            concat!(
+                "UPDATE users SET inbox_head = ",
+                inbox_head!("users.id"),
+                " WHERE id IN (SELECT DISTINCT user_id FROM inbox WHERE message_id <= ?1)"
+            ),
+            "DELETE FROM inbox WHERE message_id <= ?1",
+        ] {
+            sqlx::query(sql).bind(max_id).execute(&mut *tx).await.db()?;
+        }
+        let done = sqlx::query("DELETE FROM messages WHERE id <= ?")
+            .bind(max_id)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        tx.commit().await.db()?;
+        Ok(done.rows_affected())
+    }
+}

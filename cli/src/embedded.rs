@@ -1,0 +1,166 @@
+//! Parley in one process: the SQLite store, in-memory presence, the
+//! in-process bus, one gateway (TCP and WebSocket) and the admin API. Used by
+//! `parley up` and by the tests, which start it on port 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parley_core::{ChatConfig, ChatService, LocalBus, MemoryPresence, TokenKeys};
+use parley_gateway::{GatewayConfig, Listeners};
+use parley_store::SqliteStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Where and how to run.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// None: no WebSocket listener.
+    pub ws_listen: Option<SocketAddr>,
+    pub admin_listen: SocketAddr,
+    /// None: read or create `<data_dir>/admin.key`.
+    pub admin_key: Option<String>,
+    /// None: read or create `<data_dir>/token.key`.
+    pub token_secret: Option<String>,
+    pub chat: ChatConfig,
+    pub gateway: GatewayConfig,
+}
+
+impl EmbeddedConfig {
+    /// Defaults on loopback with ephemeral ports (for tests).
+    pub fn ephemeral(data_dir: PathBuf) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            data_dir,
+            listen: any,
+            ws_listen: Some(any),
+            admin_listen: any,
+            admin_key: None,
+            token_secret: None,
+            chat: ChatConfig::default(),
+            gateway: GatewayConfig::default(),
+        }
+    }
+}
+
+/// A running one-process Parley.
+#[derive(Debug)]
+pub struct Embedded {
+    pub tcp_addr: SocketAddr,
+    pub ws_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub admin_key: String,
+    pub chat: Arc<ChatService>,
+    pub bus: Arc<LocalBus>,
+    stop: watch::Sender<bool>,
+    gateway: JoinHandle<()>,
+    admin: JoinHandle<()>,
+}
+
+/// Reads a secret from `path`, creating a random one (mode 0600) if absent.
+fn secret_file(path: &std::path::Path) -> anyhow::Result<String> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        return Ok(s.trim().to_owned());
+    }
+    let secret = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::io::Write::write_all(&mut opts.open(path)?, secret.as_bytes())?;
+    Ok(secret)
+}
+
+impl Embedded {
+    /// Opens the store, binds every listener and starts serving.
+    pub async fn start(cfg: EmbeddedConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let admin_key = match cfg.admin_key {
+            Some(k) => k,
+            None => secret_file(&cfg.data_dir.join("admin.key"))?,
+        };
+        let token_secret = match cfg.token_secret {
+            Some(s) => s,
+            None => secret_file(&cfg.data_dir.join("token.key"))?,
+        };
+        let store = SqliteStore::open(&cfg.data_dir.join("parley.db")).await?;
+        let bus = Arc::new(LocalBus::default());
+        let deliveries = bus.subscribe(&cfg.gateway.gateway_id, 1024);
+        let presence = Arc::new(MemoryPresence::default());
+        let chat = ChatService::start(
+            Arc::new(store),
+            presence.clone(),
+            bus.clone(),
+            TokenKeys::new(token_secret.as_bytes())?,
+            cfg.chat,
+        );
+
+        let tcp = TcpListener::bind(cfg.listen).await?;
+        let ws = match cfg.ws_listen {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
+        let admin = TcpListener::bind(cfg.admin_listen).await?;
+        let tcp_addr = tcp.local_addr()?;
+        let ws_addr = ws.as_ref().map(|l| l.local_addr()).transpose()?;
+        let admin_addr = admin.local_addr()?;
+
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence);
+        let listeners = Listeners {
+            tcp: Some(tcp),
+            ws,
+            ..Listeners::default()
+        };
+        let gateway = tokio::spawn(parley_gateway::run(
+            listeners,
+            shared,
+            deliveries,
+            stop_rx.clone(),
+        ));
+        let mut admin_stop = stop_rx;
+        let admin_chat = chat.clone();
+        let key = admin_key.clone();
+        let admin = tokio::spawn(async move {
+            let shutdown = async move { parley_ops::stopped(&mut admin_stop).await };
+            if let Err(e) = parley_chat::admin::serve(admin, admin_chat, key, shutdown).await {
+                tracing::error!(error = %e, "admin API failed");
+            }
+        });
+        Ok(Self {
+            tcp_addr,
+            ws_addr,
+            admin_addr,
+            admin_key,
+            chat,
+            bus,
+            stop,
+            gateway,
+            admin,
+        })
+    }
+
+    /// Stops accepting, sends GoAway to every client, waits for them to
+    /// leave (within the gateway's grace period), then stops.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.gateway.await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.admin).await;
+        if let Err(e) = self.chat.flush_cursors().await {
+            tracing::warn!(error = %e, "acked cursors not written at exit");
+        }
+    }
+
+    /// The admin API's URL.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+}

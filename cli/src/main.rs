@@ -1,0 +1,445 @@
+//! The `parley` command: `parley up` runs Parley in one process; the other
+//! subcommands call the admin API or chat as a user.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use parley::{Embedded, EmbeddedConfig};
+use parley_client::{Admin, Client, ClientConfig, Event, TlsOptions};
+use parley_proto::pb;
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Parser)]
+#[command(
+    name = "parley",
+    version,
+    about = "Parley: instant messaging you run yourself"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run Parley in one process (SQLite, in-process delivery) until Ctrl-C.
+    Up(UpArgs),
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Print a device token for a user.
+    Token {
+        user: String,
+        /// Lifetime in seconds (0: the server's default, 30 days).
+        #[arg(long, default_value_t = 0)]
+        ttl_secs: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Manage groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Send one message and exit.
+    Send {
+        #[command(flatten)]
+        who: ChatArgs,
+        /// The text to send.
+        text: String,
+    },
+    /// Chat interactively: type a line to send it; incoming messages print as they come.
+    Chat {
+        #[command(flatten)]
+        who: ChatArgs,
+    },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Where the database and generated keys live.
+    #[arg(long, env = "PARLEY_DATA_DIR", default_value = "parley-data")]
+    data_dir: PathBuf,
+    /// Client TCP listener.
+    #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Client WebSocket listener ("off" disables it).
+    #[arg(long, env = "PARLEY_WS_LISTEN", default_value = "127.0.0.1:7401")]
+    ws_listen: String,
+    /// Admin gRPC listener.
+    #[arg(long, env = "PARLEY_ADMIN_LISTEN", default_value = "127.0.0.1:7402")]
+    admin_listen: SocketAddr,
+    /// Admin key (default: read or create <data-dir>/admin.key).
+    #[arg(long, env = "PARLEY_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// Token-signing secret, at least 32 bytes (default: read or create <data-dir>/token.key).
+    #[arg(long, env = "PARLEY_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+    /// Largest frame in bytes.
+    #[arg(long, env = "PARLEY_MAX_FRAME_BYTES", default_value_t = parley_proto::DEFAULT_MAX_FRAME_BYTES)]
+    max_frame_bytes: usize,
+    /// Close connections silent for this many seconds.
+    #[arg(long, env = "PARLEY_IDLE_TIMEOUT_SECS", default_value_t = 90)]
+    idle_timeout_secs: u64,
+    /// Most members in a group.
+    #[arg(long, env = "PARLEY_MAX_GROUP_MEMBERS", default_value_t = 1000)]
+    max_group_members: usize,
+    /// Remove messages older than this many hours (0 keeps everything).
+    #[arg(long, env = "PARLEY_RETENTION_HOURS", default_value_t = 0)]
+    retention_hours: u64,
+    /// Most client connections.
+    #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 200_000)]
+    max_connections: usize,
+    /// Sends per second allowed per connection.
+    #[arg(long, env = "PARLEY_SEND_RATE", default_value_t = 100)]
+    send_rate: u32,
+}
+
+#[derive(Args, Clone)]
+struct AdminArgs {
+    /// The admin API.
+    #[arg(
+        long,
+        env = "PARLEY_ADMIN_URL",
+        default_value = "http://127.0.0.1:7402"
+    )]
+    admin_url: String,
+    /// The admin key (default: <data-dir>/admin.key).
+    #[arg(long, env = "PARLEY_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// Where `parley up` keeps its keys.
+    #[arg(long, env = "PARLEY_DATA_DIR", default_value = "parley-data")]
+    data_dir: PathBuf,
+}
+
+impl AdminArgs {
+    async fn connect(&self) -> anyhow::Result<Admin> {
+        let key = match &self.admin_key {
+            Some(k) => k.clone(),
+            None => {
+                let path = self.data_dir.join("admin.key");
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!("no --admin-key given and {} is unreadable", path.display())
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        Admin::connect(&self.admin_url, &key)
+            .await
+            .with_context(|| format!("cannot reach the admin API at {}", self.admin_url))
+    }
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user.
+    Add {
+        id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a group; prints its conversation id.
+    Create {
+        #[arg(long)]
+        owner: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Other members.
+        members: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Add members to a group.
+    Add {
+        id: u64,
+        users: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove members from a group.
+    Remove {
+        id: u64,
+        users: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show a group.
+    Show {
+        id: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List a user's conversations.
+    List {
+        user: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// Gateway address (host:port).
+    #[arg(long, env = "PARLEY_SERVER", default_value = "127.0.0.1:7400")]
+    server: String,
+    /// Ask this route lookup (http://host:port/route) for the least-loaded
+    /// gateway before connecting; --server is the fallback.
+    #[arg(long, env = "PARLEY_ROUTE")]
+    route: Option<String>,
+    /// Connect over TLS, trusting the certificates in this PEM file
+    /// ("webpki" trusts the public web roots instead).
+    #[arg(long, env = "PARLEY_TLS_CA")]
+    tls_ca: Option<String>,
+    /// The name the gateway's certificate carries (default: the host).
+    #[arg(long, env = "PARLEY_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
+    /// Act as this user, with a token minted through the admin API (local use).
+    #[arg(long = "as", conflicts_with = "token")]
+    as_user: Option<String>,
+    /// A device token.
+    #[arg(long, env = "PARLEY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// This device's id.
+    #[arg(long, default_value = "cli")]
+    device: String,
+    /// Talk to this user.
+    #[arg(long, conflicts_with = "group")]
+    to: Option<String>,
+    /// Talk in this group (conversation id).
+    #[arg(long)]
+    group: Option<u64>,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+impl ChatArgs {
+    async fn open(&self) -> anyhow::Result<(Client, tokio::sync::mpsc::Receiver<Event>, u64)> {
+        let token = match (&self.token, &self.as_user) {
+            (Some(t), _) => t.clone(),
+            (None, Some(user)) => self.admin.connect().await?.token(user, 0).await?.token,
+            (None, None) => bail!("say who you are: --as USER or --token TOKEN"),
+        };
+        let mut config = ClientConfig::new(&self.server, token, &self.device);
+        config.route = self.route.clone();
+        config.tls = self.tls_ca.as_ref().map(|ca| TlsOptions {
+            ca_file: (ca != "webpki").then(|| PathBuf::from(ca)),
+            server_name: self.tls_server_name.clone(),
+        });
+        let (client, events) = Client::connect(config)
+            .await
+            .with_context(|| format!("cannot log in at {}", self.server))?;
+        let conversation = match (&self.to, self.group) {
+            (Some(peer), _) => client.open_direct(peer).await?.id,
+            (None, Some(id)) => id,
+            (None, None) => bail!("say where: --to USER or --group ID"),
+        };
+        Ok((client, events, conversation))
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(args) => {
+            parley_ops::init_logging();
+            up(args).await
+        }
+        Command::User {
+            command: UserCommand::Add { id, name, admin },
+        } => {
+            let u = admin.connect().await?.create_user(&id, &name).await?;
+            println!("created user {}", u.id);
+            Ok(())
+        }
+        Command::Token {
+            user,
+            ttl_secs,
+            admin,
+        } => {
+            println!(
+                "{}",
+                admin.connect().await?.token(&user, ttl_secs).await?.token
+            );
+            Ok(())
+        }
+        Command::Group { command } => group(command).await,
+        Command::Send { who, text } => {
+            let (client, _events, conv) = who.open().await?;
+            let ack = client.send(conv, pb::Content::text(text)).await?;
+            println!(
+                "sent: conversation {} seq {} msg_id {}",
+                ack.conversation_id, ack.seq, ack.msg_id
+            );
+            client.close().await;
+            Ok(())
+        }
+        Command::Chat { who } => chat(who).await,
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let mut cfg = EmbeddedConfig::ephemeral(args.data_dir.clone());
+    cfg.listen = args.listen;
+    cfg.ws_listen = match args.ws_listen.as_str() {
+        "off" | "" => None,
+        a => Some(a.parse().context("--ws-listen")?),
+    };
+    cfg.admin_listen = args.admin_listen;
+    cfg.admin_key = args.admin_key;
+    cfg.token_secret = args.token_secret;
+    cfg.chat.max_group_members = args.max_group_members;
+    cfg.chat.retention =
+        (args.retention_hours > 0).then(|| Duration::from_secs(args.retention_hours * 3600));
+    cfg.gateway.max_frame_bytes = args.max_frame_bytes;
+    cfg.gateway.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
+    cfg.gateway.max_connections = args.max_connections;
+    cfg.gateway.send_rate = args.send_rate;
+    cfg.gateway.send_burst = args.send_rate.saturating_mul(2);
+    let server = Embedded::start(cfg).await?;
+    tracing::info!(
+        tcp = %server.tcp_addr,
+        websocket = ?server.ws_addr,
+        admin = %server.admin_url(),
+        data_dir = %args.data_dir.display(),
+        "Parley is up; the admin key is in {}/admin.key. Ctrl-C stops it.",
+        args.data_dir.display()
+    );
+    shutdown_signal().await;
+    tracing::info!("stopping: telling clients to reconnect");
+    server.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn group(command: GroupCommand) -> anyhow::Result<()> {
+    let show = |c: pb::Conversation| {
+        println!(
+            "group {} {:?} owner={} members={}",
+            c.id,
+            c.name,
+            c.owner,
+            c.members.join(",")
+        )
+    };
+    match command {
+        GroupCommand::Create {
+            owner,
+            name,
+            members,
+            admin,
+        } => {
+            let c = admin
+                .connect()
+                .await?
+                .create_group(&owner, &name, &members)
+                .await?;
+            println!("{}", c.id);
+        }
+        GroupCommand::Add { id, users, admin } => {
+            show(admin.connect().await?.add_members(id, &users).await?)
+        }
+        GroupCommand::Remove { id, users, admin } => {
+            show(admin.connect().await?.remove_members(id, &users).await?)
+        }
+        GroupCommand::Show { id, admin } => show(admin.connect().await?.conversation(id).await?),
+        GroupCommand::List { user, admin } => {
+            for c in admin.connect().await?.conversations(&user).await? {
+                show(c);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn render(m: &pb::Message) -> String {
+    use pb::content::Body;
+    let when = (m.server_time_ms / 1000) % 86_400;
+    let clock = format!(
+        "{:02}:{:02}:{:02}",
+        when / 3600,
+        (when / 60) % 60,
+        when % 60
+    );
+    let body = match m.content.as_ref().and_then(|c| c.body.as_ref()) {
+        Some(Body::Text(t)) => t.clone(),
+        Some(Body::Media(media)) => format!("[{:?}] {}", media.kind(), media.url),
+        Some(Body::Custom(c)) => format!("[{}: {} bytes]", c.r#type, c.data.len()),
+        Some(Body::System(e)) => format!("* {} {:?} {}", e.actor, e.kind(), e.users.join(", ")),
+        None => String::new(),
+    };
+    format!("[{clock} UTC] {}: {body}", m.sender_id)
+}
+
+async fn chat(who: ChatArgs) -> anyhow::Result<()> {
+    let (client, mut events, conv) = who.open().await?;
+    let recent = client.history(conv, 0, pb::Direction::Backward, 20).await?;
+    for m in &recent.messages {
+        println!("{}", render(m));
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        println!(
+            "-- conversation {conv} as {}; type and press Enter, Ctrl-D to leave --",
+            client.user_id()
+        );
+    }
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line? {
+                Some(text) if text.trim().is_empty() => {}
+                Some(text) => match client.send(conv, pb::Content::text(text)).await {
+                    Ok(_) => {}
+                    Err(e) => eprintln!("! not sent: {e}"),
+                },
+                None => break,
+            },
+            ev = events.recv() => match ev {
+                Some(Event::Message { message, .. }) if message.conversation_id == conv => println!("{}", render(&message)),
+                Some(Event::Disconnected { reason }) => eprintln!("! disconnected ({reason}); reconnecting"),
+                Some(Event::Synced(s)) if !s.complete => {
+                    eprintln!("! messages {}..={} were removed by retention", s.missing_from, s.missing_to)
+                }
+                Some(_) => {}
+                None => bail!("connection closed"),
+            },
+        }
+    }
+    client.close().await;
+    Ok(())
+}

@@ -1,0 +1,822 @@
+//! One-process Parley on ephemeral ports, driven by the SDK and by raw
+//! sockets: chat, devices, catch-up, dedup, ordering, refusals, bad input,
+//! timeouts and shutdown.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use parley::{Embedded, EmbeddedConfig};
+use parley_client::{Admin, Client, ClientConfig, Event};
+use parley_proto::pb::{self, ErrorCode, client_frame::Body as Req, server_frame::Body as Resp};
+use parley_proto::{PROTOCOL_VERSION, codec};
+use prost::Message as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::Receiver;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct World {
+    _dir: tempfile::TempDir,
+    server: Embedded,
+    admin: Admin,
+}
+
+impl World {
+    async fn start() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    async fn with(tweak: impl FnOnce(&mut EmbeddedConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = EmbeddedConfig::ephemeral(dir.path().to_path_buf());
+        cfg.gateway.send_rate = 100_000;
+        cfg.gateway.send_burst = 100_000;
+        tweak(&mut cfg);
+        let server = Embedded::start(cfg).await.unwrap();
+        let admin = Admin::connect(&server.admin_url(), &server.admin_key)
+            .await
+            .unwrap();
+        Self {
+            _dir: dir,
+            server,
+            admin,
+        }
+    }
+
+    /// Creates a user and returns a token for it.
+    async fn user(&mut self, id: &str) -> String {
+        self.admin.create_user(id, "").await.unwrap();
+        self.admin.token(id, 3600).await.unwrap().token
+    }
+
+    async fn connect(&self, token: &str, device: &str) -> (Client, Receiver<Event>) {
+        self.connect_at(token, device, None).await
+    }
+
+    async fn connect_at(
+        &self,
+        token: &str,
+        device: &str,
+        cursor: Option<u64>,
+    ) -> (Client, Receiver<Event>) {
+        let mut cfg = ClientConfig::new(self.server.tcp_addr.to_string(), token, device);
+        cfg.cursor = cursor;
+        Client::connect(cfg).await.unwrap()
+    }
+}
+
+/// The next chat message (system events skipped).
+async fn next_text(events: &mut Receiver<Event>) -> pb::Message {
+    loop {
+        match timeout(WAIT, events.recv())
+            .await
+            .expect("no message in time")
+            .expect("events closed")
+        {
+            Event::Message { message, .. }
+                if message.content.as_ref().and_then(|c| c.as_text()).is_some() =>
+            {
+                return message;
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn next_synced(events: &mut Receiver<Event>) -> pb::SyncDone {
+    loop {
+        if let Event::Synced(s) = timeout(WAIT, events.recv())
+            .await
+            .expect("no sync in time")
+            .expect("closed")
+        {
+            return s;
+        }
+    }
+}
+
+fn text_of(m: &pb::Message) -> &str {
+    m.content.as_ref().and_then(|c| c.as_text()).unwrap_or("")
+}
+
+// ---- raw sockets ----
+
+async fn raw(addr: std::net::SocketAddr) -> (TcpStream, BytesMut) {
+    (TcpStream::connect(addr).await.unwrap(), BytesMut::new())
+}
+
+async fn put(s: &mut TcpStream, rid: u64, body: Req) {
+    let mut buf = BytesMut::new();
+    codec::encode_frame(&pb::ClientFrame::new(rid, body), &mut buf);
+    s.write_all(&buf).await.unwrap();
+}
+
+/// The next frame, or None at end of stream.
+async fn get(s: &mut TcpStream, buf: &mut BytesMut) -> Option<pb::ServerFrame> {
+    timeout(WAIT, async {
+        loop {
+            if let Some(f) = codec::decode_frame(buf, 1 << 20).unwrap() {
+                return Some(f);
+            }
+            if s.read_buf(buf).await.unwrap_or(0) == 0 {
+                return None;
+            }
+        }
+    })
+    .await
+    .expect("no frame in time")
+}
+
+fn hello() -> Req {
+    Req::Hello(pb::Hello {
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        client: "test".into(),
+    })
+}
+
+fn auth(token: &str, device: &str) -> Req {
+    Req::Auth(pb::Auth {
+        token: token.into(),
+        device_id: device.into(),
+        cursor: None,
+    })
+}
+
+/// Expects a fatal error with `code`, then the end of the stream.
+async fn expect_fatal(s: &mut TcpStream, buf: &mut BytesMut, code: ErrorCode) {
+    loop {
+        match get(s, buf).await {
+            Some(pb::ServerFrame {
+                body: Some(Resp::Error(e)),
+                ..
+            }) => {
+                assert_eq!(e.code(), code, "{}", e.message);
+                assert!(e.fatal);
+                assert!(!e.message.is_empty());
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("closed without an error frame"),
+        }
+    }
+    assert!(
+        get(s, buf).await.is_none(),
+        "the connection must close after a fatal error"
+    );
+}
+
+/// Logs in on a raw socket and reads up to SyncDone.
+async fn raw_login(w: &World, token: &str, device: &str) -> (TcpStream, BytesMut) {
+    let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+    put(&mut s, 1, hello()).await;
+    put(&mut s, 2, auth(token, device)).await;
+    while !matches!(
+        get(&mut s, &mut buf).await.unwrap().body,
+        Some(Resp::SyncDone(_))
+    ) {}
+    (s, buf)
+}
+
+// ---- tests ----
+
+#[tokio::test]
+async fn direct_chat_reaches_every_device_of_both_users() {
+    let mut w = World::start().await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (phone, mut phone_ev) = w.connect(&ta, "phone").await;
+    let (_laptop, mut laptop_ev) = w.connect(&ta, "laptop").await;
+    let (_tablet, mut tablet_ev) = w.connect(&ta, "tablet").await;
+    let (bob, mut bob_ev) = w.connect(&tb, "phone").await;
+
+    let conv = phone.open_direct("bob").await.unwrap();
+    let ack = phone
+        .send(conv.id, pb::Content::text("hi bob 👋"))
+        .await
+        .unwrap();
+    assert_eq!(ack.seq, 1);
+    assert!(!ack.duplicate);
+    let got = next_text(&mut bob_ev).await;
+    assert_eq!(
+        (text_of(&got), got.msg_id, got.sender_id.as_str()),
+        ("hi bob 👋", ack.msg_id, "alice")
+    );
+    // The sender's other devices see it; the sending device does not get an echo.
+    assert_eq!(next_text(&mut laptop_ev).await.msg_id, ack.msg_id);
+    assert_eq!(next_text(&mut tablet_ev).await.msg_id, ack.msg_id);
+
+    let reply = bob
+        .send(conv.id, pb::Content::text("hi alice"))
+        .await
+        .unwrap();
+    assert_eq!(reply.seq, 2);
+    for ev in [&mut phone_ev, &mut laptop_ev, &mut tablet_ev] {
+        let m = next_text(ev).await;
+        assert_eq!((text_of(&m), m.seq), ("hi alice", 2));
+    }
+    let media = pb::Content {
+        body: Some(pb::content::Body::Media(pb::Media {
+            kind: pb::MediaKind::Image as i32,
+            url: "https://cdn.example/cat.png".into(),
+            mime_type: "image/png".into(),
+            ..Default::default()
+        })),
+    };
+    phone.send(conv.id, media.clone()).await.unwrap();
+    loop {
+        if let Event::Message { message, .. } = timeout(WAIT, bob_ev.recv()).await.unwrap().unwrap()
+        {
+            assert_eq!(message.content, Some(media));
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn group_members_see_concurrent_senders_in_one_order() {
+    let mut w = World::start().await;
+    let names = ["ann", "ben", "cat", "dan"];
+    let mut clients = Vec::new();
+    for n in names {
+        let t = w.user(n).await;
+        clients.push(w.connect(&t, "d1").await);
+    }
+    let group = clients[0]
+        .0
+        .create_group("crew", &["ben", "cat", "dan"])
+        .await
+        .unwrap();
+    assert_eq!(group.members.len(), 4);
+    // Each member also watches from a second device.
+    let mut watchers = Vec::new();
+    let mut watcher_clients = Vec::new();
+    for n in names {
+        let t = w.admin.token(n, 3600).await.unwrap().token;
+        let (c, ev) = w.connect(&t, "watch").await;
+        watcher_clients.push(c);
+        watchers.push(ev);
+    }
+
+    let per_sender = 25;
+    let mut tasks = Vec::new();
+    for (i, (c, _)) in clients.iter().enumerate() {
+        let c = c.clone();
+        let id = group.id;
+        tasks.push(tokio::spawn(async move {
+            for k in 0..per_sender {
+                c.send(id, pb::Content::text(format!("{i}-{k}")))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = per_sender * names.len();
+    let mut orders = Vec::new();
+    for ev in watchers.iter_mut() {
+        let mut seqs = Vec::new();
+        let mut texts = Vec::new();
+        while texts.len() < total {
+            let m = next_text(ev).await;
+            seqs.push(m.seq);
+            texts.push(text_of(&m).to_owned());
+        }
+        assert!(
+            seqs.windows(2).all(|p| p[1] == p[0] + 1),
+            "seqs are gap-free and ascending: {seqs:?}"
+        );
+        orders.push(texts);
+    }
+    assert!(
+        orders.windows(2).all(|p| p[0] == p[1]),
+        "every member sees the same order"
+    );
+    let mut uniq = orders[0].clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), total, "each message exactly once");
+}
+
+#[tokio::test]
+async fn an_offline_device_catches_up_on_1000_messages_then_goes_live() {
+    let mut w = World::start().await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (alice, _ae) = w.connect(&ta, "phone").await;
+    let conv = alice.open_direct("bob").await.unwrap();
+    let (bob, mut bob_ev) = w.connect(&tb, "phone").await;
+    alice
+        .send(conv.id, pb::Content::text("before"))
+        .await
+        .unwrap();
+    assert_eq!(text_of(&next_text(&mut bob_ev).await), "before");
+    let cursor = bob.cursor();
+    bob.close().await;
+
+    let mut sends = Vec::new();
+    for i in 0..1000 {
+        let a = alice.clone();
+        sends.push(tokio::spawn(async move {
+            a.send(conv.id, pb::Content::text(format!("m{i}")))
+                .await
+                .unwrap()
+        }));
+        if sends.len() == 100 {
+            for s in sends.drain(..) {
+                s.await.unwrap();
+            }
+        }
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+
+    let (bob, mut bob_ev) = w.connect_at(&tb, "phone", Some(cursor)).await;
+    let mut last_seq = 1;
+    for _ in 0..1000 {
+        let m = next_text(&mut bob_ev).await;
+        assert_eq!(m.seq, last_seq + 1, "in order, nothing missing or doubled");
+        last_seq = m.seq;
+    }
+    let done = next_synced(&mut bob_ev).await;
+    assert!(done.complete);
+    assert_eq!(done.cursor, bob.cursor());
+    // The seam: the next live message is the very next one.
+    alice
+        .send(conv.id, pb::Content::text("after"))
+        .await
+        .unwrap();
+    let m = next_text(&mut bob_ev).await;
+    assert_eq!((text_of(&m), m.seq), ("after", 1002));
+
+    // A device resuming from its acknowledged cursor (no cursor given) gets nothing again.
+    tokio::time::sleep(Duration::from_millis(500)).await; // the SDK acks every 200 ms
+    bob.close().await;
+    let (_bob, mut bob_ev) = w.connect(&tb, "phone").await;
+    let done = next_synced(&mut bob_ev).await;
+    assert_eq!(done.cursor, 1002);
+}
+
+#[tokio::test]
+async fn a_resend_after_a_lost_ack_stores_one_message() {
+    let mut w = World::start().await;
+    let (ta, _tb) = (w.user("alice").await, w.user("bob").await);
+    let (alice, _e) = w.connect(&ta, "phone").await;
+    let conv = alice.open_direct("bob").await.unwrap();
+
+    let send = Req::Send(pb::Send {
+        client_msg_id: "once-only".into(),
+        conversation_id: conv.id,
+        content: Some(pb::Content::text("exactly once")),
+    });
+    // Send, then drop the connection without reading the ack.
+    let (mut s, _buf) = raw_login(&w, &ta, "raw").await;
+    put(&mut s, 7, send.clone()).await;
+    drop(s);
+    // Resend on a new connection.
+    let (mut s, mut buf) = raw_login(&w, &ta, "raw").await;
+    put(&mut s, 8, send).await;
+    let ack = loop {
+        let f = get(&mut s, &mut buf).await.unwrap();
+        if let Some(Resp::SendAck(a)) = f.body {
+            assert_eq!(f.request_id, 8);
+            break a;
+        }
+    };
+    assert_eq!(ack.seq, 1);
+    assert_eq!(ack.client_msg_id, "once-only");
+    let again = alice
+        .send_with_id(
+            "once-only".into(),
+            conv.id,
+            pb::Content::text("exactly once"),
+        )
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.msg_id, ack.msg_id);
+    let page = alice
+        .history(conv.id, 0, pb::Direction::Backward, 50)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 1);
+}
+
+#[tokio::test]
+async fn blocks_and_membership_are_enforced() {
+    let mut w = World::start().await;
+    let (ta, tb, tc) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
+    let (alice, _) = w.connect(&ta, "d").await;
+    let (bob, _) = w.connect(&tb, "d").await;
+    let (carol, _) = w.connect(&tc, "d").await;
+    let conv = alice.open_direct("bob").await.unwrap();
+
+    bob.block("alice", true).await.unwrap();
+    let err = alice
+        .send(conv.id, pb::Content::text("hello?"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Blocked));
+    bob.send(conv.id, pb::Content::text("I can still write"))
+        .await
+        .unwrap();
+    bob.block("alice", false).await.unwrap();
+    alice
+        .send(conv.id, pb::Content::text("thanks"))
+        .await
+        .unwrap();
+
+    let err = carol
+        .history(conv.id, 0, pb::Direction::Backward, 10)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotMember));
+    let err = carol
+        .send(conv.id, pb::Content::text("let me in"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotMember));
+    let err = carol
+        .send(424242, pb::Content::text("nowhere"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotMember));
+    let err = alice.open_direct("nobody").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let err = alice
+        .send(conv.id, pb::Content::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument));
+
+    // Groups: a non-owner cannot remove others; a full group refuses more.
+    let g = alice.create_group("g", &["bob"]).await.unwrap();
+    let err = bob
+        .request(Req::RemoveMembers(pb::RemoveMembers {
+            conversation_id: g.id,
+            users: vec!["alice".into()],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden));
+    bob.request(Req::LeaveGroup(pb::LeaveGroup {
+        conversation_id: g.id,
+    }))
+    .await
+    .unwrap();
+    let err = bob
+        .send(g.id, pb::Content::text("still here?"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotMember));
+}
+
+#[tokio::test]
+async fn group_size_is_capped() {
+    let mut w = World::with(|c| c.chat.max_group_members = 3).await;
+    let ta = w.user("a").await;
+    for u in ["b", "c", "d"] {
+        w.user(u).await;
+    }
+    let (a, _) = w.connect(&ta, "d").await;
+    let err = a.create_group("big", &["b", "c", "d"]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::GroupFull));
+    let g = a.create_group("ok", &["b", "c"]).await.unwrap();
+    let err = a
+        .request(Req::AddMembers(pb::AddMembers {
+            conversation_id: g.id,
+            users: vec!["d".into()],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::GroupFull));
+}
+
+#[tokio::test]
+async fn bad_expired_and_forged_tokens_are_refused() {
+    let mut w = World::start().await;
+    w.user("alice").await;
+    let expired = w
+        .server
+        .chat
+        .tokens()
+        .issue("alice", parley_core::now_ms() / 1000 - 7200, 60)
+        .unwrap();
+    let forged = parley_core::TokenKeys::new(&[7u8; 32])
+        .unwrap()
+        .issue("alice", parley_core::now_ms() / 1000, 600)
+        .unwrap();
+    for (token, code) in [
+        ("garbage".to_owned(), ErrorCode::Unauthenticated),
+        (forged, ErrorCode::Unauthenticated),
+        (expired, ErrorCode::TokenExpired),
+    ] {
+        let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+        put(&mut s, 1, hello()).await;
+        put(&mut s, 2, auth(&token, "d")).await;
+        expect_fatal(&mut s, &mut buf, code).await;
+    }
+    let cfg = ClientConfig::new(w.server.tcp_addr.to_string(), "garbage", "d");
+    assert_eq!(
+        Client::connect(cfg).await.unwrap_err().code(),
+        Some(ErrorCode::Unauthenticated)
+    );
+}
+
+#[tokio::test]
+async fn bad_frames_get_an_error_and_a_close() {
+    let w = World::start().await;
+    let addr = w.server.tcp_addr;
+
+    // Oversized: refused from the length prefix alone.
+    let (mut s, mut buf) = raw(addr).await;
+    s.write_all(&(10_000_000u32).to_be_bytes()).await.unwrap();
+    expect_fatal(&mut s, &mut buf, ErrorCode::FrameTooLarge).await;
+
+    // Garbled protobuf.
+    let (mut s, mut buf) = raw(addr).await;
+    s.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    expect_fatal(&mut s, &mut buf, ErrorCode::BadFrame).await;
+
+    // Out of order: Send before Hello, then Send before Auth.
+    let (mut s, mut buf) = raw(addr).await;
+    put(&mut s, 1, Req::Send(pb::Send::default())).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::UnexpectedFrame).await;
+    let (mut s, mut buf) = raw(addr).await;
+    put(&mut s, 1, hello()).await;
+    put(&mut s, 2, Req::Send(pb::Send::default())).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::UnexpectedFrame).await;
+
+    // A version the server does not speak.
+    let (mut s, mut buf) = raw(addr).await;
+    put(
+        &mut s,
+        1,
+        Req::Hello(pb::Hello {
+            min_version: 9,
+            max_version: 12,
+            client: String::new(),
+        }),
+    )
+    .await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::UnsupportedVersion).await;
+
+    // An empty frame (no body).
+    let (mut s, mut buf) = raw(addr).await;
+    s.write_all(&[0, 0, 0, 0]).await.unwrap();
+    expect_fatal(&mut s, &mut buf, ErrorCode::BadFrame).await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_pings_keep_them_open() {
+    let mut w = World::with(|c| c.gateway.idle_timeout = Duration::from_millis(600)).await;
+    let t = w.user("alice").await;
+    let (mut quiet, mut qbuf) = raw_login(&w, &t, "quiet").await;
+    let (mut chatty, mut cbuf) = raw_login(&w, &t, "chatty").await;
+    for n in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        put(&mut chatty, 0, Req::Ping(pb::Ping { nonce: n })).await;
+    }
+    expect_fatal(&mut quiet, &mut qbuf, ErrorCode::IdleTimeout).await;
+    put(&mut chatty, 0, Req::Ping(pb::Ping { nonce: 99 })).await;
+    loop {
+        match get(&mut chatty, &mut cbuf).await.unwrap().body {
+            Some(Resp::Pong(p)) if p.nonce == 99 => break,
+            Some(Resp::Pong(_)) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_is_disconnected_not_buffered() {
+    let mut w = World::with(|c| {
+        c.gateway.write_timeout = Duration::from_millis(300);
+        c.gateway.push_queue = 8;
+    })
+    .await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (alice, _) = w.connect(&ta, "d").await;
+    let conv = alice.open_direct("bob").await.unwrap();
+    let (mut stuck, _buf) = raw_login(&w, &tb, "stuck").await;
+    let big = "x".repeat(60_000);
+    for _ in 0..300 {
+        alice
+            .send(conv.id, pb::Content::text(big.clone()))
+            .await
+            .unwrap();
+    }
+    // The gateway gave up on the stuck reader: draining the socket ends in EOF.
+    let drained = timeout(WAIT, async {
+        let mut sink = vec![0u8; 1 << 16];
+        let mut total = 0usize;
+        loop {
+            match stuck.read(&mut sink).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await
+    .expect("the stuck connection was never closed");
+    assert!(
+        drained < 300 * 60_000,
+        "the gateway must not have buffered everything ({drained} bytes)"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_tells_clients_to_reconnect() {
+    let mut w = World::start().await;
+    let t = w.user("alice").await;
+    let (mut s, mut buf) = raw_login(&w, &t, "d").await;
+    let World { server, _dir, .. } = w;
+    let stopping = tokio::spawn(server.shutdown());
+    let go = loop {
+        match get(&mut s, &mut buf)
+            .await
+            .expect("closed without GoAway")
+            .body
+        {
+            Some(Resp::GoAway(g)) => break g,
+            _ => continue,
+        }
+    };
+    assert!(!go.reason.is_empty());
+    assert!(get(&mut s, &mut buf).await.is_none());
+    timeout(WAIT, stopping).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn websocket_clients_speak_the_same_frames() {
+    let mut w = World::start().await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (bob, _) = w.connect(&tb, "d").await;
+    let conv = bob.open_direct("alice").await.unwrap();
+    let url = format!("ws://{}/", w.server.ws_addr.unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let frame = |rid, body| {
+        tokio_tungstenite::tungstenite::Message::Binary(
+            pb::ClientFrame::new(rid, body).encode_to_vec().into(),
+        )
+    };
+    ws.send(frame(1, hello())).await.unwrap();
+    ws.send(frame(2, auth(&ta, "browser"))).await.unwrap();
+    // A device never seen before starts at the head: send once it is in.
+    let mut saw_auth = false;
+    let mut sent = false;
+    loop {
+        let msg = timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+        let f = pb::ServerFrame::decode(msg.into_data()).unwrap();
+        match f.body {
+            Some(Resp::AuthOk(ok)) => {
+                assert_eq!(ok.user_id, "alice");
+                saw_auth = true;
+            }
+            Some(Resp::SyncDone(_)) if !sent => {
+                bob.send(conv.id, pb::Content::text("to the browser"))
+                    .await
+                    .unwrap();
+                sent = true;
+            }
+            Some(Resp::Deliver(d)) => {
+                assert_eq!(text_of(d.message.as_ref().unwrap()), "to the browser");
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(saw_auth);
+    // A text message is not a frame.
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        "hello".into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        match timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b))) => {
+                if let Some(Resp::Error(e)) = pb::ServerFrame::decode(b).unwrap().body {
+                    assert_eq!(e.code(), ErrorCode::BadFrame);
+                    break;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected an error frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn catch_up_says_when_retention_removed_messages() {
+    let mut w = World::start().await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (alice, _) = w.connect(&ta, "d").await;
+    let conv = alice.open_direct("bob").await.unwrap();
+    for i in 0..5 {
+        alice
+            .send(conv.id, pb::Content::text(format!("old {i}")))
+            .await
+            .unwrap();
+    }
+    let removed = w
+        .server
+        .chat
+        .store()
+        .prune_before(parley_core::now_ms() + 1)
+        .await
+        .unwrap();
+    assert_eq!(removed, 5);
+    alice
+        .send(conv.id, pb::Content::text("kept"))
+        .await
+        .unwrap();
+    let (_bob, mut ev) = w.connect_at(&tb, "d", Some(0)).await;
+    assert_eq!(text_of(&next_text(&mut ev).await), "kept");
+    let done = next_synced(&mut ev).await;
+    assert!(!done.complete);
+    assert_eq!((done.missing_from, done.missing_to, done.cursor), (1, 5, 6));
+}
+
+#[tokio::test]
+async fn the_admin_api_requires_its_key() {
+    let w = World::start().await;
+    let mut wrong = Admin::connect(&w.server.admin_url(), "not-the-key")
+        .await
+        .unwrap();
+    let err = wrong.create_user("mallory", "").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let mut admin = w.admin.clone();
+    let err = admin.create_user("bad id!", "").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    admin.create_user("ok", "").await.unwrap();
+    assert_eq!(
+        admin.create_user("ok", "").await.unwrap_err().code(),
+        tonic::Code::AlreadyExists
+    );
+}
+
+#[tokio::test]
+async fn the_sdk_reconnects_after_a_restart_and_resumes_from_its_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = EmbeddedConfig::ephemeral(dir.path().to_path_buf());
+    cfg.gateway.reconnect_hint = Duration::from_millis(50);
+    let server = Embedded::start(cfg.clone()).await.unwrap();
+    let mut admin = Admin::connect(&server.admin_url(), &server.admin_key)
+        .await
+        .unwrap();
+    admin.create_user("alice", "").await.unwrap();
+    admin.create_user("bob", "").await.unwrap();
+    let ta = admin.token("alice", 3600).await.unwrap().token;
+    let tb = admin.token("bob", 3600).await.unwrap().token;
+    let (bob, mut bob_ev) =
+        Client::connect(ClientConfig::new(server.tcp_addr.to_string(), &tb, "phone"))
+            .await
+            .unwrap();
+    let conv = bob.open_direct("alice").await.unwrap();
+
+    // Restart on the same ports and data directory.
+    cfg.listen = server.tcp_addr;
+    cfg.ws_listen = None;
+    cfg.admin_listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    server.shutdown().await;
+    loop {
+        if let Event::Disconnected { .. } = timeout(WAIT, bob_ev.recv()).await.unwrap().unwrap() {
+            break;
+        }
+    }
+    let server = Embedded::start(cfg).await.unwrap();
+    let (alice, _) = Client::connect(ClientConfig::new(server.tcp_addr.to_string(), &ta, "phone"))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        alice
+            .send(
+                conv.id,
+                pb::Content::text(format!("while you were away {i}")),
+            )
+            .await
+            .unwrap();
+    }
+    // Bob's SDK reconnected by itself and gets each message once, in order.
+    for i in 0..3 {
+        assert_eq!(
+            text_of(&next_text(&mut bob_ev).await),
+            format!("while you were away {i}")
+        );
+    }
+    // Its sends work again too.
+    let ack = bob.send(conv.id, pb::Content::text("back")).await.unwrap();
+    assert_eq!(ack.seq, 4);
+    server.shutdown().await;
+}

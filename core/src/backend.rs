@@ -1,0 +1,57 @@
+//! What a gateway needs from the chat service, as one trait: the service
+//! itself in one process, or a client of replicas over gRPC in a cluster
+//! (`parley_gateway::remote`). The gateway is written against this trait only.
+
+use async_trait::async_trait;
+use parley_proto::pb::{client_frame::Body as Req, server_frame::Body as Resp};
+
+use crate::error::ChatError;
+use crate::service::{ChatService, SyncPage};
+
+/// The chat service as seen from a gateway.
+#[async_trait]
+pub trait ChatBackend: Send + Sync + 'static {
+    /// The user a client token belongs to.
+    async fn authenticate(&self, token: &str) -> Result<String, ChatError>;
+    /// A device connected: (where it resumes from, the user's inbox head).
+    async fn session_opened(
+        &self,
+        user: &str,
+        device: &str,
+        cursor: Option<u64>,
+    ) -> Result<(u64, u64), ChatError>;
+    /// A device acknowledged its timeline up to `cursor`.
+    async fn ack(&self, user: &str, device: &str, cursor: u64) -> Result<(), ChatError>;
+    /// One page of the user's timeline after `after`.
+    async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError>;
+    /// A request frame of an authenticated device.
+    async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError>;
+}
+
+#[async_trait]
+impl ChatBackend for ChatService {
+    async fn authenticate(&self, token: &str) -> Result<String, ChatError> {
+        ChatService::authenticate(self, token).await
+    }
+
+    async fn session_opened(
+        &self,
+        user: &str,
+        device: &str,
+        cursor: Option<u64>,
+    ) -> Result<(u64, u64), ChatError> {
+        ChatService::session_opened(self, user, device, cursor).await
+    }
+
+    async fn ack(&self, user: &str, device: &str, cursor: u64) -> Result<(), ChatError> {
+        ChatService::ack(self, user, device, cursor).await
+    }
+
+    async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError> {
+        ChatService::sync(self, user, after, limit).await
+    }
+
+    async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+        ChatService::call(self, user, device, req).await
+    }
+}

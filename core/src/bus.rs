@@ -1,0 +1,100 @@
+//! The delivery bus: carries committed messages to the gateways that hold
+//! their recipients, and events (an offline recipient) to whoever sends push
+//! notifications. The embedded default uses channels; the cluster uses
+//! RabbitMQ (`parley-amqp`) behind the same trait. The bus may lose a
+//! delivery: devices recover it from the database by cursor.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use parley_proto::pb;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::error::ChatError;
+
+/// One message for some users connected to one gateway.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<pb::Message>,
+    /// (user, inbox_seq) for each recipient on the gateway.
+    pub recipients: Vec<(String, u64)>,
+}
+
+/// Something for services outside the message path.
+#[derive(Debug, Clone)]
+pub enum ChatEvent {
+    /// `user` has no device online for a message: a push-notification cue.
+    OfflineMessage {
+        user: String,
+        inbox_seq: u64,
+        message: Arc<pb::Message>,
+    },
+}
+
+/// Carries deliveries to gateways and events to listeners.
+#[async_trait]
+pub trait DeliveryBus: Send + Sync + 'static {
+    /// Deliveries for one gateway, in commit order.
+    async fn publish(&self, gateway: &str, deliveries: Vec<Delivery>) -> Result<(), ChatError>;
+    async fn event(&self, event: ChatEvent) -> Result<(), ChatError>;
+}
+
+/// The bus inside one process.
+#[derive(Debug)]
+pub struct LocalBus {
+    gateways: RwLock<HashMap<String, mpsc::Sender<Vec<Delivery>>>>,
+    events: broadcast::Sender<ChatEvent>,
+}
+
+impl Default for LocalBus {
+    fn default() -> Self {
+        Self {
+            gateways: RwLock::default(),
+            events: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl LocalBus {
+    /// The queue of one gateway (replacing an earlier one of the same name).
+    pub fn subscribe(&self, gateway: &str, capacity: usize) -> mpsc::Receiver<Vec<Delivery>> {
+        let (tx, rx) = mpsc::channel(capacity);
+        self.gateways
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(gateway.to_owned(), tx);
+        rx
+    }
+
+    /// A stream of events (a push-notification hook in one process).
+    pub fn events(&self) -> broadcast::Receiver<ChatEvent> {
+        self.events.subscribe()
+    }
+}
+
+#[async_trait]
+impl DeliveryBus for LocalBus {
+    async fn publish(&self, gateway: &str, deliveries: Vec<Delivery>) -> Result<(), ChatError> {
+        let tx = self
+            .gateways
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(gateway)
+            .cloned();
+        match tx {
+            // A closed queue means the gateway is gone; its devices will sync.
+            Some(tx) => {
+                let _ = tx.send(deliveries).await;
+            }
+            None => tracing::debug!(gateway, "no queue for gateway; deliveries dropped"),
+        }
+        Ok(())
+    }
+
+    async fn event(&self, event: ChatEvent) -> Result<(), ChatError> {
+        // No listener is fine: events are cues, not the source of truth.
+        let _ = self.events.send(event);
+        Ok(())
+    }
+}

@@ -1,0 +1,84 @@
+//! The chat layer's errors and their one mapping to wire error codes.
+//! Storage failures never reach a client as database text: they are logged
+//! here and answered as INTERNAL. (Their mapping to gRPC statuses lives
+//! with the gRPC stubs, in `parley_proto::grpc`.)
+
+use parley_proto::pb::ErrorCode;
+
+/// What went wrong with a chat request.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("you are not a member of conversation {0}")]
+    NotMember(u64),
+    #[error("{0} does not accept messages from you")]
+    Blocked(String),
+    #[error("a group holds at most {0} members")]
+    GroupFull(usize),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("token expired")]
+    TokenExpired,
+    #[error("the service is unavailable: {0}")]
+    Unavailable(String),
+    /// The database failed; the store adapter's own error is the source.
+    #[error("storage failed")]
+    Storage(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// An error another Parley process answered with, passed on as it came.
+    #[error("{1}")]
+    Remote(ErrorCode, String),
+}
+
+impl ChatError {
+    /// The wire error code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::NotMember(_) => ErrorCode::NotMember,
+            Self::Blocked(_) => ErrorCode::Blocked,
+            Self::GroupFull(_) => ErrorCode::GroupFull,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Self::TokenExpired => ErrorCode::TokenExpired,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Storage(_) | Self::Corrupt(_) => ErrorCode::Internal,
+            Self::Remote(code, _) => *code,
+        }
+    }
+
+    /// The text a client may see: internal details are logged, not sent.
+    pub fn client_message(&self) -> String {
+        match self {
+            Self::Storage(e) => {
+                tracing::error!(error = %e, "storage error");
+                "internal error".to_owned()
+            }
+            Self::Corrupt(e) => {
+                tracing::error!(error = %e, "corrupt data");
+                "internal error".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// An INVALID_ARGUMENT error.
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+
+    /// A storage failure whose source is the adapter's error.
+    pub fn storage(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Storage(Box::new(e))
+    }
+}

@@ -1,0 +1,30 @@
+//! Parley's domain core: the chat rules and the traits the adapters
+//! implement. Users, devices, conversations (direct and group), sequence
+//! numbers, dedup, the per-user inbox and catch-up, history, membership,
+//! blocks, tokens, and the fan-out of committed messages live here; the
+//! database, the cache and the broker do not. Storage (`Store`), presence
+//! (`Presence`), the delivery bus (`DeliveryBus`) and the block-list cache
+//! (`BlockCache`) are traits: the adapters (`parley-store`, `parley-redis`,
+//! `parley-amqp`) implement them for a cluster. The in-memory versions
+//! here are the one-process default's presence and bus, and every adapter
+//! of the core's own tests (`MemoryStore` for storage).
+
+pub mod backend;
+pub mod bus;
+pub mod error;
+pub mod membership;
+pub mod metrics;
+pub mod presence;
+pub mod service;
+pub mod store;
+pub mod testing;
+pub mod token;
+
+pub use backend::ChatBackend;
+pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus};
+pub use error::ChatError;
+pub use metrics::{ChatMetrics, CodeLabel, code_label};
+pub use presence::{MemoryPresence, Presence, Session};
+pub use service::{ChatConfig, ChatService, SyncPage, now_ms};
+pub use store::{BlockCache, MemoryStore, Store};
+pub use token::TokenKeys;

@@ -1,0 +1,121 @@
+//! Presence: which gateway holds each device of a user. The embedded default
+//! keeps it in memory; the cluster keeps it in Redis (`parley-redis`)
+//! behind the same trait.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::error::ChatError;
+
+/// One device's live session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub user: String,
+    pub device: String,
+    pub gateway: String,
+    /// Grows with every connection of the device; a stale entry (the device
+    /// has since reconnected elsewhere) carries a smaller epoch.
+    pub epoch: u64,
+}
+
+impl Session {
+    pub fn new(user: &str, device: &str, gateway: &str, epoch: u64) -> Self {
+        Self {
+            user: user.to_owned(),
+            device: device.to_owned(),
+            gateway: gateway.to_owned(),
+            epoch,
+        }
+    }
+}
+
+/// Where users are connected.
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    async fn online(&self, session: &Session) -> Result<(), ChatError>;
+    /// Removes the session if it is still the device's newest.
+    async fn offline(&self, session: &Session) -> Result<(), ChatError>;
+    /// For each gateway, the users among `users` with a device on it.
+    async fn locate(&self, users: &[&str]) -> Result<HashMap<String, Vec<String>>, ChatError>;
+}
+
+/// A user's devices: device -> (gateway, epoch).
+type Devices = HashMap<String, (String, u64)>;
+
+/// Presence for one process.
+#[derive(Debug, Default)]
+pub struct MemoryPresence {
+    sessions: Mutex<HashMap<String, Devices>>,
+}
+
+#[async_trait]
+impl Presence for MemoryPresence {
+    async fn online(&self, s: &Session) -> Result<(), ChatError> {
+        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let devices = map.entry(s.user.clone()).or_default();
+        match devices.get(&s.device) {
+            Some((_, epoch)) if *epoch > s.epoch => {}
+            _ => {
+                devices.insert(s.device.clone(), (s.gateway.clone(), s.epoch));
+            }
+        }
+        Ok(())
+    }
+
+    async fn offline(&self, s: &Session) -> Result<(), ChatError> {
+        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(devices) = map.get_mut(&s.user) {
+            if devices
+                .get(&s.device)
+                .is_some_and(|(_, epoch)| *epoch == s.epoch)
+            {
+                devices.remove(&s.device);
+            }
+            if devices.is_empty() {
+                map.remove(&s.user);
+            }
+        }
+        Ok(())
+    }
+
+    async fn locate(&self, users: &[&str]) -> Result<HashMap<String, Vec<String>>, ChatError> {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        for user in users {
+            if let Some(devices) = map.get(*user) {
+                let mut gateways: Vec<&String> = devices.values().map(|(g, _)| g).collect();
+                gateways.sort();
+                gateways.dedup();
+                for g in gateways {
+                    out.entry(g.clone()).or_default().push((*user).to_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(user: &str, device: &str, gateway: &str, epoch: u64) -> Session {
+        Session::new(user, device, gateway, epoch)
+    }
+
+    #[tokio::test]
+    async fn stale_sessions_are_fenced_by_epoch() {
+        let p = MemoryPresence::default();
+        p.online(&s("a", "phone", "g1", 1)).await.unwrap();
+        p.online(&s("a", "phone", "g2", 2)).await.unwrap();
+        // The old connection's goodbye arrives late: it must not remove the new one.
+        p.offline(&s("a", "phone", "g1", 1)).await.unwrap();
+        let located = p.locate(&["a", "b"]).await.unwrap();
+        assert_eq!(located.get("g2"), Some(&vec!["a".to_owned()]));
+        assert!(!located.contains_key("g1"));
+        p.offline(&s("a", "phone", "g2", 2)).await.unwrap();
+        assert!(p.locate(&["a"]).await.unwrap().is_empty());
+    }
+}

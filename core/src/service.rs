@@ -1,0 +1,613 @@
+//! The chat logic over a store, presence and a delivery bus: requests from
+//! devices (send, history, conversations, blocks), catch-up, cursors, and the
+//! fan-out of committed messages. Sends from many connections are gathered
+//! into batches that commit in one transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parley_proto::ids;
+use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::bus::{ChatEvent, Delivery, DeliveryBus};
+use crate::error::ChatError;
+use crate::metrics::{ChatMetrics, code_label};
+use crate::presence::Presence;
+use crate::store::{
+    Appended, ConversationRecord, DeviceCursor, MembershipChange, NewMessage, Store,
+};
+use crate::token::TokenKeys;
+
+/// Limits and policies of the chat service.
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    /// Largest group, the owner included.
+    pub max_group_members: usize,
+    /// Default lifetime of issued tokens.
+    pub token_ttl: Duration,
+    /// Messages older than this are removed; None keeps everything.
+    pub retention: Option<Duration>,
+    /// Most sends committed in one transaction.
+    pub max_batch: usize,
+    /// How often acknowledged cursors are written, all in one transaction.
+    /// A cursor is advisory (a device resumes from its own), so a crash
+    /// costs at most this much re-delivery, which clients drop as duplicates.
+    pub cursor_flush: Duration,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            max_group_members: 1000,
+            token_ttl: Duration::from_secs(30 * 24 * 3600),
+            retention: None,
+            max_batch: 256,
+            cursor_flush: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What a device receives when it catches up.
+#[derive(Debug, Clone, Default)]
+pub struct SyncPage {
+    pub entries: Vec<(u64, pb::Message)>,
+    /// The newest inbox sequence number of the user.
+    pub head: u64,
+    /// Inbox sequence numbers removed by retention: (from, to), inclusive.
+    pub missing: Option<(u64, u64)>,
+}
+
+type AppendJob = (NewMessage, oneshot::Sender<Result<Appended, ChatError>>);
+
+/// The chat service; cheap to share behind an `Arc`.
+pub struct ChatService {
+    store: Arc<dyn Store>,
+    presence: Arc<dyn Presence>,
+    bus: Arc<dyn DeliveryBus>,
+    tokens: TokenKeys,
+    config: ChatConfig,
+    appends: mpsc::Sender<AppendJob>,
+    /// Acked cursors not yet written, by (user, device).
+    cursors: std::sync::Mutex<HashMap<(String, String), u64>>,
+    metrics: ChatMetrics,
+}
+
+impl std::fmt::Debug for ChatService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatService")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl ChatService {
+    /// Starts the service (and its batch writer) on the current runtime.
+    pub fn start(
+        store: Arc<dyn Store>,
+        presence: Arc<dyn Presence>,
+        bus: Arc<dyn DeliveryBus>,
+        tokens: TokenKeys,
+        config: ChatConfig,
+    ) -> Arc<Self> {
+        let (appends, rx) = mpsc::channel(config.max_batch * 4);
+        let svc = Arc::new(Self {
+            store,
+            presence,
+            bus,
+            tokens,
+            config,
+            appends,
+            cursors: std::sync::Mutex::default(),
+            metrics: ChatMetrics::default(),
+        });
+        tokio::spawn(batch_writer(Arc::downgrade(&svc), rx));
+        tokio::spawn(cursor_writer(Arc::downgrade(&svc)));
+        if let Some(retention) = svc.config.retention {
+            tokio::spawn(retention_task(Arc::downgrade(&svc), retention));
+        }
+        svc
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ChatConfig {
+        &self.config
+    }
+
+    pub fn tokens(&self) -> &TokenKeys {
+        &self.tokens
+    }
+
+    pub fn metrics(&self) -> &ChatMetrics {
+        &self.metrics
+    }
+
+    /// The user a token belongs to, if valid and the user exists.
+    pub async fn authenticate(&self, token: &str) -> Result<String, ChatError> {
+        let user = self.tokens.verify(token)?;
+        if self.store.get_user(&user).await?.is_none() {
+            return Err(ChatError::Unauthenticated(format!("unknown user {user}")));
+        }
+        Ok(user)
+    }
+
+    /// A device connected: where it resumes from, and the user's head. The
+    /// gateway registers the session's presence before it calls this, so a
+    /// message committed after the head is read finds the device online.
+    pub async fn session_opened(
+        &self,
+        user: &str,
+        device: &str,
+        cursor: Option<u64>,
+    ) -> Result<(u64, u64), ChatError> {
+        let head = self.store.inbox_head(user).await?;
+        let pending = self.pending_cursor(user, device);
+        let resume = match cursor {
+            Some(c) => c.min(head),
+            None => match pending {
+                Some(c) => c,
+                None => self.store.get_cursor(user, device).await?.unwrap_or(head),
+            }
+            .min(head),
+        };
+        Ok((resume, head))
+    }
+
+    /// Records what a device has received. The cursor is written with the
+    /// others acked in the same `cursor_flush` period, in one transaction.
+    pub async fn ack(&self, user: &str, device: &str, cursor: u64) -> Result<(), ChatError> {
+        let mut pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        let c = pending
+            .entry((user.to_owned(), device.to_owned()))
+            .or_default();
+        *c = (*c).max(cursor);
+        Ok(())
+    }
+
+    fn pending_cursor(&self, user: &str, device: &str) -> Option<u64> {
+        let pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        pending.get(&(user.to_owned(), device.to_owned())).copied()
+    }
+
+    /// Writes every acked cursor not yet written. They stay pending (and
+    /// are what a login reads) until they are committed, so a failure only
+    /// delays them to the next attempt.
+    pub async fn flush_cursors(&self) -> Result<(), ChatError> {
+        let batch: Vec<DeviceCursor> = {
+            let pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+            pending
+                .iter()
+                .map(|((user, device), cursor)| DeviceCursor {
+                    user: user.clone(),
+                    device: device.clone(),
+                    cursor: *cursor,
+                })
+                .collect()
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.store.set_cursors(&batch, now_ms()).await?;
+        let mut pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        for c in batch {
+            let key = (c.user, c.device);
+            // A newer ack that came in meanwhile stays for the next flush.
+            if pending.get(&key) == Some(&c.cursor) {
+                pending.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The user's timeline after `after`, with what retention removed.
+    pub async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError> {
+        let page = self
+            .store
+            .inbox_after(user, after, limit.clamp(1, 1000))
+            .await?;
+        let first = page.entries.first().map(|(s, _)| *s);
+        let missing = match first {
+            Some(first) if first > after + 1 => Some((after + 1, first - 1)),
+            None if page.head > after => Some((after + 1, page.head)),
+            _ => None,
+        };
+        Ok(SyncPage {
+            entries: page.entries,
+            head: page.head,
+            missing,
+        })
+    }
+
+    /// Handles a request frame of an authenticated device.
+    pub async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+        let result = self.handle(user, device, req).await;
+        if let Err(e) = &result {
+            self.metrics
+                .errors
+                .get_or_create(&code_label(e.code()))
+                .inc();
+        }
+        result
+    }
+
+    async fn handle(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+        match req {
+            Req::Send(send) => self.send(user, device, send).await.map(Resp::SendAck),
+            Req::History(h) => self.history(user, h).await.map(Resp::HistoryPage),
+            Req::OpenDirect(o) => {
+                ids::check_user_id(&o.peer).map_err(ChatError::InvalidArgument)?;
+                let conv = self.store.open_direct(user, &o.peer, now_ms()).await?;
+                Ok(Resp::Conversation(conv.into()))
+            }
+            Req::CreateGroup(g) => self
+                .create_group(user, &g.name, g.members)
+                .await
+                .map(|c| Resp::Conversation(c.into())),
+            Req::AddMembers(a) => {
+                self.require_member(a.conversation_id, user).await?;
+                self.change_members(a.conversation_id, user, MembershipChange::Add, &a.users)
+                    .await
+            }
+            Req::RemoveMembers(r) => {
+                let conv = self.conversation(r.conversation_id).await?;
+                if !conv.members.iter().any(|m| m == user) {
+                    return Err(ChatError::NotMember(r.conversation_id));
+                }
+                if conv.owner != user && r.users.iter().any(|u| u != user) {
+                    return Err(ChatError::Forbidden(
+                        "only the group's owner can remove others".into(),
+                    ));
+                }
+                self.change_members(r.conversation_id, user, MembershipChange::Remove, &r.users)
+                    .await
+            }
+            Req::LeaveGroup(l) => {
+                self.require_member(l.conversation_id, user).await?;
+                self.change_members(
+                    l.conversation_id,
+                    user,
+                    MembershipChange::Leave,
+                    &[user.to_owned()],
+                )
+                .await
+                .map(|_| Resp::Done(pb::Done {}))
+            }
+            Req::ListConversations(_) => {
+                let list = self.store.list_conversations(user).await?;
+                Ok(Resp::Conversations(pb::ConversationList {
+                    conversations: list.into_iter().map(Into::into).collect(),
+                }))
+            }
+            Req::Block(b) => {
+                ids::check_user_id(&b.user).map_err(ChatError::InvalidArgument)?;
+                if b.user == user {
+                    return Err(ChatError::invalid("you cannot block yourself"));
+                }
+                self.store.set_block(user, &b.user, true, now_ms()).await?;
+                Ok(Resp::Done(pb::Done {}))
+            }
+            Req::Unblock(b) => {
+                self.store.set_block(user, &b.user, false, now_ms()).await?;
+                Ok(Resp::Done(pb::Done {}))
+            }
+            Req::Hello(_) | Req::Auth(_) | Req::Ack(_) | Req::Ping(_) | Req::Sync(_) => {
+                Err(ChatError::invalid("this frame is handled by the gateway"))
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        user: &str,
+        device: &str,
+        send: pb::Send,
+    ) -> Result<pb::SendAck, ChatError> {
+        ids::check_client_msg_id(&send.client_msg_id).map_err(ChatError::InvalidArgument)?;
+        check_content(send.content.as_ref())?;
+        let job = NewMessage {
+            conversation_id: send.conversation_id,
+            sender_id: user.to_owned(),
+            sender_device: device.to_owned(),
+            client_msg_id: send.client_msg_id,
+            content: send.content.unwrap_or_default(),
+            now_ms: now_ms(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.appends
+            .send((job, tx))
+            .await
+            .map_err(|_| ChatError::Unavailable("shutting down".into()))?;
+        let appended = rx
+            .await
+            .map_err(|_| ChatError::Unavailable("shutting down".into()))??;
+        let m = &appended.message;
+        Ok(pb::SendAck {
+            client_msg_id: m.client_msg_id.clone(),
+            msg_id: m.msg_id,
+            conversation_id: m.conversation_id,
+            seq: m.seq,
+            server_time_ms: m.server_time_ms,
+            duplicate: appended.duplicate,
+        })
+    }
+
+    async fn history(
+        &self,
+        user: &str,
+        h: pb::HistoryRequest,
+    ) -> Result<pb::HistoryPage, ChatError> {
+        self.require_member(h.conversation_id, user).await?;
+        let limit = match h.limit {
+            0 => 50,
+            n => n.min(200),
+        };
+        let direction = pb::Direction::try_from(h.direction).unwrap_or(pb::Direction::Backward);
+        let slice = self
+            .store
+            .history(h.conversation_id, h.from_seq, direction, limit)
+            .await?;
+        Ok(pb::HistoryPage {
+            conversation_id: h.conversation_id,
+            messages: slice.messages,
+            has_more: slice.has_more,
+            oldest_available_seq: slice.oldest_available_seq,
+        })
+    }
+
+    /// Creates a group owned by `owner`; `members` need not name the owner.
+    pub async fn create_group(
+        &self,
+        owner: &str,
+        name: &str,
+        members: Vec<String>,
+    ) -> Result<ConversationRecord, ChatError> {
+        if name.len() > 200 {
+            return Err(ChatError::invalid("a group name is at most 200 bytes"));
+        }
+        let mut all = members;
+        all.push(owner.to_owned());
+        for u in &all {
+            ids::check_user_id(u).map_err(ChatError::InvalidArgument)?;
+        }
+        all.sort();
+        all.dedup();
+        if all.len() > self.config.max_group_members {
+            return Err(ChatError::GroupFull(self.config.max_group_members));
+        }
+        let (conv, appended) = self.store.create_group(owner, name, &all, now_ms()).await?;
+        self.fan_out(std::slice::from_ref(&appended)).await;
+        Ok(conv)
+    }
+
+    /// Adds or removes members on behalf of `actor` (checked by the caller).
+    pub async fn change_members(
+        &self,
+        conversation_id: u64,
+        actor: &str,
+        change: MembershipChange,
+        users: &[String],
+    ) -> Result<Resp, ChatError> {
+        for u in users {
+            ids::check_user_id(u).map_err(ChatError::InvalidArgument)?;
+        }
+        let (conv, appended) = self
+            .store
+            .change_members(
+                conversation_id,
+                actor,
+                change,
+                users,
+                self.config.max_group_members,
+                now_ms(),
+            )
+            .await?;
+        if let Some(appended) = appended {
+            self.fan_out(std::slice::from_ref(&appended)).await;
+        }
+        Ok(Resp::Conversation(conv.into()))
+    }
+
+    /// The conversation, or NOT_FOUND.
+    pub async fn conversation(&self, id: u64) -> Result<ConversationRecord, ChatError> {
+        self.store
+            .get_conversation(id)
+            .await?
+            .ok_or_else(|| ChatError::NotFound(format!("no conversation {id}")))
+    }
+
+    async fn require_member(&self, conversation_id: u64, user: &str) -> Result<(), ChatError> {
+        if self.store.is_member(conversation_id, user).await? {
+            Ok(())
+        } else {
+            Err(ChatError::NotMember(conversation_id))
+        }
+    }
+
+    /// Sends committed messages to the gateways of their online recipients,
+    /// one publish per gateway, in commit order; offline recipients become
+    /// events.
+    async fn fan_out(&self, appended: &[Appended]) {
+        let mut users: Vec<&str> = appended
+            .iter()
+            .flat_map(|a| a.recipients.iter().map(|(u, _)| u.as_str()))
+            .collect();
+        if users.is_empty() {
+            return;
+        }
+        users.sort_unstable();
+        users.dedup();
+        let located = match self.presence.locate(&users).await {
+            Ok(l) => l,
+            Err(e) => {
+                // Devices catch up by cursor when presence is unreachable.
+                tracing::warn!(error = %e, "presence lookup failed; deliveries left to sync");
+                return;
+            }
+        };
+        let mut gateway_of: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (gateway, users) in &located {
+            for u in users {
+                gateway_of
+                    .entry(u.as_str())
+                    .or_default()
+                    .push(gateway.as_str());
+            }
+        }
+        let mut per_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
+        for a in appended {
+            let message = Arc::new(a.message.clone());
+            let mut here: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
+            for (user, inbox_seq) in &a.recipients {
+                match gateway_of.get(user.as_str()) {
+                    Some(gateways) => {
+                        for g in gateways {
+                            here.entry(g).or_default().push((user.clone(), *inbox_seq));
+                        }
+                    }
+                    None if *user != a.message.sender_id => {
+                        self.metrics.offline_events.inc();
+                        let event = ChatEvent::OfflineMessage {
+                            user: user.clone(),
+                            inbox_seq: *inbox_seq,
+                            message: message.clone(),
+                        };
+                        if let Err(e) = self.bus.event(event).await {
+                            tracing::warn!(error = %e, "offline event not published");
+                        }
+                    }
+                    None => {}
+                }
+            }
+            for (g, recipients) in here {
+                per_gateway.entry(g).or_default().push(Delivery {
+                    message: message.clone(),
+                    recipients,
+                });
+            }
+        }
+        for (gateway, deliveries) in per_gateway {
+            self.metrics.publishes.inc();
+            if let Err(e) = self.bus.publish(gateway, deliveries).await {
+                tracing::warn!(gateway, error = %e, "delivery not published; devices will sync");
+            }
+        }
+    }
+}
+
+fn check_content(content: Option<&pb::Content>) -> Result<(), ChatError> {
+    use pb::content::Body;
+    match content.and_then(|c| c.body.as_ref()) {
+        None => Err(ChatError::invalid("a message needs content")),
+        Some(Body::Text(t)) if t.is_empty() => Err(ChatError::invalid("text must not be empty")),
+        Some(Body::Media(m)) if m.url.is_empty() => Err(ChatError::invalid("media needs a url")),
+        Some(Body::Custom(c)) if c.r#type.is_empty() => {
+            Err(ChatError::invalid("custom content needs a type"))
+        }
+        Some(Body::System(_)) => Err(ChatError::invalid(
+            "system events are written by the server only",
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Gathers concurrent sends into one transaction each, then fans them out in
+/// commit order.
+async fn batch_writer(weak: std::sync::Weak<ChatService>, mut rx: mpsc::Receiver<AppendJob>) {
+    let mut jobs: Vec<AppendJob> = Vec::new();
+    let Some(max) = weak.upgrade().map(|s| s.config.max_batch) else {
+        return;
+    };
+    loop {
+        if rx.recv_many(&mut jobs, max).await == 0 {
+            return;
+        }
+        let Some(svc) = weak.upgrade() else { return };
+        let (batch, replies): (Vec<NewMessage>, Vec<_>) = jobs.drain(..).unzip();
+        let started = std::time::Instant::now();
+        svc.metrics.batch_size.observe(batch.len() as f64);
+        let appended = svc.store.append(batch).await;
+        svc.metrics
+            .append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match appended {
+            Ok(results) => {
+                // Duplicates are fanned out again: the replica that committed
+                // the original may have died before it published. Gateways and
+                // the SDK drop what a device already has.
+                let mut committed: Vec<Appended> = Vec::with_capacity(results.len());
+                for (result, reply) in results.into_iter().zip(replies) {
+                    if let Ok(a) = &result {
+                        let counter = if a.duplicate {
+                            &svc.metrics.duplicates
+                        } else {
+                            &svc.metrics.messages
+                        };
+                        counter.inc();
+                    }
+                    if let Ok(a) = &result
+                        && (!a.duplicate
+                            || !committed
+                                .iter()
+                                .any(|c| c.message.msg_id == a.message.msg_id))
+                    {
+                        committed.push(a.clone());
+                    }
+                    let _ = reply.send(result);
+                }
+                svc.fan_out(&committed).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "append batch failed; senders will retry");
+                for reply in replies {
+                    let _ = reply.send(Err(ChatError::Unavailable("storage failed; retry".into())));
+                }
+            }
+        }
+    }
+}
+
+/// Writes acked cursors every `cursor_flush`.
+async fn cursor_writer(svc: std::sync::Weak<ChatService>) {
+    let Some(every) = svc.upgrade().map(|s| s.config.cursor_flush) else {
+        return;
+    };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(svc) = svc.upgrade() else { return };
+        if let Err(e) = svc.flush_cursors().await {
+            tracing::warn!(error = %e, "cursors not written; retrying");
+        }
+    }
+}
+
+/// Removes what is older than the retention, every minute.
+async fn retention_task(svc: std::sync::Weak<ChatService>, retention: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60).min(retention));
+    loop {
+        tick.tick().await;
+        let Some(svc) = svc.upgrade() else { return };
+        let cutoff = now_ms() - retention.as_millis() as i64;
+        match svc.store.prune_before(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "retention removed old messages"),
+            Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

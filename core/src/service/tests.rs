@@ -1,0 +1,252 @@
+//! The chat rules through `ChatService`, on the in-memory store, presence
+//! and bus alone: acks after commit, fan-out to the gateways that hold the
+//! recipients and push cues for those offline, dedup, catch-up with holes,
+//! group permissions and cursors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parley_proto::pb::{self, ErrorCode, client_frame::Body as Req, server_frame::Body as Resp};
+
+use crate::bus::{ChatEvent, LocalBus};
+use crate::presence::{MemoryPresence, Presence, Session};
+use crate::store::{MemoryStore, Store};
+use crate::{ChatConfig, ChatService, TokenKeys};
+
+struct World {
+    store: Arc<dyn Store>,
+    presence: Arc<MemoryPresence>,
+    bus: Arc<LocalBus>,
+    chat: Arc<ChatService>,
+}
+
+async fn world(config: ChatConfig) -> World {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    for u in ["alice", "bob", "carol"] {
+        store.create_user(u, "", 0).await.unwrap();
+    }
+    let presence = Arc::new(MemoryPresence::default());
+    let bus = Arc::new(LocalBus::default());
+    let chat = ChatService::start(
+        store.clone(),
+        presence.clone(),
+        bus.clone(),
+        TokenKeys::new(&[7; 32]).unwrap(),
+        config,
+    );
+    World {
+        store,
+        presence,
+        bus,
+        chat,
+    }
+}
+
+fn send(conversation_id: u64, client_msg_id: &str, text: &str) -> Req {
+    Req::Send(pb::Send {
+        client_msg_id: client_msg_id.into(),
+        conversation_id,
+        content: Some(pb::Content::text(text)),
+    })
+}
+
+async fn ack_of(chat: &ChatService, user: &str, req: Req) -> pb::SendAck {
+    match chat.call(user, "phone", req).await.unwrap() {
+        Resp::SendAck(ack) => ack,
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_committed_send_reaches_online_gateways_and_cues_a_push_for_the_offline() {
+    let w = world(ChatConfig::default()).await;
+    let mut gw1 = w.bus.subscribe("gw1", 16);
+    let mut events = w.bus.events();
+    let session = Session::new("bob", "phone", "gw1", 1);
+    w.presence.online(&session).await.unwrap();
+    let group = w
+        .chat
+        .create_group("alice", "g", vec!["bob".into(), "carol".into()])
+        .await
+        .unwrap();
+    // The group's creation reaches bob's gateway and cues carol's push.
+    let created = gw1.recv().await.unwrap();
+    assert_eq!(created[0].message.seq, 1);
+
+    let ack = ack_of(&w.chat, "alice", send(group.id, "m1", "hi")).await;
+    assert_eq!((ack.seq, ack.duplicate), (2, false));
+    let delivered = gw1.recv().await.unwrap();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].message.msg_id, ack.msg_id);
+    assert_eq!(delivered[0].recipients, vec![("bob".to_owned(), 2)]);
+    let mut cued = Vec::new();
+    while let Ok(ChatEvent::OfflineMessage { user, message, .. }) = events.try_recv() {
+        cued.push((user, message.seq));
+    }
+    assert_eq!(
+        cued,
+        vec![("carol".to_owned(), 1), ("carol".to_owned(), 2)],
+        "the sender is never cued, the offline member for each message"
+    );
+
+    // A resend is acked as the original and delivered again (the replica
+    // that committed it may have died before publishing).
+    let again = ack_of(&w.chat, "alice", send(group.id, "m1", "other")).await;
+    assert_eq!(
+        (again.msg_id, again.seq, again.duplicate),
+        (ack.msg_id, 2, true)
+    );
+    assert_eq!(gw1.recv().await.unwrap()[0].message.msg_id, ack.msg_id);
+    assert_eq!(w.chat.metrics().duplicates.get(), 1);
+}
+
+#[tokio::test]
+async fn refusals_carry_their_codes() {
+    let w = world(ChatConfig::default()).await;
+    let direct = match w
+        .chat
+        .call(
+            "alice",
+            "phone",
+            Req::OpenDirect(pb::OpenDirect { peer: "bob".into() }),
+        )
+        .await
+        .unwrap()
+    {
+        Resp::Conversation(c) => c,
+        other => panic!("{other:?}"),
+    };
+    let code = |r: Result<Resp, crate::ChatError>| r.unwrap_err().code();
+    assert_eq!(
+        code(w.chat.call("carol", "d", send(direct.id, "x", "hi")).await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(w.chat.call("alice", "d", send(direct.id, "", "hi")).await),
+        ErrorCode::InvalidArgument,
+        "a client id is required"
+    );
+    let system = Req::Send(pb::Send {
+        client_msg_id: "s".into(),
+        conversation_id: direct.id,
+        content: Some(pb::Content {
+            body: Some(pb::content::Body::System(pb::SystemEvent::default())),
+        }),
+    });
+    assert_eq!(
+        code(w.chat.call("alice", "d", system).await),
+        ErrorCode::InvalidArgument,
+        "system events are the server's"
+    );
+    w.chat
+        .call(
+            "bob",
+            "d",
+            Req::Block(pb::Block {
+                user: "alice".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        code(w.chat.call("alice", "d", send(direct.id, "b", "hi")).await),
+        ErrorCode::Blocked
+    );
+
+    let group = w
+        .chat
+        .create_group("alice", "g", vec!["bob".into()])
+        .await
+        .unwrap();
+    let remove = |users: Vec<String>| {
+        Req::RemoveMembers(pb::RemoveMembers {
+            conversation_id: group.id,
+            users,
+        })
+    };
+    assert_eq!(
+        code(w.chat.call("bob", "d", remove(vec!["alice".into()])).await),
+        ErrorCode::Forbidden,
+        "only the owner removes others"
+    );
+    assert_eq!(
+        code(
+            w.chat
+                .call("carol", "d", remove(vec!["carol".into()]))
+                .await
+        ),
+        ErrorCode::NotMember
+    );
+    let errors = w
+        .chat
+        .metrics()
+        .errors
+        .get_or_create(&crate::code_label(ErrorCode::NotMember));
+    assert_eq!(errors.get(), 2, "refusals are counted by code");
+}
+
+#[tokio::test]
+async fn catch_up_reports_what_retention_removed() {
+    let w = world(ChatConfig::default()).await;
+    let direct = w.store.open_direct("alice", "bob", 0).await.unwrap();
+    for i in 0..5 {
+        ack_of(&w.chat, "alice", send(direct.id, &format!("m{i}"), "hi")).await;
+    }
+    let page = w.chat.sync("bob", 0, 2).await.unwrap();
+    assert_eq!(page.entries.len(), 2);
+    assert_eq!((page.head, page.missing), (5, None));
+    // Everything before now goes; the hole is reported, not hidden.
+    w.store.prune_before(crate::now_ms() + 1).await.unwrap();
+    let page = w.chat.sync("bob", 1, 100).await.unwrap();
+    assert!(page.entries.is_empty());
+    assert_eq!((page.head, page.missing), (5, Some((2, 5))));
+    let (resume, head) = w
+        .chat
+        .session_opened("bob", "laptop", Some(99))
+        .await
+        .unwrap();
+    assert_eq!((resume, head), (5, 5), "a cursor past the head is clamped");
+}
+
+/// Acked cursors wait in memory and are written together, not one
+/// transaction per Ack; meanwhile a login in the same process resumes from
+/// the pending one, and a cursor never moves backwards.
+#[tokio::test]
+async fn acked_cursors_are_coalesced_then_written_together() {
+    let w = world(ChatConfig {
+        cursor_flush: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await;
+    let store = &w.store;
+    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+    for id in ["1", "2", "3"] {
+        ack_of(&w.chat, "bob", send(conv.id, id, "x")).await;
+    }
+    let chat = &w.chat;
+    chat.ack("alice", "phone", 3).await.unwrap();
+    chat.ack("alice", "phone", 2).await.unwrap();
+    chat.ack("alice", "laptop", 1).await.unwrap();
+    assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), None);
+    let (resume, head) = chat.session_opened("alice", "phone", None).await.unwrap();
+    assert_eq!((resume, head), (3, 3));
+    chat.flush_cursors().await.unwrap();
+    assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), Some(3));
+    assert_eq!(store.get_cursor("alice", "laptop").await.unwrap(), Some(1));
+    // Nothing pending: the next login reads the store.
+    let (resume, _) = chat.session_opened("alice", "laptop", None).await.unwrap();
+    assert_eq!(resume, 1);
+}
+
+#[tokio::test]
+async fn tokens_authenticate_existing_users_only() {
+    let w = world(ChatConfig::default()).await;
+    let now = crate::now_ms() / 1000;
+    let token = w.chat.tokens().issue("alice", now, 60).unwrap();
+    assert_eq!(w.chat.authenticate(&token).await.unwrap(), "alice");
+    let ghost = w.chat.tokens().issue("ghost", now, 60).unwrap();
+    assert_eq!(
+        w.chat.authenticate(&ghost).await.unwrap_err().code(),
+        ErrorCode::Unauthenticated
+    );
+}

@@ -1,0 +1,229 @@
+//! Persistence behind one trait, so the embedded SQLite store, the
+//! cluster's PostgreSQL store (both in `parley-store`) and the in-memory
+//! store here run the same chat logic. Every method is one transaction;
+//! `append` is where sequence numbers, dedup and inbox entries are decided,
+//! atomically. `conformance` holds the behaviour every implementation must
+//! show.
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+mod memory;
+
+pub use memory::MemoryStore;
+
+use async_trait::async_trait;
+use parley_proto::pb;
+
+use crate::error::ChatError;
+
+/// A user as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRecord {
+    pub id: String,
+    pub display_name: String,
+    pub created_at_ms: i64,
+}
+
+/// A conversation with its members, sorted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversationRecord {
+    pub id: u64,
+    pub kind: pb::ConversationKind,
+    pub name: String,
+    pub owner: String,
+    pub members: Vec<String>,
+    pub last_seq: u64,
+}
+
+impl From<ConversationRecord> for pb::Conversation {
+    fn from(c: ConversationRecord) -> Self {
+        Self {
+            id: c.id,
+            kind: c.kind as i32,
+            name: c.name,
+            members: c.members,
+            last_seq: c.last_seq,
+            owner: c.owner,
+        }
+    }
+}
+
+/// A message to append.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub conversation_id: u64,
+    pub sender_id: String,
+    pub sender_device: String,
+    pub client_msg_id: String,
+    pub content: pb::Content,
+    pub now_ms: i64,
+}
+
+/// The outcome of an append.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub message: pb::Message,
+    /// Every member, the sender included, with the inbox sequence number the
+    /// message got in their timeline. A duplicate carries the original's
+    /// (those still stored), so its fan-out can be redone: the replica that
+    /// committed it may have died before publishing.
+    pub recipients: Vec<(String, u64)>,
+    /// The message existed already (same sender and client_msg_id).
+    pub duplicate: bool,
+}
+
+/// One page of a user's timeline.
+#[derive(Debug, Clone, Default)]
+pub struct InboxPage {
+    /// (inbox_seq, message), ascending.
+    pub entries: Vec<(u64, pb::Message)>,
+    /// The user's newest inbox sequence number when the page was read.
+    pub head: u64,
+}
+
+/// One page of a conversation's history, ascending by seq.
+#[derive(Debug, Clone, Default)]
+pub struct HistorySlice {
+    pub messages: Vec<pb::Message>,
+    pub has_more: bool,
+    pub oldest_available_seq: u64,
+}
+
+/// How a membership change is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    Add,
+    Remove,
+    Leave,
+}
+
+/// A device's acknowledged position in its user's inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCursor {
+    pub user: String,
+    pub device: String,
+    pub cursor: u64,
+}
+
+/// The store every chat backend implements.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_user(
+        &self,
+        id: &str,
+        display_name: &str,
+        now_ms: i64,
+    ) -> Result<UserRecord, ChatError>;
+    async fn get_user(&self, id: &str) -> Result<Option<UserRecord>, ChatError>;
+    /// The ids among `ids` that are not users.
+    async fn missing_users(&self, ids: &[String]) -> Result<Vec<String>, ChatError>;
+
+    /// The direct conversation of two users, created on first use.
+    async fn open_direct(
+        &self,
+        a: &str,
+        b: &str,
+        now_ms: i64,
+    ) -> Result<ConversationRecord, ChatError>;
+    /// A new group owned by `owner` with `members` (the owner included), and
+    /// its GROUP_CREATED event appended as the first message.
+    async fn create_group(
+        &self,
+        owner: &str,
+        name: &str,
+        members: &[String],
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Appended), ChatError>;
+    async fn get_conversation(&self, id: u64) -> Result<Option<ConversationRecord>, ChatError>;
+    /// Applies a membership change to a group (at most `max_members` after
+    /// it) and appends its event; None when nothing changed.
+    async fn change_members(
+        &self,
+        conversation_id: u64,
+        actor: &str,
+        change: MembershipChange,
+        users: &[String],
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Option<Appended>), ChatError>;
+    async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError>;
+    async fn is_member(&self, conversation_id: u64, user: &str) -> Result<bool, ChatError>;
+
+    /// Appends messages in one transaction, each checked on its own:
+    /// dedup on (sender, client_msg_id), membership, blocks (direct
+    /// conversations), then the next seq and one inbox entry per member.
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, ChatError>>, ChatError>;
+
+    /// Entries of `user`'s timeline after `after`, at most `limit`.
+    async fn inbox_after(&self, user: &str, after: u64, limit: u32)
+    -> Result<InboxPage, ChatError>;
+    async fn inbox_head(&self, user: &str) -> Result<u64, ChatError>;
+    /// Messages of a conversation before `from_seq` (Backward; 0 means the
+    /// newest) or after it (Forward).
+    async fn history(
+        &self,
+        conversation_id: u64,
+        from_seq: u64,
+        direction: pb::Direction,
+        limit: u32,
+    ) -> Result<HistorySlice, ChatError>;
+
+    /// Records devices' acknowledged cursors, each never moving backwards,
+    /// in one transaction. Each (user, device) appears at most once.
+    async fn set_cursors(&self, cursors: &[DeviceCursor], now_ms: i64) -> Result<(), ChatError>;
+    async fn get_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, ChatError>;
+
+    async fn set_block(
+        &self,
+        user: &str,
+        other: &str,
+        blocked: bool,
+        now_ms: i64,
+    ) -> Result<(), ChatError>;
+    async fn is_blocked(&self, user: &str, by: &str) -> Result<bool, ChatError>;
+
+    /// Removes messages created before `cutoff_ms`, and their inbox entries.
+    async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError>;
+}
+
+/// A cache of block lists in front of the store (Redis in a cluster): the
+/// PostgreSQL store reads a sender's peers' lists through it.
+#[async_trait]
+pub trait BlockCache: Send + Sync + 'static {
+    /// For each user, the users they block, or None where not cached.
+    async fn get(&self, users: &[&str]) -> Result<Vec<Option<Vec<String>>>, ChatError>;
+    async fn put(&self, user: &str, blocked: &[String]) -> Result<(), ChatError>;
+    async fn forget(&self, user: &str) -> Result<(), ChatError>;
+}
+
+/// The key that makes a direct conversation unique per pair of users.
+pub fn direct_key(a: &str, b: &str) -> String {
+    if a <= b {
+        format!("{a}\n{b}")
+    } else {
+        format!("{b}\n{a}")
+    }
+}
+
+/// The seq a history query starts from: Backward from 0 means from the
+/// newest.
+pub fn history_bound(from_seq: u64, direction: pb::Direction) -> i64 {
+    match direction {
+        pb::Direction::Backward if from_seq == 0 => i64::MAX,
+        _ => from_seq as i64,
+    }
+}
+
+/// Rows fetched one past `limit` (Backward ones newest first) as a page in
+/// ascending seq order, and whether there was more.
+pub fn history_page<T>(mut rows: Vec<T>, limit: u32, direction: pb::Direction) -> (Vec<T>, bool) {
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    if direction == pb::Direction::Backward {
+        rows.reverse();
+    }
+    (rows, has_more)
+}

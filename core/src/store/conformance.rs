@@ -1,0 +1,407 @@
+//! The store's behaviour suite: what every `Store` must do, as functions
+//! over `&dyn Store`. The store adapters run it against SQLite and
+//! PostgreSQL (each test in a database or schema of its own) and the core
+//! runs it against `MemoryStore`, all through
+//! [`store_conformance!`](crate::store_conformance), so the three cannot
+//! drift apart. Each check starts from a store holding the users alice, bob
+//! and carol.
+
+use parley_proto::pb;
+
+use super::*;
+
+/// A text message from `sender` with client id `id`.
+pub fn text(conv: u64, sender: &str, id: &str, body: &str) -> NewMessage {
+    NewMessage {
+        conversation_id: conv,
+        sender_id: sender.into(),
+        sender_device: "d1".into(),
+        client_msg_id: id.into(),
+        content: pb::Content::text(body),
+        now_ms: 1_000,
+    }
+}
+
+/// Creates the users every check starts with.
+pub async fn with_users(store: &dyn Store) {
+    for u in ["alice", "bob", "carol"] {
+        store.create_user(u, "", 0).await.unwrap();
+    }
+}
+
+/// Appends one message on its own.
+pub async fn one(store: &dyn Store, m: NewMessage) -> Result<Appended, ChatError> {
+    store.append(vec![m]).await.unwrap().pop().unwrap()
+}
+
+async fn last_seq(store: &dyn Store, conversation: u64) -> u64 {
+    store
+        .get_conversation(conversation)
+        .await
+        .unwrap()
+        .expect("the conversation exists")
+        .last_seq
+}
+
+pub async fn seqs_are_gap_free_and_resends_are_deduped(store: &dyn Store) {
+    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+    assert_eq!(
+        store.open_direct("bob", "alice", 0).await.unwrap().id,
+        conv.id,
+        "direct is per pair"
+    );
+    let batch = (1..=5)
+        .map(|i| text(conv.id, "alice", &format!("c{i}"), "hi"))
+        .collect();
+    let results = store.append(batch).await.unwrap();
+    let seqs: Vec<u64> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().message.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+
+    let again = one(store, text(conv.id, "alice", "c3", "different body"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message.seq, 3);
+    assert_eq!(again.message.content.unwrap().as_text(), Some("hi"));
+    assert_eq!(
+        again.recipients,
+        results[2].as_ref().unwrap().recipients,
+        "a duplicate carries the original's recipients, for a redone fan-out"
+    );
+    assert_eq!(last_seq(store, conv.id).await, 5);
+}
+
+pub async fn a_resend_inside_one_batch_is_a_duplicate(store: &dyn Store) {
+    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+    let results = store
+        .append(vec![
+            text(conv.id, "alice", "same", "one"),
+            text(conv.id, "alice", "same", "one"),
+            text(conv.id, "alice", "other", "two"),
+        ])
+        .await
+        .unwrap();
+    let r: Vec<Appended> = results.into_iter().map(Result::unwrap).collect();
+    assert!(!r[0].duplicate && r[1].duplicate && !r[2].duplicate);
+    assert_eq!(r[1].message.msg_id, r[0].message.msg_id);
+    assert_eq!((r[0].message.seq, r[2].message.seq), (1, 2));
+    assert_eq!(store.inbox_head("bob").await.unwrap(), 2);
+}
+
+pub async fn every_member_gets_an_inbox_entry(store: &dyn Store) {
+    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+    let a = one(store, text(conv.id, "alice", "x1", "one"))
+        .await
+        .unwrap();
+    let users: Vec<&str> = a.recipients.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(users, vec!["alice", "bob"]);
+    let page = store.inbox_after("bob", 0, 10).await.unwrap();
+    assert_eq!(page.head, 1);
+    assert_eq!(page.entries.len(), 1);
+    assert_eq!(page.entries[0].1.msg_id, a.message.msg_id);
+}
+
+pub async fn outsiders_and_blocked_senders_are_refused(store: &dyn Store) {
+    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+    assert!(matches!(
+        one(store, text(conv.id, "carol", "z", "hey")).await,
+        Err(ChatError::NotMember(_))
+    ));
+    assert!(matches!(
+        one(store, text(9999, "alice", "z", "hey")).await,
+        Err(ChatError::NotMember(_))
+    ));
+    store.set_block("bob", "alice", true, 0).await.unwrap();
+    assert!(store.is_blocked("alice", "bob").await.unwrap());
+    assert!(matches!(
+        one(store, text(conv.id, "alice", "b1", "hey")).await,
+        Err(ChatError::Blocked(_))
+    ));
+    // Bob may still write to alice.
+    assert!(one(store, text(conv.id, "bob", "b2", "hey")).await.is_ok());
+    store.set_block("bob", "alice", false, 0).await.unwrap();
+    assert!(
+        one(store, text(conv.id, "alice", "b1", "hey"))
+            .await
+            .is_ok()
+    );
+}
+
+pub async fn history_pages_both_ways(store: &dyn Store) {
+    let conv = store.open_direct("alice", "carol", 0).await.unwrap();
+    let batch = (1..=25)
+        .map(|i| text(conv.id, "alice", &format!("h{i}"), "m"))
+        .collect();
+    store.append(batch).await.unwrap();
+    let newest = store
+        .history(conv.id, 0, pb::Direction::Backward, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        newest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (16..=25).collect::<Vec<_>>()
+    );
+    assert!(newest.has_more);
+    let older = store
+        .history(conv.id, 16, pb::Direction::Backward, 10)
+        .await
+        .unwrap();
+    assert_eq!(older.messages.first().unwrap().seq, 6);
+    let oldest = store
+        .history(conv.id, 6, pb::Direction::Backward, 10)
+        .await
+        .unwrap();
+    assert_eq!(oldest.messages.len(), 5);
+    assert!(!oldest.has_more);
+    let forward = store
+        .history(conv.id, 20, pb::Direction::Forward, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        forward.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![21, 22, 23, 24, 25]
+    );
+    assert!(!forward.has_more);
+    assert_eq!(forward.oldest_available_seq, 1);
+}
+
+pub async fn groups_record_membership_changes(store: &dyn Store) {
+    let members = vec!["alice".to_owned(), "bob".to_owned()];
+    let (g, created) = store
+        .create_group("alice", "team", &members, 0)
+        .await
+        .unwrap();
+    assert_eq!(g.members, members);
+    assert_eq!(created.message.seq, 1);
+    let (g, added) = store
+        .change_members(
+            g.id,
+            "alice",
+            MembershipChange::Add,
+            &["carol".into()],
+            3,
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(g.members.len(), 3);
+    assert_eq!(added.unwrap().recipients.len(), 3);
+    let full = store
+        .change_members(g.id, "alice", MembershipChange::Add, &["dave".into()], 3, 0)
+        .await;
+    assert!(
+        matches!(full, Err(ChatError::NotFound(_))),
+        "unknown users are refused first"
+    );
+    store.create_user("dave", "", 0).await.unwrap();
+    let full = store
+        .change_members(g.id, "alice", MembershipChange::Add, &["dave".into()], 3, 0)
+        .await;
+    assert!(matches!(full, Err(ChatError::GroupFull(3))));
+    let (g, left) = store
+        .change_members(g.id, "bob", MembershipChange::Leave, &["bob".into()], 3, 0)
+        .await
+        .unwrap();
+    assert!(!g.members.contains(&"bob".to_owned()));
+    let left = left.unwrap();
+    assert!(
+        left.recipients.iter().any(|(u, _)| u == "bob"),
+        "the leaver is told too"
+    );
+    let (_, nothing) = store
+        .change_members(g.id, "bob", MembershipChange::Leave, &["bob".into()], 3, 0)
+        .await
+        .unwrap();
+    assert!(nothing.is_none());
+    assert!(!store.is_member(g.id, "bob").await.unwrap());
+    assert_eq!(store.list_conversations("carol").await.unwrap().len(), 1);
+}
+
+/// A request that names a user twice changes that user once, and the
+/// event lists the users it changed sorted, each once.
+pub async fn repeated_users_in_a_change_count_once(store: &dyn Store) {
+    store.create_user("dave", "", 0).await.unwrap();
+    let (g, _) = store
+        .create_group("alice", "team", &["alice".into(), "bob".into()], 0)
+        .await
+        .unwrap();
+    let users = |v: &[&str]| v.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+    let event_users = |a: &Appended| match &a.message.content.as_ref().unwrap().body {
+        Some(pb::content::Body::System(e)) => e.users.clone(),
+        other => panic!("expected a system event, got {other:?}"),
+    };
+    let (g, added) = store
+        .change_members(
+            g.id,
+            "alice",
+            MembershipChange::Add,
+            &users(&["dave", "carol", "dave"]),
+            4,
+            0,
+        )
+        .await
+        .expect("dave counts once, so the group of 4 is not full");
+    assert_eq!(g.members, users(&["alice", "bob", "carol", "dave"]));
+    assert_eq!(event_users(&added.unwrap()), users(&["carol", "dave"]));
+    let (g, removed) = store
+        .change_members(
+            g.id,
+            "alice",
+            MembershipChange::Remove,
+            &users(&["carol", "carol"]),
+            4,
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(g.members, users(&["alice", "bob", "dave"]));
+    let removed = removed.unwrap();
+    assert_eq!(event_users(&removed), users(&["carol"]));
+    let carol: Vec<&str> = removed
+        .recipients
+        .iter()
+        .filter(|(u, _)| u == "carol")
+        .map(|(u, _)| u.as_str())
+        .collect();
+    assert_eq!(carol, vec!["carol"], "one inbox entry for the removed user");
+}
+
+pub async fn retention_leaves_a_visible_hole(store: &dyn Store) {
+    let conv = store.open_direct("bob", "carol", 0).await.unwrap();
+    let mut old = text(conv.id, "bob", "old", "old");
+    old.now_ms = 10;
+    let mut new = text(conv.id, "bob", "new", "new");
+    new.now_ms = 5_000;
+    store.append(vec![old, new]).await.unwrap();
+    assert_eq!(store.prune_before(1_000).await.unwrap(), 1);
+    let page = store.inbox_after("carol", 0, 10).await.unwrap();
+    assert_eq!(
+        page.entries.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert_eq!(page.head, 2);
+    let h = store
+        .history(conv.id, 0, pb::Direction::Backward, 10)
+        .await
+        .unwrap();
+    assert_eq!(h.oldest_available_seq, 2);
+}
+
+/// Numbers are never given twice, even when retention took every row that
+/// carried the newest ones (SQLite reads them off those rows).
+pub async fn numbering_survives_pruning_everything(store: &dyn Store) {
+    let conv = store.open_direct("alice", "carol", 0).await.unwrap();
+    let mut batch: Vec<NewMessage> = (1..=3)
+        .map(|i| text(conv.id, "alice", &format!("p{i}"), "old"))
+        .collect();
+    for m in &mut batch {
+        m.now_ms = 10;
+    }
+    store.append(batch).await.unwrap();
+    let g = store
+        .create_group("carol", "g", &["alice".into(), "carol".into()], 10)
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(store.inbox_head("carol").await.unwrap(), 4);
+    assert_eq!(store.prune_before(1_000).await.unwrap(), 4);
+    assert_eq!(store.inbox_head("carol").await.unwrap(), 4);
+    assert_eq!(store.inbox_head("alice").await.unwrap(), 4);
+    assert_eq!(last_seq(store, conv.id).await, 3);
+
+    let a = one(store, text(conv.id, "carol", "after", "new"))
+        .await
+        .unwrap();
+    assert_eq!(a.message.seq, 4);
+    assert_eq!(
+        a.recipients,
+        vec![("alice".to_owned(), 5), ("carol".to_owned(), 5)]
+    );
+    let (_, joined) = store
+        .change_members(
+            g.id,
+            "carol",
+            MembershipChange::Add,
+            &["bob".into()],
+            2_000,
+            0,
+        )
+        .await
+        .unwrap();
+    let joined = joined.expect("a system event");
+    assert_eq!(
+        joined.message.seq, 2,
+        "the group's creation event was seq 1"
+    );
+    assert!(joined.recipients.contains(&("carol".to_owned(), 6)));
+    let page = store.inbox_after("carol", 0, 10).await.unwrap();
+    assert_eq!(
+        page.entries.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    assert_eq!(page.head, 6);
+    assert_eq!(last_seq(store, conv.id).await, 4);
+}
+
+pub async fn cursors_only_move_forward(store: &dyn Store) {
+    assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), None);
+    let at = |device: &str, cursor| DeviceCursor {
+        user: "alice".into(),
+        device: device.into(),
+        cursor,
+    };
+    store.set_cursors(&[at("phone", 7)], 0).await.unwrap();
+    store
+        .set_cursors(&[at("phone", 3), at("laptop", 2)], 0)
+        .await
+        .unwrap();
+    assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), Some(7));
+    assert_eq!(store.get_cursor("alice", "laptop").await.unwrap(), Some(2));
+    store.set_cursors(&[], 0).await.unwrap();
+    assert!(matches!(
+        store.create_user("alice", "", 0).await,
+        Err(ChatError::Conflict(_))
+    ));
+    assert_eq!(
+        store
+            .missing_users(&["alice".into(), "zed".into()])
+            .await
+            .unwrap(),
+        vec!["zed".to_owned()]
+    );
+}
+
+/// Turns every check of the suite into a `#[tokio::test]`. `$open` is an
+/// async fn returning `(guard, store)`: the guard lives as long as the test
+/// (a temporary directory, a schema dropped afterwards) and the store gets
+/// the suite's users before each check.
+#[macro_export]
+macro_rules! store_conformance {
+    ($open:path) => {
+        $crate::store_conformance!(@each $open:
+            seqs_are_gap_free_and_resends_are_deduped,
+            a_resend_inside_one_batch_is_a_duplicate,
+            every_member_gets_an_inbox_entry,
+            outsiders_and_blocked_senders_are_refused,
+            history_pages_both_ways,
+            groups_record_membership_changes,
+            repeated_users_in_a_change_count_once,
+            retention_leaves_a_visible_hole,
+            numbering_survives_pruning_everything,
+            cursors_only_move_forward,
+        );
+    };
+    (@each $open:path: $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (_guard, store) = $open().await;
+                $crate::store::conformance::with_users(&store).await;
+                $crate::store::conformance::$name(&store).await;
+            }
+        )*
+    };
+}

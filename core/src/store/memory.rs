@@ -1,0 +1,559 @@
+//! The store in memory: every rule the SQL stores keep, kept in maps under
+//! one lock, so each method is one atomic step as each SQL method is one
+//! transaction. It is what the core's own tests run on, and it runs the same
+//! conformance suite as SQLite and PostgreSQL (`store::conformance`), so a
+//! rule that holds here and not there (or the reverse) shows up as a failing
+//! check. Nothing is kept across restarts.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use parley_proto::pb;
+
+use super::{
+    Appended, ConversationRecord, DeviceCursor, HistorySlice, InboxPage, MembershipChange,
+    NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
+};
+use crate::error::ChatError;
+use crate::membership::{
+    changed_members, membership_event, no_such_users, require_group, system_message,
+};
+
+/// A store that lives as long as the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct User {
+    record: UserRecord,
+    /// Raised by pruning to the head it removed, so numbers are never
+    /// given twice (the SQL stores' `users.inbox_head`).
+    inbox_floor: u64,
+}
+
+#[derive(Debug)]
+struct Conversation {
+    kind: pb::ConversationKind,
+    name: String,
+    owner: String,
+    members: BTreeSet<String>,
+    /// Raised by pruning, as `conversations.last_seq` is.
+    seq_floor: u64,
+    /// seq → msg_id.
+    messages: BTreeMap<u64, u64>,
+}
+
+#[derive(Debug)]
+struct Stored {
+    message: pb::Message,
+    /// (user, inbox_seq) of every timeline holding it, by user.
+    recipients: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    users: HashMap<String, User>,
+    conversations: BTreeMap<u64, Conversation>,
+    direct: HashMap<String, u64>,
+    last_conversation_id: u64,
+    messages: BTreeMap<u64, Stored>,
+    last_msg_id: u64,
+    /// (sender, client_msg_id) → msg_id.
+    dedup: HashMap<(String, String), u64>,
+    /// user → inbox_seq → msg_id.
+    inboxes: HashMap<String, BTreeMap<u64, u64>>,
+    cursors: HashMap<(String, String), u64>,
+    /// (user, blocked).
+    blocks: HashSet<(String, String)>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    fn missing_users(&self, ids: &[String]) -> Vec<String> {
+        ids.iter()
+            .filter(|id| !self.users.contains_key(*id))
+            .cloned()
+            .collect()
+    }
+
+    fn record(&self, id: u64) -> Option<ConversationRecord> {
+        let c = self.conversations.get(&id)?;
+        Some(ConversationRecord {
+            id,
+            kind: c.kind,
+            name: c.name.clone(),
+            owner: c.owner.clone(),
+            members: c.members.iter().cloned().collect(),
+            last_seq: last_seq(c),
+        })
+    }
+
+    fn inbox_head(&self, user: &str) -> u64 {
+        let floor = self.users.get(user).map_or(0, |u| u.inbox_floor);
+        let newest = self
+            .inboxes
+            .get(user)
+            .and_then(|i| i.last_key_value())
+            .map_or(0, |(seq, _)| *seq);
+        floor.max(newest)
+    }
+
+    /// Gives `msg_id` the next inbox sequence number of `user`.
+    fn add_inbox_entry(&mut self, user: &str, msg_id: u64) -> u64 {
+        let seq = self.inbox_head(user) + 1;
+        self.inboxes
+            .entry(user.to_owned())
+            .or_default()
+            .insert(seq, msg_id);
+        if let Some(stored) = self.messages.get_mut(&msg_id) {
+            stored.recipients.push((user.to_owned(), seq));
+            stored.recipients.sort();
+        }
+        seq
+    }
+
+    /// Writes `m` at the conversation's next seq, with an inbox entry for
+    /// every member. The conversation exists.
+    fn insert_message(&mut self, m: &NewMessage) -> Appended {
+        let conv = self
+            .conversations
+            .get_mut(&m.conversation_id)
+            .expect("the caller checked the conversation");
+        let seq = last_seq(conv) + 1;
+        self.last_msg_id += 1;
+        let msg_id = self.last_msg_id;
+        conv.messages.insert(seq, msg_id);
+        let members: Vec<String> = conv.members.iter().cloned().collect();
+        let message = pb::Message {
+            msg_id,
+            conversation_id: m.conversation_id,
+            seq,
+            sender_id: m.sender_id.clone(),
+            sender_device: m.sender_device.clone(),
+            client_msg_id: m.client_msg_id.clone(),
+            server_time_ms: m.now_ms,
+            content: Some(m.content.clone()),
+        };
+        self.messages.insert(
+            msg_id,
+            Stored {
+                message: message.clone(),
+                recipients: Vec::with_capacity(members.len()),
+            },
+        );
+        self.dedup
+            .insert((m.sender_id.clone(), m.client_msg_id.clone()), msg_id);
+        let recipients = members
+            .into_iter()
+            .map(|user| {
+                let seq = self.add_inbox_entry(&user, msg_id);
+                (user, seq)
+            })
+            .collect();
+        Appended {
+            message,
+            recipients,
+            duplicate: false,
+        }
+    }
+
+    fn append_one(&mut self, m: &NewMessage) -> Result<Appended, ChatError> {
+        let key = (m.sender_id.clone(), m.client_msg_id.clone());
+        if let Some(stored) = self.dedup.get(&key).and_then(|id| self.messages.get(id)) {
+            return Ok(Appended {
+                message: stored.message.clone(),
+                recipients: stored.recipients.clone(),
+                duplicate: true,
+            });
+        }
+        let Some(conv) = self.conversations.get(&m.conversation_id) else {
+            return Err(ChatError::NotMember(m.conversation_id));
+        };
+        if !conv.members.contains(&m.sender_id) {
+            return Err(ChatError::NotMember(m.conversation_id));
+        }
+        if conv.kind == pb::ConversationKind::Direct {
+            let blocked_by = conv.members.iter().find(|peer| {
+                **peer != m.sender_id
+                    && self
+                        .blocks
+                        .contains(&((*peer).clone(), m.sender_id.clone()))
+            });
+            if let Some(peer) = blocked_by {
+                return Err(ChatError::Blocked(peer.clone()));
+            }
+        }
+        Ok(self.insert_message(m))
+    }
+
+    /// Appends a server-written event to a conversation that exists.
+    fn append_system(
+        &mut self,
+        conversation_id: u64,
+        actor: &str,
+        event: pb::SystemEvent,
+        now_ms: i64,
+    ) -> Appended {
+        let seq = self.conversations.get(&conversation_id).map_or(0, last_seq) + 1;
+        let m = system_message(conversation_id, seq, actor, event, now_ms);
+        self.insert_message(&m)
+    }
+
+    fn new_conversation(
+        &mut self,
+        kind: pb::ConversationKind,
+        name: &str,
+        owner: &str,
+        members: BTreeSet<String>,
+    ) -> u64 {
+        self.last_conversation_id += 1;
+        let id = self.last_conversation_id;
+        self.conversations.insert(
+            id,
+            Conversation {
+                kind,
+                name: name.to_owned(),
+                owner: owner.to_owned(),
+                members,
+                seq_floor: 0,
+                messages: BTreeMap::new(),
+            },
+        );
+        id
+    }
+}
+
+/// A conversation's newest seq: its newest message, or the floor pruning
+/// left.
+fn last_seq(c: &Conversation) -> u64 {
+    let newest = c.messages.last_key_value().map_or(0, |(seq, _)| *seq);
+    c.seq_floor.max(newest)
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_user(
+        &self,
+        id: &str,
+        display_name: &str,
+        now_ms: i64,
+    ) -> Result<UserRecord, ChatError> {
+        let mut s = self.lock();
+        if s.users.contains_key(id) {
+            return Err(ChatError::Conflict(format!("user {id} already exists")));
+        }
+        let record = UserRecord {
+            id: id.to_owned(),
+            display_name: display_name.to_owned(),
+            created_at_ms: now_ms,
+        };
+        s.users.insert(
+            id.to_owned(),
+            User {
+                record: record.clone(),
+                inbox_floor: 0,
+            },
+        );
+        Ok(record)
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<UserRecord>, ChatError> {
+        Ok(self.lock().users.get(id).map(|u| u.record.clone()))
+    }
+
+    async fn missing_users(&self, ids: &[String]) -> Result<Vec<String>, ChatError> {
+        Ok(self.lock().missing_users(ids))
+    }
+
+    async fn open_direct(
+        &self,
+        a: &str,
+        b: &str,
+        _now_ms: i64,
+    ) -> Result<ConversationRecord, ChatError> {
+        let key = direct_key(a, b);
+        let mut s = self.lock();
+        let id = match s.direct.get(&key) {
+            Some(id) => *id,
+            None => {
+                let missing = s.missing_users(&[a.to_owned(), b.to_owned()]);
+                if !missing.is_empty() {
+                    return Err(no_such_users(&missing));
+                }
+                let members = BTreeSet::from([a.to_owned(), b.to_owned()]);
+                let id = s.new_conversation(pb::ConversationKind::Direct, "", "", members);
+                s.direct.insert(key, id);
+                id
+            }
+        };
+        Ok(s.record(id).expect("conversation just read or written"))
+    }
+
+    async fn create_group(
+        &self,
+        owner: &str,
+        name: &str,
+        members: &[String],
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Appended), ChatError> {
+        let mut s = self.lock();
+        let missing = s.missing_users(members);
+        if !missing.is_empty() {
+            return Err(no_such_users(&missing));
+        }
+        let set = members.iter().cloned().collect();
+        let id = s.new_conversation(pb::ConversationKind::Group, name, owner, set);
+        let event = pb::SystemEvent {
+            kind: pb::SystemEventKind::GroupCreated as i32,
+            actor: owner.to_owned(),
+            users: members.to_vec(),
+        };
+        let appended = s.append_system(id, owner, event, now_ms);
+        Ok((s.record(id).expect("group just written"), appended))
+    }
+
+    async fn get_conversation(&self, id: u64) -> Result<Option<ConversationRecord>, ChatError> {
+        Ok(self.lock().record(id))
+    }
+
+    async fn change_members(
+        &self,
+        conversation_id: u64,
+        actor: &str,
+        change: MembershipChange,
+        users: &[String],
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<(ConversationRecord, Option<Appended>), ChatError> {
+        let mut s = self.lock();
+        let before = require_group(s.record(conversation_id), conversation_id)?;
+        if change == MembershipChange::Add {
+            let missing = s.missing_users(users);
+            if !missing.is_empty() {
+                return Err(no_such_users(&missing));
+            }
+        }
+        let changed = changed_members(&before, change, users, max_members)?;
+        if changed.is_empty() {
+            return Ok((before, None));
+        }
+        let members = &mut s
+            .conversations
+            .get_mut(&conversation_id)
+            .expect("read above")
+            .members;
+        for u in &changed {
+            if change == MembershipChange::Add {
+                members.insert(u.clone());
+            } else {
+                members.remove(u);
+            }
+        }
+        let event = membership_event(change, actor, &changed);
+        let mut appended = s.append_system(conversation_id, actor, event, now_ms);
+        if change != MembershipChange::Add {
+            // Those who left still learn that they did, on their other devices.
+            for u in changed {
+                let seq = s.add_inbox_entry(&u, appended.message.msg_id);
+                appended.recipients.push((u, seq));
+            }
+        }
+        let after = s.record(conversation_id).expect("conversation exists");
+        Ok((after, Some(appended)))
+    }
+
+    async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {
+        let s = self.lock();
+        Ok(s.conversations
+            .iter()
+            .filter(|(_, c)| c.members.contains(user))
+            .filter_map(|(id, _)| s.record(*id))
+            .collect())
+    }
+
+    async fn is_member(&self, conversation_id: u64, user: &str) -> Result<bool, ChatError> {
+        Ok(self
+            .lock()
+            .conversations
+            .get(&conversation_id)
+            .is_some_and(|c| c.members.contains(user)))
+    }
+
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
+        let mut s = self.lock();
+        Ok(batch.iter().map(|m| s.append_one(m)).collect())
+    }
+
+    async fn inbox_after(
+        &self,
+        user: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<InboxPage, ChatError> {
+        let s = self.lock();
+        let entries = s
+            .inboxes
+            .get(user)
+            .map(|inbox| {
+                inbox
+                    .range(after.saturating_add(1)..)
+                    .take(limit as usize)
+                    .filter_map(|(seq, id)| Some((*seq, s.messages.get(id)?.message.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(InboxPage {
+            entries,
+            head: s.inbox_head(user),
+        })
+    }
+
+    async fn inbox_head(&self, user: &str) -> Result<u64, ChatError> {
+        Ok(self.lock().inbox_head(user))
+    }
+
+    async fn history(
+        &self,
+        conversation_id: u64,
+        from_seq: u64,
+        direction: pb::Direction,
+        limit: u32,
+    ) -> Result<HistorySlice, ChatError> {
+        let s = self.lock();
+        let Some(conv) = s.conversations.get(&conversation_id) else {
+            return Ok(HistorySlice::default());
+        };
+        let bound = history_bound(from_seq, direction).max(0) as u64;
+        let take = limit as usize + 1;
+        let ids: Vec<u64> = match direction {
+            pb::Direction::Backward => conv
+                .messages
+                .range(..bound)
+                .rev()
+                .take(take)
+                .map(|(_, id)| *id)
+                .collect(),
+            pb::Direction::Forward => conv
+                .messages
+                .range(bound.saturating_add(1)..)
+                .take(take)
+                .map(|(_, id)| *id)
+                .collect(),
+        };
+        let (ids, has_more) = history_page(ids, limit, direction);
+        Ok(HistorySlice {
+            messages: ids
+                .iter()
+                .filter_map(|id| Some(s.messages.get(id)?.message.clone()))
+                .collect(),
+            has_more,
+            oldest_available_seq: conv.messages.first_key_value().map_or(0, |(seq, _)| *seq),
+        })
+    }
+
+    async fn set_cursors(&self, cursors: &[DeviceCursor], _now_ms: i64) -> Result<(), ChatError> {
+        let mut s = self.lock();
+        for c in cursors {
+            let at = s
+                .cursors
+                .entry((c.user.clone(), c.device.clone()))
+                .or_default();
+            *at = (*at).max(c.cursor);
+        }
+        Ok(())
+    }
+
+    async fn get_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, ChatError> {
+        Ok(self
+            .lock()
+            .cursors
+            .get(&(user.to_owned(), device.to_owned()))
+            .copied())
+    }
+
+    async fn set_block(
+        &self,
+        user: &str,
+        other: &str,
+        blocked: bool,
+        _now_ms: i64,
+    ) -> Result<(), ChatError> {
+        let mut s = self.lock();
+        let pair = (user.to_owned(), other.to_owned());
+        if blocked {
+            s.blocks.insert(pair);
+        } else {
+            s.blocks.remove(&pair);
+        }
+        Ok(())
+    }
+
+    async fn is_blocked(&self, user: &str, by: &str) -> Result<bool, ChatError> {
+        Ok(self
+            .lock()
+            .blocks
+            .contains(&(by.to_owned(), user.to_owned())))
+    }
+
+    async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError> {
+        let mut s = self.lock();
+        // As in SQL: everything up to the newest old message's id goes.
+        let Some(max_id) = s
+            .messages
+            .values()
+            .filter(|m| m.message.server_time_ms < cutoff_ms)
+            .map(|m| m.message.msg_id)
+            .max()
+        else {
+            return Ok(0);
+        };
+        let kept = s.messages.split_off(&(max_id + 1));
+        let gone = std::mem::replace(&mut s.messages, kept);
+        for stored in gone.values() {
+            let m = &stored.message;
+            // Floors first, so no number is given twice.
+            if let Some(conv) = s.conversations.get_mut(&m.conversation_id) {
+                conv.seq_floor = last_seq(conv);
+                conv.messages.remove(&m.seq);
+            }
+            for (user, seq) in &stored.recipients {
+                let head = s.inbox_head(user);
+                if let Some(u) = s.users.get_mut(user) {
+                    u.inbox_floor = head;
+                }
+                if let Some(inbox) = s.inboxes.get_mut(user) {
+                    inbox.remove(seq);
+                }
+            }
+            s.dedup
+                .remove(&(m.sender_id.clone(), m.client_msg_id.clone()));
+        }
+        Ok(gone.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryStore;
+
+    async fn open() -> ((), MemoryStore) {
+        ((), MemoryStore::new())
+    }
+
+    crate::store_conformance!(open);
+}

@@ -1,0 +1,544 @@
+//! A gateway's client of the chat-service replicas over gRPC.
+//!
+//! Targets are `host:port` strings: a list of replicas, or one DNS name that
+//! resolves to many (a headless Kubernetes Service), re-resolved every few
+//! seconds so replicas come and go without a restart. Calls go round-robin
+//! over the replicas that answer. A replica that fails at the transport level
+//! (refused, reset, timed out) is set aside for a moment and the call is
+//! tried on the next one; an application error (not a member, blocked, ...)
+//! is final. Every call a device can repeat safely is retried that way: a
+//! Send is deduplicated by its client_msg_id, so a retry after a replica died
+//! mid-call is acked once. Creating a group is the one call not retried.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parley_proto::internal::{self as ipb, chat_internal_client::ChatInternalClient};
+use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use parley_core::{ChatBackend, ChatError, SyncPage};
+
+/// Where the chat service is and how to call it.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// `host:port` of each replica, or of a name resolving to all of them.
+    pub targets: Vec<String>,
+    /// Sent as `authorization: Bearer <key>` when set.
+    pub key: Option<String>,
+    /// The longest one attempt of a call may take.
+    pub call_timeout: Duration,
+    /// How often names are resolved again.
+    pub resolve_every: Duration,
+    /// How long a replica that failed is skipped.
+    pub backoff: Duration,
+}
+
+impl RemoteConfig {
+    pub fn new(targets: Vec<String>) -> Self {
+        Self {
+            targets,
+            key: None,
+            call_timeout: Duration::from_secs(10),
+            resolve_every: Duration::from_secs(5),
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Adds the internal key to every call.
+#[derive(Clone)]
+pub struct KeyInterceptor(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for KeyInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = ChatInternalClient<InterceptedService<Channel, KeyInterceptor>>;
+
+/// One replica.
+struct Replica {
+    addr: SocketAddr,
+    client: Client,
+    /// Milliseconds since the pool started before which this replica is
+    /// skipped; 0 when healthy.
+    down_until: AtomicU64,
+}
+
+struct Pool {
+    replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    next: AtomicUsize,
+    started: Instant,
+    interceptor: KeyInterceptor,
+    backoff: Duration,
+    /// Transport failures seen, for metrics.
+    failures: AtomicU64,
+}
+
+impl Pool {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.replicas
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The next healthy replica, round-robin; when none is healthy, the one
+    /// that has been down longest gets another chance.
+    fn pick(&self) -> Option<Arc<Replica>> {
+        let list = self.snapshot();
+        if list.is_empty() {
+            return None;
+        }
+        let now = self.now_ms();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..list.len() {
+            let r = &list[(start + i) % list.len()];
+            if r.down_until.load(Ordering::Relaxed) <= now {
+                return Some(r.clone());
+            }
+        }
+        list.iter()
+            .min_by_key(|r| r.down_until.load(Ordering::Relaxed))
+            .cloned()
+    }
+
+    fn set_down(&self, r: &Replica) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let until = self.now_ms() + self.backoff.as_millis() as u64;
+        r.down_until.store(until, Ordering::Relaxed);
+    }
+
+    fn replica(&self, addr: SocketAddr) -> Arc<Replica> {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a socket address is a valid URI")
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        let client = ChatInternalClient::with_interceptor(channel, self.interceptor.clone())
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024);
+        Arc::new(Replica {
+            addr,
+            client,
+            down_until: AtomicU64::new(0),
+        })
+    }
+
+    /// Replaces the replica set with `addrs`, keeping the connections of
+    /// replicas still present.
+    fn update(&self, addrs: Vec<SocketAddr>) {
+        let old = self.snapshot();
+        let by_addr: HashMap<SocketAddr, &Arc<Replica>> = old.iter().map(|r| (r.addr, r)).collect();
+        let new: Vec<Arc<Replica>> = addrs
+            .into_iter()
+            .map(|a| match by_addr.get(&a) {
+                Some(r) => (*r).clone(),
+                None => self.replica(a),
+            })
+            .collect();
+        let changed =
+            new.len() != old.len() || new.iter().zip(old.iter()).any(|(a, b)| a.addr != b.addr);
+        if changed {
+            tracing::info!(
+                replicas = ?new.iter().map(|r| r.addr).collect::<Vec<_>>(),
+                "chat-service replicas"
+            );
+            *self.replicas.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        }
+    }
+}
+
+/// Resolves every target; None when nothing resolved (keep what we have).
+async fn resolve(targets: &[String]) -> Option<Vec<SocketAddr>> {
+    let mut addrs = Vec::new();
+    for t in targets {
+        match tokio::net::lookup_host(t.as_str()).await {
+            Ok(found) => addrs.extend(found),
+            Err(e) => tracing::warn!(target = %t, error = %e, "chat-service name did not resolve"),
+        }
+    }
+    addrs.sort();
+    addrs.dedup();
+    (!addrs.is_empty()).then_some(addrs)
+}
+
+/// The chat service behind gRPC, balanced over its replicas.
+pub struct RemoteChat {
+    pool: Arc<Pool>,
+    call_timeout: Duration,
+    resolver: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RemoteChat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteChat")
+            .field(
+                "replicas",
+                &self
+                    .pool
+                    .snapshot()
+                    .iter()
+                    .map(|r| r.addr)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Drop for RemoteChat {
+    fn drop(&mut self) {
+        self.resolver.abort();
+    }
+}
+
+impl RemoteChat {
+    /// Resolves the targets and starts re-resolving them in the background.
+    /// Fails only on a malformed key; replicas that do not answer yet are
+    /// tried when calls come.
+    pub async fn connect(config: RemoteConfig) -> Result<Self, ChatError> {
+        let interceptor = KeyInterceptor(
+            config
+                .key
+                .as_deref()
+                .map(|k| MetadataValue::try_from(format!("Bearer {k}")))
+                .transpose()
+                .map_err(|_| ChatError::invalid("the internal key must be printable ASCII"))?,
+        );
+        let pool = Arc::new(Pool {
+            replicas: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+            started: Instant::now(),
+            interceptor,
+            backoff: config.backoff,
+            failures: AtomicU64::new(0),
+        });
+        match resolve(&config.targets).await {
+            Some(addrs) => pool.update(addrs),
+            None => {
+                tracing::warn!(targets = ?config.targets, "no chat-service replica resolved yet")
+            }
+        }
+        let weak = Arc::downgrade(&pool);
+        let targets = config.targets.clone();
+        let every = config.resolve_every;
+        let resolver = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = weak.upgrade() else { return };
+                if let Some(addrs) = resolve(&targets).await {
+                    pool.update(addrs);
+                }
+            }
+        });
+        Ok(Self {
+            pool,
+            call_timeout: config.call_timeout,
+            resolver,
+        })
+    }
+
+    /// Replicas known now.
+    pub fn replicas(&self) -> Vec<SocketAddr> {
+        self.pool.snapshot().iter().map(|r| r.addr).collect()
+    }
+
+    /// Transport failures seen so far (each one a retry or a failed call).
+    pub fn failures(&self) -> u64 {
+        self.pool.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether some replica is believed healthy.
+    pub fn healthy(&self) -> bool {
+        let now = self.pool.now_ms();
+        self.pool
+            .snapshot()
+            .iter()
+            .any(|r| r.down_until.load(Ordering::Relaxed) <= now)
+    }
+
+    /// Calls `f` on a replica, moving to the next one on transport failures
+    /// when `retry` allows (up to one attempt per replica, at least 3).
+    async fn invoke<T, F, Fut>(&self, retry: bool, f: F) -> Result<T, ChatError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let attempts = if retry {
+            self.pool.snapshot().len().max(3)
+        } else {
+            1
+        };
+        let mut last = String::from("no chat-service replica is known");
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
+            }
+            let Some(replica) = self.pool.pick() else {
+                continue;
+            };
+            match tokio::time::timeout(self.call_timeout, f(replica.client.clone())).await {
+                Ok(Ok(resp)) => {
+                    replica.down_until.store(0, Ordering::Relaxed);
+                    return Ok(resp.into_inner());
+                }
+                Ok(Err(status)) => {
+                    if let Some(code) = parley_proto::grpc::error_code(&status) {
+                        return Err(ChatError::Remote(code, status.message().to_owned()));
+                    }
+                    tracing::warn!(replica = %replica.addr, error = %status.message(), "chat-service call failed; trying another replica");
+                    last = status.message().to_owned();
+                }
+                Err(_) => {
+                    tracing::warn!(replica = %replica.addr, "chat-service call timed out");
+                    last = format!("no answer within {:?}", self.call_timeout);
+                }
+            }
+            self.pool.set_down(&replica);
+        }
+        Err(ChatError::Unavailable(format!(
+            "chat service unreachable ({last}); retry"
+        )))
+    }
+}
+
+#[async_trait]
+impl ChatBackend for RemoteChat {
+    async fn authenticate(&self, token: &str) -> Result<String, ChatError> {
+        let req = ipb::AuthenticateRequest {
+            token: token.to_owned(),
+        };
+        let r = self
+            .invoke(true, |mut c| {
+                let req = req.clone();
+                async move { c.authenticate(req).await }
+            })
+            .await?;
+        Ok(r.user_id)
+    }
+
+    async fn session_opened(
+        &self,
+        user: &str,
+        device: &str,
+        cursor: Option<u64>,
+    ) -> Result<(u64, u64), ChatError> {
+        let req = ipb::OpenSessionRequest {
+            user_id: user.to_owned(),
+            device_id: device.to_owned(),
+            cursor,
+        };
+        let r = self
+            .invoke(true, |mut c| {
+                let req = req.clone();
+                async move { c.open_session(req).await }
+            })
+            .await?;
+        Ok((r.resume_from, r.inbox_head))
+    }
+
+    async fn ack(&self, user: &str, device: &str, cursor: u64) -> Result<(), ChatError> {
+        let req = ipb::AckRequest {
+            user_id: user.to_owned(),
+            device_id: device.to_owned(),
+            cursor,
+        };
+        self.invoke(true, |mut c| {
+            let req = req.clone();
+            async move { c.ack(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError> {
+        let req = ipb::SyncRequest {
+            user_id: user.to_owned(),
+            after,
+            limit,
+        };
+        let r = self
+            .invoke(true, |mut c| {
+                let req = req.clone();
+                async move { c.sync(req).await }
+            })
+            .await?;
+        let entries = r
+            .entries
+            .into_iter()
+            .map(|d| (d.inbox_seq, d.message.unwrap_or_default()))
+            .collect();
+        Ok(SyncPage {
+            entries,
+            head: r.inbox_head,
+            missing: (r.missing_to > 0).then_some((r.missing_from, r.missing_to)),
+        })
+    }
+
+    async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+        // A group created twice is two groups: that call is not repeated.
+        let retry = !matches!(req, Req::CreateGroup(_));
+        let req = ipb::CallRequest {
+            user_id: user.to_owned(),
+            device_id: device.to_owned(),
+            frame: Some(pb::ClientFrame {
+                request_id: 0,
+                body: Some(req),
+            }),
+        };
+        let r = self
+            .invoke(retry, |mut c| {
+                let req = req.clone();
+                async move { c.call(req).await }
+            })
+            .await?;
+        r.frame
+            .and_then(|f| f.body)
+            .ok_or_else(|| ChatError::Unavailable("empty reply from the chat service".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use parley_proto::pb::{
+        self, ErrorCode, client_frame::Body as Req, server_frame::Body as Resp,
+    };
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+
+    use super::*;
+    use parley_core::{ChatConfig, ChatService, LocalBus, MemoryPresence, Store, TokenKeys};
+    use parley_store::SqliteStore;
+
+    struct Replica {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn replica(store: Arc<dyn Store>, tokens: &TokenKeys) -> Replica {
+        let chat = ChatService::start(
+            store,
+            Arc::new(MemoryPresence::default()),
+            Arc::new(LocalBus::default()),
+            tokens.clone(),
+            ChatConfig::default(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, mut rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            parley_chat::internal::serve(listener, chat, Some("k3y".into()), shutdown)
+                .await
+                .unwrap();
+        });
+        Replica { addr, stop, task }
+    }
+
+    fn send(conv: u64, id: &str) -> Req {
+        Req::Send(pb::Send {
+            client_msg_id: id.into(),
+            conversation_id: conv,
+            content: Some(pb::Content::text("hi")),
+        })
+    }
+
+    #[tokio::test]
+    async fn calls_fail_over_between_replicas_and_keep_application_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("t.db")).await.unwrap());
+        for u in ["alice", "bob"] {
+            store.create_user(u, "", 0).await.unwrap();
+        }
+        let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+        let tokens = TokenKeys::new(b"0123456789abcdef0123456789abcdef").unwrap();
+        let (a, b) = (
+            replica(store.clone(), &tokens).await,
+            replica(store.clone(), &tokens).await,
+        );
+        let mut config = RemoteConfig::new(vec![a.addr.to_string(), b.addr.to_string()]);
+        config.key = Some("k3y".into());
+        let remote = RemoteChat::connect(config.clone()).await.unwrap();
+        assert_eq!(remote.replicas().len(), 2);
+
+        let token = tokens
+            .issue("alice", parley_core::now_ms() / 1000, 60)
+            .unwrap();
+        assert_eq!(remote.authenticate(&token).await.unwrap(), "alice");
+        let err = remote.authenticate("garbage").await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
+        let err = remote
+            .call("alice", "d", send(9999, "x"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            ErrorCode::NotMember,
+            "application errors pass through"
+        );
+
+        // One replica goes away; every send still succeeds, each acked once.
+        let _ = a.stop.send(true);
+        a.task.await.unwrap();
+        for i in 0..20 {
+            let resp = remote
+                .call("alice", "d", send(conv.id, &format!("m{i}")))
+                .await
+                .unwrap();
+            let Resp::SendAck(ack) = resp else {
+                panic!("expected an ack, got {resp:?}")
+            };
+            assert_eq!(ack.seq, i + 1);
+        }
+        assert!(
+            remote.failures() >= 1,
+            "the dead replica was tried and set aside"
+        );
+        let (resume, head) = remote.session_opened("bob", "phone", None).await.unwrap();
+        assert_eq!((resume, head), (20, 20));
+        let page = remote.sync("bob", 15, 100).await.unwrap();
+        assert_eq!(page.entries.len(), 5);
+
+        // A name resolving to several addresses counts each as a replica;
+        // those that do not answer are passed over.
+        let mut by_name = RemoteConfig::new(vec![format!("localhost:{}", b.addr.port())]);
+        by_name.key = Some("k3y".into());
+        let by_name = RemoteChat::connect(by_name).await.unwrap();
+        assert!(!by_name.replicas().is_empty());
+        for _ in 0..4 {
+            assert_eq!(by_name.authenticate(&token).await.unwrap(), "alice");
+        }
+
+        // Without the key, calls are refused, and not retried.
+        config.key = None;
+        let keyless = RemoteChat::connect(config).await.unwrap();
+        let err = keyless.authenticate(&token).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
+        let _ = b.stop.send(true);
+    }
+}
