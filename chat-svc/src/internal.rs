@@ -11,7 +11,7 @@ use parley_proto::pb;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use parley_core::{ChatError, ChatService};
+use parley_core::{ChatError, ChatService, SendRequest};
 
 use crate::status;
 
@@ -121,6 +121,53 @@ impl chat_internal_server::ChatInternal for InternalApi {
         }))
     }
 
+    async fn batch(
+        &self,
+        req: Request<ipb::BatchRequest>,
+    ) -> Result<Response<ipb::BatchReply>, Status> {
+        use ipb::batch_item::Body as Item;
+        use ipb::batch_result::Body as Answer;
+        let items = req.into_inner().items;
+        let mut results: Vec<Option<Answer>> = Vec::with_capacity(items.len());
+        let mut sends = Vec::new();
+        let mut places = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            match item.body {
+                Some(Item::Send(send)) => {
+                    sends.push(SendRequest {
+                        user: item.user_id,
+                        device: item.device_id,
+                        send,
+                    });
+                    places.push(i);
+                    results.push(None);
+                }
+                Some(Item::Ack(cursor)) => {
+                    let answer = match self.chat.ack(&item.user_id, &item.device_id, cursor).await {
+                        Ok(()) => Answer::Done(ipb::Empty {}),
+                        Err(e) => Answer::Error(error(&e)),
+                    };
+                    results.push(Some(answer));
+                }
+                None => results.push(Some(Answer::Error(error(&ChatError::invalid(
+                    "a batch item needs a send or an ack",
+                ))))),
+            }
+        }
+        for (i, answer) in places.into_iter().zip(self.chat.send_many(sends).await) {
+            results[i] = Some(match answer {
+                Ok(ack) => Answer::SendAck(ack),
+                Err(e) => Answer::Error(error(&e)),
+            });
+        }
+        Ok(Response::new(ipb::BatchReply {
+            results: results
+                .into_iter()
+                .map(|body| ipb::BatchResult { body })
+                .collect(),
+        }))
+    }
+
     async fn call(
         &self,
         req: Request<ipb::CallRequest>,
@@ -137,5 +184,15 @@ impl chat_internal_server::ChatInternal for InternalApi {
         Ok(Response::new(ipb::CallReply {
             frame: Some(pb::ServerFrame::new(0, resp)),
         }))
+    }
+}
+
+/// A refused batch item, as the device will see it.
+fn error(e: &ChatError) -> pb::Error {
+    let code = e.code();
+    pb::Error {
+        code: code as i32,
+        message: e.client_message(),
+        fatal: code.is_fatal(),
     }
 }

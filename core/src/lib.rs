@@ -25,6 +25,6 @@ pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus};
 pub use error::ChatError;
 pub use metrics::{ChatMetrics, CodeLabel, code_label};
 pub use presence::{MemoryPresence, Presence, Session};
-pub use service::{ChatConfig, ChatService, SyncPage, now_ms};
+pub use service::{ChatConfig, ChatService, SendRequest, SyncPage, now_ms};
 pub use store::{BlockCache, MemoryStore, Store};
 pub use token::TokenKeys;

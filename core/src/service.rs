@@ -9,15 +9,13 @@ use std::time::Duration;
 
 use parley_proto::ids;
 use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::bus::{ChatEvent, Delivery, DeliveryBus};
+use crate::bus::DeliveryBus;
 use crate::error::ChatError;
 use crate::metrics::{ChatMetrics, code_label};
 use crate::presence::Presence;
-use crate::store::{
-    Appended, ConversationRecord, DeviceCursor, MembershipChange, NewMessage, Store,
-};
+use crate::store::{ConversationRecord, DeviceCursor, MembershipChange, Store};
 use crate::token::TokenKeys;
 
 /// Limits and policies of the chat service.
@@ -31,6 +29,9 @@ pub struct ChatConfig {
     pub retention: Option<Duration>,
     /// Most sends committed in one transaction.
     pub max_batch: usize,
+    /// Most sends waiting for a commit or being committed; past it, sends
+    /// are refused with UNAVAILABLE until the store catches up.
+    pub max_queue: usize,
     /// How often acknowledged cursors are written, all in one transaction.
     /// A cursor is advisory (a device resumes from its own), so a crash
     /// costs at most this much re-delivery, which clients drop as duplicates.
@@ -44,6 +45,7 @@ impl Default for ChatConfig {
             token_ttl: Duration::from_secs(30 * 24 * 3600),
             retention: None,
             max_batch: 256,
+            max_queue: 4096,
             cursor_flush: Duration::from_millis(500),
         }
     }
@@ -59,8 +61,6 @@ pub struct SyncPage {
     pub missing: Option<(u64, u64)>,
 }
 
-type AppendJob = (NewMessage, oneshot::Sender<Result<Appended, ChatError>>);
-
 /// The chat service; cheap to share behind an `Arc`.
 pub struct ChatService {
     store: Arc<dyn Store>,
@@ -68,7 +68,10 @@ pub struct ChatService {
     bus: Arc<dyn DeliveryBus>,
     tokens: TokenKeys,
     config: ChatConfig,
-    appends: mpsc::Sender<AppendJob>,
+    /// Sends waiting for the batch writer, in groups; `queue` holds a place
+    /// for each send waiting or being written.
+    appends: mpsc::UnboundedSender<send::AppendGroup>,
+    queue: Arc<tokio::sync::Semaphore>,
     /// Acked cursors not yet written, by (user, device).
     cursors: std::sync::Mutex<HashMap<(String, String), u64>>,
     metrics: ChatMetrics,
@@ -99,7 +102,8 @@ impl ChatService {
         tokens: TokenKeys,
         config: ChatConfig,
     ) -> Arc<Self> {
-        let (appends, rx) = mpsc::channel(config.max_batch * 4);
+        let (appends, rx) = send::queue();
+        let queue = Arc::new(tokio::sync::Semaphore::new(config.max_queue));
         let svc = Arc::new(Self {
             store,
             presence,
@@ -107,10 +111,11 @@ impl ChatService {
             tokens,
             config,
             appends,
+            queue,
             cursors: std::sync::Mutex::default(),
             metrics: ChatMetrics::default(),
         });
-        tokio::spawn(batch_writer(Arc::downgrade(&svc), rx));
+        tokio::spawn(send::batch_writer(Arc::downgrade(&svc), rx));
         tokio::spawn(cursor_writer(Arc::downgrade(&svc)));
         if let Some(retention) = svc.config.retention {
             tokio::spawn(retention_task(Arc::downgrade(&svc), retention));
@@ -232,8 +237,10 @@ impl ChatService {
 
     /// Handles a request frame of an authenticated device.
     pub async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+        // Sends count their own refusals (see `send_many`).
+        let counted = !matches!(req, Req::Send(_));
         let result = self.handle(user, device, req).await;
-        if let Err(e) = &result {
+        if counted && let Err(e) = &result {
             self.metrics
                 .errors
                 .get_or_create(&code_label(e.code()))
@@ -306,41 +313,6 @@ impl ChatService {
                 Err(ChatError::invalid("this frame is handled by the gateway"))
             }
         }
-    }
-
-    async fn send(
-        &self,
-        user: &str,
-        device: &str,
-        send: pb::Send,
-    ) -> Result<pb::SendAck, ChatError> {
-        ids::check_client_msg_id(&send.client_msg_id).map_err(ChatError::InvalidArgument)?;
-        check_content(send.content.as_ref())?;
-        let job = NewMessage {
-            conversation_id: send.conversation_id,
-            sender_id: user.to_owned(),
-            sender_device: device.to_owned(),
-            client_msg_id: send.client_msg_id,
-            content: send.content.unwrap_or_default(),
-            now_ms: now_ms(),
-        };
-        let (tx, rx) = oneshot::channel();
-        self.appends
-            .send((job, tx))
-            .await
-            .map_err(|_| ChatError::Unavailable("shutting down".into()))?;
-        let appended = rx
-            .await
-            .map_err(|_| ChatError::Unavailable("shutting down".into()))??;
-        let m = &appended.message;
-        Ok(pb::SendAck {
-            client_msg_id: m.client_msg_id.clone(),
-            msg_id: m.msg_id,
-            conversation_id: m.conversation_id,
-            seq: m.seq,
-            server_time_ms: m.server_time_ms,
-            duplicate: appended.duplicate,
-        })
     }
 
     async fn history(
@@ -434,148 +406,6 @@ impl ChatService {
             Err(ChatError::NotMember(conversation_id))
         }
     }
-
-    /// Sends committed messages to the gateways of their online recipients,
-    /// one publish per gateway, in commit order; offline recipients become
-    /// events.
-    async fn fan_out(&self, appended: &[Appended]) {
-        let mut users: Vec<&str> = appended
-            .iter()
-            .flat_map(|a| a.recipients.iter().map(|(u, _)| u.as_str()))
-            .collect();
-        if users.is_empty() {
-            return;
-        }
-        users.sort_unstable();
-        users.dedup();
-        let located = match self.presence.locate(&users).await {
-            Ok(l) => l,
-            Err(e) => {
-                // Devices catch up by cursor when presence is unreachable.
-                tracing::warn!(error = %e, "presence lookup failed; deliveries left to sync");
-                return;
-            }
-        };
-        let mut gateway_of: HashMap<&str, Vec<&str>> = HashMap::new();
-        for (gateway, users) in &located {
-            for u in users {
-                gateway_of
-                    .entry(u.as_str())
-                    .or_default()
-                    .push(gateway.as_str());
-            }
-        }
-        let mut per_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
-        for a in appended {
-            let message = Arc::new(a.message.clone());
-            let mut here: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
-            for (user, inbox_seq) in &a.recipients {
-                match gateway_of.get(user.as_str()) {
-                    Some(gateways) => {
-                        for g in gateways {
-                            here.entry(g).or_default().push((user.clone(), *inbox_seq));
-                        }
-                    }
-                    None if *user != a.message.sender_id => {
-                        self.metrics.offline_events.inc();
-                        let event = ChatEvent::OfflineMessage {
-                            user: user.clone(),
-                            inbox_seq: *inbox_seq,
-                            message: message.clone(),
-                        };
-                        if let Err(e) = self.bus.event(event).await {
-                            tracing::warn!(error = %e, "offline event not published");
-                        }
-                    }
-                    None => {}
-                }
-            }
-            for (g, recipients) in here {
-                per_gateway.entry(g).or_default().push(Delivery {
-                    message: message.clone(),
-                    recipients,
-                });
-            }
-        }
-        for (gateway, deliveries) in per_gateway {
-            self.metrics.publishes.inc();
-            if let Err(e) = self.bus.publish(gateway, deliveries).await {
-                tracing::warn!(gateway, error = %e, "delivery not published; devices will sync");
-            }
-        }
-    }
-}
-
-fn check_content(content: Option<&pb::Content>) -> Result<(), ChatError> {
-    use pb::content::Body;
-    match content.and_then(|c| c.body.as_ref()) {
-        None => Err(ChatError::invalid("a message needs content")),
-        Some(Body::Text(t)) if t.is_empty() => Err(ChatError::invalid("text must not be empty")),
-        Some(Body::Media(m)) if m.url.is_empty() => Err(ChatError::invalid("media needs a url")),
-        Some(Body::Custom(c)) if c.r#type.is_empty() => {
-            Err(ChatError::invalid("custom content needs a type"))
-        }
-        Some(Body::System(_)) => Err(ChatError::invalid(
-            "system events are written by the server only",
-        )),
-        Some(_) => Ok(()),
-    }
-}
-
-/// Gathers concurrent sends into one transaction each, then fans them out in
-/// commit order.
-async fn batch_writer(weak: std::sync::Weak<ChatService>, mut rx: mpsc::Receiver<AppendJob>) {
-    let mut jobs: Vec<AppendJob> = Vec::new();
-    let Some(max) = weak.upgrade().map(|s| s.config.max_batch) else {
-        return;
-    };
-    loop {
-        if rx.recv_many(&mut jobs, max).await == 0 {
-            return;
-        }
-        let Some(svc) = weak.upgrade() else { return };
-        let (batch, replies): (Vec<NewMessage>, Vec<_>) = jobs.drain(..).unzip();
-        let started = std::time::Instant::now();
-        svc.metrics.batch_size.observe(batch.len() as f64);
-        let appended = svc.store.append(batch).await;
-        svc.metrics
-            .append_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match appended {
-            Ok(results) => {
-                // Duplicates are fanned out again: the replica that committed
-                // the original may have died before it published. Gateways and
-                // the SDK drop what a device already has.
-                let mut committed: Vec<Appended> = Vec::with_capacity(results.len());
-                for (result, reply) in results.into_iter().zip(replies) {
-                    if let Ok(a) = &result {
-                        let counter = if a.duplicate {
-                            &svc.metrics.duplicates
-                        } else {
-                            &svc.metrics.messages
-                        };
-                        counter.inc();
-                    }
-                    if let Ok(a) = &result
-                        && (!a.duplicate
-                            || !committed
-                                .iter()
-                                .any(|c| c.message.msg_id == a.message.msg_id))
-                    {
-                        committed.push(a.clone());
-                    }
-                    let _ = reply.send(result);
-                }
-                svc.fan_out(&committed).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "append batch failed; senders will retry");
-                for reply in replies {
-                    let _ = reply.send(Err(ChatError::Unavailable("storage failed; retry".into())));
-                }
-            }
-        }
-    }
 }
 
 /// Writes acked cursors every `cursor_flush`.
@@ -609,5 +439,9 @@ async fn retention_task(svc: std::sync::Weak<ChatService>, retention: Duration) 
     }
 }
 
+mod fanout;
+mod send;
 #[cfg(test)]
 mod tests;
+
+pub use send::SendRequest;

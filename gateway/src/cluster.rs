@@ -119,6 +119,7 @@ impl Probe for Node {
         m.backends
             .set_reconnects("rabbitmq", self.amqp.reconnects());
         m.backends.set_reconnects("chat", self.chat.failures());
+        m.set_batches(self.chat.batches());
         ops::encode(&self.metrics)
     }
 }

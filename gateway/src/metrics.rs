@@ -24,6 +24,10 @@ pub struct GatewayMetrics {
     pub send_seconds: Histogram,
     /// Error frames written, by code.
     pub errors: Family<CodeLabel, Counter>,
+    /// `Batch` calls to the chat service (a cluster gateway), and the sends
+    /// and acks they carried: items / batches is the batch size.
+    pub chat_batches: Counter,
+    pub chat_batch_items: Counter,
     pub backends: BackendMetrics,
 }
 
@@ -37,6 +41,8 @@ impl Default for GatewayMetrics {
             messages_out: Counter::default(),
             send_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
             errors: Family::default(),
+            chat_batches: Counter::default(),
+            chat_batch_items: Counter::default(),
             backends: BackendMetrics::default(),
         }
     }
@@ -79,7 +85,27 @@ impl GatewayMetrics {
             "Error frames written to devices, by code",
             self.errors.clone(),
         );
+        r.register(
+            "gateway_chat_batches",
+            "Batch calls to the chat service",
+            self.chat_batches.clone(),
+        );
+        r.register(
+            "gateway_chat_batch_items",
+            "Sends and acks carried by batch calls to the chat service",
+            self.chat_batch_items.clone(),
+        );
         self.backends.register(r);
+    }
+
+    /// Raises the batch counters to totals counted by the chat client.
+    pub fn set_batches(&self, (calls, items): (u64, u64)) {
+        for (counter, total) in [(&self.chat_batches, calls), (&self.chat_batch_items, items)] {
+            let now = counter.get();
+            if total > now {
+                counter.inc_by(total - now);
+            }
+        }
     }
 
     /// Counts what is about to be written.

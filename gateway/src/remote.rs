@@ -26,6 +26,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use parley_core::{ChatBackend, ChatError, SyncPage};
 
+mod batch;
+
 /// Where the chat service is and how to call it.
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
@@ -39,6 +41,15 @@ pub struct RemoteConfig {
     pub resolve_every: Duration,
     /// How long a replica that failed is skipped.
     pub backoff: Duration,
+    /// Most sends and acks in one `Batch` call (the chat service commits a
+    /// call's sends in one transaction, so this matches its batch size).
+    pub batch_max: usize,
+    /// `Batch` calls in flight at once; what arrives meanwhile waits and
+    /// goes in the next one.
+    pub batches_in_flight: usize,
+    /// Sends and acks waiting for a batch; past it they are refused with
+    /// UNAVAILABLE.
+    pub batch_queue: usize,
 }
 
 impl RemoteConfig {
@@ -49,6 +60,9 @@ impl RemoteConfig {
             call_timeout: Duration::from_secs(10),
             resolve_every: Duration::from_secs(5),
             backoff: Duration::from_secs(1),
+            batch_max: 256,
+            batches_in_flight: 4,
+            batch_queue: 16_384,
         }
     }
 }
@@ -182,10 +196,17 @@ async fn resolve(targets: &[String]) -> Option<Vec<SocketAddr>> {
     (!addrs.is_empty()).then_some(addrs)
 }
 
-/// The chat service behind gRPC, balanced over its replicas.
-pub struct RemoteChat {
+/// Calls replicas: round-robin, failing over on transport errors.
+struct Caller {
     pool: Arc<Pool>,
     call_timeout: Duration,
+}
+
+/// The chat service behind gRPC, balanced over its replicas.
+pub struct RemoteChat {
+    caller: Arc<Caller>,
+    pool: Arc<Pool>,
+    batches: batch::Batches,
     resolver: tokio::task::JoinHandle<()>,
 }
 
@@ -250,9 +271,14 @@ impl RemoteChat {
                 }
             }
         });
-        Ok(Self {
-            pool,
+        let caller = Arc::new(Caller {
+            pool: pool.clone(),
             call_timeout: config.call_timeout,
+        });
+        Ok(Self {
+            batches: batch::Batches::start(caller.clone(), &config),
+            caller,
+            pool,
             resolver,
         })
     }
@@ -267,6 +293,15 @@ impl RemoteChat {
         self.pool.failures.load(Ordering::Relaxed)
     }
 
+    /// `Batch` calls made so far, and the sends and acks they carried.
+    pub fn batches(&self) -> (u64, u64) {
+        let c = &self.batches.counts;
+        (
+            c.calls.load(Ordering::Relaxed),
+            c.items.load(Ordering::Relaxed),
+        )
+    }
+
     /// Whether some replica is believed healthy.
     pub fn healthy(&self) -> bool {
         let now = self.pool.now_ms();
@@ -275,7 +310,9 @@ impl RemoteChat {
             .iter()
             .any(|r| r.down_until.load(Ordering::Relaxed) <= now)
     }
+}
 
+impl Caller {
     /// Calls `f` on a replica, moving to the next one on transport failures
     /// when `retry` allows (up to one attempt per replica, at least 3).
     async fn invoke<T, F, Fut>(&self, retry: bool, f: F) -> Result<T, ChatError>
@@ -328,6 +365,7 @@ impl ChatBackend for RemoteChat {
             token: token.to_owned(),
         };
         let r = self
+            .caller
             .invoke(true, |mut c| {
                 let req = req.clone();
                 async move { c.authenticate(req).await }
@@ -348,6 +386,7 @@ impl ChatBackend for RemoteChat {
             cursor,
         };
         let r = self
+            .caller
             .invoke(true, |mut c| {
                 let req = req.clone();
                 async move { c.open_session(req).await }
@@ -357,17 +396,14 @@ impl ChatBackend for RemoteChat {
     }
 
     async fn ack(&self, user: &str, device: &str, cursor: u64) -> Result<(), ChatError> {
-        let req = ipb::AckRequest {
-            user_id: user.to_owned(),
-            device_id: device.to_owned(),
-            cursor,
-        };
-        self.invoke(true, |mut c| {
-            let req = req.clone();
-            async move { c.ack(req).await }
-        })
-        .await?;
-        Ok(())
+        match self
+            .batches
+            .submit(user, device, batch::Item::Ack(cursor))
+            .await?
+        {
+            batch::Answer::Done(_) => Ok(()),
+            other => Err(batch::unexpected(&other)),
+        }
     }
 
     async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError> {
@@ -377,6 +413,7 @@ impl ChatBackend for RemoteChat {
             limit,
         };
         let r = self
+            .caller
             .invoke(true, |mut c| {
                 let req = req.clone();
                 async move { c.sync(req).await }
@@ -395,6 +432,20 @@ impl ChatBackend for RemoteChat {
     }
 
     async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+        let req = match req {
+            // The hot path goes in batches.
+            Req::Send(send) => {
+                return match self
+                    .batches
+                    .submit(user, device, batch::Item::Send(send))
+                    .await?
+                {
+                    batch::Answer::SendAck(ack) => Ok(Resp::SendAck(ack)),
+                    other => Err(batch::unexpected(&other)),
+                };
+            }
+            req => req,
+        };
         // A group created twice is two groups: that call is not repeated.
         let retry = !matches!(req, Req::CreateGroup(_));
         let req = ipb::CallRequest {
@@ -406,6 +457,7 @@ impl ChatBackend for RemoteChat {
             }),
         };
         let r = self
+            .caller
             .invoke(retry, |mut c| {
                 let req = req.clone();
                 async move { c.call(req).await }
@@ -428,8 +480,9 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
-    use parley_core::{ChatConfig, ChatService, LocalBus, MemoryPresence, Store, TokenKeys};
-    use parley_store::SqliteStore;
+    use parley_core::{
+        ChatConfig, ChatService, LocalBus, MemoryPresence, MemoryStore, Store, TokenKeys,
+    };
 
     struct Replica {
         addr: SocketAddr,
@@ -469,9 +522,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_fail_over_between_replicas_and_keep_application_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("t.db")).await.unwrap());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         for u in ["alice", "bob"] {
             store.create_user(u, "", 0).await.unwrap();
         }
@@ -540,5 +591,72 @@ mod tests {
         let err = keyless.authenticate(&token).await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
         let _ = b.stop.send(true);
+    }
+
+    /// Sends and acks of many connections at once travel in one `Batch`
+    /// call, each answered on its own: refusals stay with their item.
+    #[tokio::test]
+    async fn concurrent_sends_and_acks_share_one_call() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        for u in ["alice", "bob", "carol"] {
+            store.create_user(u, "", 0).await.unwrap();
+        }
+        let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+        let tokens = TokenKeys::new(b"0123456789abcdef0123456789abcdef").unwrap();
+        let r = replica(store.clone(), &tokens).await;
+        let mut config = RemoteConfig::new(vec![r.addr.to_string()]);
+        config.key = Some("k3y".into());
+        config.batches_in_flight = 1;
+        let remote = Arc::new(RemoteChat::connect(config).await.unwrap());
+        // Warm the channel, so the batch below is not the connect's.
+        remote.ack("bob", "phone", 0).await.unwrap();
+        let (calls_before, _) = remote.batches();
+
+        let mut tasks = Vec::new();
+        for i in 0..150 {
+            let sender = remote.clone();
+            tasks.push(tokio::spawn(async move {
+                // Carol is no member: her sends fail alone.
+                let user = if i % 50 == 49 { "carol" } else { "alice" };
+                sender
+                    .call(user, "d", send(conv.id, &format!("m{i}")))
+                    .await
+            }));
+            let acker = remote.clone();
+            tasks.push(tokio::spawn(async move {
+                acker
+                    .ack("bob", "phone", i)
+                    .await
+                    .map(|()| Resp::Done(pb::Done {}))
+            }));
+        }
+        let mut seqs = Vec::new();
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(Resp::SendAck(ack)) => seqs.push(ack.seq),
+                Ok(Resp::Done(_)) => {}
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(e) => {
+                    assert_eq!(e.code(), ErrorCode::NotMember, "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=147).collect::<Vec<_>>(),
+            "each send committed once"
+        );
+        assert_eq!(refused, 3);
+        let (calls, items) = remote.batches();
+        assert!(
+            calls - calls_before <= 3,
+            "300 items went in {} calls",
+            calls - calls_before
+        );
+        assert_eq!(items, 301);
+        let _ = r.stop.send(true);
     }
 }

@@ -11,9 +11,10 @@ use parley_proto::pb::{self, ErrorCode, client_frame::Body as Req, server_frame:
 use crate::bus::{ChatEvent, LocalBus};
 use crate::presence::{MemoryPresence, Presence, Session};
 use crate::store::{MemoryStore, Store};
-use crate::{ChatConfig, ChatService, TokenKeys};
+use crate::{ChatConfig, ChatService, SendRequest, TokenKeys};
 
 struct World {
+    memory: Arc<MemoryStore>,
     store: Arc<dyn Store>,
     presence: Arc<MemoryPresence>,
     bus: Arc<LocalBus>,
@@ -21,7 +22,8 @@ struct World {
 }
 
 async fn world(config: ChatConfig) -> World {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let memory = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = memory.clone();
     for u in ["alice", "bob", "carol"] {
         store.create_user(u, "", 0).await.unwrap();
     }
@@ -35,6 +37,7 @@ async fn world(config: ChatConfig) -> World {
         config,
     );
     World {
+        memory,
         store,
         presence,
         bus,
@@ -249,4 +252,66 @@ async fn tokens_authenticate_existing_users_only() {
         w.chat.authenticate(&ghost).await.unwrap_err().code(),
         ErrorCode::Unauthenticated
     );
+}
+
+/// Past the queue's bound a send is refused at once with UNAVAILABLE, while
+/// the store is stalled: nothing piles up in memory and nobody waits behind
+/// the overload. What was accepted commits once the store answers again.
+#[tokio::test]
+async fn past_the_queue_sends_are_refused_at_once() {
+    let w = world(ChatConfig {
+        max_queue: 3,
+        ..Default::default()
+    })
+    .await;
+    let direct = w.store.open_direct("alice", "bob", 0).await.unwrap();
+    let sends = |ids: &[&str]| -> Vec<SendRequest> {
+        ids.iter()
+            .map(|id| SendRequest {
+                user: "alice".into(),
+                device: "phone".into(),
+                send: pb::Send {
+                    client_msg_id: (*id).into(),
+                    conversation_id: direct.id,
+                    content: Some(pb::Content::text("hi")),
+                },
+            })
+            .collect()
+    };
+    let stall = w.memory.stall_appends().await;
+    let chat = w.chat.clone();
+    let first = sends(&["a", "b", "c"]);
+    let accepted = tokio::spawn(async move { chat.send_many(first).await });
+    // The group takes every place and waits in the stalled store.
+    tokio::task::yield_now().await;
+    for ids in [&["d"][..], &["e", "f", "g", "h"]] {
+        // Refused at once: a send that waited would wait for the stall.
+        let refused = tokio::time::timeout(Duration::from_secs(5), w.chat.send_many(sends(ids)))
+            .await
+            .expect("refused, not queued");
+        for r in refused {
+            assert_eq!(r.unwrap_err().code(), ErrorCode::Unavailable);
+        }
+    }
+    assert!(!accepted.is_finished(), "acked only after the commit");
+    drop(stall);
+    let acks: Vec<u64> = accepted
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().seq)
+        .collect();
+    assert_eq!(acks, vec![1, 2, 3]);
+    let again = w.chat.send_many(sends(&["d"])).await;
+    assert_eq!(
+        again[0].as_ref().unwrap().seq,
+        4,
+        "room again once committed"
+    );
+    let refusals = w
+        .chat
+        .metrics()
+        .errors
+        .get_or_create(&crate::code_label(ErrorCode::Unavailable));
+    assert_eq!(refusals.get(), 5);
 }

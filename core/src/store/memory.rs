@@ -6,10 +6,11 @@
 //! check. Nothing is kept across restarts.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use parley_proto::pb;
+use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use super::{
     Appended, ConversationRecord, DeviceCursor, HistorySlice, InboxPage, MembershipChange,
@@ -24,6 +25,8 @@ use crate::membership::{
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// Held for writing while appends stall (`stall_appends`).
+    gate: Arc<RwLock<()>>,
 }
 
 #[derive(Debug)]
@@ -73,6 +76,12 @@ struct Inner {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes appends wait until the guard is dropped: a database that has
+    /// stopped answering, for tests of what waits on it.
+    pub async fn stall_appends(&self) -> OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -395,6 +404,7 @@ impl Store for MemoryStore {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
+        let _open = self.gate.read().await;
         let mut s = self.lock();
         Ok(batch.iter().map(|m| s.append_one(m)).collect())
     }

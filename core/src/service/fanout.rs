@@ -1,0 +1,84 @@
+//! The fan-out of committed messages: one presence lookup for a whole
+//! batch, one publish per gateway holding recipients (every delivery of the
+//! batch for that gateway, in commit order), and push cues for recipients
+//! with no device online. The bus may lose a delivery: devices recover it
+//! from the store by cursor.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::ChatService;
+use crate::bus::{ChatEvent, Delivery};
+use crate::store::Appended;
+
+impl ChatService {
+    /// Sends committed messages to the gateways of their online recipients,
+    /// one publish per gateway, in commit order; offline recipients become
+    /// events.
+    pub(super) async fn fan_out(&self, appended: &[Appended]) {
+        let mut users: Vec<&str> = appended
+            .iter()
+            .flat_map(|a| a.recipients.iter().map(|(u, _)| u.as_str()))
+            .collect();
+        if users.is_empty() {
+            return;
+        }
+        users.sort_unstable();
+        users.dedup();
+        let located = match self.presence.locate(&users).await {
+            Ok(l) => l,
+            Err(e) => {
+                // Devices catch up by cursor when presence is unreachable.
+                tracing::warn!(error = %e, "presence lookup failed; deliveries left to sync");
+                return;
+            }
+        };
+        let mut gateway_of: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (gateway, users) in &located {
+            for u in users {
+                gateway_of
+                    .entry(u.as_str())
+                    .or_default()
+                    .push(gateway.as_str());
+            }
+        }
+        let mut per_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
+        for a in appended {
+            let message = Arc::new(a.message.clone());
+            let mut here: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
+            for (user, inbox_seq) in &a.recipients {
+                match gateway_of.get(user.as_str()) {
+                    Some(gateways) => {
+                        for g in gateways {
+                            here.entry(g).or_default().push((user.clone(), *inbox_seq));
+                        }
+                    }
+                    None if *user != a.message.sender_id => {
+                        self.metrics.offline_events.inc();
+                        let event = ChatEvent::OfflineMessage {
+                            user: user.clone(),
+                            inbox_seq: *inbox_seq,
+                            message: message.clone(),
+                        };
+                        if let Err(e) = self.bus.event(event).await {
+                            tracing::warn!(error = %e, "offline event not published");
+                        }
+                    }
+                    None => {}
+                }
+            }
+            for (g, recipients) in here {
+                per_gateway.entry(g).or_default().push(Delivery {
+                    message: message.clone(),
+                    recipients,
+                });
+            }
+        }
+        for (gateway, deliveries) in per_gateway {
+            self.metrics.publishes.inc();
+            if let Err(e) = self.bus.publish(gateway, deliveries).await {
+                tracing::warn!(gateway, error = %e, "delivery not published; devices will sync");
+            }
+        }
+    }
+}
