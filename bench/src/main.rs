@@ -232,6 +232,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 server.stop().await;
             }
             print!("{}", table::traffic(&rows));
+            print!("\n{}", table::cpu_split(&rows));
             save(&common, &rows)
         }
         Command::Throughput {
@@ -262,6 +263,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let halves: Vec<_> = rows.iter().filter_map(|t| t.half.clone()).collect();
             println!("\nat half the sustained rate:");
             print!("{}", table::traffic(&halves));
+            print!("\n{}", table::cpu_split(&halves));
             save(&common, &rows)
         }
         Command::Catchup {

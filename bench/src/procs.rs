@@ -59,7 +59,8 @@ pub fn reset_peak(pid: u32) {
 /// What the servers used during a measurement.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Usage {
-    /// Per process: name, then (before, after).
+    /// Per process (or, for the shared services, per service): name, then
+    /// (before, after).
     pub processes: Vec<(String, Sample, Sample)>,
     pub seconds: f64,
 }
@@ -70,6 +71,7 @@ impl Usage {
         let cpu: f64 = self
             .processes
             .iter()
+            .filter(|(name, _, _)| !SERVICES.iter().any(|(s, _)| s == name))
             .map(|(_, a, b)| b.cpu_secs - a.cpu_secs)
             .sum();
         cpu / self.seconds.max(1e-9)
@@ -80,10 +82,43 @@ impl Usage {
     }
 }
 
-/// Measures the named processes from `start` to `finish`.
+/// The machine's shared services, each known by its processes' names in
+/// /proc/<pid>/comm: their CPU is counted too, since a cluster's cost is
+/// theirs as much as Parley's.
+pub const SERVICES: &[(&str, &[&str])] = &[
+    ("postgres", &["postgres"]),
+    ("redis", &["redis-server"]),
+    (
+        "rabbitmq",
+        &["beam.smp", "erl_child_setup", "epmd", "inet_gethost"],
+    ),
+];
+
+/// Every process of each shared service now, by pid.
+fn service_pids() -> Vec<(u32, &'static str)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        let comm = comm.trim();
+        let service = SERVICES
+            .iter()
+            .find(|(_, names)| names.iter().any(|n| comm.starts_with(n)))?;
+        Some((pid, service.0))
+    })
+    .collect()
+}
+
+/// Measures the named processes, and every process of the shared
+/// services, from `start` to `finish`. A service process that starts
+/// meanwhile (a new database connection) counts from its start; one that
+/// exits before the end is missed, which undercounts a little.
 pub struct Meter {
     pids: Vec<(String, u32)>,
     before: Vec<Sample>,
+    services: std::collections::HashMap<u32, Sample>,
     at: Instant,
 }
 
@@ -96,21 +131,39 @@ impl Meter {
             .iter()
             .map(|(_, p)| sample(*p).unwrap_or_default())
             .collect();
+        let services = service_pids()
+            .into_iter()
+            .map(|(pid, _)| (pid, sample(pid).unwrap_or_default()))
+            .collect();
         Self {
             pids,
             before,
+            services,
             at: Instant::now(),
         }
     }
 
     pub fn finish(&self) -> Usage {
+        let mut processes: Vec<(String, Sample, Sample)> = self
+            .pids
+            .iter()
+            .zip(&self.before)
+            .map(|((name, pid), b)| (name.clone(), *b, sample(*pid).unwrap_or_default()))
+            .collect();
+        for (service, _) in SERVICES {
+            let (mut before, mut after) = (Sample::default(), Sample::default());
+            for (pid, _) in service_pids().into_iter().filter(|(_, s)| s == service) {
+                let Ok(now) = sample(pid) else { continue };
+                let then = self.services.get(&pid).copied().unwrap_or_default();
+                before.cpu_secs += then.cpu_secs;
+                after.cpu_secs += now.cpu_secs;
+                after.rss_kib += now.rss_kib;
+                after.hwm_kib += now.hwm_kib;
+            }
+            processes.push(((*service).to_owned(), before, after));
+        }
         Usage {
-            processes: self
-                .pids
-                .iter()
-                .zip(&self.before)
-                .map(|((name, pid), b)| (name.clone(), *b, sample(*pid).unwrap_or_default()))
-                .collect(),
+            processes,
             seconds: self.at.elapsed().as_secs_f64(),
         }
     }

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use crate::load::{Latency, Traffic};
 use crate::parley::CatchUp;
+use crate::procs::SERVICES;
 use crate::{IdleReport, Throughput};
 
 fn lat(l: &Option<Latency>) -> String {
@@ -25,16 +26,70 @@ fn ledger(t: &Traffic) -> String {
     )
 }
 
-/// Server CPU microseconds per delivered message, if measured.
-pub fn cpu_us_per_delivery(t: &Traffic) -> Option<f64> {
+/// The CPU columns of `cpu_split`: a title, and the processes it counts.
+const CPU_COLUMNS: &[(&str, &[&str])] = &[
+    ("parley", &["parley"]),
+    ("gateways", &["gw"]),
+    ("chat", &["chat"]),
+    ("postgres", &["postgres"]),
+    ("redis", &["redis"]),
+    ("rabbitmq", &["rabbitmq"]),
+    ("loadgen", &["load generator"]),
+];
+
+/// CPU microseconds per delivered message of the processes whose names
+/// start with one of `prefixes`, if measured.
+fn cpu_us(t: &Traffic, prefixes: &[&str]) -> Option<f64> {
     let u = t.usage.as_ref()?;
     let cpu: f64 = u
         .processes
         .iter()
-        .filter(|(name, _, _)| name != "load generator")
+        .filter(|(name, _, _)| prefixes.iter().any(|p| name.starts_with(p)))
         .map(|(_, a, b)| b.cpu_secs - a.cpu_secs)
         .sum();
     (t.delivered > 0).then(|| cpu * 1e6 / t.delivered as f64)
+}
+
+/// The server's own CPU microseconds per delivered message (Parley's
+/// processes, or the broker), if measured: not the shared services, not the
+/// load generator.
+pub fn cpu_us_per_delivery(t: &Traffic) -> Option<f64> {
+    let u = t.usage.as_ref()?;
+    let own: Vec<&str> = u
+        .processes
+        .iter()
+        .map(|(name, _, _)| name.as_str())
+        .filter(|name| *name != "load generator" && !SERVICES.iter().any(|(s, _)| s == name))
+        .collect();
+    cpu_us(t, &own)
+}
+
+/// Every process's CPU per delivered message, a column per kind, and the
+/// sum: what a delivery costs the machine, not only Parley.
+pub fn cpu_split(rows: &[Traffic]) -> String {
+    let mut s = String::new();
+    let _ = write!(s, "{:<15}", "cpu µs/dl");
+    for (title, _) in CPU_COLUMNS {
+        let _ = write!(s, " {title:>9}");
+    }
+    let _ = writeln!(s, " {:>9}", "all");
+    for t in rows {
+        let _ = write!(s, "{:<15}", t.system);
+        let mut all = 0.0;
+        for (_, prefixes) in CPU_COLUMNS {
+            match cpu_us(t, prefixes) {
+                Some(c) if c >= 0.05 => {
+                    all += c;
+                    let _ = write!(s, " {c:>9.1}");
+                }
+                _ => {
+                    let _ = write!(s, " {:>9}", "-");
+                }
+            }
+        }
+        let _ = writeln!(s, " {all:>9.1}");
+    }
+    s
 }
 
 /// One line for a step of a search.
@@ -158,6 +213,9 @@ pub fn catch_up(c: &CatchUp) -> String {
         c.missed, c.received, c.catch_up_secs, c.messages_per_sec, c.fill_secs
     );
     for (name, before, after) in &c.usage.processes {
+        if SERVICES.iter().any(|(s, _)| s == name) {
+            continue;
+        }
         let _ = writeln!(
             s,
             "  {name}: resident {:.1} MiB before, peak {:.1} MiB during, CPU {:.2} s",
