@@ -173,7 +173,6 @@ where
     let tokens = TokenKeys::new(secret.as_bytes())?;
 
     let redis = RedisState::new(&a.backends.redis_url, &a.backends.prefix)?;
-    let store = store.with_block_cache(Arc::new(redis.clone()));
     let bus = Arc::new(AmqpBus::start(AmqpConfig {
         url: a.backends.amqp_url.clone(),
         prefix: a.backends.prefix.clone(),

@@ -3,8 +3,8 @@
 //! numbers, dedup, the per-user inbox and catch-up, history, membership,
 //! blocks, tokens, and the fan-out of committed messages live here; the
 //! database, the cache and the broker do not. Storage (`Store`), presence
-//! (`Presence`), the delivery bus (`DeliveryBus`) and the block-list cache
-//! (`BlockCache`) are traits: the adapters (`parley-store`, `parley-redis`,
+//! (`Presence`) and the delivery bus (`DeliveryBus`) are traits: the
+//! adapters (`parley-store`, `parley-redis`,
 //! `parley-amqp`) implement them for a cluster. The in-memory versions
 //! here are the one-process default's presence and bus, and every adapter
 //! of the core's own tests (`MemoryStore` for storage).
@@ -26,5 +26,5 @@ pub use error::ChatError;
 pub use metrics::{ChatMetrics, CodeLabel, code_label};
 pub use presence::{MemoryPresence, Presence, Session};
 pub use service::{ChatConfig, ChatService, SendRequest, SyncPage, now_ms};
-pub use store::{BlockCache, MemoryStore, Store};
+pub use store::{MemoryStore, Store};
 pub use token::TokenKeys;

@@ -189,16 +189,6 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError>;
 }
 
-/// A cache of block lists in front of the store (Redis in a cluster): the
-/// PostgreSQL store reads a sender's peers' lists through it.
-#[async_trait]
-pub trait BlockCache: Send + Sync + 'static {
-    /// For each user, the users they block, or None where not cached.
-    async fn get(&self, users: &[&str]) -> Result<Vec<Option<Vec<String>>>, ChatError>;
-    async fn put(&self, user: &str, blocked: &[String]) -> Result<(), ChatError>;
-    async fn forget(&self, user: &str) -> Result<(), ChatError>;
-}
-
 /// The key that makes a direct conversation unique per pair of users.
 pub fn direct_key(a: &str, b: &str) -> String {
     if a <= b {

@@ -10,7 +10,6 @@
 //! | `P:drain:<gateway>` | string | the operator's drain request: clients per second; expires |
 //! | `P:routes` | sorted set | advertised address scored by connections |
 //! | `P:routes:seen` | hash | address → when its entry was last written (ms) |
-//! | `P:blocks:<user>` | string | the users `<user>` blocks, newline-separated |
 
 /// The key names under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,11 +57,6 @@ impl Keys {
         format!("{}:routes:seen", self.prefix)
     }
 
-    /// The users a user blocks (a cache).
-    pub fn blocks(&self, user: &str) -> String {
-        self.of("blocks", user)
-    }
-
     /// A SCAN pattern matching every key of the cluster.
     pub fn all(&self) -> String {
         format!("{}:*", self.prefix)
@@ -82,7 +76,6 @@ mod tests {
             k.drain("gw-0"),
             k.routes(),
             k.routes_seen(),
-            k.blocks("ann"),
         ] {
             assert!(key.starts_with("im:"), "{key}");
         }

@@ -1,12 +1,11 @@
 //! The cluster's shared, short-lived state in Redis: presence (which
-//! gateway holds each device), the block-list cache, each gateway's lease
+//! gateway holds each device), each gateway's lease
 //! (address and online count), the routing table the route lookup reads,
 //! and the operator's drain requests. Every key starts with a prefix, so
 //! clusters and tests share one Redis without touching each other's keys;
 //! every key name is in [`keys`], the one place the chat service, the
 //! gateways and the operator take them from.
 
-mod blocks;
 pub mod keys;
 mod presence;
 mod routing;

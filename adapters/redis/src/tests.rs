@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use parley_core::{BlockCache, Presence, Session};
+use parley_core::{Presence, Session};
 
 use crate::RedisState;
 use crate::testing::TestRedis;
@@ -126,19 +126,4 @@ async fn the_route_lookup_spreads_clients_over_the_least_loaded() {
     r.withdraw("a", "a:1").await.unwrap();
     assert!(r.routes().await.unwrap().is_empty());
     assert!(r.leases(&["a"]).await.unwrap().is_empty());
-}
-
-#[tokio::test]
-async fn block_lists_are_cached_and_forgotten() {
-    let t = TestRedis::new();
-    let r = state(&t);
-    assert_eq!(r.get(&["ann"]).await.unwrap(), vec![None]);
-    r.put("ann", &[]).await.unwrap();
-    r.put("bo", &["x".into(), "y".into()]).await.unwrap();
-    assert_eq!(
-        r.get(&["ann", "bo", "cy"]).await.unwrap(),
-        vec![Some(vec![]), Some(vec!["x".into(), "y".into()]), None]
-    );
-    r.forget("bo").await.unwrap();
-    assert_eq!(r.get(&["bo"]).await.unwrap(), vec![None]);
 }

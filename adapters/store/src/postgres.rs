@@ -9,7 +9,6 @@
 //! a fixed number of statements whatever its size (arrays through `unnest`).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,7 +27,8 @@ use parley_core::store::{
 };
 
 use crate::Db;
-use parley_core::BlockCache;
+
+mod append;
 
 /// The columns `message_from_row` reads, in order.
 macro_rules! message_columns {
@@ -45,7 +45,6 @@ const ATTEMPTS: usize = 5;
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
-    blocks: Option<Arc<dyn BlockCache>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -88,16 +87,7 @@ impl PgStore {
             .connect_with(options)
             .await
             .db()?;
-        Ok(Self { pool, blocks: None })
-    }
-
-    /// Reads block lists through `cache` (Redis in a cluster). Changes go
-    /// to the database and then evict the cached list, twice: right after
-    /// the commit and once more a moment later, so a reader that loaded the
-    /// old list just before the commit cannot leave it cached.
-    pub fn with_block_cache(mut self, cache: Arc<dyn BlockCache>) -> Self {
-        self.blocks = Some(cache);
-        self
+        Ok(Self { pool })
     }
 
     /// Brings the schema up to date. Safe to run from several replicas at
@@ -487,227 +477,7 @@ async fn append_system(
     Ok(out.remove(0))
 }
 
-/// (user, inbox_seq) of each recipient of a message.
-type Recipients = Vec<(String, u64)>;
-
-/// What the batch decided for one message.
-enum Plan {
-    Done(Box<Result<Appended, ChatError>>),
-    /// Index into the planned writes.
-    Write(usize),
-    /// A resend of an earlier message of the same batch.
-    SameAs(usize),
-}
-
 impl PgStore {
-    /// The users each of `users` blocks: from the cache where it has them,
-    /// from the database (filling the cache) where it does not or is down.
-    async fn block_lists(
-        &self,
-        conn: &mut PgConnection,
-        users: &[&str],
-    ) -> Result<HashMap<String, HashSet<String>>, ChatError> {
-        let mut lists: HashMap<String, HashSet<String>> = HashMap::new();
-        if users.is_empty() {
-            return Ok(lists);
-        }
-        let mut misses: Vec<&str> = users.to_vec();
-        if let Some(cache) = &self.blocks {
-            match cache.get(users).await {
-                Ok(cached) => {
-                    misses.clear();
-                    for (u, list) in users.iter().zip(cached) {
-                        match list {
-                            Some(list) => {
-                                lists.insert((*u).to_owned(), list.into_iter().collect());
-                            }
-                            None => misses.push(u),
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "block cache unavailable; reading the database")
-                }
-            }
-        }
-        if misses.is_empty() {
-            return Ok(lists);
-        }
-        let mut loaded: HashMap<String, Vec<String>> = misses
-            .iter()
-            .map(|u| ((*u).to_owned(), Vec::new()))
-            .collect();
-        for r in sqlx::query("SELECT user_id, blocked_id FROM blocks WHERE user_id = ANY($1)")
-            .bind(&misses)
-            .fetch_all(&mut *conn)
-            .await
-            .db()?
-        {
-            let user: String = r.try_get(0).db()?;
-            loaded.entry(user).or_default().push(r.try_get(1).db()?);
-        }
-        for (user, list) in loaded {
-            if let Some(cache) = &self.blocks
-                && let Err(e) = cache.put(&user, &list).await
-            {
-                tracing::debug!(error = %e, "block list not cached");
-            }
-            lists.insert(user, list.into_iter().collect());
-        }
-        Ok(lists)
-    }
-
-    async fn append_in(
-        &self,
-        tx: &mut PgConnection,
-        batch: &[NewMessage],
-    ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
-        let mut conv_ids: Vec<i64> = batch.iter().map(|m| m.conversation_id as i64).collect();
-        conv_ids.sort_unstable();
-        conv_ids.dedup();
-        // 1. The conversations' row locks, in id order: concurrent appends
-        // to one conversation queue here.
-        let mut convs: HashMap<u64, (pb::ConversationKind, i64)> = HashMap::new();
-        for r in sqlx::query(
-            "SELECT id, kind, last_seq FROM conversations WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
-        .bind(&conv_ids)
-        .fetch_all(&mut *tx)
-        .await.db()?
-        {
-            convs.insert(
-                r.try_get::<i64, _>(0).db()? as u64,
-                (kind_from_i16(r.try_get(1).db()?), r.try_get(2).db()?),
-            );
-        }
-        let members = members_of(tx, &conv_ids).await?;
-        // 2. Dedup: messages already stored under these client ids.
-        let senders: Vec<&str> = batch.iter().map(|m| m.sender_id.as_str()).collect();
-        let client_ids: Vec<&str> = batch.iter().map(|m| m.client_msg_id.as_str()).collect();
-        let mut existing: HashMap<(String, String), (pb::Message, Recipients)> = HashMap::new();
-        for r in sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages m JOIN unnest($1::text[], $2::text[]) AS k(s, c) \
-             ON m.sender_id = k.s AND m.client_msg_id = k.c"
-        ))
-        .bind(&senders)
-        .bind(&client_ids)
-        .fetch_all(&mut *tx)
-        .await
-        .db()?
-        {
-            let m = message_from_row(&r, 0)?;
-            existing.insert(
-                (m.sender_id.clone(), m.client_msg_id.clone()),
-                (m, Vec::new()),
-            );
-        }
-        if !existing.is_empty() {
-            let ids: Vec<i64> = existing.values().map(|(m, _)| m.msg_id as i64).collect();
-            let mut by_id: HashMap<u64, Vec<(String, u64)>> = HashMap::new();
-            for r in sqlx::query(
-                "SELECT message_id, user_id, seq FROM inbox WHERE message_id = ANY($1) \
-                 ORDER BY message_id, user_id",
-            )
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await
-            .db()?
-            {
-                by_id
-                    .entry(r.try_get::<i64, _>(0).db()? as u64)
-                    .or_default()
-                    .push((r.try_get(1).db()?, r.try_get::<i64, _>(2).db()? as u64));
-            }
-            for (m, recipients) in existing.values_mut() {
-                *recipients = by_id.remove(&m.msg_id).unwrap_or_default();
-            }
-        }
-        // 3. The block lists of the other parties of direct conversations.
-        let mut peers: Vec<&str> = Vec::new();
-        for m in batch {
-            if let Some((pb::ConversationKind::Direct, _)) = convs.get(&m.conversation_id) {
-                for peer in members.get(&m.conversation_id).into_iter().flatten() {
-                    if *peer != m.sender_id {
-                        peers.push(peer);
-                    }
-                }
-            }
-        }
-        peers.sort_unstable();
-        peers.dedup();
-        let block_lists = self.block_lists(&mut *tx, &peers).await?;
-        let blocks = |peer: &str, sender: &str| {
-            block_lists
-                .get(peer)
-                .is_some_and(|list| list.contains(sender))
-        };
-
-        // 4. Decide each message in order.
-        let mut plans = Vec::with_capacity(batch.len());
-        let mut planned: Vec<Planned<'_>> = Vec::new();
-        let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
-        for m in batch {
-            let key = (m.sender_id.as_str(), m.client_msg_id.as_str());
-            if let Some((found, recipients)) =
-                existing.get(&(m.sender_id.clone(), m.client_msg_id.clone()))
-            {
-                plans.push(Plan::Done(Box::new(Ok(Appended {
-                    message: found.clone(),
-                    recipients: recipients.clone(),
-                    duplicate: true,
-                }))));
-                continue;
-            }
-            if let Some(&i) = in_batch.get(&key) {
-                plans.push(Plan::SameAs(i));
-                continue;
-            }
-            let Some((kind, last_seq)) = convs.get_mut(&m.conversation_id) else {
-                plans.push(Plan::Done(Box::new(Err(ChatError::NotMember(
-                    m.conversation_id,
-                )))));
-                continue;
-            };
-            let conv_members = members.get(&m.conversation_id).cloned().unwrap_or_default();
-            if !conv_members.contains(&m.sender_id) {
-                plans.push(Plan::Done(Box::new(Err(ChatError::NotMember(
-                    m.conversation_id,
-                )))));
-                continue;
-            }
-            if *kind == pb::ConversationKind::Direct
-                && let Some(peer) = conv_members.iter().find(|p| blocks(p, &m.sender_id))
-            {
-                plans.push(Plan::Done(Box::new(Err(ChatError::Blocked(peer.clone())))));
-                continue;
-            }
-            *last_seq += 1;
-            in_batch.insert(key, planned.len());
-            plans.push(Plan::Write(planned.len()));
-            planned.push(Planned {
-                message: m,
-                seq: *last_seq,
-                recipients: conv_members,
-            });
-        }
-
-        // 5. Write them all.
-        let written = write_messages(&mut *tx, &planned).await?;
-        Ok(plans
-            .into_iter()
-            .map(|p| match p {
-                Plan::Done(r) => *r,
-                Plan::Write(i) => Ok(written[i].clone()),
-                Plan::SameAs(i) => Ok(Appended {
-                    duplicate: true,
-                    ..written[i].clone()
-                }),
-            })
-            .collect())
-    }
-
     async fn change_members_in(
         tx: &mut PgConnection,
         conversation_id: u64,
@@ -987,7 +757,7 @@ impl Store for PgStore {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
-        with_retries!(in_transaction!(self.pool, tx => self.append_in(&mut tx, &batch)))
+        with_retries!(append::append(&self.pool, &batch).await)
     }
 
     async fn inbox_after(
@@ -1126,10 +896,6 @@ impl Store for PgStore {
         blocked: bool,
         now_ms: i64,
     ) -> Result<(), ChatError> {
-        if let Some(cache) = &self.blocks {
-            // Refuse the change while the cache cannot be told about it.
-            cache.forget(user).await?;
-        }
         if blocked {
             sqlx::query(
                 "INSERT INTO blocks (user_id, blocked_id, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -1146,14 +912,6 @@ impl Store for PgStore {
                 .execute(&self.pool)
                 .await
                 .db()?;
-        }
-        if let Some(cache) = self.blocks.clone() {
-            let _ = cache.forget(user).await;
-            let user = user.to_owned();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let _ = cache.forget(&user).await;
-            });
         }
         Ok(())
     }

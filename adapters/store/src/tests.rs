@@ -1,11 +1,9 @@
 //! The stores against the core's conformance suite, on SQLite and on
 //! PostgreSQL (each test in a schema of its own), and what only a shared
-//! database can show: several writers on one conversation at once, and
-//! block lists read through the Redis cache.
+//! database can show: several writers on one conversation at once.
 
-use parley_core::ChatError;
 use parley_core::store::Store;
-use parley_core::store::conformance::{one, text, with_users};
+use parley_core::store::conformance::{text, with_users};
 use parley_proto::pb;
 
 use crate::testing::TestSchema;
@@ -125,31 +123,4 @@ async fn replicas_writing_one_conversation_keep_seqs_gap_free() {
             .collect();
         assert!(group_seqs.windows(2).all(|w| w[0] < w[1]), "{user}");
     }
-}
-
-/// Blocks through the Redis cache: a block or an unblock takes effect on the
-/// next message, though the list was cached before the change.
-#[tokio::test]
-async fn blocks_through_the_redis_cache_take_effect_at_once() {
-    let redis = parley_redis::testing::TestRedis::new();
-    let cache =
-        std::sync::Arc::new(parley_redis::RedisState::new(&redis.url, &redis.prefix).unwrap());
-    let (_schema, store) = pg_with_users().await;
-    let store = store.with_block_cache(cache.clone());
-    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
-    assert!(one(&store, text(conv.id, "alice", "1", "x")).await.is_ok());
-    assert_eq!(
-        parley_core::BlockCache::get(&*cache, &["bob"])
-            .await
-            .unwrap(),
-        vec![Some(vec![])],
-        "bob's (empty) list is cached"
-    );
-    store.set_block("bob", "alice", true, 0).await.unwrap();
-    assert!(matches!(
-        one(&store, text(conv.id, "alice", "2", "x")).await,
-        Err(ChatError::Blocked(_))
-    ));
-    store.set_block("bob", "alice", false, 0).await.unwrap();
-    assert!(one(&store, text(conv.id, "alice", "3", "x")).await.is_ok());
 }
