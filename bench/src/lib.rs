@@ -5,6 +5,7 @@
 //! the same run, so the figures are ratios taken on the same machine at the
 //! same moment. See docs/benchmarks.md.
 
+pub mod floor;
 pub mod load;
 pub mod mqtt;
 pub mod nats;

@@ -70,6 +70,21 @@ enum Command {
         /// Never offer more than this.
         #[arg(long, default_value_t = 400_000.0)]
         ceiling: f64,
+        /// First measure the PostgreSQL floor (the store's batch call driven
+        /// directly) and read each sustained rate as a share of it.
+        #[arg(long)]
+        floor: bool,
+    },
+    /// The PostgreSQL floor alone: what the machine's PostgreSQL takes of
+    /// Parley's writes, the store's batch call driven directly.
+    Floor {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: Load,
+        /// Batch sizes tried, each with one and with two writers.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        batches: Vec<usize>,
     },
     /// A device coming back to many missed messages (Parley only).
     Catchup {
@@ -242,8 +257,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             p99_ms,
             refine,
             ceiling,
+            floor,
         } => {
             let env = env(&common)?;
+            let floor = match floor {
+                true => Some(measure_floor(&load, &[1, 16, 64, 256]).await?),
+                false => None,
+            };
             let mut rows = Vec::new();
             for &system in &common.systems {
                 eprintln!("{}:", system.name());
@@ -264,7 +284,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("\nat half the sustained rate:");
             print!("{}", table::traffic(&halves));
             print!("\n{}", table::cpu_split(&halves));
-            save(&common, &rows)
+            match floor {
+                Some(floor) => {
+                    print!("\n{}", table::floor(&floor, &rows));
+                    save(
+                        &common,
+                        &serde_json::json!({ "throughput": rows, "floor": floor }),
+                    )
+                }
+                None => save(&common, &rows),
+            }
+        }
+        Command::Floor {
+            common,
+            load,
+            batches,
+        } => {
+            let floor = measure_floor(&load, &batches).await?;
+            print!("{}", table::floor(&floor, &[]));
+            save(&common, &floor)
         }
         Command::Catchup {
             common,
@@ -286,6 +324,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             save(&common, &rows)
         }
     }
+}
+
+/// The PostgreSQL floor for the 1:1 workload of `load`.
+async fn measure_floor(
+    load: &Load,
+    batches: &[usize],
+) -> anyhow::Result<parley_bench::floor::Floor> {
+    eprintln!("postgres floor:");
+    parley_bench::floor::measure(load.endpoints, load.peers, load.size, load.secs, batches).await
 }
 
 fn save(common: &Common, value: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -226,3 +226,43 @@ pub fn catch_up(c: &CatchUp) -> String {
     }
     s
 }
+
+/// The PostgreSQL floor, and each sustained rate as a share of it.
+pub fn floor(f: &crate::floor::Floor, rows: &[Throughput]) -> String {
+    let mut s = format!(
+        "postgres floor: the store's batch call (parley_append) driven directly; \
+         {} users, {} direct conversations, {}-byte messages\n",
+        f.users, f.conversations, f.size
+    );
+    let _ = writeln!(
+        s,
+        "{:>6} {:>8} {:>10} {:>14} {:>10}",
+        "batch", "writers", "msg/s", "postgres µs/msg", "ms a call"
+    );
+    for r in &f.runs {
+        let _ = writeln!(
+            s,
+            "{:>6} {:>8} {:>10.0} {:>14.1} {:>10.2}",
+            r.batch, r.writers, r.messages_per_sec, r.postgres_us, r.call_ms
+        );
+    }
+    let Some(best) = f.best() else {
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "floor: {:.0} msg/s (batch {}, {} writers)",
+        best.messages_per_sec, best.batch, best.writers
+    );
+    for t in rows {
+        let rate = t.max.as_ref().map_or(0.0, |m| m.delivered_per_sec);
+        let _ = writeln!(
+            s,
+            "{} sustained {:.0} msg/s = {:.1}% of the floor",
+            t.system,
+            rate,
+            100.0 * rate / best.messages_per_sec.max(1e-9)
+        );
+    }
+    s
+}

@@ -138,3 +138,21 @@ async fn a_returning_device_catches_up_on_everything() {
     assert!(c.usage.peak_kib() > 0);
     print!("{}", parley_bench::table::catch_up(&c));
 }
+
+/// The PostgreSQL floor drives the store's batch call at every batch size
+/// and writer count, and reads the cluster's rate as a share of its best.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_floor_drives_the_store_directly_at_each_batch_size() {
+    let floor = parley_bench::floor::measure(12, 2, 64, 0.3, &[1, 4])
+        .await
+        .unwrap();
+    assert_eq!(floor.users, 12);
+    assert_eq!(floor.conversations, 24, "each user with its next 2");
+    let shapes: Vec<(usize, usize)> = floor.runs.iter().map(|r| (r.batch, r.writers)).collect();
+    assert_eq!(shapes, vec![(1, 1), (4, 1), (1, 2), (4, 2)]);
+    for r in &floor.runs {
+        assert!(r.messages_per_sec > 0.0, "{r:?}");
+    }
+    let report = parley_bench::table::floor(&floor, &[]);
+    assert!(report.contains("floor: "), "{report}");
+}
