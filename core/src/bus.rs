@@ -37,7 +37,8 @@ pub enum ChatEvent {
 pub trait DeliveryBus: Send + Sync + 'static {
     /// Deliveries for one gateway, in commit order.
     async fn publish(&self, gateway: &str, deliveries: Vec<Delivery>) -> Result<(), ChatError>;
-    async fn event(&self, event: ChatEvent) -> Result<(), ChatError>;
+    /// The events of one batch, in commit order (one publish, not one each).
+    async fn events(&self, events: Vec<ChatEvent>) -> Result<(), ChatError>;
 }
 
 /// The bus inside one process.
@@ -92,9 +93,11 @@ impl DeliveryBus for LocalBus {
         Ok(())
     }
 
-    async fn event(&self, event: ChatEvent) -> Result<(), ChatError> {
+    async fn events(&self, events: Vec<ChatEvent>) -> Result<(), ChatError> {
         // No listener is fine: events are cues, not the source of truth.
-        let _ = self.events.send(event);
+        for event in events {
+            let _ = self.events.send(event);
+        }
         Ok(())
     }
 }

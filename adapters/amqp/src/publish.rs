@@ -100,18 +100,26 @@ impl DeliveryBus for AmqpBus {
         Ok(())
     }
 
-    async fn event(&self, event: ChatEvent) -> Result<(), ChatError> {
-        let ChatEvent::OfflineMessage {
-            user,
-            inbox_seq,
-            message,
-        } = event;
-        let body = ipb::OfflineMessage {
-            user_id: user,
-            inbox_seq,
-            message: Some(Arc::unwrap_or_clone(message)),
+    async fn events(&self, events: Vec<ChatEvent>) -> Result<(), ChatError> {
+        if events.is_empty() {
+            return Ok(());
         }
-        .encode_to_vec();
+        let items = events
+            .into_iter()
+            .map(|event| {
+                let ChatEvent::OfflineMessage {
+                    user,
+                    inbox_seq,
+                    message,
+                } = event;
+                ipb::OfflineMessage {
+                    user_id: user,
+                    inbox_seq,
+                    message: Some(Arc::unwrap_or_clone(message)),
+                }
+            })
+            .collect();
+        let body = ipb::OfflineMessages { items }.encode_to_vec();
         self.enqueue(Outgoing {
             exchange: self.config.events(),
             routing_key: OFFLINE_MESSAGE_KEY.to_owned(),

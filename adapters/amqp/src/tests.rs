@@ -97,11 +97,18 @@ async fn deliveries_reach_only_their_gateway_and_events_their_exchange() {
     .await
     .unwrap();
     bus.publish("g2", vec![delivery(3, &["cy"])]).await.unwrap();
-    bus.event(ChatEvent::OfflineMessage {
-        user: "dee".into(),
-        inbox_seq: 7,
-        message: delivery(4, &[]).message,
-    })
+    bus.events(vec![
+        ChatEvent::OfflineMessage {
+            user: "dee".into(),
+            inbox_seq: 7,
+            message: delivery(4, &[]).message,
+        },
+        ChatEvent::OfflineMessage {
+            user: "eve".into(),
+            inbox_seq: 2,
+            message: delivery(4, &[]).message,
+        },
+    ])
     .await
     .unwrap();
 
@@ -131,8 +138,17 @@ async fn deliveries_reach_only_their_gateway_and_events_their_exchange() {
         .unwrap()
         .unwrap();
     assert_eq!(event.routing_key.as_str(), OFFLINE_MESSAGE_KEY);
-    let offline = ipb::OfflineMessage::decode(event.data.as_slice()).unwrap();
-    assert_eq!((offline.user_id.as_str(), offline.inbox_seq), ("dee", 7));
+    let offline = ipb::OfflineMessages::decode(event.data.as_slice()).unwrap();
+    let cues: Vec<(&str, u64)> = offline
+        .items
+        .iter()
+        .map(|o| (o.user_id.as_str(), o.inbox_seq))
+        .collect();
+    assert_eq!(
+        cues,
+        vec![("dee", 7), ("eve", 2)],
+        "one publish for the batch"
+    );
     assert!(bus.status().connected());
     assert_eq!(bus.status().dropped(), 0);
 

@@ -43,6 +43,7 @@ impl ChatService {
             }
         }
         let mut per_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
+        let mut events = Vec::new();
         for a in appended {
             let message = Arc::new(a.message.clone());
             let mut here: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
@@ -55,14 +56,11 @@ impl ChatService {
                     }
                     None if *user != a.message.sender_id => {
                         self.metrics.offline_events.inc();
-                        let event = ChatEvent::OfflineMessage {
+                        events.push(ChatEvent::OfflineMessage {
                             user: user.clone(),
                             inbox_seq: *inbox_seq,
                             message: message.clone(),
-                        };
-                        if let Err(e) = self.bus.event(event).await {
-                            tracing::warn!(error = %e, "offline event not published");
-                        }
+                        });
                     }
                     None => {}
                 }
@@ -73,6 +71,11 @@ impl ChatService {
                     recipients,
                 });
             }
+        }
+        if !events.is_empty()
+            && let Err(e) = self.bus.events(events).await
+        {
+            tracing::warn!(error = %e, "offline events not published");
         }
         for (gateway, deliveries) in per_gateway {
             self.metrics.publishes.inc();
