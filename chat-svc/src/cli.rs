@@ -80,6 +80,10 @@ struct ServeArgs {
     /// Milliseconds between turning unready and closing the listeners.
     #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
     drain_pause_ms: u64,
+    /// Microseconds a batch of sends short of its largest size may wait for
+    /// more before it is committed, from its first send's arrival.
+    #[arg(long, env = "PARLEY_BATCH_LINGER_US", default_value_t = 2_000)]
+    batch_linger_us: u64,
 }
 
 /// Connects, retrying while the database is not up yet.
@@ -180,6 +184,7 @@ where
     let config = ChatConfig {
         retention: (a.retention_days > 0)
             .then(|| Duration::from_secs(a.retention_days * 24 * 3600)),
+        batch_linger: Duration::from_micros(a.batch_linger_us),
         ..ChatConfig::default()
     };
     let chat = ChatService::start(

@@ -29,6 +29,9 @@ pub struct ChatConfig {
     pub retention: Option<Duration>,
     /// Most sends committed in one transaction.
     pub max_batch: usize,
+    /// How long a batch short of `max_batch` may wait for more sends,
+    /// counted from its first send's arrival (zero: it goes at once).
+    pub batch_linger: Duration,
     /// Most sends waiting for a commit or being committed; past it, sends
     /// are refused with UNAVAILABLE until the store catches up.
     pub max_queue: usize,
@@ -45,6 +48,7 @@ impl Default for ChatConfig {
             token_ttl: Duration::from_secs(30 * 24 * 3600),
             retention: None,
             max_batch: 256,
+            batch_linger: Duration::ZERO,
             max_queue: 4096,
             cursor_flush: Duration::from_millis(500),
         }

@@ -85,6 +85,10 @@ struct Args {
     /// Seconds between lease writes (the lease lives three times as long).
     #[arg(long, env = "PARLEY_LEASE_SECS", default_value_t = 5)]
     lease_secs: u64,
+    /// `Batch` calls to the chat service out at once; sends and acks that
+    /// arrive meanwhile go in the next one.
+    #[arg(long, env = "PARLEY_BATCHES_IN_FLIGHT", default_value_t = 1)]
+    batches_in_flight: usize,
 }
 
 fn listener(value: &str, what: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -130,6 +134,7 @@ where
     });
     let mut chat = RemoteConfig::new(a.chat_addrs);
     chat.key = a.backends.internal_key;
+    chat.batches_in_flight = a.batches_in_flight.max(1);
     let cfg = ClusterConfig {
         gateway: GatewayConfig {
             gateway_id,

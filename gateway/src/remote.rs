@@ -45,7 +45,9 @@ pub struct RemoteConfig {
     /// call's sends in one transaction, so this matches its batch size).
     pub batch_max: usize,
     /// `Batch` calls in flight at once; what arrives meanwhile waits and
-    /// goes in the next one.
+    /// goes in the next one. One: every call carries all that arrived
+    /// during the last, which is what keeps calls (and transactions) few
+    /// at moderate rates (docs/benchmarks.md).
     pub batches_in_flight: usize,
     /// Sends and acks waiting for a batch; past it they are refused with
     /// UNAVAILABLE.
@@ -61,7 +63,7 @@ impl RemoteConfig {
             resolve_every: Duration::from_secs(5),
             backoff: Duration::from_secs(1),
             batch_max: 256,
-            batches_in_flight: 4,
+            batches_in_flight: 1,
             batch_queue: 16_384,
         }
     }

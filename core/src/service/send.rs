@@ -11,6 +11,7 @@ use std::sync::{Arc, Weak};
 use parley_proto::ids;
 use parley_proto::pb;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::{ChatService, now_ms};
 use crate::error::ChatError;
@@ -32,6 +33,7 @@ type Reply = oneshot::Sender<Result<Appended, ChatError>>;
 /// places are given back once it is answered.
 pub(super) struct AppendGroup {
     jobs: Vec<(NewMessage, Reply)>,
+    queued_at: Instant,
     _places: OwnedSemaphorePermit,
 }
 
@@ -87,6 +89,7 @@ impl ChatService {
                     .appends
                     .send(AppendGroup {
                         jobs,
+                        queued_at: Instant::now(),
                         _places: places,
                     })
                     .err()
@@ -176,15 +179,29 @@ fn check_content(content: Option<&pb::Content>) -> Result<(), ChatError> {
 /// waiting when the last commit ended, up to `max_batch` sends (a larger
 /// group goes alone), then answers each sender and fans the batch out in
 /// commit order.
+///
+/// With a `batch_linger`, a batch short of `max_batch` also takes what
+/// arrives until its first send has waited that long, but only while sends
+/// arrive often enough for the wait to gather one (at least one per linger,
+/// measured over the last batch): a transaction's fixed cost is then
+/// shared by more sends at moderate rates, and a send to an idle service
+/// still commits at once.
 pub(super) async fn batch_writer(
     weak: Weak<ChatService>,
     mut rx: mpsc::UnboundedReceiver<AppendGroup>,
 ) {
-    let Some(max) = weak.upgrade().map(|s| s.config.max_batch) else {
+    let Some((max, linger)) = weak
+        .upgrade()
+        .map(|s| (s.config.max_batch, s.config.batch_linger))
+    else {
         return;
     };
     let mut groups: Vec<AppendGroup> = Vec::new();
     let mut next: Option<AppendGroup> = None;
+    // Sends per second over the last batch: its size over the time since
+    // the batch before it closed.
+    let mut rate = 0.0_f64;
+    let mut last_closed = Instant::now();
     loop {
         let first = match next.take() {
             Some(g) => g,
@@ -194,20 +211,27 @@ pub(super) async fn batch_writer(
             },
         };
         let mut size = first.jobs.len();
+        let until = (rate * linger.as_secs_f64() >= 1.0).then(|| first.queued_at + linger);
         groups.push(first);
         while size < max {
-            match rx.try_recv() {
-                Ok(g) if size + g.jobs.len() <= max => {
-                    size += g.jobs.len();
-                    groups.push(g);
-                }
-                Ok(g) => {
-                    next = Some(g);
-                    break;
-                }
-                Err(_) => break,
+            let g = match (rx.try_recv(), until) {
+                (Ok(g), _) => g,
+                (Err(_), Some(until)) => match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(g)) => g,
+                    Ok(None) | Err(_) => break,
+                },
+                (Err(_), None) => break,
+            };
+            if size + g.jobs.len() > max {
+                next = Some(g);
+                break;
             }
+            size += g.jobs.len();
+            groups.push(g);
         }
+        let closed = Instant::now();
+        rate = size as f64 / closed.duration_since(last_closed).as_secs_f64().max(1e-6);
+        last_closed = closed;
         let Some(svc) = weak.upgrade() else { return };
         svc.commit(&mut groups, size).await;
         // The groups' places go back to the queue only now.

@@ -315,3 +315,71 @@ async fn past_the_queue_sends_are_refused_at_once() {
         .get_or_create(&crate::code_label(ErrorCode::Unavailable));
     assert_eq!(refusals.get(), 5);
 }
+
+/// Sends that arrive apart go in one commit (one publish to the gateway)
+/// when the batch may linger for them and sends come often enough, and
+/// each alone when it may not; a lingering send is acked no later than the
+/// linger after it arrived, and a send to an idle service does not linger.
+#[tokio::test(start_paused = true)]
+async fn a_lingering_batch_gathers_sends_that_arrive_apart() {
+    let linger = Duration::from_millis(50);
+    for lingers in [false, true] {
+        let w = world(ChatConfig {
+            batch_linger: if lingers { linger } else { Duration::ZERO },
+            ..Default::default()
+        })
+        .await;
+        let direct = w.store.open_direct("alice", "bob", 0).await.unwrap();
+        w.presence
+            .online(&Session::new("bob", "phone", "gw1", 1))
+            .await
+            .unwrap();
+        let mut gw1 = w.bus.subscribe("gw1", 16);
+        let publishes = |gw: &mut tokio::sync::mpsc::Receiver<Vec<crate::bus::Delivery>>| {
+            std::iter::from_fn(|| gw.try_recv().ok())
+                .map(|deliveries| deliveries.len())
+                .collect::<Vec<_>>()
+        };
+        // Idle: a lone send commits at once.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let started = tokio::time::Instant::now();
+        ack_of(&w.chat, "alice", send(direct.id, "m0", "zero")).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "an idle send does not linger"
+        );
+        // Busy: a burst, then two sends 10 ms apart.
+        let burst: Vec<SendRequest> = (1..=8)
+            .map(|i| SendRequest {
+                user: "alice".into(),
+                device: "phone".into(),
+                send: pb::Send {
+                    client_msg_id: format!("b{i}"),
+                    conversation_id: direct.id,
+                    content: Some(pb::Content::text("burst")),
+                },
+            })
+            .collect();
+        assert!(w.chat.send_many(burst).await.iter().all(Result::is_ok));
+        assert_eq!(publishes(&mut gw1), vec![1, 8]);
+        let started = tokio::time::Instant::now();
+        let chat = w.chat.clone();
+        let first =
+            tokio::spawn(async move { ack_of(&chat, "alice", send(direct.id, "m1", "one")).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let second = ack_of(&w.chat, "alice", send(direct.id, "m2", "two")).await;
+        let first = first.await.unwrap();
+        assert_eq!((first.seq, second.seq), (10, 11));
+        if lingers {
+            assert_eq!(publishes(&mut gw1), vec![2], "both sends in one commit");
+            assert_eq!(
+                started.elapsed(),
+                linger,
+                "committed when the first had waited the linger"
+            );
+        } else {
+            assert_eq!(publishes(&mut gw1), vec![1, 1], "each send committed alone");
+        }
+    }
+}

@@ -5,7 +5,9 @@
 //! a send leaves at once, alone; under load the calls in flight make the
 //! next one wait, and everything that arrives meanwhile goes with it. So a
 //! batch costs one round trip and (on the chat service) one transaction,
-//! however many devices it carries.
+//! however many devices it carries. One call in flight (the default) makes
+//! each call carry everything that arrived during the last one; the chat
+//! service's short linger (`PARLEY_BATCH_LINGER_US`) sets the pace.
 //!
 //! A call that fails in transport is sent again whole to another replica,
 //! which is safe: sends are deduplicated by client id, acks only move
