@@ -81,7 +81,8 @@ struct ServeArgs {
     #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
     drain_pause_ms: u64,
     /// Microseconds a batch of sends short of its largest size may wait for
-    /// more before it is committed, from its first send's arrival.
+    /// more before it is committed, from its first send's arrival, while
+    /// sends arrive at least that often (0: never wait).
     #[arg(long, env = "PARLEY_BATCH_LINGER_US", default_value_t = 2_000)]
     batch_linger_us: u64,
 }

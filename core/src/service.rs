@@ -30,7 +30,8 @@ pub struct ChatConfig {
     /// Most sends committed in one transaction.
     pub max_batch: usize,
     /// How long a batch short of `max_batch` may wait for more sends,
-    /// counted from its first send's arrival (zero: it goes at once).
+    /// counted from its first send's arrival, while sends arrive at least
+    /// once per linger (zero: it never waits).
     pub batch_linger: Duration,
     /// Most sends waiting for a commit or being committed; past it, sends
     /// are refused with UNAVAILABLE until the store catches up.
