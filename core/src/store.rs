@@ -59,6 +59,22 @@ pub struct NewMessage {
     pub now_ms: i64,
 }
 
+impl NewMessage {
+    /// The message as stored with id `msg_id` at `seq` of its conversation.
+    pub fn stored(&self, msg_id: u64, seq: u64) -> pb::Message {
+        pb::Message {
+            msg_id,
+            conversation_id: self.conversation_id,
+            seq,
+            sender_id: self.sender_id.clone(),
+            sender_device: self.sender_device.clone(),
+            client_msg_id: self.client_msg_id.clone(),
+            server_time_ms: self.now_ms,
+            content: Some(self.content.clone()),
+        }
+    }
+}
+
 /// The outcome of an append.
 #[derive(Debug, Clone)]
 pub struct Appended {

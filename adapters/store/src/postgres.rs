@@ -411,16 +411,7 @@ async fn write_messages(
         }
         let m = p.message;
         out.push(Appended {
-            message: pb::Message {
-                msg_id: msg_id as u64,
-                conversation_id: m.conversation_id,
-                seq: p.seq as u64,
-                sender_id: m.sender_id.clone(),
-                sender_device: m.sender_device.clone(),
-                client_msg_id: m.client_msg_id.clone(),
-                server_time_ms: m.now_ms,
-                content: Some(m.content.clone()),
-            },
+            message: m.stored(msg_id as u64, p.seq as u64),
             recipients,
             duplicate: false,
         });

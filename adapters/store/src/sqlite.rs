@@ -271,16 +271,7 @@ async fn insert_message(
         let inbox_seq = add_inbox_entry(conn, &user, msg_id).await?;
         recipients.push((user, inbox_seq));
     }
-    let message = pb::Message {
-        msg_id: msg_id as u64,
-        conversation_id: m.conversation_id,
-        seq: seq as u64,
-        sender_id: m.sender_id.clone(),
-        sender_device: m.sender_device.clone(),
-        client_msg_id: m.client_msg_id.clone(),
-        server_time_ms: m.now_ms,
-        content: Some(m.content.clone()),
-    };
+    let message = m.stored(msg_id as u64, seq as u64);
     Ok(Appended {
         message,
         recipients,

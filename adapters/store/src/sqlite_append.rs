@@ -250,16 +250,7 @@ fn append_one(
         recipients.push((user, inbox_seq as u64));
     }
     Ok(Ok(Appended {
-        message: pb::Message {
-            msg_id: msg_id as u64,
-            conversation_id: m.conversation_id,
-            seq: seq as u64,
-            sender_id: m.sender_id.clone(),
-            sender_device: m.sender_device.clone(),
-            client_msg_id: m.client_msg_id.clone(),
-            server_time_ms: m.now_ms,
-            content: Some(m.content.clone()),
-        },
+        message: m.stored(msg_id as u64, seq as u64),
         recipients,
         duplicate: false,
     }))

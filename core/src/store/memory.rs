@@ -145,16 +145,7 @@ impl Inner {
         let msg_id = self.last_msg_id;
         conv.messages.insert(seq, msg_id);
         let members: Vec<String> = conv.members.iter().cloned().collect();
-        let message = pb::Message {
-            msg_id,
-            conversation_id: m.conversation_id,
-            seq,
-            sender_id: m.sender_id.clone(),
-            sender_device: m.sender_device.clone(),
-            client_msg_id: m.client_msg_id.clone(),
-            server_time_ms: m.now_ms,
-            content: Some(m.content.clone()),
-        };
+        let message = m.stored(msg_id, seq);
         self.messages.insert(
             msg_id,
             Stored {

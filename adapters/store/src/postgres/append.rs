@@ -146,16 +146,7 @@ fn answer(row: &PgRow, m: &NewMessage) -> Result<Result<Appended, ChatError>, Ch
         0 => {
             let (msg_id, seq) = id_and_seq()?;
             Ok(Appended {
-                message: pb::Message {
-                    msg_id,
-                    conversation_id: m.conversation_id,
-                    seq,
-                    sender_id: m.sender_id.clone(),
-                    sender_device: m.sender_device.clone(),
-                    client_msg_id: m.client_msg_id.clone(),
-                    server_time_ms: m.now_ms,
-                    content: Some(m.content.clone()),
-                },
+                message: m.stored(msg_id, seq),
                 recipients: recipients()?,
                 duplicate: false,
             })
