@@ -307,6 +307,9 @@ impl ChatService {
                 if b.user == user {
                     return Err(ChatError::invalid("you cannot block yourself"));
                 }
+                if self.store.get_user(&b.user).await?.is_none() {
+                    return Err(ChatError::NotFound(format!("no user {:?}", b.user)));
+                }
                 self.store.set_block(user, &b.user, true, now_ms()).await?;
                 Ok(Resp::Done(pb::Done {}))
             }
@@ -330,7 +333,12 @@ impl ChatService {
             0 => 50,
             n => n.min(200),
         };
-        let direction = pb::Direction::try_from(h.direction).unwrap_or(pb::Direction::Backward);
+        let direction = pb::Direction::try_from(h.direction).map_err(|_| {
+            ChatError::invalid(format!(
+                "direction {} is neither BACKWARD (0) nor FORWARD (1)",
+                h.direction
+            ))
+        })?;
         let slice = self
             .store
             .history(h.conversation_id, h.from_seq, direction, limit)

@@ -73,6 +73,34 @@ impl NewMessage {
             content: Some(self.content.clone()),
         }
     }
+
+    /// The answer to this send when `original` already holds its (sender,
+    /// client_msg_id): the original, marked a duplicate, when this send is
+    /// a resend of it (same conversation, same content); CONFLICT when the
+    /// id was used for another message, so that a client reusing ids by
+    /// mistake hears of it instead of losing the message.
+    pub fn resend_of(&self, original: Appended) -> Result<Appended, ChatError> {
+        let used = |what: &str| {
+            Err(ChatError::Conflict(format!(
+                "client_msg_id {:?} was used for a message {what}; a resend must repeat the \
+                 message, a new message needs a new id",
+                self.client_msg_id
+            )))
+        };
+        if original.message.conversation_id != self.conversation_id {
+            return used(&format!(
+                "in conversation {}",
+                original.message.conversation_id
+            ));
+        }
+        if original.message.content.as_ref() != Some(&self.content) {
+            return used("with other content");
+        }
+        Ok(Appended {
+            duplicate: true,
+            ..original
+        })
+    }
 }
 
 /// The outcome of an append.

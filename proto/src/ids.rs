@@ -14,13 +14,15 @@ fn valid_id(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@' | b':'))
 }
 
-/// A user id: 1 to 64 of `A-Z a-z 0-9 . _ - @ :`.
+/// A user id: 1 to 64 of `A-Z a-z 0-9 . _ - @`. Unlike the other ids, no
+/// `:`, which separates a user id from what follows it in keys and names
+/// outside the protocol (`user:device`, Redis keys).
 pub fn check_user_id(s: &str) -> Result<(), String> {
-    if valid_id(s, MAX_ID_LEN) {
+    if valid_id(s, MAX_ID_LEN) && !s.contains(':') {
         Ok(())
     } else {
         Err(format!(
-            "user id {s:?} must be 1 to {MAX_ID_LEN} characters of A-Z a-z 0-9 . _ - @ :"
+            "user id {s:?} must be 1 to {MAX_ID_LEN} characters of A-Z a-z 0-9 . _ - @"
         ))
     }
 }
@@ -53,12 +55,20 @@ mod tests {
 
     #[test]
     fn accepts_usual_ids_and_refuses_others() {
-        for ok in ["alice", "u-42", "bob@example.com", "a.b_c:d"] {
+        for ok in ["alice", "u-42", "bob@example.com", "a.b_c-d"] {
             assert!(check_user_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "with space", "ünïcode", "semi;colon", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "with space",
+            "ünïcode",
+            "semi;colon",
+            "a:b",
+            &"x".repeat(65),
+        ] {
             assert!(check_user_id(bad).is_err(), "{bad}");
         }
+        assert!(check_device_id("phone:2").is_ok());
         assert!(check_client_msg_id(&"x".repeat(128)).is_ok());
         assert!(check_client_msg_id(&"x".repeat(129)).is_err());
     }

@@ -187,7 +187,7 @@ fn append_one(
             server_time_ms: created_at,
             content: Some(content),
         };
-        return Ok(Ok(Appended {
+        return Ok(m.resend_of(Appended {
             message,
             recipients,
             duplicate: true,

@@ -94,7 +94,7 @@ async fn a_committed_send_reaches_online_gateways_and_cues_a_push_for_the_offlin
 
     // A resend is acked as the original and delivered again (the replica
     // that committed it may have died before publishing).
-    let again = ack_of(&w.chat, "alice", send(group.id, "m1", "other")).await;
+    let again = ack_of(&w.chat, "alice", send(group.id, "m1", "hi")).await;
     assert_eq!(
         (again.msg_id, again.seq, again.duplicate),
         (ack.msg_id, 2, true)

@@ -60,7 +60,7 @@ pub async fn seqs_are_gap_free_and_resends_are_deduped(store: &dyn Store) {
         .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
 
-    let again = one(store, text(conv.id, "alice", "c3", "different body"))
+    let again = one(store, text(conv.id, "alice", "c3", "hi"))
         .await
         .unwrap();
     assert!(again.duplicate);
@@ -72,6 +72,42 @@ pub async fn seqs_are_gap_free_and_resends_are_deduped(store: &dyn Store) {
         "a duplicate carries the original's recipients, for a redone fan-out"
     );
     assert_eq!(last_seq(store, conv.id).await, 5);
+}
+
+pub async fn a_used_id_with_another_message_is_a_conflict(store: &dyn Store) {
+    let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+    let (group, _) = store
+        .create_group("alice", "g", &["bob".to_owned()], 0)
+        .await
+        .unwrap();
+    one(store, text(conv.id, "alice", "c1", "hi"))
+        .await
+        .unwrap();
+    let conflict = |r: &Result<Appended, ChatError>, id: &str| match r {
+        Err(ChatError::Conflict(m)) => assert!(m.contains(id), "{m}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    };
+    conflict(
+        &one(store, text(conv.id, "alice", "c1", "other words")).await,
+        "c1",
+    );
+    conflict(&one(store, text(group.id, "alice", "c1", "hi")).await, "c1");
+    // Inside one batch too; the first of the batch stands.
+    let r = store
+        .append(vec![
+            text(conv.id, "alice", "c2", "one"),
+            text(conv.id, "alice", "c2", "two"),
+        ])
+        .await
+        .unwrap();
+    assert!(!r[0].as_ref().unwrap().duplicate);
+    conflict(&r[1], "c2");
+    // Another sender may use the same id.
+    let theirs = one(store, text(conv.id, "bob", "c1", "hello"))
+        .await
+        .unwrap();
+    assert!(!theirs.duplicate);
+    assert_eq!(last_seq(store, conv.id).await, 3);
 }
 
 pub async fn a_resend_inside_one_batch_is_a_duplicate(store: &dyn Store) {
@@ -384,6 +420,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@each $open:
             seqs_are_gap_free_and_resends_are_deduped,
             a_resend_inside_one_batch_is_a_duplicate,
+            a_used_id_with_another_message_is_a_conflict,
             every_member_gets_an_inbox_entry,
             outsiders_and_blocked_senders_are_refused,
             history_pages_both_ways,

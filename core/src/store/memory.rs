@@ -172,7 +172,7 @@ impl Inner {
     fn append_one(&mut self, m: &NewMessage) -> Result<Appended, ChatError> {
         let key = (m.sender_id.clone(), m.client_msg_id.clone());
         if let Some(stored) = self.dedup.get(&key).and_then(|id| self.messages.get(id)) {
-            return Ok(Appended {
+            return m.resend_of(Appended {
                 message: stored.message.clone(),
                 recipients: stored.recipients.clone(),
                 duplicate: true,

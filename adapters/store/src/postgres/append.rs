@@ -88,8 +88,9 @@ pub(super) async fn append(
     // Resends first (they copy), then every message takes its own answer.
     let mut out: Vec<Option<Result<Appended, ChatError>>> = sources
         .iter()
-        .map(|s| match s {
-            Source::Same(k) => Some(same_as(answers[*k].as_ref().expect("not taken yet"))),
+        .zip(batch)
+        .map(|(s, m)| match s {
+            Source::Same(k) => Some(same_as(m, answers[*k].as_ref().expect("not taken yet"))),
             Source::Own(_) => None,
         })
         .collect();
@@ -104,14 +105,11 @@ pub(super) async fn append(
         .collect())
 }
 
-/// The answer to a resend inside a batch: the same as the first's, marked a
-/// duplicate when it was written.
-fn same_as(first: &Result<Appended, ChatError>) -> Result<Appended, ChatError> {
+/// The answer to a send `m` whose id an earlier message of the batch used:
+/// the first's answer, as a duplicate or a conflict when it was written.
+fn same_as(m: &NewMessage, first: &Result<Appended, ChatError>) -> Result<Appended, ChatError> {
     match first {
-        Ok(a) => Ok(Appended {
-            duplicate: true,
-            ..a.clone()
-        }),
+        Ok(a) => m.resend_of(a.clone()),
         Err(ChatError::NotMember(c)) => Err(ChatError::NotMember(*c)),
         Err(ChatError::Blocked(by)) => Err(ChatError::Blocked(by.clone())),
         Err(e) => Err(ChatError::Corrupt(format!("unexpected answer: {e}"))),
@@ -156,7 +154,7 @@ fn answer(row: &PgRow, m: &NewMessage) -> Result<Result<Appended, ChatError>, Ch
             let bytes: Option<Vec<u8>> = row.try_get("content").db()?;
             let content = pb::Content::decode(bytes.unwrap_or_default().as_slice())
                 .map_err(|e| ChatError::Corrupt(format!("message content: {e}")))?;
-            Ok(Appended {
+            m.resend_of(Appended {
                 message: pb::Message {
                     msg_id,
                     conversation_id: row
