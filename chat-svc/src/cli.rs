@@ -69,6 +69,10 @@ struct ServeArgs {
     /// Token-signing secret, at least 32 bytes, the same on every replica.
     #[arg(long, env = "PARLEY_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// Seconds a token passes after its `exp` (and before its `nbf`): the
+    /// clock skew allowed between the token's minter and this service.
+    #[arg(long, env = "PARLEY_TOKEN_LEEWAY_SECS", default_value_t = parley_core::token::DEFAULT_LEEWAY_SECS)]
+    token_leeway_secs: u64,
     #[command(flatten)]
     backends: BackendArgs,
     /// Do not migrate on start (when a job runs `parley-chat migrate`).
@@ -175,7 +179,7 @@ where
     let secret = a
         .token_secret
         .context("--token-secret (PARLEY_TOKEN_SECRET) is required")?;
-    let tokens = TokenKeys::new(secret.as_bytes())?;
+    let tokens = TokenKeys::new(secret.as_bytes())?.with_leeway(a.token_leeway_secs);
 
     let redis = RedisState::new(&a.backends.redis_url, &a.backends.prefix)?;
     let bus = Arc::new(AmqpBus::start(AmqpConfig {

@@ -26,6 +26,8 @@ pub struct EmbeddedConfig {
     pub admin_key: Option<String>,
     /// None: read or create `<data_dir>/token.key`.
     pub token_secret: Option<String>,
+    /// The tokens' clock-skew allowance, in seconds.
+    pub token_leeway_secs: u64,
     pub chat: ChatConfig,
     pub gateway: GatewayConfig,
 }
@@ -41,6 +43,7 @@ impl EmbeddedConfig {
             admin_listen: any,
             admin_key: None,
             token_secret: None,
+            token_leeway_secs: parley_core::token::DEFAULT_LEEWAY_SECS,
             chat: ChatConfig::default(),
             gateway: GatewayConfig::default(),
         }
@@ -99,7 +102,7 @@ impl Embedded {
             Arc::new(store),
             presence.clone(),
             bus.clone(),
-            TokenKeys::new(token_secret.as_bytes())?,
+            TokenKeys::new(token_secret.as_bytes())?.with_leeway(cfg.token_leeway_secs),
             cfg.chat,
         );
 
