@@ -194,5 +194,6 @@ fn error(e: &ChatError) -> pb::Error {
         code: code as i32,
         message: e.client_message(),
         fatal: code.is_fatal(),
+        retry_after_ms: 0,
     }
 }

@@ -81,6 +81,10 @@ struct UpArgs {
     /// Token-signing secret, at least 32 bytes (default: read or create <data-dir>/token.key).
     #[arg(long, env = "PARLEY_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// Seconds a token passes after its `exp` (and before its `nbf`): the
+    /// clock skew allowed between the token's minter and this server.
+    #[arg(long, env = "PARLEY_TOKEN_LEEWAY_SECS", default_value_t = parley_core::token::DEFAULT_LEEWAY_SECS)]
+    token_leeway_secs: u64,
     /// Largest frame in bytes.
     #[arg(long, env = "PARLEY_MAX_FRAME_BYTES", default_value_t = parley_proto::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
@@ -308,6 +312,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.admin_listen = args.admin_listen;
     cfg.admin_key = args.admin_key;
     cfg.token_secret = args.token_secret;
+    cfg.token_leeway_secs = args.token_leeway_secs;
     cfg.chat.max_group_members = args.max_group_members;
     cfg.chat.retention =
         (args.retention_hours > 0).then(|| Duration::from_secs(args.retention_hours * 3600));
@@ -411,6 +416,11 @@ async fn chat(who: ChatArgs) -> anyhow::Result<()> {
     for m in &recent.messages {
         println!("{}", render(m));
     }
+    // The login's catch-up delivers again whatever came since this device
+    // last acknowledged, and the newest of it is in the history just shown.
+    // Those are skipped; anything newer than the history is shown.
+    let mut shown: Vec<u64> = recent.messages.iter().map(|m| m.seq).collect();
+    let newest_shown = shown.iter().copied().max().unwrap_or(0);
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         println!(
@@ -430,7 +440,14 @@ async fn chat(who: ChatArgs) -> anyhow::Result<()> {
                 None => break,
             },
             ev = events.recv() => match ev {
-                Some(Event::Message { message, .. }) if message.conversation_id == conv => println!("{}", render(&message)),
+                Some(Event::Message { message, .. }) if message.conversation_id == conv => {
+                    if message.seq > newest_shown {
+                        shown.clear();
+                    }
+                    if !shown.contains(&message.seq) {
+                        println!("{}", render(&message));
+                    }
+                }
                 Some(Event::Disconnected { reason }) => eprintln!("! disconnected ({reason}); reconnecting"),
                 Some(Event::Synced(s)) if !s.complete => {
                     eprintln!("! messages {}..={} were removed by retention", s.missing_from, s.missing_to)

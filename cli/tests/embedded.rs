@@ -146,27 +146,48 @@ fn auth(token: &str, device: &str) -> Req {
     })
 }
 
-/// Expects a fatal error with `code`, then the end of the stream.
-async fn expect_fatal(s: &mut TcpStream, buf: &mut BytesMut, code: ErrorCode) {
+/// Expects a fatal error with `code` answering request `rid`, then the end
+/// of the stream: a clean close (FIN), not a reset.
+async fn expect_fatal(s: &mut TcpStream, buf: &mut BytesMut, code: ErrorCode, rid: u64) {
     loop {
         match get(s, buf).await {
             Some(pb::ServerFrame {
+                request_id,
                 body: Some(Resp::Error(e)),
-                ..
             }) => {
                 assert_eq!(e.code(), code, "{}", e.message);
                 assert!(e.fatal);
                 assert!(!e.message.is_empty());
+                assert_eq!(
+                    request_id, rid,
+                    "the Error answers the frame that caused it"
+                );
                 break;
             }
             Some(_) => continue,
             None => panic!("closed without an error frame"),
         }
     }
-    assert!(
-        get(s, buf).await.is_none(),
-        "the connection must close after a fatal error"
-    );
+    expect_clean_close(s, buf).await;
+}
+
+/// Reads to the end of the stream: no more frames, and a FIN, not a reset.
+async fn expect_clean_close(s: &mut TcpStream, buf: &mut BytesMut) {
+    let end = timeout(WAIT, async {
+        loop {
+            if let Some(f) = codec::decode_frame::<pb::ServerFrame>(buf, 1 << 20).unwrap() {
+                panic!("a frame after the last one: {f:?}");
+            }
+            match s.read_buf(buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the connection must close after a fatal error");
+    end.expect("the server must close with a FIN, not a reset");
 }
 
 /// Logs in on a raw socket and reads up to SyncDone.
@@ -399,6 +420,15 @@ async fn a_resend_after_a_lost_ack_stores_one_message() {
         .unwrap();
     assert!(again.duplicate);
     assert_eq!(again.msg_id, ack.msg_id);
+    // The same id for another message is a mistake, said out loud.
+    let group = alice.create_group("g", &["bob"]).await.unwrap();
+    for (conv, text) in [(conv.id, "other words"), (group.id, "exactly once")] {
+        let err = alice
+            .send_with_id("once-only".into(), conv, pb::Content::text(text))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err}");
+    }
     let page = alice
         .history(conv.id, 0, pb::Direction::Backward, 50)
         .await
@@ -451,6 +481,18 @@ async fn blocks_and_membership_are_enforced() {
     assert_eq!(err.code(), Some(ErrorCode::NotMember));
     let err = alice.open_direct("nobody").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let err = alice.block("nobody", true).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let err = alice
+        .request(Req::History(pb::HistoryRequest {
+            conversation_id: conv.id,
+            from_seq: 0,
+            direction: 7,
+            limit: 10,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument));
     let err = alice
         .send(conv.id, pb::Content::default())
         .await
@@ -514,15 +556,23 @@ async fn bad_expired_and_forged_tokens_are_refused() {
         .unwrap()
         .issue("alice", parley_core::now_ms() / 1000, 600)
         .unwrap();
+    // Two seconds past `exp`: beyond the default allowance of one.
+    let just_expired = w
+        .server
+        .chat
+        .tokens()
+        .issue("alice", parley_core::now_ms() / 1000 - 62, 60)
+        .unwrap();
     for (token, code) in [
         ("garbage".to_owned(), ErrorCode::Unauthenticated),
         (forged, ErrorCode::Unauthenticated),
         (expired, ErrorCode::TokenExpired),
+        (just_expired, ErrorCode::TokenExpired),
     ] {
         let (mut s, mut buf) = raw(w.server.tcp_addr).await;
         put(&mut s, 1, hello()).await;
         put(&mut s, 2, auth(&token, "d")).await;
-        expect_fatal(&mut s, &mut buf, code).await;
+        expect_fatal(&mut s, &mut buf, code, 2).await;
     }
     let cfg = ClientConfig::new(w.server.tcp_addr.to_string(), "garbage", "d");
     assert_eq!(
@@ -539,29 +589,36 @@ async fn bad_frames_get_an_error_and_a_close() {
     // Oversized: refused from the length prefix alone.
     let (mut s, mut buf) = raw(addr).await;
     s.write_all(&(10_000_000u32).to_be_bytes()).await.unwrap();
-    expect_fatal(&mut s, &mut buf, ErrorCode::FrameTooLarge).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::FrameTooLarge, 0).await;
 
     // Garbled protobuf.
     let (mut s, mut buf) = raw(addr).await;
     s.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
         .await
         .unwrap();
-    expect_fatal(&mut s, &mut buf, ErrorCode::BadFrame).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::BadFrame, 0).await;
+
+    // Garbled after a readable request id: the Error answers it.
+    let (mut s, mut buf) = raw(addr).await;
+    s.write_all(&[0, 0, 0, 5, 0x08, 0x07, 0x22, 0x40, 0x0a])
+        .await
+        .unwrap();
+    expect_fatal(&mut s, &mut buf, ErrorCode::BadFrame, 7).await;
 
     // Out of order: Send before Hello, then Send before Auth.
     let (mut s, mut buf) = raw(addr).await;
-    put(&mut s, 1, Req::Send(pb::Send::default())).await;
-    expect_fatal(&mut s, &mut buf, ErrorCode::UnexpectedFrame).await;
+    put(&mut s, 5, Req::Send(pb::Send::default())).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::UnexpectedFrame, 5).await;
     let (mut s, mut buf) = raw(addr).await;
     put(&mut s, 1, hello()).await;
     put(&mut s, 2, Req::Send(pb::Send::default())).await;
-    expect_fatal(&mut s, &mut buf, ErrorCode::UnexpectedFrame).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::UnexpectedFrame, 2).await;
 
     // A version the server does not speak.
     let (mut s, mut buf) = raw(addr).await;
     put(
         &mut s,
-        1,
+        3,
         Req::Hello(pb::Hello {
             min_version: 9,
             max_version: 12,
@@ -569,12 +626,173 @@ async fn bad_frames_get_an_error_and_a_close() {
         }),
     )
     .await;
-    expect_fatal(&mut s, &mut buf, ErrorCode::UnsupportedVersion).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::UnsupportedVersion, 3).await;
 
-    // An empty frame (no body).
+    // An empty frame (no body), and one with only a request id.
     let (mut s, mut buf) = raw(addr).await;
     s.write_all(&[0, 0, 0, 0]).await.unwrap();
-    expect_fatal(&mut s, &mut buf, ErrorCode::BadFrame).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::BadFrame, 0).await;
+    let (mut s, mut buf) = raw(addr).await;
+    s.write_all(&[0, 0, 0, 2, 0x08, 0x09]).await.unwrap();
+    expect_fatal(&mut s, &mut buf, ErrorCode::BadFrame, 9).await;
+}
+
+#[tokio::test]
+async fn a_fatal_error_is_read_before_the_close_whatever_the_client_still_sends() {
+    let mut w = World::start().await;
+    let t = w.user("alice").await;
+    let addr = w.server.tcp_addr;
+
+    // A real Send over the frame limit, written whole.
+    let (mut s, mut buf) = raw_login(&w, &t, "big").await;
+    let mut frame = BytesMut::new();
+    codec::encode_frame(
+        &pb::ClientFrame::new(
+            4,
+            Req::Send(pb::Send {
+                client_msg_id: "big".into(),
+                conversation_id: 1,
+                content: Some(pb::Content::text("x".repeat(70_000))),
+            }),
+        ),
+        &mut frame,
+    );
+    s.write_all(&frame).await.unwrap();
+    expect_fatal(&mut s, &mut buf, ErrorCode::FrameTooLarge, 0).await;
+
+    // A 2^31 length prefix followed by data.
+    let (mut s, mut buf) = raw(addr).await;
+    s.write_all(&(1u32 << 31).to_be_bytes()).await.unwrap();
+    s.write_all(&vec![0x5a; 200_000]).await.unwrap();
+    expect_fatal(&mut s, &mut buf, ErrorCode::FrameTooLarge, 0).await;
+
+    // Frames back to back after the offending one.
+    let (mut s, mut buf) = raw(addr).await;
+    let mut frames = BytesMut::new();
+    codec::encode_frame(
+        &pb::ClientFrame::new(6, Req::Send(pb::Send::default())),
+        &mut frames,
+    );
+    for n in 0..2_000 {
+        codec::encode_frame(
+            &pb::ClientFrame::new(n, Req::Ping(pb::Ping { nonce: n })),
+            &mut frames,
+        );
+    }
+    s.write_all(&frames).await.unwrap();
+    expect_fatal(&mut s, &mut buf, ErrorCode::UnexpectedFrame, 6).await;
+
+    // The same over the connection cap: SERVER_BUSY, then a clean close.
+    let w = World::with(|c| c.gateway.max_connections = 1).await;
+    let (_held, _b) = raw(w.server.tcp_addr).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+    put(&mut s, 1, hello()).await;
+    s.write_all(&vec![0x5a; 100_000]).await.unwrap();
+    expect_fatal(&mut s, &mut buf, ErrorCode::ServerBusy, 0).await;
+}
+
+#[tokio::test]
+async fn a_device_that_logs_in_again_replaces_its_older_connection() {
+    let mut w = World::start().await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (mut old, mut old_buf) = raw_login(&w, &ta, "phone").await;
+    let (mut other, mut other_buf) = raw_login(&w, &ta, "laptop").await;
+    let (mut new, mut new_buf) = raw_login(&w, &ta, "phone").await;
+    expect_fatal(&mut old, &mut old_buf, ErrorCode::DeviceReplaced, 0).await;
+
+    // The new connection and the other device get what comes next.
+    let (bob, _e) = w.connect(&tb, "phone").await;
+    let conv = bob.open_direct("alice").await.unwrap();
+    bob.send(conv.id, pb::Content::text("still here?"))
+        .await
+        .unwrap();
+    for (s, buf) in [(&mut new, &mut new_buf), (&mut other, &mut other_buf)] {
+        let m = loop {
+            if let Some(Resp::Deliver(d)) = get(s, buf).await.expect("open").body {
+                break d.message.unwrap();
+            }
+        };
+        assert_eq!(text_of(&m), "still here?");
+    }
+
+    // An SDK client that is replaced stops; it does not fight back.
+    let (sdk, mut sdk_ev) = w.connect(&ta, "tablet").await;
+    let (_tablet, _b) = raw_login(&w, &ta, "tablet").await;
+    let closed = timeout(WAIT, async {
+        while let Some(ev) = sdk_ev.recv().await {
+            if let Event::Disconnected { reason } = ev {
+                panic!("the SDK treated replacement as a reason to reconnect: {reason}");
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the replaced SDK client's events end");
+    assert_eq!(
+        sdk.open_direct("bob").await.unwrap_err().code(),
+        None,
+        "a replaced client is closed"
+    );
+}
+
+#[tokio::test]
+async fn hello_announces_the_limits_and_rate_limited_says_when_to_retry() {
+    let mut w = World::with(|c| {
+        c.gateway.send_rate = 2;
+        c.gateway.send_burst = 3;
+    })
+    .await;
+    let (ta, _tb) = (w.user("alice").await, w.user("bob").await);
+    let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+    put(&mut s, 1, hello()).await;
+    let Some(Resp::HelloOk(ok)) = get(&mut s, &mut buf).await.unwrap().body else {
+        panic!("no HelloOk");
+    };
+    assert_eq!((ok.send_rate_per_sec, ok.send_burst), (2, 3));
+    assert_eq!(
+        ok.max_frame_bytes as usize,
+        parley_proto::DEFAULT_MAX_FRAME_BYTES
+    );
+    assert!(ok.heartbeat_interval_ms > 0 && ok.heartbeat_interval_ms < ok.idle_timeout_ms);
+    assert!(ok.pong_timeout_ms > 0);
+    put(&mut s, 2, auth(&ta, "d")).await;
+    put(
+        &mut s,
+        3,
+        Req::OpenDirect(pb::OpenDirect { peer: "bob".into() }),
+    )
+    .await;
+    let conv = loop {
+        if let Some(Resp::Conversation(c)) = get(&mut s, &mut buf).await.unwrap().body {
+            break c.id;
+        }
+    };
+    for n in 0..4u64 {
+        let send = pb::Send {
+            client_msg_id: format!("m{n}"),
+            conversation_id: conv,
+            content: Some(pb::Content::text("hi")),
+        };
+        put(&mut s, 10 + n, Req::Send(send)).await;
+    }
+    let mut acked = 0;
+    let limited = loop {
+        let f = get(&mut s, &mut buf).await.unwrap();
+        match f.body {
+            Some(Resp::SendAck(_)) => acked += 1,
+            Some(Resp::Error(e)) => break (f.request_id, e),
+            _ => {}
+        }
+    };
+    assert_eq!(acked, 3, "the burst passes");
+    assert_eq!(limited.0, 13);
+    assert_eq!(limited.1.code(), ErrorCode::RateLimited);
+    assert!(!limited.1.fatal);
+    assert!(
+        (1..=500).contains(&limited.1.retry_after_ms),
+        "a token comes within 1/rate: {}",
+        limited.1.retry_after_ms
+    );
 }
 
 #[tokio::test]
@@ -587,7 +805,7 @@ async fn idle_connections_are_closed_and_pings_keep_them_open() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         put(&mut chatty, 0, Req::Ping(pb::Ping { nonce: n })).await;
     }
-    expect_fatal(&mut quiet, &mut qbuf, ErrorCode::IdleTimeout).await;
+    expect_fatal(&mut quiet, &mut qbuf, ErrorCode::IdleTimeout, 0).await;
     put(&mut chatty, 0, Req::Ping(pb::Ping { nonce: 99 })).await;
     loop {
         match get(&mut chatty, &mut cbuf).await.unwrap().body {
@@ -757,8 +975,10 @@ async fn the_admin_api_requires_its_key() {
     let err = wrong.create_user("mallory", "").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     let mut admin = w.admin.clone();
-    let err = admin.create_user("bad id!", "").await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    for bad in ["bad id!", "has:colon"] {
+        let err = admin.create_user(bad, "").await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+    }
     admin.create_user("ok", "").await.unwrap();
     assert_eq!(
         admin.create_user("ok", "").await.unwrap_err().code(),
@@ -819,4 +1039,86 @@ async fn the_sdk_reconnects_after_a_restart_and_resumes_from_its_cursor() {
     let ack = bob.send(conv.id, pb::Content::text("back")).await.unwrap();
     assert_eq!(ack.seq, 4);
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reopened_terminal_chat_shows_each_missed_message_once() {
+    use std::io::BufRead;
+    let mut w = World::start().await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (alice, _ae) = w.connect(&ta, "phone").await;
+    let conv = alice.open_direct("bob").await.unwrap().id;
+
+    // Bob's terminal device has seen one line and acknowledged it.
+    let (bob, mut bob_ev) = w.connect(&tb, "cli").await;
+    alice
+        .send(conv, pb::Content::text("seen-live"))
+        .await
+        .unwrap();
+    assert_eq!(text_of(&next_text(&mut bob_ev).await), "seen-live");
+    bob.close().await;
+    for n in 1..=3 {
+        let line = format!("missed-{n}");
+        alice.send(conv, pb::Content::text(line)).await.unwrap();
+    }
+
+    let mut chat = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["chat", "--server", &w.server.tcp_addr.to_string()])
+        .args(["--token", &tb, "--device", "cli", "--to", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = chat.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let mut read_until = async |end: &str, seen: &mut Vec<String>| loop {
+        let line = timeout(WAIT, lines.recv())
+            .await
+            .expect("the chat printed nothing in time")
+            .expect("the chat ended early");
+        let done = line.ends_with(end);
+        seen.push(line);
+        if done {
+            return;
+        }
+    };
+    read_until(": missed-3", &mut seen).await;
+    // Delivered in inbox order: once this shows, every catch-up copy of the
+    // missed lines would have shown before it.
+    alice
+        .send(conv, pb::Content::text("after-open"))
+        .await
+        .unwrap();
+    read_until(": after-open", &mut seen).await;
+    drop(chat.stdin.take());
+    let status = tokio::task::spawn_blocking(move || chat.wait())
+        .await
+        .unwrap();
+    assert!(status.unwrap().success());
+    while let Ok(line) = lines.try_recv() {
+        seen.push(line);
+    }
+    for text in [
+        "seen-live",
+        "missed-1",
+        "missed-2",
+        "missed-3",
+        "after-open",
+    ] {
+        let times = seen
+            .iter()
+            .filter(|l| l.ends_with(&format!(": {text}")))
+            .count();
+        assert_eq!(times, 1, "{text} shown {times} times in {seen:#?}");
+    }
 }

@@ -109,7 +109,8 @@ enum Command {
         body: Req,
         reply: oneshot::Sender<Result<Resp, ClientError>>,
     },
-    Close,
+    /// Dropped once the last Ack is written.
+    Close { _written: oneshot::Sender<()> },
 }
 
 /// A handle to a Parley connection; cheap to clone.
@@ -269,8 +270,18 @@ impl Client {
     }
 
     /// Closes the connection for good.
+    /// Waits (at most the request timeout) until the cursor's last Ack is
+    /// written, so the server resumes this device after it next time.
     pub async fn close(&self) {
-        let _ = self.commands.send(Command::Close).await;
+        let (done, written) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Close { _written: done })
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(self.request_timeout, written).await;
+        }
     }
 }
 
@@ -298,6 +309,9 @@ struct Conn {
     stream: BoxStream,
     buf: BytesMut,
     heartbeat: Duration,
+    /// A Ping unanswered this long means the server is gone (frozen, or
+    /// the network half-open): reconnect elsewhere.
+    pong_timeout: Duration,
 }
 
 struct Pending {
@@ -317,6 +331,8 @@ fn transient(code: pb::ErrorCode) -> bool {
 
 /// Sends answered with a transient error are tried again this many times.
 const SEND_RETRIES: u32 = 30;
+/// How long a Ping waits for its Pong when the server does not say.
+const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Engine {
     config: ClientConfig,
@@ -373,6 +389,7 @@ impl Engine {
             stream,
             buf: BytesMut::with_capacity(4096),
             heartbeat: Duration::from_secs(30),
+            pong_timeout: DEFAULT_PONG_TIMEOUT,
         };
         let hello = Req::Hello(pb::Hello {
             min_version: PROTOCOL_VERSION,
@@ -404,6 +421,9 @@ impl Engine {
                 Some(Resp::HelloOk(ok)) => {
                     conn.heartbeat =
                         Duration::from_millis(ok.heartbeat_interval_ms.max(1000) as u64);
+                    if ok.pong_timeout_ms > 0 {
+                        conn.pong_timeout = Duration::from_millis(ok.pong_timeout_ms as u64);
+                    }
                 }
                 Some(Resp::AuthOk(ok)) => {
                     if self.cursor.is_none() {
@@ -501,7 +521,7 @@ impl Engine {
                         self.next_rid += 1;
                         self.pending.insert(rid, Pending { body, reply, attempts: 0 });
                     }
-                    Some(Command::Close) | None => return false,
+                    Some(Command::Close { .. }) | None => return false,
                 },
             }
         }
@@ -531,6 +551,8 @@ impl Engine {
         ping.reset();
         let mut ack_tick = tokio::time::interval(Duration::from_millis(200));
         let mut gap_since: Option<Instant> = None;
+        // When the Pong to the Ping in flight is due.
+        let mut pong_due: Option<Instant> = None;
         loop {
             if !out.is_empty() {
                 if let Err(e) = conn.stream.write_all(&out).await {
@@ -546,9 +568,11 @@ impl Engine {
                         codec::encode_frame(&pb::ClientFrame::new(rid, body.clone()), &mut out);
                         self.pending.insert(rid, Pending { body, reply, attempts: 0 });
                     }
-                    Some(Command::Close) | None => {
+                    closing @ (Some(Command::Close { .. }) | None) => {
                         self.send_ack(&mut out);
                         let _ = conn.stream.write_all(&out).await;
+                        // Dropping the close command tells `close` it is written.
+                        drop(closing);
                         return Disconnect::Closed;
                     }
                 },
@@ -588,8 +612,11 @@ impl Engine {
                             let code = e.code();
                             let err = ClientError::Server { code, message: e.message };
                             return match code {
+                                // Logging in again as this device would take
+                                // the place of the connection that took ours.
                                 pb::ErrorCode::Unauthenticated | pb::ErrorCode::TokenExpired
-                                | pb::ErrorCode::UnsupportedVersion => Disconnect::Fatal(err),
+                                | pb::ErrorCode::UnsupportedVersion
+                                | pb::ErrorCode::DeviceReplaced => Disconnect::Fatal(err),
                                 _ => Disconnect::Retry(err.to_string()),
                             };
                         }
@@ -608,7 +635,8 @@ impl Engine {
                                 let _ = p.reply.send(Err(ClientError::Server { code: e.code(), message: e.message }));
                             }
                         }
-                        Some(Resp::Pong(_)) | None => {}
+                        Some(Resp::Pong(_)) => pong_due = None,
+                        None => {}
                         Some(body) => {
                             if let Some(p) = self.pending.remove(&frame.request_id) {
                                 let _ = p.reply.send(Ok(body));
@@ -630,6 +658,10 @@ impl Engine {
                 }
                 _ = ping.tick() => {
                     codec::encode_frame(&pb::ClientFrame::new(0, Req::Ping(pb::Ping { nonce: 0 })), &mut out);
+                    pong_due.get_or_insert(Instant::now() + conn.pong_timeout);
+                }
+                () = sleep_until_opt(pong_due) => {
+                    return Disconnect::Retry(format!("no Pong within {} ms", conn.pong_timeout.as_millis()));
                 }
                 _ = ack_tick.tick() => {
                     self.send_ack(&mut out);
@@ -715,6 +747,13 @@ async fn read_frame(conn: &mut Conn, max: usize) -> Result<pb::ServerFrame, Stri
 }
 
 /// Sleeps until the earliest scheduled retry.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until_first(retries: &[(Instant, u64)]) {
     match retries.iter().map(|(at, _)| *at).min() {
         Some(at) => tokio::time::sleep_until(at).await,

@@ -64,16 +64,19 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self) -> bool {
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
         let now = Instant::now();
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_sec)
             .min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
+            Ok(())
+        } else if self.per_sec > 0.0 {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
         } else {
-            false
+            Err(Duration::MAX)
         }
     }
 }
@@ -95,9 +98,19 @@ struct Live {
 /// Why the connection ends.
 enum End {
     Closed,
-    Fatal(ErrorCode, String),
+    /// An Error frame ends it; it answers the request with this id (0: none).
+    Fatal(u64, ErrorCode, String),
     GoAway,
     Io,
+}
+
+/// A newer connection of the same device took this one's place.
+fn replaced() -> End {
+    End::Fatal(
+        0,
+        ErrorCode::DeviceReplaced,
+        "this device logged in on another connection".into(),
+    )
 }
 
 const CATCH_UP_PAGE: u32 = 500;
@@ -125,11 +138,12 @@ pub async fn serve<IO: FrameIo>(
             () = parley_ops::stopped(&mut shutdown) => Err(End::GoAway),
             () = shared.drain.turn() => Err(End::GoAway),
             _ = sleep_until(idle_deadline) => {
-                Err(End::Fatal(ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
+                Err(End::Fatal(0, ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
             }
             n = recv_pushes(&mut live, &mut pushes) => {
-                match live.as_mut() {
-                    Some(l) if n > 0 => {
+                match (n, live.as_mut()) {
+                    (None, _) => Err(replaced()),
+                    (Some(_), Some(l)) => {
                         let pushed = heap(on_pushes(&shared, l, pushes.drain(..), &mut out));
                         pushed.await
                     }
@@ -146,10 +160,12 @@ pub async fn serve<IO: FrameIo>(
                 }
                 Ok(None) => Err(End::Closed),
                 Err(ReadError::Decode(DecodeError::TooLarge { len, max })) => Err(End::Fatal(
+                    0,
                     ErrorCode::FrameTooLarge,
                     format!("frame of {len} bytes exceeds the limit of {max} bytes"),
                 )),
-                Err(e @ (ReadError::Decode(_) | ReadError::NotBinary(_))) => Err(End::Fatal(ErrorCode::BadFrame, e.to_string())),
+                Err(ReadError::Decode(e)) => Err(End::Fatal(e.request_id(), ErrorCode::BadFrame, e.to_string())),
+                Err(e @ ReadError::NotBinary(_)) => Err(End::Fatal(0, ErrorCode::BadFrame, e.to_string())),
                 Err(ReadError::Truncated | ReadError::Io(_)) => Err(End::Closed),
             },
         };
@@ -186,10 +202,10 @@ pub async fn serve<IO: FrameIo>(
     };
 
     let farewell = match end {
-        End::Fatal(code, message) => {
+        End::Fatal(rid, code, message) => {
             tracing::debug!(conn_id, ?code, %message, "closing connection");
             shared.metrics.errors.get_or_create(&code_label(code)).inc();
-            Some(pb::ServerFrame::error(0, code, message))
+            Some(pb::ServerFrame::error(rid, code, message))
         }
         End::GoAway => {
             let go = pb::GoAway {
@@ -201,17 +217,25 @@ pub async fn serve<IO: FrameIo>(
         }
         End::Closed | End::Io => None,
     };
+    // Out of the registry first: a replaced device's newer connection must
+    // not wait for this one's goodbye.
+    if let Some(l) = &live {
+        shared.registry.unregister(&l.session.user, conn_id);
+    }
     if let Some(frame) = farewell {
         let frames = [frame];
-        let bye = heap(write(&mut io, &frames, cfg.write_timeout));
-        let _ = bye.await;
+        let bye = heap(async {
+            if write(&mut io, &frames, cfg.write_timeout).await {
+                io.close().await;
+            }
+        });
+        bye.await;
     }
     shared.metrics.connections.dec();
-    if let Some(l) = live {
-        shared.registry.unregister(&l.session.user, conn_id);
-        if let Err(e) = shared.presence.offline(&l.session).await {
-            tracing::warn!(error = %e, "presence not cleared; it expires with this gateway's lease");
-        }
+    if let Some(l) = live
+        && let Err(e) = shared.presence.offline(&l.session).await
+    {
+        tracing::warn!(error = %e, "presence not cleared; it expires with this gateway's lease");
     }
 }
 
@@ -231,9 +255,15 @@ async fn write<IO: FrameIo>(io: &mut IO, frames: &[pb::ServerFrame], limit: Dura
 }
 
 /// Waits for pushes when the connection is live; never when it is not.
-async fn recv_pushes(live: &mut Option<Live>, buf: &mut Vec<Push>) -> usize {
+/// `None`: a newer connection of the same device replaced this one (the
+/// registry dropped this connection's queue and told it).
+async fn recv_pushes(live: &mut Option<Live>, buf: &mut Vec<Push>) -> Option<usize> {
     match live {
-        Some(l) => l.sub.rx.recv_many(buf, 64).await,
+        Some(l) => tokio::select! {
+            biased;
+            () = l.sub.replaced.notified() => None,
+            n = l.sub.rx.recv_many(buf, 64) => (n > 0).then_some(n),
+        },
         None => std::future::pending().await,
     }
 }
@@ -286,7 +316,10 @@ async fn catch_up(
         .chat
         .sync(&live.session.user, live.delivered, CATCH_UP_PAGE)
         .await
-        .map_err(|e| End::Fatal(ErrorCode::Unavailable, e.client_message()))?;
+        .map_err(|e| {
+            let rid = live.sync_done.unwrap_or(0);
+            End::Fatal(rid, ErrorCode::Unavailable, e.client_message())
+        })?;
     // A cursor from the future (a confused client) restarts at the head.
     live.delivered = live.delivered.min(page.head);
     if let Some((from, to)) = page.missing {
@@ -341,14 +374,19 @@ async fn on_frame(
 ) -> Result<(), End> {
     let rid = frame.request_id;
     let Some(req) = frame.body else {
-        return Err(End::Fatal(ErrorCode::BadFrame, "frame has no body".into()));
+        return Err(End::Fatal(
+            rid,
+            ErrorCode::BadFrame,
+            "frame has no body".into(),
+        ));
     };
-    admit(*phase, &req).map_err(|m| End::Fatal(ErrorCode::UnexpectedFrame, m.into()))?;
+    admit(*phase, &req).map_err(|m| End::Fatal(rid, ErrorCode::UnexpectedFrame, m.into()))?;
     let cfg = &shared.config;
     match req {
         Req::Hello(hello) => {
             let Some(version) = negotiate(&hello) else {
                 return Err(End::Fatal(
+                    rid,
                     ErrorCode::UnsupportedVersion,
                     format!("this server speaks protocol version {PROTOCOL_VERSION}"),
                 ));
@@ -362,19 +400,22 @@ async fn on_frame(
                     max_frame_bytes: cfg.max_frame_bytes as u32,
                     heartbeat_interval_ms: (cfg.idle_timeout / 3).as_millis() as u32,
                     idle_timeout_ms: cfg.idle_timeout.as_millis() as u32,
+                    send_rate_per_sec: cfg.send_rate,
+                    send_burst: cfg.send_burst,
+                    pong_timeout_ms: cfg.pong_timeout.as_millis() as u32,
                 }),
             ));
         }
         Req::Auth(auth) => {
             ids::check_device_id(&auth.device_id)
-                .map_err(|m| End::Fatal(ErrorCode::Unauthenticated, m))?;
+                .map_err(|m| End::Fatal(rid, ErrorCode::Unauthenticated, m))?;
             let user = shared.chat.authenticate(&auth.token).await.map_err(|e| {
                 let code = if e.code() == ErrorCode::TokenExpired {
                     ErrorCode::TokenExpired
                 } else {
                     ErrorCode::Unauthenticated
                 };
-                End::Fatal(code, e.client_message())
+                End::Fatal(rid, code, e.client_message())
             })?;
             let session = Session {
                 user: user.clone(),
@@ -408,7 +449,7 @@ async fn on_frame(
                 Err(e) => {
                     shared.registry.unregister(&user, conn_id);
                     let _ = shared.presence.offline(&l.session).await;
-                    return Err(End::Fatal(ErrorCode::Unavailable, e.client_message()));
+                    return Err(End::Fatal(rid, ErrorCode::Unavailable, e.client_message()));
                 }
             };
             l.delivered = resume;
@@ -447,12 +488,22 @@ async fn on_frame(
             start_sync(shared, l, rid, out).await?;
         }
         req => {
-            if matches!(req, Req::Send(_)) && !bucket.take() {
+            if matches!(req, Req::Send(_))
+                && let Err(wait) = bucket.take()
+            {
                 shared.metrics.messages_in.inc();
-                out.push(pb::ServerFrame::error(
+                let retry_after_ms = wait.as_millis().clamp(1, u32::MAX as u128) as u32;
+                out.push(pb::ServerFrame::new(
                     rid,
-                    ErrorCode::RateLimited,
-                    "too many messages; slow down and resend",
+                    Resp::Error(pb::Error {
+                        code: ErrorCode::RateLimited as i32,
+                        message: format!(
+                            "more than {} sends a second (burst {}); resend after {retry_after_ms} ms",
+                            cfg.send_rate, cfg.send_burst
+                        ),
+                        fatal: false,
+                        retry_after_ms,
+                    }),
                 ));
                 return Ok(());
             }
@@ -515,9 +566,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_bucket_refills_over_time() {
         let mut b = Bucket::new(10, 2);
-        assert!(b.take() && b.take());
-        assert!(!b.take());
-        tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(b.take());
+        assert!(b.take().is_ok() && b.take().is_ok());
+        let wait = b.take().unwrap_err();
+        assert!(
+            wait.abs_diff(Duration::from_millis(100)) < Duration::from_millis(1),
+            "{wait:?}"
+        );
+        tokio::time::advance(Duration::from_millis(60)).await;
+        let wait = b.take().unwrap_err();
+        assert!(
+            wait <= Duration::from_millis(41) && wait >= Duration::from_millis(39),
+            "{wait:?}"
+        );
+        tokio::time::advance(Duration::from_millis(40)).await;
+        assert!(b.take().is_ok());
     }
 }

@@ -7,7 +7,10 @@ use futures_util::{SinkExt, StreamExt};
 use parley_proto::codec::{self, DecodeError};
 use parley_proto::pb;
 use prost::Message as _;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -33,7 +36,18 @@ pub trait FrameIo: Send {
         &mut self,
         frames: &[pb::ServerFrame],
     ) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Closes after a last frame so that the client reads it: ends the
+    /// sending side, then reads and discards what the client still sends,
+    /// for at most [`LINGER`] and [`LINGER_BYTES`], before the socket
+    /// closes. Closing a socket with unread data in it sends a reset, and
+    /// many client stacks report the reset before the frames ahead of it.
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
+
+/// The longest a closing connection waits for the client to finish.
+pub const LINGER: Duration = Duration::from_secs(2);
+/// The most a closing connection reads (and drops) from the client.
+pub const LINGER_BYTES: usize = 1 << 20;
 
 /// Length-prefixed frames over a byte stream.
 pub struct StreamIo<S> {
@@ -94,6 +108,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameIo for StreamIo<S> {
         result?;
         self.stream.flush().await
     }
+
+    async fn close(&mut self) {
+        let deadline = Instant::now() + LINGER;
+        if timeout_at(deadline, self.stream.shutdown()).await.is_err() {
+            return;
+        }
+        let mut left = LINGER_BYTES;
+        self.read_buf = BytesMut::with_capacity(16 * 1024);
+        while left > 0 {
+            self.read_buf.clear();
+            match timeout_at(deadline, self.stream.read_buf(&mut self.read_buf)).await {
+                Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    }
 }
 
 /// One frame per binary WebSocket message.
@@ -142,5 +172,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameIo for WsIo<S> {
                 .map_err(std::io::Error::other)?;
         }
         self.ws.flush().await.map_err(std::io::Error::other)
+    }
+
+    /// Sends a Close and waits for the client's (the closing handshake),
+    /// dropping what comes before it.
+    async fn close(&mut self) {
+        let deadline = Instant::now() + LINGER;
+        if !matches!(timeout_at(deadline, self.ws.close(None)).await, Ok(Ok(()))) {
+            return;
+        }
+        let mut left = LINGER_BYTES;
+        while let Ok(Some(Ok(msg))) = timeout_at(deadline, self.ws.next()).await {
+            left = left.saturating_sub(msg.len());
+            if left == 0 {
+                break;
+            }
+        }
     }
 }

@@ -35,6 +35,9 @@ pub struct GatewayConfig {
     pub max_frame_bytes: usize,
     /// A connection with no frame for this long is closed.
     pub idle_timeout: Duration,
+    /// Told to clients in HelloOk: how long to wait for a Pong before
+    /// taking the connection for dead.
+    pub pong_timeout: Duration,
     /// A write that takes longer marks a slow reader, which is disconnected.
     pub write_timeout: Duration,
     /// Deliveries queued per connection before it must catch up from the store.
@@ -55,6 +58,7 @@ impl Default for GatewayConfig {
             gateway_id: "gw-local".into(),
             max_frame_bytes: parley_proto::DEFAULT_MAX_FRAME_BYTES,
             idle_timeout: Duration::from_secs(90),
+            pong_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             push_queue: 256,
             max_connections: 200_000,
@@ -176,6 +180,10 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
+    // Connections hear of the shutdown from here, once they are counted:
+    // told by `shutdown` itself they would say goodbye and be reaped below
+    // before the count.
+    let (go_away, go_away_rx) = watch::channel(false);
     let Listeners {
         tcp,
         ws,
@@ -211,7 +219,7 @@ pub async fn run(
         let id = next_id;
         let permit = limit.clone().try_acquire_owned();
         let shared = shared.clone();
-        let stop = shutdown.clone();
+        let stop = go_away_rx.clone();
         let acceptor = acceptor.clone();
         conns.spawn(async move {
             let Some(acceptor) = acceptor.filter(|_| matches!(kind, Kind::Tls | Kind::Wss)) else {
@@ -232,9 +240,11 @@ pub async fn run(
     }
 
     tracing::info!(
-        connections = conns.len(),
+        connections = shared.metrics.connections.get(),
+        sessions = shared.registry.len(),
         "shutting down: telling clients to reconnect"
     );
+    go_away.send_replace(true);
     drop((tcp, ws, tls, wss));
     let drained =
         tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
@@ -305,6 +315,13 @@ async fn accept_opt(l: Option<&TcpListener>) -> std::io::Result<TcpStream> {
     }
 }
 
+/// Writes a last frame and closes without a reset.
+async fn goodbye(mut io: impl FrameIo, frame: parley_proto::pb::ServerFrame) {
+    if io.write(&[frame]).await.is_ok() {
+        io.close().await;
+    }
+}
+
 /// Tells a client over the connection cap to come back later.
 async fn refuse<S>(stream: S, is_ws: bool, shared: Arc<Shared>)
 where
@@ -315,6 +332,7 @@ where
         parley_proto::pb::ErrorCode::ServerBusy,
         "too many connections on this gateway; retry later",
     );
+    let max = shared.config.max_frame_bytes;
     if is_ws {
         if let Ok(Ok(ws)) = tokio::time::timeout(
             Duration::from_secs(5),
@@ -322,13 +340,9 @@ where
         )
         .await
         {
-            let _ = WsIo::new(ws, shared.config.max_frame_bytes)
-                .write(&[frame])
-                .await;
+            goodbye(WsIo::new(ws, max), frame).await;
         }
     } else {
-        let _ = StreamIo::new(stream, shared.config.max_frame_bytes)
-            .write(&[frame])
-            .await;
+        goodbye(StreamIo::new(stream, max), frame).await;
     }
 }

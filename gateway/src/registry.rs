@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use parley_core::{Delivery, Session};
 use parley_proto::pb;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 /// One message for one device.
 #[derive(Debug, Clone)]
@@ -23,6 +23,9 @@ pub struct Push {
 pub struct Subscription {
     pub rx: mpsc::Receiver<Push>,
     pub lagged: Arc<AtomicBool>,
+    /// Notified when a newer connection of the same device replaces this
+    /// one, here or on another gateway.
+    pub replaced: Arc<Notify>,
 }
 
 struct Entry {
@@ -30,6 +33,7 @@ struct Entry {
     session: Session,
     tx: mpsc::Sender<Push>,
     lagged: Arc<AtomicBool>,
+    replaced: Arc<Notify>,
 }
 
 /// Local sessions by user.
@@ -58,22 +62,43 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     /// Registers connection `conn` of a session with a queue of `capacity`.
+    /// An older connection of the same device held here is replaced: it
+    /// leaves the registry (it gets no more pushes) and is told to close.
     pub fn register(&self, session: &Session, conn: u64, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity);
         let lagged = Arc::new(AtomicBool::new(false));
+        let replaced = Arc::new(Notify::new());
         let entry = Entry {
             conn,
             session: session.clone(),
             tx,
             lagged: lagged.clone(),
+            replaced: replaced.clone(),
         };
-        self.users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(session.user.clone())
-            .or_default()
-            .push(entry);
-        Subscription { rx, lagged }
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let list = users.entry(session.user.clone()).or_default();
+        evict(list, &session.device, session.epoch);
+        list.push(entry);
+        Subscription {
+            rx,
+            lagged,
+            replaced,
+        }
+    }
+
+    /// Closes the local connections of `user`'s `device` older than
+    /// `epoch`: the device logged in again, perhaps on another gateway.
+    /// Returns how many were closed.
+    pub fn replace(&self, user: &str, device: &str, epoch: u64) -> usize {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = users.get_mut(user) else {
+            return 0;
+        };
+        let closed = evict(list, device, epoch);
+        if list.is_empty() {
+            users.remove(user);
+        }
+        closed
     }
 
     /// Every session held, for re-registering presence.
@@ -142,6 +167,20 @@ impl Registry {
     }
 }
 
+/// Removes from `list` the entries of `device` older than `epoch`, and tells
+/// their connections; returns how many.
+fn evict(list: &mut Vec<Entry>, device: &str, epoch: u64) -> usize {
+    let before = list.len();
+    list.retain(|e| {
+        let stale = e.session.device == device && e.session.epoch < epoch;
+        if stale {
+            e.replaced.notify_one();
+        }
+        !stale
+    });
+    before - list.len()
+}
+
 /// Feeds deliveries from the bus to the registry until the bus closes.
 pub async fn dispatcher(registry: Arc<Registry>, mut bus: mpsc::Receiver<Vec<Delivery>>) {
     while let Some(batch) = bus.recv().await {
@@ -190,6 +229,30 @@ mod tests {
             "a resync marks everyone"
         );
         reg.unregister("a", 1);
+        reg.unregister("a", 2);
+        assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_device_that_logs_in_again_replaces_its_older_connection() {
+        let reg = Registry::default();
+        let s = |device: &str, epoch| Session::new("a", device, "g", epoch);
+        let old = reg.register(&s("phone", 1), 1, 4);
+        let laptop = reg.register(&s("laptop", 2), 2, 4);
+        let mut new = reg.register(&s("phone", 3), 3, 4);
+        // The old connection is told, and the notice waits for it.
+        tokio::time::timeout(std::time::Duration::from_secs(1), old.replaced.notified())
+            .await
+            .expect("the older phone connection is told it was replaced");
+        assert_eq!(reg.len(), 2, "the laptop and the new phone remain");
+        reg.dispatch(&delivery("a", 1));
+        assert_eq!(new.rx.try_recv().unwrap().inbox_seq, 1);
+        // A late notice from another gateway about an older login, or about
+        // this very one, closes nothing.
+        assert_eq!(reg.replace("a", "phone", 3), 0);
+        assert_eq!(reg.replace("a", "phone", 4), 1);
+        assert_eq!(reg.replace("b", "phone", 9), 0);
+        drop(laptop);
         reg.unregister("a", 2);
         assert!(reg.is_empty());
     }

@@ -16,8 +16,62 @@ pub enum DecodeError {
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
     /// The body is not a valid protobuf message of the expected type.
-    #[error("frame is not a valid protobuf message: {0}")]
-    Malformed(prost::DecodeError),
+    #[error("frame is not a valid protobuf message: {error}")]
+    Malformed {
+        error: prost::DecodeError,
+        /// The frame's `request_id` (field 1) where it could still be read,
+        /// so the Error it causes can answer it; 0 otherwise.
+        request_id: u64,
+    },
+}
+
+impl DecodeError {
+    /// The request id of the frame that failed, or 0.
+    pub fn request_id(&self) -> u64 {
+        match self {
+            Self::Malformed { request_id, .. } => *request_id,
+            Self::TooLarge { .. } => 0,
+        }
+    }
+}
+
+/// Decodes `body`, or says why not with whatever request id it holds.
+fn decode_or_blame<M: Message + Default>(body: &[u8]) -> Result<M, DecodeError> {
+    M::decode(body).map_err(|error| DecodeError::Malformed {
+        error,
+        request_id: peek_request_id(body),
+    })
+}
+
+/// Field 1 (a varint, the `request_id` of both frame types) of a frame body
+/// that did not decode as a whole: the fields before the damage are read one
+/// by one until field 1 turns up. 0 when it cannot be found.
+pub fn peek_request_id(mut body: &[u8]) -> u64 {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    while !body.is_empty() {
+        let Ok((tag, wire)) = decode_key(&mut body) else {
+            return 0;
+        };
+        let skip = match wire {
+            WireType::Varint => match decode_varint(&mut body) {
+                Ok(v) if tag == 1 => return v,
+                Ok(_) => 0,
+                Err(_) => return 0,
+            },
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => match decode_varint(&mut body) {
+                Ok(len) => usize::try_from(len).unwrap_or(usize::MAX),
+                Err(_) => return 0,
+            },
+            WireType::StartGroup | WireType::EndGroup => return 0,
+        };
+        if skip > body.len() {
+            return 0;
+        }
+        body = &body[skip..];
+    }
+    0
 }
 
 /// Decodes one length-prefixed frame from the front of `buf`.
@@ -41,7 +95,7 @@ pub fn decode_frame<M: Message + Default>(
     }
     buf.advance(LEN_PREFIX);
     let body = buf.split_to(len);
-    M::decode(body).map(Some).map_err(DecodeError::Malformed)
+    decode_or_blame(&body).map(Some)
 }
 
 /// Appends `msg` to `buf` as one length-prefixed frame.
@@ -62,7 +116,7 @@ pub fn decode_body<M: Message + Default>(body: &[u8], max: usize) -> Result<M, D
             max,
         });
     }
-    M::decode(body).map_err(DecodeError::Malformed)
+    decode_or_blame(body)
 }
 
 #[cfg(test)]
@@ -151,8 +205,21 @@ mod tests {
         buf.put_slice(&junk);
         assert!(matches!(
             decode_frame::<pb::ClientFrame>(&mut buf, 1024),
-            Err(DecodeError::Malformed(_))
+            Err(DecodeError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn a_garbled_frame_still_names_its_request_id() {
+        // request_id = 7, then a Send (field 4) whose length runs past the end.
+        let body = [0x08, 0x07, 0x22, 0x40, 0x0a];
+        let err = decode_body::<pb::ClientFrame>(&body, 1024).unwrap_err();
+        assert_eq!(err.request_id(), 7);
+        // Field 1 after a damaged field cannot be trusted, nor found.
+        assert_eq!(peek_request_id(&[0x22, 0x40, 0x0a]), 0);
+        // Field 1 after intact fields is found.
+        assert_eq!(peek_request_id(&[0x32, 0x00, 0x08, 0x09, 0xff]), 9);
+        assert_eq!(peek_request_id(&[]), 0);
     }
 
     #[test]

@@ -60,6 +60,7 @@ impl pb::ServerFrame {
                 code: code as i32,
                 message: message.into(),
                 fatal: code.is_fatal(),
+                retry_after_ms: 0,
             }),
         )
     }
