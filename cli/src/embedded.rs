@@ -117,7 +117,7 @@ impl Embedded {
         let admin_addr = admin.local_addr()?;
 
         let (stop, stop_rx) = watch::channel(false);
-        let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence);
+        let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence, None);
         let listeners = Listeners {
             tcp: Some(tcp),
             ws,

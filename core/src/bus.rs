@@ -12,6 +12,7 @@ use parley_proto::pb;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::error::ChatError;
+use crate::presence::Session;
 
 /// One message for some users connected to one gateway.
 #[derive(Debug, Clone)]
@@ -39,6 +40,12 @@ pub trait DeliveryBus: Send + Sync + 'static {
     async fn publish(&self, gateway: &str, deliveries: Vec<Delivery>) -> Result<(), ChatError>;
     /// The events of one batch, in commit order (one publish, not one each).
     async fn events(&self, events: Vec<ChatEvent>) -> Result<(), ChatError>;
+    /// Tells `gateway` that a device it holds logged in again as `newer`
+    /// (on another gateway), so that it closes the older connection. In one
+    /// process the gateway's registry does this itself: nothing to carry.
+    async fn replaced(&self, _gateway: &str, _newer: &Session) -> Result<(), ChatError> {
+        Ok(())
+    }
 }
 
 /// The bus inside one process.

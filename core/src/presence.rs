@@ -34,7 +34,12 @@ impl Session {
 /// Where users are connected.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
-    async fn online(&self, session: &Session) -> Result<(), ChatError>;
+    /// Records `session` unless a newer connection of the device (a larger
+    /// epoch) is recorded. Returns the device's other session it met: the
+    /// one it replaced (a smaller epoch: that gateway must close it), or the
+    /// newer one that kept it out (nothing written); None when there was
+    /// none, or it was this very session.
+    async fn online(&self, session: &Session) -> Result<Option<Session>, ChatError>;
     /// Removes the session if it is still the device's newest.
     async fn offline(&self, session: &Session) -> Result<(), ChatError>;
     /// For each gateway, the users among `users` with a device on it.
@@ -52,16 +57,17 @@ pub struct MemoryPresence {
 
 #[async_trait]
 impl Presence for MemoryPresence {
-    async fn online(&self, s: &Session) -> Result<(), ChatError> {
+    async fn online(&self, s: &Session) -> Result<Option<Session>, ChatError> {
         let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let devices = map.entry(s.user.clone()).or_default();
-        match devices.get(&s.device) {
-            Some((_, epoch)) if *epoch > s.epoch => {}
-            _ => {
-                devices.insert(s.device.clone(), (s.gateway.clone(), s.epoch));
-            }
+        let other = devices
+            .get(&s.device)
+            .filter(|(gateway, epoch)| !(*gateway == s.gateway && *epoch == s.epoch))
+            .map(|(gateway, epoch)| Session::new(&s.user, &s.device, gateway, *epoch));
+        if other.as_ref().is_none_or(|o| o.epoch <= s.epoch) {
+            devices.insert(s.device.clone(), (s.gateway.clone(), s.epoch));
         }
-        Ok(())
+        Ok(other)
     }
 
     async fn offline(&self, s: &Session) -> Result<(), ChatError> {
@@ -108,8 +114,18 @@ mod tests {
     #[tokio::test]
     async fn stale_sessions_are_fenced_by_epoch() {
         let p = MemoryPresence::default();
-        p.online(&s("a", "phone", "g1", 1)).await.unwrap();
-        p.online(&s("a", "phone", "g2", 2)).await.unwrap();
+        assert_eq!(p.online(&s("a", "phone", "g1", 1)).await.unwrap(), None);
+        assert_eq!(
+            p.online(&s("a", "phone", "g2", 2)).await.unwrap(),
+            Some(s("a", "phone", "g1", 1)),
+            "the replaced session is named, for its gateway to close"
+        );
+        assert_eq!(p.online(&s("a", "phone", "g2", 2)).await.unwrap(), None);
+        assert_eq!(
+            p.online(&s("a", "phone", "g1", 1)).await.unwrap(),
+            Some(s("a", "phone", "g2", 2)),
+            "a late login with an older epoch is kept out and told by whom"
+        );
         // The old connection's goodbye arrives late: it must not remove the new one.
         p.offline(&s("a", "phone", "g1", 1)).await.unwrap();
         let located = p.locate(&["a", "b"]).await.unwrap();

@@ -196,6 +196,42 @@ async fn one_to_one_and_group_messages_cross_gateways_exactly_once_in_order() {
     for d in ["bob/phone", "dan/tablet"] {
         assert_eq!(order(d), reference, "{d} saw another order");
     }
+
+    // Ann's phone logs in again on another gateway: its connection on
+    // gateway 0 gets DEVICE_REPLACED (the SDK stops, it does not fight
+    // back), and the new one is the phone from then on.
+    let (phone, mut phone_ev) = Client::connect(c.at_gateway(2, &t[0], "phone"))
+        .await
+        .unwrap();
+    let replaced = tokio::time::timeout(SETTLE, async {
+        while !matches!(
+            ann_phone.open_direct("bob").await,
+            Err(parley_client::ClientError::Closed)
+        ) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        replaced.is_ok(),
+        "the phone's connection on gateway 0 stays open"
+    );
+    let ack = bob
+        .send(direct, pb::Content::text("to the new phone"))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(SETTLE, async {
+        loop {
+            if let Some(parley_client::Event::Message { message, .. }) = phone_ev.recv().await
+                && message.msg_id == ack.msg_id
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "the new connection gets what comes next");
+    phone.close().await;
 }
 
 /// Which gateway holds the most sessions, among `candidates`.

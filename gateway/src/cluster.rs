@@ -27,7 +27,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use parley_amqp::{AmqpConfig, LinkStatus};
+use parley_amqp::{AmqpBus, AmqpConfig, LinkStatus};
+use parley_core::Session;
 use parley_ops::{self as ops, Probe, Readiness, stopped};
 use parley_redis::{PRESENCE_TTL, RedisState};
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -35,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::registry::Registry;
 use crate::remote::{RemoteChat, RemoteConfig};
 use crate::{GatewayConfig, Listeners, Shared};
 
@@ -206,8 +208,9 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
                         "redis is back; re-registering presence"
                     );
                     match node.redis.online_many(&sessions).await {
-                        Ok(()) => {
+                        Ok(newer) => {
                             refreshed = Instant::now();
+                            close_replaced(registry, &newer);
                             registry.resync_all();
                         }
                         Err(e) => {
@@ -226,15 +229,28 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
         }
         node.started.store(true, Ordering::Relaxed);
         if refreshed.elapsed() > PRESENCE_TTL / 3 && node.redis_up.load(Ordering::Relaxed) {
-            if let Err(e) = node.redis.online_many(&registry.sessions()).await {
-                tracing::warn!(error = %e, "presence refresh failed");
-            } else {
-                refreshed = Instant::now();
+            match node.redis.online_many(&registry.sessions()).await {
+                Ok(newer) => {
+                    refreshed = Instant::now();
+                    close_replaced(registry, &newer);
+                }
+                Err(e) => tracing::warn!(error = %e, "presence refresh failed"),
             }
         }
         // Sleep, but write at once when draining starts.
         if !again {
             let _ = tokio::time::timeout(cfg.lease_every, wake.changed()).await;
+        }
+    }
+}
+
+/// Closes the connections here of devices that logged in again as `newer`
+/// (on another gateway).
+fn close_replaced(registry: &Registry, newer: &[Session]) {
+    for n in newer {
+        let closed = registry.replace(&n.user, &n.device, n.epoch);
+        if closed > 0 {
+            tracing::debug!(user = %n.user, device = %n.device, by = %n.gateway, "device logged in on another gateway");
         }
     }
 }
@@ -266,8 +282,14 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         url: cfg.amqp_url.clone(),
         prefix: cfg.prefix.clone(),
     };
-    let feed = parley_amqp::consume(amqp, &cfg.gateway.gateway_id, 4096);
-    let shared = Shared::new(cfg.gateway.clone(), chat.clone(), Arc::new(redis.clone()));
+    let feed = parley_amqp::consume(amqp.clone(), &cfg.gateway.gateway_id, 4096);
+    let notices = AmqpBus::start_named(amqp, &format!("parley-gateway {}", cfg.gateway.gateway_id));
+    let shared = Shared::new(
+        cfg.gateway.clone(),
+        chat.clone(),
+        Arc::new(redis.clone()),
+        Some(Arc::new(notices)),
+    );
     let mut metrics = MetricsRegistry::with_prefix("parley");
     shared.metrics.register(&mut metrics);
     let node = Arc::new(Node {
@@ -294,6 +316,14 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     let resyncer = AbortOnDropHandle::new(tokio::spawn(async move {
         while resync.changed().await.is_ok() {
             resync_registry.resync_all();
+        }
+    }));
+    // Devices of this gateway that logged in again on another.
+    let mut replaced = feed.replaced;
+    let replace_registry = shared.registry.clone();
+    let replacer = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(newer) = replaced.recv().await {
+            close_replaced(&replace_registry, std::slice::from_ref(&newer));
         }
     }));
     let (wake_lease, wake_rx) = watch::channel(false);
@@ -353,7 +383,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     }
     let _ = gw_stop.send(true);
     let _ = gateway.await;
-    drop((lease, resyncer, drain, feed.task));
+    drop((lease, resyncer, replacer, drain, feed.task));
     if let Err(e) = node
         .redis
         .withdraw(&cfg.gateway.gateway_id, &cfg.advertise)

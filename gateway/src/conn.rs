@@ -205,7 +205,12 @@ pub async fn serve<IO: FrameIo>(
         End::Fatal(rid, code, message) => {
             tracing::debug!(conn_id, ?code, %message, "closing connection");
             shared.metrics.errors.get_or_create(&code_label(code)).inc();
-            Some(pb::ServerFrame::error(rid, code, message))
+            let mut frame = pb::ServerFrame::error(rid, code, message);
+            // UNAVAILABLE during login or a catch-up ends the connection too.
+            if let Some(Resp::Error(e)) = &mut frame.body {
+                e.fatal = true;
+            }
+            Some(frame)
         }
         End::GoAway => {
             let go = pb::GoAway {
@@ -352,6 +357,41 @@ async fn start_sync(
     catch_up(shared, live, out).await
 }
 
+/// Records a new login in presence, where the login that arrives last wins:
+/// a newer epoch found there (a racing login, or a gateway whose clock runs
+/// ahead of this one's) is overtaken with a larger one. The device's older
+/// connection, if another gateway holds it, is told to close (this
+/// gateway's own was closed when the login registered).
+async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) {
+    let mut met = shared.presence.online(&l.session).await;
+    if let Ok(Some(newer)) = &met
+        && newer.epoch > l.session.epoch
+    {
+        shared.observe_epoch(newer.epoch);
+        shared.registry.unregister(&l.session.user, conn_id);
+        l.session.epoch = shared.next_epoch();
+        l.sub = shared
+            .registry
+            .register(&l.session, conn_id, shared.config.push_queue);
+        met = shared.presence.online(&l.session).await;
+    }
+    match met {
+        // The device still gets everything: the gateway registers its
+        // sessions again and has them catch up once presence is back.
+        Err(e) => {
+            tracing::warn!(error = %e, "presence not recorded; live delivery waits for its recovery")
+        }
+        Ok(Some(older)) if older.epoch < l.session.epoch && older.gateway != l.session.gateway => {
+            if let Some(bus) = &shared.notices
+                && let Err(e) = bus.replaced(&older.gateway, &l.session).await
+            {
+                tracing::warn!(error = %e, gateway = %older.gateway, "replacement notice not sent");
+            }
+        }
+        Ok(_) => {}
+    }
+}
+
 fn sync_done(request_id: u64, cursor: u64, missing: Option<(u64, u64)>) -> pb::ServerFrame {
     let (from, to) = missing.unwrap_or((0, 0));
     let done = pb::SyncDone {
@@ -409,11 +449,12 @@ async fn on_frame(
         Req::Auth(auth) => {
             ids::check_device_id(&auth.device_id)
                 .map_err(|m| End::Fatal(rid, ErrorCode::Unauthenticated, m))?;
+            // A chat service that cannot be reached is not a bad token: the
+            // client must try again later, not give up on its token.
             let user = shared.chat.authenticate(&auth.token).await.map_err(|e| {
-                let code = if e.code() == ErrorCode::TokenExpired {
-                    ErrorCode::TokenExpired
-                } else {
-                    ErrorCode::Unauthenticated
+                let code = match e.code() {
+                    c @ (ErrorCode::TokenExpired | ErrorCode::Unauthenticated) => c,
+                    _ => ErrorCode::Unavailable,
                 };
                 End::Fatal(rid, code, e.client_message())
             })?;
@@ -435,11 +476,7 @@ async fn on_frame(
                 missing: None,
                 sync_done: None,
             };
-            if let Err(e) = shared.presence.online(&l.session).await {
-                // The device still gets everything: the gateway registers its
-                // sessions again and has them catch up once presence is back.
-                tracing::warn!(error = %e, "presence not recorded; live delivery waits for its recovery");
-            }
+            go_online(shared, &mut l, conn_id).await;
             let opened = shared
                 .chat
                 .session_opened(&user, &auth.device_id, auth.cursor)

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parley_core::{ChatBackend, Delivery, Presence};
+use parley_core::{ChatBackend, Delivery, DeliveryBus, Presence};
 use parley_ops::stopped;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -80,6 +80,9 @@ pub struct Shared {
     pub presence: Arc<dyn Presence>,
     pub registry: Arc<Registry>,
     pub metrics: metrics::GatewayMetrics,
+    /// Carries replacement notices to other gateways (cluster mode; in one
+    /// process the registry sees every connection itself).
+    pub notices: Option<Arc<dyn DeliveryBus>>,
     epoch: AtomicU64,
 }
 
@@ -96,6 +99,7 @@ impl Shared {
         config: GatewayConfig,
         chat: Arc<dyn ChatBackend>,
         presence: Arc<dyn Presence>,
+        notices: Option<Arc<dyn DeliveryBus>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             drain: drain::Drain::default(),
@@ -104,8 +108,15 @@ impl Shared {
             presence,
             registry: Arc::new(Registry::default()),
             metrics: metrics::GatewayMetrics::default(),
+            notices,
             epoch: AtomicU64::new(0),
         })
+    }
+
+    /// Makes the next epochs larger than `seen` (one from another gateway,
+    /// whose clock may run ahead of this one's).
+    pub fn observe_epoch(&self, seen: u64) {
+        self.epoch.fetch_max(seen, Ordering::Relaxed);
     }
 
     /// A connection epoch larger than any earlier one, here or (by the

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use parley_core::Delivery;
+use parley_core::{Delivery, Session};
 use parley_proto::internal as ipb;
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
@@ -20,6 +20,9 @@ use crate::{AmqpConfig, LinkStatus, backoff, connect, declare_exchanges};
 pub struct GatewayFeed {
     /// Delivery batches in the order the broker handed them over.
     pub deliveries: mpsc::Receiver<Vec<Delivery>>,
+    /// Devices of this gateway that logged in again elsewhere: the newer
+    /// session (its user, device and epoch).
+    pub replaced: mpsc::Receiver<Session>,
     /// Ticks every time the consumer reconnects: deliveries may have been
     /// lost meanwhile, so connections should catch up from the database.
     pub resync: watch::Receiver<u64>,
@@ -31,47 +34,66 @@ pub struct GatewayFeed {
 /// every connect.
 pub fn consume(config: AmqpConfig, gateway: &str, capacity: usize) -> GatewayFeed {
     let (tx, rx) = mpsc::channel(capacity);
+    let (replaced_tx, replaced) = mpsc::channel(REPLACED_QUEUE);
     let (resync_tx, resync) = watch::channel(0);
     let status = Arc::new(LinkStatus::default());
     let task = tokio::spawn(consumer(
         config,
         gateway.to_owned(),
-        tx,
+        Outputs {
+            deliveries: tx,
+            replaced: replaced_tx,
+        },
         resync_tx,
         status.clone(),
     ));
     GatewayFeed {
         deliveries: rx,
+        replaced,
         resync,
         status,
         task: AbortOnDropHandle::new(task),
     }
 }
 
-fn decode_batch(body: &[u8]) -> Option<Vec<Delivery>> {
+/// Replacement notices waiting for the registry; past it they are dropped,
+/// and the presence refresh finds those devices later.
+const REPLACED_QUEUE: usize = 1024;
+
+/// Where the consumer hands what it decodes.
+struct Outputs {
+    deliveries: mpsc::Sender<Vec<Delivery>>,
+    replaced: mpsc::Sender<Session>,
+}
+
+fn decode_batch(body: &[u8]) -> Option<(Vec<Delivery>, Vec<Session>)> {
     let batch = ipb::DeliveryBatch::decode(body).ok()?;
-    Some(
-        batch
-            .items
-            .into_iter()
-            .filter_map(|item| {
-                Some(Delivery {
-                    message: Arc::new(item.message?),
-                    recipients: item
-                        .recipients
-                        .into_iter()
-                        .map(|r| (r.user_id, r.inbox_seq))
-                        .collect(),
-                })
+    let deliveries = batch
+        .items
+        .into_iter()
+        .filter_map(|item| {
+            Some(Delivery {
+                message: Arc::new(item.message?),
+                recipients: item
+                    .recipients
+                    .into_iter()
+                    .map(|r| (r.user_id, r.inbox_seq))
+                    .collect(),
             })
-            .collect(),
-    )
+        })
+        .collect();
+    let replaced = batch
+        .replaced
+        .into_iter()
+        .map(|r| Session::new(&r.user_id, &r.device_id, &r.gateway, r.epoch))
+        .collect();
+    Some((deliveries, replaced))
 }
 
 async fn consumer(
     config: AmqpConfig,
     gateway: String,
-    tx: mpsc::Sender<Vec<Delivery>>,
+    out: Outputs,
     resync: watch::Sender<u64>,
     status: Arc<LinkStatus>,
 ) {
@@ -139,8 +161,15 @@ async fn consumer(
         while let Some(delivery) = stream.next().await {
             match delivery {
                 Ok(d) => match decode_batch(&d.data) {
-                    Some(batch) => {
-                        if tx.send(batch).await.is_err() {
+                    Some((batch, replaced)) => {
+                        for newer in replaced {
+                            if out.replaced.try_send(newer).is_err() {
+                                tracing::warn!(
+                                    "replacement notice dropped; the presence refresh repeats it"
+                                );
+                            }
+                        }
+                        if !batch.is_empty() && out.deliveries.send(batch).await.is_err() {
                             let _ = conn.close(200, "bye".into()).await;
                             return;
                         }

@@ -1,6 +1,8 @@
 //! The publishing side, used by the chat service: delivery batches to the
 //! gateways' queues and events to the events exchange, through one task
 //! that owns the connection, publishes in batches and waits for confirms.
+//! Gateways use it too, for one thing: telling another gateway that a
+//! device it holds logged in again.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use std::sync::atomic::Ordering;
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel};
-use parley_core::{ChatError, ChatEvent, Delivery, DeliveryBus};
+use parley_core::{ChatError, ChatEvent, Delivery, DeliveryBus, Session};
 use parley_proto::internal as ipb;
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -53,9 +55,19 @@ impl Drop for AmqpBus {
 impl AmqpBus {
     /// Starts the publisher; it connects (and reconnects) in the background.
     pub fn start(config: AmqpConfig) -> Self {
+        Self::start_named(config, "parley-chat")
+    }
+
+    /// [`Self::start`] with the connection named `name` on the broker.
+    pub fn start_named(config: AmqpConfig, name: &str) -> Self {
         let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
         let status = Arc::new(LinkStatus::default());
-        let task = tokio::spawn(publisher(config.clone(), rx, status.clone()));
+        let task = tokio::spawn(publisher(
+            config.clone(),
+            name.to_owned(),
+            rx,
+            status.clone(),
+        ));
         Self {
             config,
             tx,
@@ -91,6 +103,26 @@ impl DeliveryBus for AmqpBus {
                         .collect(),
                 })
                 .collect(),
+            replaced: Vec::new(),
+        };
+        self.enqueue(Outgoing {
+            exchange: self.config.deliveries(),
+            routing_key: gateway.to_owned(),
+            body: batch.encode_to_vec(),
+        });
+        Ok(())
+    }
+
+    async fn replaced(&self, gateway: &str, newer: &Session) -> Result<(), ChatError> {
+        let notice = ipb::DeviceReplaced {
+            user_id: newer.user.clone(),
+            device_id: newer.device.clone(),
+            epoch: newer.epoch,
+            gateway: newer.gateway.clone(),
+        };
+        let batch = ipb::DeliveryBatch {
+            items: Vec::new(),
+            replaced: vec![notice],
         };
         self.enqueue(Outgoing {
             exchange: self.config.deliveries(),
@@ -131,12 +163,17 @@ impl DeliveryBus for AmqpBus {
 
 /// Owns the publishing connection: sends in batches, waits for confirms,
 /// and keeps what was not confirmed for after the reconnect.
-async fn publisher(config: AmqpConfig, mut rx: mpsc::Receiver<Outgoing>, status: Arc<LinkStatus>) {
+async fn publisher(
+    config: AmqpConfig,
+    name: String,
+    mut rx: mpsc::Receiver<Outgoing>,
+    status: Arc<LinkStatus>,
+) {
     let mut unconfirmed: VecDeque<Outgoing> = VecDeque::new();
     let mut first = true;
     let mut attempt = 0;
     loop {
-        let (conn, channel) = match connect(&config.url, "parley-chat").await {
+        let (conn, channel) = match connect(&config.url, &name).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "RabbitMQ unreachable; retrying");

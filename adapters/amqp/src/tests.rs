@@ -132,6 +132,17 @@ async fn deliveries_reach_only_their_gateway_and_events_their_exchange() {
     assert_eq!(batch[0].message.seq, 3);
     assert!(g1.deliveries.try_recv().is_err(), "g1 got only its own");
 
+    // A device of g1 logged in again on g2: g1 hears of it, and only g1.
+    let newer = parley_core::Session::new("ann", "phone", "g2", 42);
+    bus.replaced("g1", &newer).await.unwrap();
+    let notice = tokio::time::timeout(Duration::from_secs(10), g1.replaced.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(notice, newer);
+    assert!(g1.deliveries.try_recv().is_err(), "a notice is no delivery");
+    assert!(g2.replaced.try_recv().is_err());
+
     let event = tokio::time::timeout(Duration::from_secs(10), push.next())
         .await
         .unwrap()

@@ -18,17 +18,33 @@ use crate::{RedisState, redis_err};
 pub const PRESENCE_TTL: Duration = Duration::from_secs(30 * 60);
 
 /// Records a device's gateway unless a newer connection (a larger epoch)
-/// already did.
+/// already did. Answers the device's other entry it met (`<gateway>|<epoch>`:
+/// the one it replaced, or the newer one that kept it out), nil for none or
+/// for this very entry.
 pub(crate) const ONLINE: &str = r"
+local mine = ARGV[2] .. '|' .. ARGV[3]
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
+if cur and cur ~= mine then
   local e = tonumber(string.match(cur, '|(%d+)$'))
-  if e and e > tonumber(ARGV[3]) then return 0 end
+  if e and e > tonumber(ARGV[3]) then return cur end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], mine)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+if cur == mine then return false end
+return cur
 ";
+
+/// The session an ONLINE answer names, for the device of `s`.
+fn other_session(s: &Session, answer: Option<String>) -> Option<Session> {
+    let answer = answer?;
+    let (gateway, epoch) = answer.rsplit_once('|')?;
+    Some(Session::new(
+        &s.user,
+        &s.device,
+        gateway,
+        epoch.parse().ok()?,
+    ))
+}
 
 /// Removes a device's entry if it is still this connection's.
 pub(crate) const OFFLINE: &str = r"
@@ -41,9 +57,13 @@ return 0
 
 impl RedisState {
     /// Records many sessions at once (a gateway re-registering everything it
-    /// holds after Redis came back, or refreshing before the TTL).
-    pub async fn online_many(&self, sessions: &[Session]) -> Result<(), ChatError> {
+    /// holds after Redis came back, or refreshing before the TTL). Returns
+    /// the newer sessions that kept some of them out: those devices logged
+    /// in again elsewhere, and their connections here are stale (a backstop
+    /// for a replacement notice that was lost).
+    pub async fn online_many(&self, sessions: &[Session]) -> Result<Vec<Session>, ChatError> {
         let ttl = PRESENCE_TTL.as_millis() as u64;
+        let mut newer = Vec::new();
         for chunk in sessions.chunks(1000) {
             let mut pipe = redis::pipe();
             for s in chunk {
@@ -54,30 +74,36 @@ impl RedisState {
                     .arg(&s.device)
                     .arg(&s.gateway)
                     .arg(s.epoch)
-                    .arg(ttl)
-                    .ignore();
+                    .arg(ttl);
             }
             let mut c = self.conn.clone();
-            pipe.query_async::<()>(&mut c).await.map_err(redis_err)?;
+            let answers: Vec<Option<String>> = pipe.query_async(&mut c).await.map_err(redis_err)?;
+            newer.extend(
+                chunk
+                    .iter()
+                    .zip(answers)
+                    .filter_map(|(s, a)| other_session(s, a).filter(|o| o.epoch > s.epoch)),
+            );
         }
-        Ok(())
+        Ok(newer)
     }
 }
 
 #[async_trait]
 impl Presence for RedisState {
-    async fn online(&self, s: &Session) -> Result<(), ChatError> {
+    async fn online(&self, s: &Session) -> Result<Option<Session>, ChatError> {
         let mut c = self.conn.clone();
-        self.online
+        let answer: Option<String> = self
+            .online
             .key(self.keys.presence(&s.user))
             .arg(&s.device)
             .arg(&s.gateway)
             .arg(s.epoch)
             .arg(PRESENCE_TTL.as_millis() as u64)
-            .invoke_async::<i64>(&mut c)
+            .invoke_async(&mut c)
             .await
             .map_err(redis_err)?;
-        Ok(())
+        Ok(other_session(s, answer))
     }
 
     async fn offline(&self, s: &Session) -> Result<(), ChatError> {

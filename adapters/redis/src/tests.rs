@@ -44,10 +44,23 @@ async fn presence_is_fenced_by_epoch_and_needs_a_live_gateway() {
     r.announce("g2", "10.0.0.2:7400", 1, ttl, false, false)
         .await
         .unwrap();
-    r.online(&s("ann", "phone", "g1", 1)).await.unwrap();
-    r.online(&s("ann", "phone", "g2", 2)).await.unwrap();
+    assert_eq!(r.online(&s("ann", "phone", "g1", 1)).await.unwrap(), None);
+    assert_eq!(
+        r.online(&s("ann", "phone", "g2", 2)).await.unwrap(),
+        Some(s("ann", "phone", "g1", 1)),
+        "the replaced session is named, for its gateway to close"
+    );
+    assert_eq!(
+        r.online(&s("ann", "phone", "g2", 2)).await.unwrap(),
+        None,
+        "a refresh"
+    );
     // The old connection's registration and goodbye arrive late.
-    r.online(&s("ann", "phone", "g1", 1)).await.unwrap();
+    assert_eq!(
+        r.online(&s("ann", "phone", "g1", 1)).await.unwrap(),
+        Some(s("ann", "phone", "g2", 2)),
+        "kept out by the newer one"
+    );
     r.offline(&s("ann", "phone", "g1", 1)).await.unwrap();
     r.online(&s("ann", "laptop", "g1", 3)).await.unwrap();
     let located = r.locate(&["ann", "nobody"]).await.unwrap();
@@ -86,10 +99,16 @@ async fn presence_is_fenced_by_epoch_and_needs_a_live_gateway() {
     let many: Vec<Session> = (0..2500)
         .map(|i| s(&format!("u{i}"), "d", "g2", 10))
         .collect();
-    r.online_many(&many).await.unwrap();
+    assert!(r.online_many(&many).await.unwrap().is_empty());
     let users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();
     let refs: Vec<&str> = users.iter().map(String::as_str).collect();
     assert_eq!(r.locate(&refs).await.unwrap()["g2"].len(), 2500);
+    // A refresh names the devices that logged in again elsewhere since.
+    r.online(&s("u7", "d", "g1", 11)).await.unwrap();
+    assert_eq!(
+        r.online_many(&many).await.unwrap(),
+        vec![s("u7", "d", "g1", 11)]
+    );
 }
 
 #[tokio::test]
