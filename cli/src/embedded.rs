@@ -30,6 +30,10 @@ pub struct EmbeddedConfig {
     pub token_leeway_secs: u64,
     pub chat: ChatConfig,
     pub gateway: GatewayConfig,
+    /// Health, metrics and the route lookup; None: not served.
+    pub ops_listen: Option<SocketAddr>,
+    /// The address the route lookup answers (default: the TCP listener's).
+    pub advertise: Option<String>,
 }
 
 impl EmbeddedConfig {
@@ -46,6 +50,8 @@ impl EmbeddedConfig {
             token_leeway_secs: parley_core::token::DEFAULT_LEEWAY_SECS,
             chat: ChatConfig::default(),
             gateway: GatewayConfig::default(),
+            ops_listen: Some(any),
+            advertise: None,
         }
     }
 }
@@ -56,12 +62,15 @@ pub struct Embedded {
     pub tcp_addr: SocketAddr,
     pub ws_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// Health, metrics and the route lookup.
+    pub ops_addr: Option<SocketAddr>,
     pub admin_key: String,
     pub chat: Arc<ChatService>,
     pub bus: Arc<LocalBus>,
     stop: watch::Sender<bool>,
     gateway: JoinHandle<()>,
     admin: JoinHandle<()>,
+    ops: Option<JoinHandle<()>>,
 }
 
 /// Reads a secret from `path`, creating a random one (mode 0600) if absent.
@@ -112,12 +121,33 @@ impl Embedded {
             None => None,
         };
         let admin = TcpListener::bind(cfg.admin_listen).await?;
+        let ops = match cfg.ops_listen {
+            Some(a) => Some(parley_ops::bind(a, "ops").await?),
+            None => None,
+        };
+        let ops_addr = ops.as_ref().map(|l| l.local_addr()).transpose()?;
         let tcp_addr = tcp.local_addr()?;
         let ws_addr = ws.as_ref().map(|l| l.local_addr()).transpose()?;
         let admin_addr = admin.local_addr()?;
 
         let (stop, stop_rx) = watch::channel(false);
         let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence, None);
+        let advertise = cfg.advertise.unwrap_or_else(|| match tcp_addr.ip() {
+            ip if ip.is_unspecified() => format!("127.0.0.1:{}", tcp_addr.port()),
+            _ => tcp_addr.to_string(),
+        });
+        let ops = ops.map(|listener| {
+            let router = parley_gateway::lookup::one_process_ops(shared.clone(), advertise, |r| {
+                chat.metrics().register(r)
+            });
+            let mut ops_stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let shutdown = async move { parley_ops::stopped(&mut ops_stop).await };
+                if let Err(e) = parley_ops::serve(listener, router, shutdown).await {
+                    tracing::error!(error = %e, "ops endpoints failed");
+                }
+            })
+        });
         let listeners = Listeners {
             tcp: Some(tcp),
             ws,
@@ -142,12 +172,14 @@ impl Embedded {
             tcp_addr,
             ws_addr,
             admin_addr,
+            ops_addr,
             admin_key,
             chat,
             bus,
             stop,
             gateway,
             admin,
+            ops,
         })
     }
 
@@ -157,6 +189,9 @@ impl Embedded {
         let _ = self.stop.send(true);
         let _ = self.gateway.await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.admin).await;
+        if let Some(ops) = self.ops {
+            let _ = tokio::time::timeout(Duration::from_secs(5), ops).await;
+        }
         if let Err(e) = self.chat.flush_cursors().await {
             tracing::warn!(error = %e, "acked cursors not written at exit");
         }

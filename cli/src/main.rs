@@ -103,6 +103,22 @@ struct UpArgs {
     /// Sends per second allowed per connection.
     #[arg(long, env = "PARLEY_SEND_RATE", default_value_t = 100)]
     send_rate: u32,
+    /// Sends a connection may make at once before the rate applies.
+    #[arg(long, env = "PARLEY_SEND_BURST", default_value_t = 200)]
+    send_burst: u32,
+    /// Told to clients: how long to wait for a Pong before taking the
+    /// connection for dead (milliseconds).
+    #[arg(long, env = "PARLEY_PONG_TIMEOUT_MS", default_value_t = 10_000)]
+    pong_timeout_ms: u64,
+    /// Health (/healthz, /readyz), metrics (/metrics) and the route lookup
+    /// (/route) ("off" disables it).
+    #[arg(long, env = "PARLEY_OPS_LISTEN", default_value = "127.0.0.1:7403")]
+    ops_listen: String,
+    /// The host:port clients use to reach this server, as the route lookup
+    /// answers it (default: the TCP listener; an unspecified IP becomes
+    /// 127.0.0.1).
+    #[arg(long, env = "PARLEY_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -200,10 +216,11 @@ struct ChatArgs {
     /// Gateway address (host:port).
     #[arg(long, env = "PARLEY_SERVER", default_value = "127.0.0.1:7400")]
     server: String,
-    /// Ask this route lookup (http://host:port/route) for the least-loaded
-    /// gateway before connecting; --server is the fallback.
-    #[arg(long, env = "PARLEY_ROUTE")]
-    route: Option<String>,
+    /// Ask these route lookups (http://host:port/route, comma-separated, in
+    /// order until one answers) for the least-loaded gateways before every
+    /// connect; --server is the fallback.
+    #[arg(long, env = "PARLEY_ROUTE", value_delimiter = ',')]
+    route: Vec<String>,
     /// Connect over TLS, trusting the certificates in this PEM file
     /// ("webpki" trusts the public web roots instead).
     #[arg(long, env = "PARLEY_TLS_CA")]
@@ -238,7 +255,7 @@ impl ChatArgs {
             (None, None) => bail!("say who you are: --as USER or --token TOKEN"),
         };
         let mut config = ClientConfig::new(&self.server, token, &self.device);
-        config.route = self.route.clone();
+        config.routes = self.route.clone();
         config.tls = self.tls_ca.as_ref().map(|ca| TlsOptions {
             ca_file: (ca != "webpki").then(|| PathBuf::from(ca)),
             server_name: self.tls_server_name.clone(),
@@ -320,35 +337,28 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.gateway.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
     cfg.gateway.max_connections = args.max_connections;
     cfg.gateway.send_rate = args.send_rate;
-    cfg.gateway.send_burst = args.send_rate.saturating_mul(2);
+    cfg.gateway.send_burst = args.send_burst.max(1);
+    cfg.gateway.pong_timeout = Duration::from_millis(args.pong_timeout_ms.max(1));
+    cfg.ops_listen = match args.ops_listen.as_str() {
+        "off" | "" => None,
+        a => Some(a.parse().context("--ops-listen")?),
+    };
+    cfg.advertise = args.advertise;
     let server = Embedded::start(cfg).await?;
     tracing::info!(
         tcp = %server.tcp_addr,
         websocket = ?server.ws_addr,
         admin = %server.admin_url(),
+        ops = ?server.ops_addr,
         data_dir = %args.data_dir.display(),
         "Parley is up; the admin key is in {}/admin.key. Ctrl-C stops it.",
         args.data_dir.display()
     );
-    shutdown_signal().await;
+    parley_ops::terminated().await;
     tracing::info!("stopping: telling clients to reconnect");
     server.shutdown().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn group(command: GroupCommand) -> anyhow::Result<()> {

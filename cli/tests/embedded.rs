@@ -870,7 +870,8 @@ async fn shutdown_tells_clients_to_reconnect() {
             _ => continue,
         }
     };
-    assert!(!go.reason.is_empty());
+    assert!(go.reason.contains("shutting down"), "{}", go.reason);
+    assert!(go.redirect.is_empty());
     assert!(get(&mut s, &mut buf).await.is_none());
     timeout(WAIT, stopping).await.unwrap().unwrap();
 }
@@ -1121,4 +1122,143 @@ async fn a_reopened_terminal_chat_shows_each_missed_message_once() {
             .count();
         assert_eq!(times, 1, "{text} shown {times} times in {seen:#?}");
     }
+}
+
+/// One HTTP/1.1 GET: (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+#[tokio::test]
+async fn parley_up_serves_health_metrics_and_the_route_lookup() {
+    let mut w = World::start().await;
+    let ops = w.server.ops_addr.expect("an ops listener");
+    assert_eq!(http_get(ops, "/healthz").await.0, 200);
+    assert_eq!(http_get(ops, "/readyz").await.0, 200);
+    let (status, route) = http_get(ops, "/route").await;
+    assert_eq!(status, 200);
+    let me = w.server.tcp_addr.to_string();
+    assert_eq!(
+        route.trim(),
+        format!("{{\"address\":\"{me}\",\"candidates\":[\"{me}\"]}}")
+    );
+    // The SDK finds the server through it, with no fixed address.
+    let t = w.user("alice").await;
+    let mut cfg = ClientConfig::new("", &t, "d");
+    cfg.routes = vec![format!("http://{ops}/route")];
+    let (alice, _e) = Client::connect(cfg).await.unwrap();
+    alice.open_direct("alice").await.unwrap();
+    let (status, metrics) = http_get(ops, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("parley_gateway_sessions 1"), "{metrics}");
+    assert!(
+        metrics.contains("parley_chat_"),
+        "the chat service's metrics too"
+    );
+}
+
+#[tokio::test]
+async fn parley_up_counts_the_clients_it_tells_to_reconnect() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "s".repeat(32);
+    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["up", "--data-dir", dir.path().to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--ws-listen", "off"])
+        .args(["--admin-listen", "127.0.0.1:0", "--ops-listen", "off"])
+        .args(["--admin-key", "k", "--token-secret", &secret])
+        .env("PARLEY_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = up.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let field = |line: &str, name: &str| -> Option<String> {
+        let rest = line.split_once(&format!("{name}="))?.1;
+        Some(rest.split_whitespace().next()?.to_owned())
+    };
+    let (tcp, admin) = loop {
+        let line = timeout(WAIT, lines.recv())
+            .await
+            .unwrap()
+            .expect("parley up ended");
+        if line.contains("Parley is up") {
+            break (
+                field(&line, "tcp")
+                    .unwrap()
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap(),
+                field(&line, "admin").unwrap(),
+            );
+        }
+    };
+    let mut admin = Admin::connect(&admin, "k").await.unwrap();
+    admin.create_user("alice", "").await.unwrap();
+    let token = parley_core::TokenKeys::new(secret.as_bytes())
+        .unwrap()
+        .issue("alice", parley_core::now_ms() / 1000, 600)
+        .unwrap();
+    let mut clients = Vec::new();
+    for d in ["a", "b", "c", "d"] {
+        let (mut s, mut buf) = raw(tcp).await;
+        put(&mut s, 1, hello()).await;
+        put(&mut s, 2, auth(&token, d)).await;
+        while !matches!(
+            get(&mut s, &mut buf).await.unwrap().body,
+            Some(Resp::SyncDone(_))
+        ) {}
+        clients.push((s, buf));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let said = loop {
+        let line = timeout(WAIT, lines.recv())
+            .await
+            .unwrap()
+            .expect("no shutdown log");
+        if line.contains("telling clients to reconnect") && line.contains("connections=") {
+            break line;
+        }
+    };
+    assert_eq!(field(&said, "connections").as_deref(), Some("4"), "{said}");
+    assert_eq!(field(&said, "sessions").as_deref(), Some("4"), "{said}");
+    for (mut s, mut buf) in clients {
+        loop {
+            match get(&mut s, &mut buf)
+                .await
+                .expect("closed without GoAway")
+                .body
+            {
+                Some(Resp::GoAway(_)) => break,
+                _ => continue,
+            }
+        }
+    }
+    let exited = tokio::task::spawn_blocking(move || up.wait())
+        .await
+        .unwrap();
+    assert!(exited.unwrap().success());
 }

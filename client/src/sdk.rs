@@ -25,9 +25,10 @@ pub struct ClientConfig {
     /// A gateway's address, host:port (with a route lookup: the fallback
     /// when the lookup fails; may be empty).
     pub addr: String,
-    /// A route lookup URL (`http://host:port/route`): asked before every
-    /// (re)connect for the least-loaded gateway.
-    pub route: Option<String>,
+    /// Route lookup URLs (`http://host:port/route`), asked in order before
+    /// every (re)connect until one answers: its candidates are tried in
+    /// order, and those that fail are reported to the next lookup.
+    pub routes: Vec<String>,
     /// Connect over TLS.
     pub tls: Option<TlsOptions>,
     pub token: String,
@@ -48,7 +49,7 @@ impl ClientConfig {
     ) -> Self {
         Self {
             addr: addr.into(),
-            route: None,
+            routes: Vec::new(),
             tls: None,
             token: token.into(),
             device_id: device_id.into(),
@@ -149,6 +150,7 @@ impl Client {
             user_id: String::new(),
             tls,
             redirect: None,
+            failed: Vec::new(),
             retries: Vec::new(),
         };
         let (conn, user_id) = engine.login().await?;
@@ -331,6 +333,8 @@ fn transient(code: pb::ErrorCode) -> bool {
 
 /// Sends answered with a transient error are tried again this many times.
 const SEND_RETRIES: u32 = 30;
+/// How long a gateway has to answer Hello and Auth before the next is tried.
+const LOGIN_WITHIN: Duration = Duration::from_secs(5);
 /// How long a Ping waits for its Pong when the server does not say.
 const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -350,6 +354,9 @@ struct Engine {
     tls: Option<TlsConnector>,
     /// The address a GoAway named, for the next connect.
     redirect: Option<String>,
+    /// Gateways that could not be reached since the last login, for the
+    /// next route lookup to leave out (and check).
+    failed: Vec<String>,
     /// Sends to try again: (when, request id).
     retries: Vec<(Instant, u64)>,
 }
@@ -361,28 +368,64 @@ enum Disconnect {
 }
 
 impl Engine {
-    /// Where to connect now: where a GoAway sent us, else the route
-    /// lookup's answer, else the configured address.
-    async fn target(&mut self) -> Result<String, ClientError> {
+    /// Where to connect now, in order: where a GoAway sent us; else the
+    /// candidates of the first route lookup that answers; then the
+    /// configured address.
+    async fn targets(&mut self) -> Result<Vec<String>, ClientError> {
         if let Some(addr) = self.redirect.take() {
-            return Ok(addr);
+            return Ok(vec![addr]);
         }
-        if let Some(url) = &self.config.route {
-            match transport::lookup_route(url).await {
-                Ok(addr) => return Ok(addr),
-                Err(e) if self.config.addr.is_empty() => return Err(ClientError::Connect(e)),
+        let mut out = Vec::new();
+        let mut lookup_error = None;
+        for url in &self.config.routes {
+            match transport::lookup_route(url, &self.failed).await {
+                Ok(candidates) => {
+                    out = candidates;
+                    break;
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, "route lookup failed; using the fixed address")
+                    tracing::debug!(error = %e, "route lookup failed; trying the next");
+                    lookup_error = Some(e);
                 }
             }
         }
-        Ok(self.config.addr.clone())
+        let fixed = &self.config.addr;
+        if !fixed.is_empty() && !out.contains(fixed) {
+            out.push(fixed.clone());
+        }
+        if out.is_empty() {
+            let why = lookup_error.unwrap_or_else(|| "no address and no route lookup".into());
+            return Err(ClientError::Connect(why));
+        }
+        Ok(out)
     }
 
+    /// Logs in at the first target that answers; a target that cannot be
+    /// reached is remembered for the next route lookup.
     async fn login(&mut self) -> Result<(Conn, String), ClientError> {
-        let addr = self.target().await?;
+        let mut last = None;
+        for addr in self.targets().await? {
+            match self.login_at(&addr).await {
+                Ok(done) => {
+                    self.failed.clear();
+                    return Ok(done);
+                }
+                Err(e @ (ClientError::Connect(_) | ClientError::Timeout)) => {
+                    tracing::debug!(error = %e, gateway = %addr, "gateway unreachable; trying the next");
+                    if !self.failed.contains(&addr) && self.failed.len() < 8 {
+                        self.failed.push(addr);
+                    }
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Connect("nowhere to connect".into())))
+    }
+
+    async fn login_at(&mut self, addr: &str) -> Result<(Conn, String), ClientError> {
         let tls = self.tls.as_ref().zip(self.config.tls.as_ref());
-        let stream = transport::connect(&addr, tls)
+        let stream = transport::connect(addr, tls)
             .await
             .map_err(ClientError::Connect)?;
         let mut conn = Conn {
@@ -408,7 +451,7 @@ impl Engine {
             .write_all(&out)
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + LOGIN_WITHIN;
         loop {
             let frame = timeout(
                 deadline - Instant::now(),

@@ -84,7 +84,8 @@ pub async fn connect(
 }
 
 /// A plain HTTP/1.1 GET of `path` at `authority` (host:port): the status
-/// and the body (at most 64 KiB), within 5 s.
+/// and the body (at most 64 KiB), within 2 s (a lookup that takes longer
+/// is on a gateway in trouble: the next one is asked).
 pub async fn http_get(authority: &str, path: &str) -> Result<(u16, String), String> {
     let work = async {
         let mut s = TcpStream::connect(authority)
@@ -101,9 +102,9 @@ pub async fn http_get(authority: &str, path: &str) -> Result<(u16, String), Stri
             .map_err(|e| e.to_string())?;
         Ok::<_, String>(raw)
     };
-    let raw = tokio::time::timeout(Duration::from_secs(5), work)
+    let raw = tokio::time::timeout(Duration::from_secs(2), work)
         .await
-        .map_err(|_| format!("{authority} did not answer within 5 s"))??;
+        .map_err(|_| format!("{authority} did not answer within 2 s"))??;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
@@ -116,9 +117,10 @@ pub async fn http_get(authority: &str, path: &str) -> Result<(u16, String), Stri
     Ok((status, body.to_owned()))
 }
 
-/// Asks a gateway's route lookup (`http://host:port/route`) for the
-/// least-loaded gateway's address.
-pub async fn lookup_route(url: &str) -> Result<String, String> {
+/// Asks a gateway's route lookup (`http://host:port/route`) which gateways
+/// to try, least loaded first, reporting those in `failed` (they are left
+/// out, and checked by the lookup).
+pub async fn lookup_route(url: &str, failed: &[String]) -> Result<Vec<String>, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("route lookup {url:?}: only http:// URLs are supported"))?;
@@ -126,26 +128,69 @@ pub async fn lookup_route(url: &str) -> Result<String, String> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/route"),
     };
-    let (status, body) = http_get(authority, path)
+    let mut path = path.to_owned();
+    for (i, addr) in failed.iter().enumerate() {
+        path.push(if i == 0 && !path.contains('?') {
+            '?'
+        } else {
+            '&'
+        });
+        path.push_str("failed=");
+        path.push_str(&addr.replace('%', "%25").replace('&', "%26"));
+    }
+    let (status, body) = http_get(authority, &path)
         .await
         .map_err(|e| format!("route lookup at {e}"))?;
     if status != 200 {
         return Err(format!("route lookup answered {status}: {}", body.trim()));
     }
-    // {"address":"host:port"}
-    let address = body
-        .split_once("\"address\"")
-        .and_then(|(_, rest)| rest.split_once('"'))
-        .and_then(|(_, rest)| rest.split_once('"'))
-        .map(|(a, _)| a.to_owned())
-        .filter(|a| !a.is_empty())
-        .ok_or_else(|| format!("route lookup: no address in {:?}", body.trim()))?;
-    Ok(address)
+    let candidates = route_candidates(&body);
+    if candidates.is_empty() {
+        return Err(format!("route lookup: no address in {:?}", body.trim()));
+    }
+    Ok(candidates)
+}
+
+/// The addresses of a lookup's answer:
+/// `{"address":"a","candidates":["a","b"]}`, or `{"address":"a"}` from a
+/// lookup that predates candidates.
+fn route_candidates(body: &str) -> Vec<String> {
+    let strings = |s: &str| -> Vec<String> {
+        s.split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    if let Some((_, rest)) = body.split_once("\"candidates\"")
+        && let Some((_, list)) = rest.split_once('[')
+        && let Some((list, _)) = list.split_once(']')
+    {
+        let found = strings(list);
+        if !found.is_empty() {
+            return found;
+        }
+    }
+    body.split_once("\"address\"")
+        .and_then(|(_, rest)| rest.split_once(':'))
+        .map(|(_, rest)| strings(rest).into_iter().take(1).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn candidates_come_off_the_lookup_answer() {
+        assert_eq!(
+            route_candidates(r#"{"address":"a:1","candidates":["a:1","b:2","c:3"]}"#),
+            vec!["a:1", "b:2", "c:3"]
+        );
+        assert_eq!(route_candidates(r#"{"address":"a:1"}"#), vec!["a:1"]);
+        assert!(route_candidates(r#"{"error":"no gateway available"}"#).is_empty());
+    }
 
     #[test]
     fn hosts_come_off_addresses() {

@@ -361,7 +361,7 @@ impl Cluster {
     /// address to fall back on.
     pub fn via_route(&self, i: usize, token: &str, device: &str) -> ClientConfig {
         let mut c = ClientConfig::new("", token, device);
-        c.route = Some(self.gateways[i].route_url());
+        c.routes = vec![self.gateways[i].route_url()];
         c
     }
 

@@ -316,6 +316,112 @@ async fn a_gateway_killed_its_clients_reconnect_through_the_route_lookup() {
     assert!(reconnected > 0, "someone was on the killed gateway");
 }
 
+/// Sends `signal` (STOP, CONT) to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_gateway_loses_its_clients_within_the_pong_deadline_and_leaves_the_route_answers()
+{
+    let mut spec = spec();
+    // Leases outlive the test's window: only the probe can take the frozen
+    // gateway out of the routing table.
+    spec.lease_secs = 10;
+    spec.env.extend([
+        // Pings every second, a second for each Pong.
+        ("PARLEY_IDLE_TIMEOUT_SECS".to_owned(), "3".to_owned()),
+        ("PARLEY_PONG_TIMEOUT_MS".to_owned(), "1000".to_owned()),
+    ]);
+    let c = Cluster::start(spec).await.unwrap();
+    let t = c.users(&["ann", "bob"]).await.unwrap();
+    let routes: Vec<String> = c.gateways.iter().map(|g| g.route_url()).collect();
+    let mut cfg = parley_client::ClientConfig::new("", &t[0], "phone");
+    cfg.routes = routes;
+    let (ann, mut ann_ev) = Client::connect(cfg).await.unwrap();
+    let frozen = busiest(&c, &[0, 1, 2]).await;
+    assert_eq!(gauge(&c, frozen, "parley_gateway_sessions").await, 1);
+    let other = (frozen + 1) % 3;
+    let bob = Client::connect(c.at_gateway(other, &t[1], "phone"))
+        .await
+        .unwrap()
+        .0;
+    let direct = bob.open_direct("ann").await.unwrap().id;
+
+    // What the first login said.
+    while ann_ev.try_recv().is_ok() {}
+    let pid = c.gateways[frozen].proc.as_ref().unwrap().pid().unwrap();
+    signal(pid, "STOP");
+    let frozen_at = std::time::Instant::now();
+    println!("froze gw{frozen} (SIGSTOP)");
+
+    // The SDK takes the silence for what it is, and logs in elsewhere.
+    let moved = tokio::time::timeout(SETTLE, async {
+        let mut reason = None;
+        loop {
+            match ann_ev.recv().await.expect("the client stays alive") {
+                parley_client::Event::Disconnected { reason: r } => reason = Some(r),
+                parley_client::Event::Connected { .. } => return reason,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the client of the frozen gateway never got elsewhere");
+    let reason = moved.expect("a disconnect before the new login");
+    println!(
+        "the client left the frozen gateway ({reason}) and was logged in elsewhere after {:?}",
+        frozen_at.elapsed()
+    );
+    assert!(reason.contains("no Pong"), "{reason}");
+    let ack = bob
+        .send(direct, pb::Content::text("are you there?"))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(SETTLE, async {
+        loop {
+            if let Some(parley_client::Event::Message { message, .. }) = ann_ev.recv().await
+                && message.msg_id == ack.msg_id
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "the moved client gets what comes next");
+
+    // A client reports the frozen gateway to a lookup: the lookup probes it
+    // and takes it out of everyone's answers, while its lease still lives.
+    let frozen_addr = c.gateways[frozen].addr.to_string();
+    let ops = c.gateways[other].ops;
+    let (status, _) = http_get(ops, &format!("/route?failed={frozen_addr}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let mut gone = false;
+    for _ in 0..50 {
+        let (_, body) = http_get(ops, "/route").await.unwrap();
+        if !body.contains(&frozen_addr) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the frozen gateway is still handed out");
+    let redis = parley_redis::RedisState::new(&c.spec.redis_url, &c.prefix).unwrap();
+    let name = format!("gw{frozen}");
+    assert!(
+        !redis.leases(&[name.as_str()]).await.unwrap().is_empty(),
+        "the probe, not the lease's expiry, took it out"
+    );
+    signal(pid, "CONT");
+    ann.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_request_moves_clients_away_at_its_rate_and_loses_nothing() {
     let c = Cluster::start(spec()).await.unwrap();

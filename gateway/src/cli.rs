@@ -64,9 +64,23 @@ struct Args {
     backends: BackendArgs,
     #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 200_000)]
     max_connections: usize,
-    /// Close a connection silent for this long (seconds).
+    /// Close a connection silent for this long (seconds); clients are told
+    /// to Ping every third of it.
     #[arg(long, env = "PARLEY_IDLE_TIMEOUT_SECS", default_value_t = 90)]
     idle_timeout_secs: u64,
+    /// Told to clients: how long to wait for a Pong before taking the
+    /// connection for dead and reconnecting elsewhere (milliseconds).
+    #[arg(long, env = "PARLEY_PONG_TIMEOUT_MS", default_value_t = 10_000)]
+    pong_timeout_ms: u64,
+    /// Sends per second allowed per connection.
+    #[arg(long, env = "PARLEY_SEND_RATE", default_value_t = 100)]
+    send_rate: u32,
+    /// Sends a connection may make at once before the rate applies.
+    #[arg(long, env = "PARLEY_SEND_BURST", default_value_t = 200)]
+    send_burst: u32,
+    /// Largest frame in bytes, either way.
+    #[arg(long, env = "PARLEY_MAX_FRAME_BYTES", default_value_t = parley_proto::DEFAULT_MAX_FRAME_BYTES)]
+    max_frame_bytes: usize,
     /// Seconds clients get to leave after the gateway starts draining on
     /// SIGTERM (keep it under the pod's termination grace period).
     #[arg(long, env = "PARLEY_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
@@ -138,7 +152,11 @@ where
     let cfg = ClusterConfig {
         gateway: GatewayConfig {
             gateway_id,
-            idle_timeout: Duration::from_secs(a.idle_timeout_secs),
+            idle_timeout: Duration::from_secs(a.idle_timeout_secs.max(1)),
+            pong_timeout: Duration::from_millis(a.pong_timeout_ms.max(1)),
+            send_rate: a.send_rate,
+            send_burst: a.send_burst.max(1),
+            max_frame_bytes: a.max_frame_bytes,
             max_connections: a.max_connections,
             shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
             ..GatewayConfig::default()

@@ -23,9 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::extract::{RawQuery, State};
+use axum::response::Response;
 use axum::routing::get;
 use parley_amqp::{AmqpBus, AmqpConfig, LinkStatus};
 use parley_core::Session;
@@ -36,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::lookup;
 use crate::registry::Registry;
 use crate::remote::{RemoteChat, RemoteConfig};
 use crate::{GatewayConfig, Listeners, Shared};
@@ -82,6 +82,7 @@ struct Node {
     started: AtomicBool,
     advertise: String,
     metrics: MetricsRegistry,
+    prober: lookup::Prober,
 }
 
 #[async_trait]
@@ -126,26 +127,41 @@ impl Probe for Node {
     }
 }
 
-/// `GET /route`: the address of the least-loaded gateway, as
-/// `{"address":"host:port"}`. Without Redis, this gateway answers with
-/// itself while it is not draining.
-async fn route(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    let address = match node.redis.route().await {
-        Ok(Some(a)) => Some(a),
-        Ok(None) | Err(_) if !node.shared.drain.active() => Some(node.advertise.clone()),
-        _ => None,
+/// `GET /route` (see [`lookup`]): the least-loaded gateways from the
+/// routing table, none a client reported failed; each reported one still
+/// in the table is probed, and leaves it if it does not answer. Without
+/// Redis, this gateway answers with itself while it is not draining.
+async fn route(State(node): State<Arc<Node>>, RawQuery(query): RawQuery) -> Response {
+    let failed = lookup::reported_failed(query.as_deref());
+    for addr in &failed {
+        if *addr != node.advertise && node.prober.due(addr) {
+            tokio::spawn(probe_reported(node.clone(), addr.clone()));
+        }
+    }
+    let candidates = match node.redis.route(&failed).await {
+        Ok(c) if !c.is_empty() => c,
+        Ok(_) | Err(_) if !node.shared.drain.active() => vec![node.advertise.clone()],
+        _ => Vec::new(),
     };
-    match address {
-        Some(a) => (
-            StatusCode::OK,
-            [("content-type", "application/json")],
-            format!("{{\"address\":\"{}\"}}\n", a.escape_default()),
-        ),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [("content-type", "application/json")],
-            "{\"error\":\"no gateway available\"}\n".to_owned(),
-        ),
+    lookup::answer(&candidates)
+}
+
+/// Takes `addr` out of the routing table if it is there and its gateway
+/// does not answer a Hello.
+async fn probe_reported(node: Arc<Node>, addr: String) {
+    if !node.redis.routed(&addr).await.unwrap_or(false) {
+        return;
+    }
+    if lookup::answers_hello(&addr, lookup::PROBE_WITHIN).await {
+        return;
+    }
+    match node.redis.unroute(&addr).await {
+        Ok(()) => {
+            tracing::info!(gateway = %addr, "a gateway clients could not reach failed its probe; out of the routing table")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, gateway = %addr, "a gateway failed its probe but stays routed")
+        }
     }
 }
 
@@ -301,6 +317,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         started: AtomicBool::new(false),
         advertise: cfg.advertise.clone(),
         metrics,
+        prober: lookup::Prober::default(),
     });
     tracing::info!(
         gateway = %cfg.gateway.gateway_id,

@@ -100,9 +100,17 @@ enum End {
     Closed,
     /// An Error frame ends it; it answers the request with this id (0: none).
     Fatal(u64, ErrorCode, String),
-    GoAway,
+    /// A GoAway ends it, with this reason.
+    GoAway(&'static str),
     Io,
 }
+
+/// GoAway's reasons: what the client can do, in words.
+const SHUTTING_DOWN: &str = "server shutting down: reconnect after reconnect_after_ms, through \
+     your route lookup if you use one (it answers with a gateway that is up), else to the same \
+     address, and resume from your cursor";
+const DRAINING: &str = "gateway draining: reconnect after reconnect_after_ms through your route \
+     lookup (this gateway has left its answers) and resume from your cursor";
 
 /// A newer connection of the same device took this one's place.
 fn replaced() -> End {
@@ -135,8 +143,8 @@ pub async fn serve<IO: FrameIo>(
         out.clear();
         let step = tokio::select! {
             biased;
-            () = parley_ops::stopped(&mut shutdown) => Err(End::GoAway),
-            () = shared.drain.turn() => Err(End::GoAway),
+            () = parley_ops::stopped(&mut shutdown) => Err(End::GoAway(SHUTTING_DOWN)),
+            () = shared.drain.turn() => Err(End::GoAway(DRAINING)),
             _ = sleep_until(idle_deadline) => {
                 Err(End::Fatal(0, ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
             }
@@ -212,9 +220,9 @@ pub async fn serve<IO: FrameIo>(
             }
             Some(frame)
         }
-        End::GoAway => {
+        End::GoAway(reason) => {
             let go = pb::GoAway {
-                reason: "gateway draining: reconnect through the route lookup".into(),
+                reason: reason.into(),
                 reconnect_after_ms: cfg.reconnect_hint.as_millis() as u32,
                 redirect: String::new(),
             };

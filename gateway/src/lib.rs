@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod conn;
 pub mod drain;
 pub mod io;
+pub mod lookup;
 pub mod metrics;
 pub mod registry;
 pub mod remote;

@@ -20,7 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use keys::Keys;
 pub use presence::PRESENCE_TTL;
-pub use routing::{Announced, Lease};
+pub use routing::{Announced, Lease, ROUTE_CANDIDATES};
 
 /// A connection to the cluster's Redis, under a key prefix.
 #[derive(Clone)]

@@ -44,14 +44,26 @@ end
 return {had, drain}
 ";
 
-/// Takes the least-loaded address and counts the client about to arrive on
-/// it, so a burst of lookups between two refreshes spreads out.
+/// The `ARGV[1]` least-loaded addresses, least loaded first, leaving out
+/// those in `ARGV[2..]` (a client found them dead); counts the client about
+/// to arrive on the first, so a burst of lookups between two refreshes
+/// spreads out.
 pub(crate) const ROUTE: &str = r"
-local r = redis.call('ZRANGE', KEYS[1], 0, 0)
-if #r == 0 then return false end
-redis.call('ZINCRBY', KEYS[1], 1, r[1])
-return r[1]
+local want = tonumber(ARGV[1])
+local skip = {}
+for i = 2, #ARGV do skip[ARGV[i]] = true end
+local r = redis.call('ZRANGE', KEYS[1], 0, want + #ARGV - 2)
+local out = {}
+for _, a in ipairs(r) do
+  if not skip[a] and #out < want then out[#out + 1] = a end
+end
+if #out > 0 then redis.call('ZINCRBY', KEYS[1], 1, out[1]) end
+return out
 ";
+
+/// How many addresses a route lookup answers: the first to try, and where
+/// to go when it does not answer.
+pub const ROUTE_CANDIDATES: usize = 3;
 
 /// What a lease write learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,12 +162,38 @@ impl RedisState {
         pipe.query_async::<()>(&mut c).await.map_err(redis_err)
     }
 
-    /// The least-loaded gateway's address, counting the caller on it.
-    pub async fn route(&self) -> Result<Option<String>, ChatError> {
+    /// Up to [`ROUTE_CANDIDATES`] addresses, least loaded first, none of
+    /// `skip`; the caller is counted on the first.
+    pub async fn route(&self, skip: &[String]) -> Result<Vec<String>, ChatError> {
         let mut c = self.conn.clone();
-        self.route
-            .key(self.keys.routes())
-            .invoke_async::<Option<String>>(&mut c)
+        let mut call = self.route.key(self.keys.routes());
+        call.arg(ROUTE_CANDIDATES);
+        for a in skip {
+            call.arg(a);
+        }
+        call.invoke_async(&mut c).await.map_err(redis_err)
+    }
+
+    /// Whether `address` is in the routing table.
+    pub async fn routed(&self, address: &str) -> Result<bool, ChatError> {
+        let mut c = self.conn.clone();
+        let score: Option<f64> = c
+            .zscore(self.keys.routes(), address)
+            .await
+            .map_err(redis_err)?;
+        Ok(score.is_some())
+    }
+
+    /// Takes `address` out of the routing table: its gateway failed a probe
+    /// (killed, frozen). The gateway's next lease write puts it back if it
+    /// lives; until then no lookup hands it out.
+    pub async fn unroute(&self, address: &str) -> Result<(), ChatError> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .zrem(self.keys.routes(), address)
+            .hdel(self.keys.routes_seen(), address)
+            .query_async::<()>(&mut c)
             .await
             .map_err(redis_err)
     }

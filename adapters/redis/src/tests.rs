@@ -116,21 +116,43 @@ async fn the_route_lookup_spreads_clients_over_the_least_loaded() {
     let t = TestRedis::new();
     let r = state(&t);
     let ttl = Duration::from_secs(30);
-    assert_eq!(r.route().await.unwrap(), None);
+    assert!(r.route(&[]).await.unwrap().is_empty());
     r.announce("a", "a:1", 5, ttl, false, false).await.unwrap();
     r.announce("b", "b:1", 2, ttl, false, false).await.unwrap();
     let mut picked = Vec::new();
     for _ in 0..5 {
-        picked.push(r.route().await.unwrap().unwrap());
+        let candidates = r.route(&[]).await.unwrap();
+        assert_eq!(candidates.len(), 2, "every gateway, least loaded first");
+        picked.push(candidates[0].clone());
     }
     // b takes clients until it is as loaded as a, then they alternate.
     assert_eq!(picked, vec!["b:1", "b:1", "b:1", "a:1", "b:1"]);
+    // What a client found dead is left out, and not counted on.
+    r.announce("d", "d:1", 9, ttl, false, false).await.unwrap();
+    let before = r.routes().await.unwrap();
+    assert_eq!(
+        r.route(&["a:1".into(), "b:1".into()]).await.unwrap(),
+        vec!["d:1"]
+    );
+    let after = r.routes().await.unwrap();
+    assert_eq!(after.iter().find(|e| e.0 == "d:1").unwrap().1, 10.0);
+    assert_eq!(
+        before.iter().find(|e| e.0 == "a:1"),
+        after.iter().find(|e| e.0 == "a:1")
+    );
+    // A probe's verdict takes an address out until its next lease write.
+    assert!(r.routed("d:1").await.unwrap());
+    r.unroute("d:1").await.unwrap();
+    assert!(!r.routed("d:1").await.unwrap());
+    r.announce("d", "d:1", 9, ttl, false, false).await.unwrap();
+    assert!(r.routed("d:1").await.unwrap());
+    r.withdraw("d", "d:1").await.unwrap();
     // A refresh puts the real count back.
     r.announce("b", "b:1", 2, ttl, false, false).await.unwrap();
     assert_eq!(r.routes().await.unwrap()[0], ("b:1".to_owned(), 2.0));
     // A draining gateway leaves the table but keeps its lease.
     r.announce("b", "b:1", 2, ttl, true, false).await.unwrap();
-    assert_eq!(r.route().await.unwrap().as_deref(), Some("a:1"));
+    assert_eq!(r.route(&[]).await.unwrap(), vec!["a:1"]);
     assert_eq!(r.leases(&["b"]).await.unwrap()[0].connections, 2);
     // An entry nobody refreshes is pruned by the next announcement.
     r.announce("c", "c:1", 0, Duration::from_millis(100), false, false)
