@@ -459,6 +459,7 @@ async fn chat(who: ChatArgs) -> anyhow::Result<()> {
                     }
                 }
                 Some(Event::Disconnected { reason }) => eprintln!("! disconnected ({reason}); reconnecting"),
+                Some(Event::Closed(e)) => bail!("the server ended this session: {e}"),
                 Some(Event::Synced(s)) if !s.complete => {
                     eprintln!("! messages {}..={} were removed by retention", s.missing_from, s.missing_to)
                 }

@@ -720,14 +720,21 @@ async fn a_device_that_logs_in_again_replaces_its_older_connection() {
     let (sdk, mut sdk_ev) = w.connect(&ta, "tablet").await;
     let (_tablet, _b) = raw_login(&w, &ta, "tablet").await;
     let closed = timeout(WAIT, async {
+        let mut last = None;
         while let Some(ev) = sdk_ev.recv().await {
             if let Event::Disconnected { reason } = ev {
                 panic!("the SDK treated replacement as a reason to reconnect: {reason}");
             }
+            last = Some(ev);
         }
+        last
     })
-    .await;
-    assert!(closed.is_ok(), "the replaced SDK client's events end");
+    .await
+    .expect("the replaced SDK client's events end");
+    match closed {
+        Some(Event::Closed(e)) => assert_eq!(e.code(), Some(ErrorCode::DeviceReplaced)),
+        other => panic!("the last event must say why: {other:?}"),
+    }
     assert_eq!(
         sdk.open_direct("bob").await.unwrap_err().code(),
         None,
@@ -1044,7 +1051,6 @@ async fn the_sdk_reconnects_after_a_restart_and_resumes_from_its_cursor() {
 
 #[tokio::test]
 async fn a_reopened_terminal_chat_shows_each_missed_message_once() {
-    use std::io::BufRead;
     let mut w = World::start().await;
     let (ta, tb) = (w.user("alice").await, w.user("bob").await);
     let (alice, _ae) = w.connect(&ta, "phone").await;
@@ -1071,16 +1077,7 @@ async fn a_reopened_terminal_chat_shows_each_missed_message_once() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    let stdout = chat.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let mut lines = lines_of(chat.stdout.take().unwrap());
     let mut seen: Vec<String> = Vec::new();
     let mut read_until = async |end: &str, seen: &mut Vec<String>| loop {
         let line = timeout(WAIT, lines.recv())
@@ -1122,6 +1119,20 @@ async fn a_reopened_terminal_chat_shows_each_missed_message_once() {
             .count();
         assert_eq!(times, 1, "{text} shown {times} times in {seen:#?}");
     }
+}
+
+/// The lines a child process writes to `pipe`, as they come.
+fn lines_of(
+    pipe: impl std::io::Read + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use std::io::BufRead;
+    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    lines
 }
 
 /// One HTTP/1.1 GET: (status, body).
@@ -1170,7 +1181,6 @@ async fn parley_up_serves_health_metrics_and_the_route_lookup() {
 
 #[tokio::test]
 async fn parley_up_counts_the_clients_it_tells_to_reconnect() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let secret = "s".repeat(32);
     let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
@@ -1183,16 +1193,7 @@ async fn parley_up_counts_the_clients_it_tells_to_reconnect() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    let stderr = up.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let mut lines = lines_of(up.stderr.take().unwrap());
     let field = |line: &str, name: &str| -> Option<String> {
         let rest = line.split_once(&format!("{name}="))?.1;
         Some(rest.split_whitespace().next()?.to_owned())

@@ -103,6 +103,10 @@ pub enum Event {
     Synced(pb::SyncDone),
     /// The connection dropped; the SDK is reconnecting.
     Disconnected { reason: String },
+    /// The server ended the session for good (the token was refused or
+    /// expired, or this device logged in on another connection); the client
+    /// is closed and this is the last event.
+    Closed(ClientError),
 }
 
 enum Command {
@@ -512,7 +516,7 @@ impl Engine {
                             ..
                         },
                     ) => {
-                        self.fail_all(e);
+                        self.close_for_good(e).await;
                         return;
                     }
                     Err(e) => {
@@ -529,7 +533,7 @@ impl Engine {
             match self.serve(c).await {
                 Disconnect::Closed => return,
                 Disconnect::Fatal(e) => {
-                    self.fail_all(e);
+                    self.close_for_good(e).await;
                     return;
                 }
                 Disconnect::Retry(reason) => {
@@ -568,6 +572,12 @@ impl Engine {
                 },
             }
         }
+    }
+
+    /// Fails what waits and tells the application why the client closed.
+    async fn close_for_good(&mut self, e: ClientError) {
+        self.fail_all(e.clone());
+        let _ = self.events.send(Event::Closed(e)).await;
     }
 
     fn fail_all(&mut self, e: ClientError) {

@@ -37,7 +37,7 @@ impl Recorder {
                 match e {
                     Event::Message { message, .. } => log.messages.push(message),
                     Event::Connected { .. } => log.connects += 1,
-                    Event::Disconnected { .. } => log.disconnects += 1,
+                    Event::Disconnected { .. } | Event::Closed(_) => log.disconnects += 1,
                     Event::Synced(_) => {}
                 }
             }

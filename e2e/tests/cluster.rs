@@ -220,18 +220,29 @@ async fn one_to_one_and_group_messages_cross_gateways_exactly_once_in_order() {
         .send(direct, pb::Content::text("to the new phone"))
         .await
         .unwrap();
-    let got = tokio::time::timeout(SETTLE, async {
-        loop {
-            if let Some(parley_client::Event::Message { message, .. }) = phone_ev.recv().await
-                && message.msg_id == ack.msg_id
+    assert!(
+        receives(&mut phone_ev, ack.msg_id).await,
+        "the new connection gets what comes next"
+    );
+    phone.close().await;
+}
+
+/// Whether `events` brings message `msg_id` within [`SETTLE`].
+async fn receives(
+    events: &mut tokio::sync::mpsc::Receiver<parley_client::Event>,
+    msg_id: u64,
+) -> bool {
+    let found = async {
+        while let Some(ev) = events.recv().await {
+            if let parley_client::Event::Message { message, .. } = ev
+                && message.msg_id == msg_id
             {
-                return;
+                return true;
             }
         }
-    })
-    .await;
-    assert!(got.is_ok(), "the new connection gets what comes next");
-    phone.close().await;
+        false
+    };
+    tokio::time::timeout(SETTLE, found).await.unwrap_or(false)
 }
 
 /// Which gateway holds the most sessions, among `candidates`.
@@ -382,17 +393,10 @@ async fn a_frozen_gateway_loses_its_clients_within_the_pong_deadline_and_leaves_
         .send(direct, pb::Content::text("are you there?"))
         .await
         .unwrap();
-    let got = tokio::time::timeout(SETTLE, async {
-        loop {
-            if let Some(parley_client::Event::Message { message, .. }) = ann_ev.recv().await
-                && message.msg_id == ack.msg_id
-            {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(got.is_ok(), "the moved client gets what comes next");
+    assert!(
+        receives(&mut ann_ev, ack.msg_id).await,
+        "the moved client gets what comes next"
+    );
 
     // A client reports the frozen gateway to a lookup: the lookup probes it
     // and takes it out of everyone's answers, while its lease still lives.
