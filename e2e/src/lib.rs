@@ -148,6 +148,8 @@ pub struct Node {
     /// Clients' address (gateways) or the internal gRPC address (chat).
     pub addr: SocketAddr,
     pub ops: SocketAddr,
+    /// A gateway's route lookup alone (what a Service publishes).
+    pub route: Option<SocketAddr>,
     pub proc: Option<Proc>,
     program: PathBuf,
     args: Vec<String>,
@@ -168,9 +170,10 @@ impl Node {
         }
     }
 
-    /// The route lookup URL of a gateway.
+    /// The route lookup URL of a gateway: its listener that serves the
+    /// lookup alone.
     pub fn route_url(&self) -> String {
-        format!("http://{}/route", self.ops)
+        format!("http://{}/route", self.route.unwrap_or(self.ops))
     }
 }
 
@@ -275,6 +278,7 @@ impl Cluster {
                 name: format!("chat{i}"),
                 addr,
                 ops,
+                route: None,
                 proc: None,
                 program: spec.node.clone(),
                 args: vec!["chat".to_owned()],
@@ -289,11 +293,13 @@ impl Cluster {
         let mut wss_addrs = Vec::new();
         for i in 0..spec.gateways {
             let (addr, ops) = (loopback(free_port()), loopback(free_port()));
+            let route = loopback(free_port());
             let mut env = common.clone();
             env.extend([
                 ("PARLEY_GATEWAY_ID".to_owned(), format!("gw{i}")),
                 ("PARLEY_LISTEN".to_owned(), addr.to_string()),
                 ("PARLEY_OPS_LISTEN".to_owned(), ops.to_string()),
+                ("PARLEY_ROUTE_LISTEN".to_owned(), route.to_string()),
                 ("PARLEY_ADVERTISE".to_owned(), addr.to_string()),
                 ("PARLEY_CHAT_ADDRS".to_owned(), chat_addrs.join(",")),
                 ("PARLEY_LEASE_SECS".to_owned(), spec.lease_secs.to_string()),
@@ -314,6 +320,7 @@ impl Cluster {
                 name: format!("gw{i}"),
                 addr,
                 ops,
+                route: Some(route),
                 proc: None,
                 program: spec.node.clone(),
                 args: vec!["gateway".to_owned()],

@@ -350,6 +350,10 @@ async fn a_frozen_gateway_loses_its_clients_within_the_pong_deadline_and_leaves_
     ]);
     let c = Cluster::start(spec).await.unwrap();
     let t = c.users(&["ann", "bob"]).await.unwrap();
+    // The lookup's own listener serves the lookup and nothing else.
+    let route = c.gateways[0].route.unwrap();
+    assert_eq!(http_get(route, "/route").await.unwrap().0, 200);
+    assert_eq!(http_get(route, "/metrics").await.unwrap().0, 404);
     let routes: Vec<String> = c.gateways.iter().map(|g| g.route_url()).collect();
     let mut cfg = parley_client::ClientConfig::new("", &t[0], "phone");
     cfg.routes = routes;

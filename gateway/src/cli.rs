@@ -46,6 +46,10 @@ struct Args {
     /// Health (/healthz, /readyz), metrics (/metrics) and route lookup (/route).
     #[arg(long, env = "PARLEY_OPS_LISTEN", default_value = "0.0.0.0:7403")]
     ops_listen: SocketAddr,
+    /// The route lookup (/route) alone, for clients outside the cluster
+    /// ("off" disables it; the ops port serves it too).
+    #[arg(long, env = "PARLEY_ROUTE_LISTEN", default_value = "off")]
+    route_listen: String,
     /// The host:port clients use to reach this gateway, for the routing
     /// table (default: the TLS listener if any, else the TCP one; an
     /// unspecified IP becomes 127.0.0.1).
@@ -168,6 +172,7 @@ where
         tls_cert: a.tls_cert,
         tls_key: a.tls_key,
         ops_listen: a.ops_listen,
+        route_listen: listener(&a.route_listen, "--route-listen")?,
         advertise,
         chat,
         redis_url: a.backends.redis_url,

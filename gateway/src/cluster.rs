@@ -53,6 +53,9 @@ pub struct ClusterConfig {
     pub tls_key: Option<PathBuf>,
     /// Health, metrics and the route lookup.
     pub ops_listen: SocketAddr,
+    /// The route lookup alone, for clients outside the cluster (published
+    /// on the gateway Service, where health and metrics do not belong).
+    pub route_listen: Option<SocketAddr>,
     /// The address clients should use to reach this gateway (host:port),
     /// written to the routing table.
     pub advertise: String,
@@ -83,6 +86,9 @@ struct Node {
     advertise: String,
     metrics: MetricsRegistry,
     prober: lookup::Prober,
+    /// The operator writes the routing table (with the addresses clients
+    /// outside the cluster can reach).
+    routing_managed: bool,
 }
 
 #[async_trait]
@@ -140,6 +146,12 @@ async fn route(State(node): State<Arc<Node>>, RawQuery(query): RawQuery) -> Resp
     }
     let candidates = match node.redis.route(&failed).await {
         Ok(c) if !c.is_empty() => c,
+        // Under the operator the table holds the addresses clients can
+        // reach; this gateway's own may be one only the cluster can.
+        Err(e) if node.routing_managed => {
+            tracing::warn!(error = %e, "route lookup without the routing table");
+            return lookup::unavailable("the routing table is unavailable; retry shortly");
+        }
         Ok(_) | Err(_) if !node.shared.drain.active() => vec![node.advertise.clone()],
         _ => Vec::new(),
     };
@@ -291,6 +303,10 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         acceptor,
     };
     let ops_listener = ops::bind(cfg.ops_listen, "ops").await?;
+    let route_listener = match cfg.route_listen {
+        Some(a) => Some(ops::bind(a, "route lookup").await?),
+        None => None,
+    };
 
     let chat = Arc::new(RemoteChat::connect(cfg.chat.clone()).await?);
     let redis = RedisState::new(&cfg.redis_url, &cfg.prefix)?;
@@ -318,6 +334,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         advertise: cfg.advertise.clone(),
         metrics,
         prober: lookup::Prober::default(),
+        routing_managed: cfg.routing_managed,
     });
     tracing::info!(
         gateway = %cfg.gateway.gateway_id,
@@ -347,16 +364,22 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     let lease =
         AbortOnDropHandle::new(tokio::spawn(keep_lease(node.clone(), cfg.clone(), wake_rx)));
 
-    let (ops_stop, mut ops_stop_rx) = watch::channel(false);
+    let (ops_stop, ops_stop_rx) = watch::channel(false);
     let probe: Arc<dyn Probe> = node.clone();
-    let router = ops::router(probe).merge(
-        axum::Router::new()
-            .route("/route", get(route))
-            .with_state(node.clone()),
-    );
+    let lookup = axum::Router::new()
+        .route("/route", get(route))
+        .with_state(node.clone());
+    let router = ops::router(probe).merge(lookup.clone());
+    let mut stop_rx = ops_stop_rx.clone();
     let ops_task = tokio::spawn(ops::serve(ops_listener, router, async move {
-        stopped(&mut ops_stop_rx).await
+        stopped(&mut stop_rx).await
     }));
+    let route_task = route_listener.map(|listener| {
+        let mut stop_rx = ops_stop_rx;
+        tokio::spawn(ops::serve(listener, lookup, async move {
+            stopped(&mut stop_rx).await
+        }))
+    });
 
     let (gw_stop, gw_stop_rx) = watch::channel(false);
     let gateway = tokio::spawn(crate::run(
@@ -410,6 +433,9 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     }
     let _ = ops_stop.send(true);
     let _ = ops_task.await;
+    if let Some(task) = route_task {
+        let _ = task.await;
+    }
     tracing::info!("gateway stopped");
     Ok(())
 }

@@ -47,13 +47,18 @@ pub fn answer(candidates: &[String]) -> Response {
             );
             (StatusCode::OK, [("content-type", "application/json")], body).into_response()
         }
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [("content-type", "application/json")],
-            "{\"error\":\"no gateway available\"}\n",
-        )
-            .into_response(),
+        None => unavailable("no gateway available"),
     }
+}
+
+/// A 503 saying why there is no answer.
+pub fn unavailable(why: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [("content-type", "application/json")],
+        format!("{{\"error\":\"{}\"}}\n", why.escape_default()),
+    )
+        .into_response()
 }
 
 /// The addresses a query reports as failed (`failed=host:port`, repeatable,

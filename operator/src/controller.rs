@@ -15,13 +15,13 @@
 //!    holds (a second pass with nothing changed writes nothing), and the
 //!    status only on a meaningful change or at a bounded rate.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -32,10 +32,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::crd::{Backend, ChatCluster, ChatClusterStatus, GatewayPodStatus, ScaleDecisionStatus};
+use crate::crd::{
+    Backend, ChatCluster, ChatClusterStatus, GatewayPodStatus, PodServiceType, PublishMode,
+    ScaleDecisionStatus,
+};
 use crate::desired::{self, MANAGER};
 use crate::drains::{self, DrainPolicy, Step};
 use crate::metrics::Metrics;
+use crate::publish;
 use crate::routing::{self, GatewayPod};
 use crate::scaling::{self, History, Policy};
 use crate::status::{self, Observed};
@@ -354,6 +358,10 @@ async fn apply(
         .await?
         .items;
 
+    // Where clients outside the cluster reach each pod (published modes).
+    let had_public = old.gateway.pods.iter().any(|p| p.public_address.is_some());
+    let public = publish_pods(cc, ctx, &pods, had_public).await;
+
     // Counts and addresses from the gateways' leases.
     let redis = match backend_url(client, &ns, "redis", &cc.spec.redis).await {
         Ok(url) => ctx
@@ -440,9 +448,13 @@ async fn apply(
             (l, a)
         })
         .collect();
-    let routing = match (&redis, &leases) {
-        (Ok(r), Ok(_)) => {
-            let table = routing::entries(&routed);
+    let routing = match (&redis, &leases, &public) {
+        (_, _, Err(e)) => Err(format!("gateway addresses not published: {e}")),
+        (Ok(r), Ok(_), Ok(public)) => {
+            let table = match cc.spec.gateway.publish.mode {
+                PublishMode::Shared => routing::entries(&routed),
+                _ => routing::entries(&routing::published(&routed, public)),
+            };
             match r.replace_routes(&table).await {
                 Ok(()) => {
                     ctx.metrics.routing_written();
@@ -451,7 +463,7 @@ async fn apply(
                 Err(e) => Err(e.to_string()),
             }
         }
-        (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+        (Err(e), _, _) | (_, Err(e), _) => Err(e.clone()),
     };
 
     // Drain steps, in order: ask, mark, delete.
@@ -537,6 +549,7 @@ async fn apply(
         .map(|(l, address)| GatewayPodStatus {
             name: l.name.clone(),
             address: address.clone().unwrap_or_default(),
+            public_address: public.as_ref().ok().and_then(|p| p.get(&l.name).cloned()),
             connections: l.connections.unwrap_or(0) as i64,
             ready: l.ready,
             state: status::pod_state(l.terminating, l.draining),
@@ -578,6 +591,90 @@ async fn apply(
         Duration::from_secs(2)
     };
     Ok(kube::runtime::controller::Action::requeue(every))
+}
+
+/// Applies what the publish mode needs (a Service per pod, the label that
+/// selects it; Services of pods that are gone deleted) and reads back where
+/// each pod is reached from outside the cluster. `Shared` costs no request
+/// unless pods had public addresses before (the mode just changed, and
+/// their Services go).
+async fn publish_pods(
+    cc: &ChatCluster,
+    ctx: &Context,
+    pods: &[Pod],
+    had_public: bool,
+) -> Result<BTreeMap<String, String>, Error> {
+    let p = &cc.spec.gateway.publish;
+    if p.mode == PublishMode::Shared && !had_public {
+        return Ok(BTreeMap::new());
+    }
+    let ns = cc.namespace().unwrap_or_default();
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let labels = format!(
+        "app.kubernetes.io/component={},app.kubernetes.io/instance={}",
+        publish::COMPONENT,
+        cc.name_any()
+    );
+    let listed: Vec<Service> = services
+        .list(&ListParams::default().labels(&labels))
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| publish::is_pod_service(cc, s))
+        .collect();
+    let names: Vec<&str> = pods
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    for name in publish::stale_services(cc, &listed, &names) {
+        match services.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut by_pod: BTreeMap<String, Service> = BTreeMap::new();
+    if p.mode == PublishMode::PodService {
+        for pod in pods {
+            let name = pod.name_any();
+            if pod.labels().get(publish::POD_LABEL) != Some(&name) {
+                let patch = json!({"metadata": {"labels": {publish::POD_LABEL: &name}}});
+                match pods_api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let have = listed.iter().find(|s| s.name_any() == name).cloned();
+            let (svc, _) = ensure_known(&services, &publish::pod_service(cc, &name), have).await?;
+            by_pod.insert(name, svc);
+        }
+    }
+    let needs_nodes = p.mode == PublishMode::HostPort
+        || (p.mode == PublishMode::PodService && p.pod_service_type == PodServiceType::NodePort);
+    let nodes: BTreeMap<String, Node> = if needs_nodes {
+        Api::<Node>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|n| (n.name_any(), n))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    Ok(pods
+        .iter()
+        .filter_map(|pod| {
+            let name = pod.name_any();
+            let address = publish::public_address(cc, pod, by_pod.get(&name), &nodes)?;
+            Some((name, address))
+        })
+        .collect())
 }
 
 fn ready_replicas(d: &Deployment) -> i32 {

@@ -7,6 +7,8 @@
 // lint mistakes for repeated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
@@ -128,6 +130,55 @@ pub enum ServiceType {
     LoadBalancer,
 }
 
+/// How each gateway pod is published to clients outside the cluster: the
+/// address the routing table holds for it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishSpec {
+    #[serde(default)]
+    pub mode: PublishMode,
+    /// `PodService`: the type of each pod's Service.
+    #[serde(default)]
+    pub pod_service_type: PodServiceType,
+    /// `PodService`: annotations for each pod's Service (a cloud's load
+    /// balancer settings); `{pod}` in a value becomes the pod's name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// `HostPort` and `PodService` with `NodePort`: which of the node's
+    /// addresses clients use.
+    #[serde(default)]
+    pub node_address: NodeAddressType,
+}
+
+/// How gateway pods are reached.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PublishMode {
+    /// Only through the gateway Service; the routing table holds pod
+    /// addresses, for clients inside the cluster.
+    #[default]
+    Shared,
+    /// A Service of its own per pod (a load balancer or a node port),
+    /// created with the pod and removed after it.
+    PodService,
+    /// The client port on the node's own address (`hostPort`): one gateway
+    /// per node.
+    HostPort,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PodServiceType {
+    #[default]
+    LoadBalancer,
+    NodePort,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum NodeAddressType {
+    #[default]
+    ExternalIP,
+    InternalIP,
+}
+
 /// The gateways and how they scale.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -179,6 +230,10 @@ pub struct GatewaySpec {
     /// How clients reach the gateways.
     #[serde(default)]
     pub service_type: ServiceType,
+    /// How each gateway is reached on its own, for the route lookup to
+    /// hand out (clients outside the cluster cannot use pod addresses).
+    #[serde(default)]
+    pub publish: PublishSpec,
     /// TLS for clients across the internet: a `kubernetes.io/tls` Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_secret_name: Option<String>,
@@ -236,6 +291,7 @@ impl Default for GatewaySpec {
             drain_timeout_seconds: default_drain_timeout(),
             ports: GatewayPorts::default(),
             service_type: ServiceType::default(),
+            publish: PublishSpec::default(),
             tls_secret_name: None,
             resources: None,
             termination_grace_period_seconds: default_grace(),
@@ -259,6 +315,11 @@ pub struct GatewayPorts {
     #[serde(default = "default_tls_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub tls: i32,
+    /// The route lookup, `GET /route` over HTTP: the least-loaded gateways
+    /// for a client to connect to.
+    #[serde(default = "default_route_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub route: i32,
 }
 
 fn default_tcp_port() -> i32 {
@@ -267,6 +328,9 @@ fn default_tcp_port() -> i32 {
 fn default_tls_port() -> i32 {
     7443
 }
+fn default_route_port() -> i32 {
+    7404
+}
 
 impl Default for GatewayPorts {
     fn default() -> Self {
@@ -274,6 +338,7 @@ impl Default for GatewayPorts {
             tcp: default_tcp_port(),
             websocket: None,
             tls: default_tls_port(),
+            route: default_route_port(),
         }
     }
 }
@@ -369,6 +434,10 @@ pub struct GatewayStatus {
 pub struct GatewayPodStatus {
     pub name: String,
     pub address: String,
+    /// Where clients outside the cluster reach it (published modes), once
+    /// known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_address: Option<String>,
     pub connections: i64,
     pub ready: bool,
     pub state: PodState,

@@ -21,13 +21,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{Backend, ChatCluster, PullPolicy, ServiceType};
+use crate::crd::{Backend, ChatCluster, PublishMode, PullPolicy, ServiceType};
 
 /// Ports inside the pods (the Service maps the public ones onto them).
 pub const GATEWAY_TCP: i32 = 7400;
 pub const GATEWAY_WS: i32 = 7401;
 pub const GATEWAY_TLS: i32 = 7443;
 pub const GATEWAY_OPS: i32 = 7403;
+pub const GATEWAY_ROUTE: i32 = 7404;
 pub const CHAT_INTERNAL: i32 = 7500;
 pub const CHAT_ADMIN: i32 = 7402;
 pub const CHAT_OPS: i32 = 7501;
@@ -76,6 +77,11 @@ pub fn labels(cc: &ChatCluster, component: &str) -> BTreeMap<String, String> {
 }
 
 /// The gateway pods' selector as a string, for the scale subresource.
+/// The labels that select the gateway pods.
+pub fn gateway_selector_labels(cc: &ChatCluster) -> BTreeMap<String, String> {
+    selector(cc, "gateway").match_labels.unwrap_or_default()
+}
+
 pub fn gateway_selector(cc: &ChatCluster) -> String {
     let l = labels(cc, "gateway");
     [
@@ -98,7 +104,7 @@ fn selector(cc: &ChatCluster, component: &str) -> LabelSelector {
     }
 }
 
-fn meta(cc: &ChatCluster, name: String, component: &str) -> ObjectMeta {
+pub(crate) fn meta(cc: &ChatCluster, name: String, component: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: cc.meta().namespace.clone(),
@@ -234,6 +240,8 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
         // The operator writes the routing table from here on.
         env("PARLEY_ROUTING_TABLE", "operator"),
         env("PARLEY_OPS_LISTEN", format!("0.0.0.0:{GATEWAY_OPS}")),
+        // The route lookup alone, for the Service to publish.
+        env("PARLEY_ROUTE_LISTEN", format!("0.0.0.0:{GATEWAY_ROUTE}")),
         env(
             "PARLEY_CHAT_ADDRS",
             format!(
@@ -248,7 +256,11 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
         ),
         env("PARLEY_DRAIN_RATE", g.drain_rate_per_second.to_string()),
     ]);
-    let mut ports = vec![port("tcp", GATEWAY_TCP), port("ops", GATEWAY_OPS)];
+    let mut ports = vec![
+        port("tcp", GATEWAY_TCP),
+        port("ops", GATEWAY_OPS),
+        port("route", GATEWAY_ROUTE),
+    ];
     if g.ports.websocket.is_some() {
         vars.push(env("PARLEY_WS_LISTEN", format!("0.0.0.0:{GATEWAY_WS}")));
         ports.push(port("ws", GATEWAY_WS));
@@ -281,6 +293,13 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
             }]);
         }
         None => vars.push(env("PARLEY_ADVERTISE", format!("$(POD_IP):{GATEWAY_TCP}"))),
+    }
+    if g.publish.mode == PublishMode::HostPort {
+        // The client port on the node's own address: the table holds it.
+        let (name, _, outside) = crate::publish::client_port(cc);
+        if let Some(p) = ports.iter_mut().find(|p| p.name.as_deref() == Some(name)) {
+            p.host_port = Some(outside);
+        }
     }
     let container = Container {
         name: "gateway".to_owned(),
@@ -336,7 +355,10 @@ pub fn gateway_service(cc: &ChatCluster) -> Service {
         protocol: Some("TCP".to_owned()),
         ..ServicePort::default()
     };
-    let mut ports = vec![svc_port("tcp", g.ports.tcp, GATEWAY_TCP)];
+    let mut ports = vec![
+        svc_port("tcp", g.ports.tcp, GATEWAY_TCP),
+        svc_port("route", g.ports.route, GATEWAY_ROUTE),
+    ];
     if let Some(ws) = g.ports.websocket {
         ports.push(svc_port("ws", ws, GATEWAY_WS));
     }
@@ -609,7 +631,7 @@ mod tests {
             .into_iter()
             .filter_map(|p| p.name)
             .collect();
-        assert_eq!(names, vec!["tcp", "ws", "tls"]);
+        assert_eq!(names, vec!["tcp", "route", "ws", "tls"]);
         let d = gateway_deployment(&cc, 2);
         let env = env_of(&d);
         let adv = env.iter().find(|e| e.name == "PARLEY_ADVERTISE").unwrap();

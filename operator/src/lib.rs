@@ -8,6 +8,7 @@ pub mod desired;
 pub mod drains;
 pub mod leader;
 pub mod metrics;
+pub mod publish;
 pub mod routing;
 pub mod scaling;
 pub mod status;

@@ -54,6 +54,19 @@ pub fn entries(loads: &[(PodLoad, Option<String>)]) -> Vec<(String, u64)> {
     out
 }
 
+/// The same pods with the addresses clients outside the cluster use: a pod
+/// without one yet (a load balancer still being made) has none, and stays
+/// out of the table until it has.
+pub fn published(
+    loads: &[(PodLoad, Option<String>)],
+    public: &std::collections::BTreeMap<String, String>,
+) -> Vec<(PodLoad, Option<String>)> {
+    loads
+        .iter()
+        .map(|(p, _)| (p.clone(), public.get(&p.name).cloned()))
+        .collect()
+}
+
 /// Reads the pods' leases and writes the table; returns its entries.
 pub async fn sync(
     redis: &RedisState,

@@ -254,6 +254,7 @@ mod tests {
         GatewayPodStatus {
             name: name.into(),
             address: format!("{name}:7400"),
+            public_address: None,
             connections,
             ready: true,
             state: PodState::Active,

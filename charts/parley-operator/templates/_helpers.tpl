@@ -28,8 +28,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
+  resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Services: also deleted, the per-pod ones of gateways that are gone
+# (spec.gateway.publish.mode PodService).
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch"]

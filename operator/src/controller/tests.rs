@@ -68,8 +68,12 @@ impl Fake {
     }
 
     fn answer(&self, method: &str, path: &str, content: &str, body: &[u8]) -> (StatusCode, Value) {
-        // .../namespaces/<ns>/<plural>[/<name>[/<sub>]]
-        let rest = path.split("/namespaces/").nth(1).unwrap_or("");
+        // .../namespaces/<ns>/<plural>[/<name>[/<sub>]], or a cluster-scoped
+        // /api/v1/<plural>[/<name>] (nodes)
+        let rest = match path.split_once("/namespaces/") {
+            Some((_, rest)) => rest.to_owned(),
+            None => format!("-/{}", path.trim_start_matches("/api/v1/")),
+        };
         let parts: Vec<&str> = rest.split('/').collect();
         let (plural, name, sub) = (
             parts.get(1).copied().unwrap_or(""),
@@ -711,5 +715,159 @@ async fn one_replica_leads_and_a_silent_leader_is_replaced() {
             "PUT leases/parley-operator",
             "GET leases/parley-operator",
         ]
+    );
+}
+
+fn published(mode: crate::crd::PublishMode) -> GatewaySpec {
+    let mut g = quick_scaling();
+    g.publish.mode = mode;
+    g
+}
+
+/// Puts pod `name` on node `node`, which has the external address `ip`.
+fn schedule(h: &Harness, name: &str, node: &str, ip: &str) {
+    let path = h.path("/api/v1", "pods", name);
+    let mut pod = h.fake.get(&path).unwrap();
+    pod["spec"] = json!({"nodeName": node, "containers": []});
+    h.fake.put(&path, pod);
+    h.fake.put(
+        &format!("/api/v1/nodes/{node}"),
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+               "status": {"addresses": [{"type": "InternalIP", "address": "10.9.0.1"},
+                                        {"type": "ExternalIP", "address": ip}]}}),
+    );
+}
+
+#[tokio::test]
+async fn pod_services_publish_each_gateway_and_go_with_their_pod() {
+    let mut spec = published(crate::crd::PublishMode::PodService);
+    spec.publish.annotations = BTreeMap::from([(
+        "service.beta.kubernetes.io/aws-load-balancer-type".to_owned(),
+        "nlb".to_owned(),
+    )]);
+    let h = Harness::new(spec);
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 10), ("gw-b", 20)]).await;
+    let log = h.pass().await;
+    for want in [
+        "LIST services",
+        "MERGE pods/gw-a",
+        "APPLY services/gw-a",
+        "MERGE pods/gw-b",
+        "APPLY services/gw-b",
+    ] {
+        assert!(log.contains(&want.to_owned()), "{want} in {log:?}");
+    }
+    let label = h.fake.body("MERGE pods/gw-a");
+    assert_eq!(
+        label["metadata"]["labels"][crate::publish::POD_LABEL],
+        "gw-a"
+    );
+    let svc = h.fake.body("APPLY services/gw-a");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(svc["spec"]["selector"][crate::publish::POD_LABEL], "gw-a");
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local");
+    assert_eq!(
+        svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-type"],
+        "nlb"
+    );
+    assert!(
+        h.redis.routes().await.unwrap().is_empty(),
+        "no load balancer has an address yet: nothing a client outside could use"
+    );
+
+    // gw-a's load balancer gets its address; gw-b's is still on its way.
+    let path = h.path("/api/v1", "services", "gw-a");
+    let mut svc = h.fake.get(&path).unwrap();
+    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}});
+    h.fake.put(&path, svc);
+    let log = h.pass().await;
+    assert_eq!(log.last().unwrap(), "MERGE chatclusters/im/status");
+    assert_eq!(
+        h.redis.routes().await.unwrap(),
+        vec![("203.0.113.10:7400".to_owned(), 10.0)]
+    );
+    let s = h.status();
+    let a = s.gateway.pods.iter().find(|p| p.name == "gw-a").unwrap();
+    assert_eq!(a.public_address.as_deref(), Some("203.0.113.10:7400"));
+    assert_eq!(
+        a.address, "10.0.0.1:7400",
+        "the pod's own address stays in view"
+    );
+    let mut at_rest = reading_everything();
+    at_rest.insert(2, "LIST services".to_owned());
+    assert_eq!(h.pass().await, at_rest, "a pass at rest only reads");
+
+    // A pod that is gone takes its Service with it.
+    h.fake.remove(&h.path("/api/v1", "pods", "gw-b"));
+    let log = h.pass().await;
+    assert!(log.contains(&"DELETE services/gw-b".to_owned()), "{log:?}");
+    assert!(h.fake.get(&h.path("/api/v1", "services", "gw-b")).is_none());
+    assert!(
+        h.fake
+            .get(&h.path("/api/v1", "services", "im-gateway"))
+            .is_some()
+    );
+
+    // Back to one shared Service: the per-pod ones go.
+    let mut cc = h.cc();
+    cc.spec.gateway.publish.mode = crate::crd::PublishMode::Shared;
+    h.fake.put(&h.cc_path(), serde_json::to_value(&cc).unwrap());
+    let log = h.pass().await;
+    assert!(log.contains(&"DELETE services/gw-a".to_owned()), "{log:?}");
+    assert_eq!(h.redis.routes().await.unwrap()[0].0, "10.0.0.1:7400");
+    let log = h.pass().await;
+    assert_eq!(log, reading_everything(), "and then nothing more");
+}
+
+#[tokio::test]
+async fn node_ports_and_host_ports_publish_the_nodes_addresses() {
+    let mut spec = published(crate::crd::PublishMode::PodService);
+    spec.publish.pod_service_type = crate::crd::PodServiceType::NodePort;
+    let h = Harness::new(spec);
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 5)]).await;
+    schedule(&h, "gw-a", "n1", "198.51.100.7");
+    let log = h.pass().await;
+    assert!(log.contains(&"LIST nodes".to_owned()), "{log:?}");
+    assert_eq!(
+        h.fake.body("APPLY services/gw-a")["spec"]["type"],
+        "NodePort"
+    );
+    // The API server picks the node port.
+    let path = h.path("/api/v1", "services", "gw-a");
+    let mut svc = h.fake.get(&path).unwrap();
+    svc["spec"]["ports"][0]["nodePort"] = json!(31001);
+    h.fake.put(&path, svc);
+    h.pass().await;
+    assert_eq!(
+        h.redis.routes().await.unwrap(),
+        vec![("198.51.100.7:31001".to_owned(), 5.0)]
+    );
+
+    let h = Harness::new(published(crate::crd::PublishMode::HostPort));
+    h.pass().await;
+    h.pass().await;
+    let gateway = h.fake.body("APPLY deployments/im-gateway");
+    let ports = &gateway["spec"]["template"]["spec"]["containers"][0]["ports"];
+    let tcp = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "tcp")
+        .unwrap();
+    assert_eq!(tcp["hostPort"], 7400);
+    h.run_pods(&[("gw-a", 5)]).await;
+    schedule(&h, "gw-a", "n1", "198.51.100.7");
+    let log = h.pass().await;
+    assert!(
+        !log.iter().any(|l| l.starts_with("APPLY services/gw")),
+        "no Service per pod: {log:?}"
+    );
+    assert_eq!(
+        h.redis.routes().await.unwrap(),
+        vec![("198.51.100.7:7400".to_owned(), 5.0)]
     );
 }
