@@ -1263,3 +1263,33 @@ async fn parley_up_counts_the_clients_it_tells_to_reconnect() {
         .unwrap();
     assert!(exited.unwrap().success());
 }
+
+#[tokio::test]
+async fn the_sdk_follows_a_redirect_that_comes_before_its_login() {
+    let mut w = World::start().await;
+    let t = w.user("alice").await;
+    // A gateway that sends every login elsewhere.
+    let busy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let busy_addr = busy.local_addr().unwrap();
+    let target = w.server.tcp_addr.to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = busy.accept().await {
+            let mut out = BytesMut::new();
+            let go = pb::GoAway {
+                reason: "busy".into(),
+                reconnect_after_ms: 0,
+                redirect: target.clone(),
+            };
+            codec::encode_frame(&pb::ServerFrame::new(0, Resp::GoAway(go)), &mut out);
+            let _ = s.write_all(&out).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    let cfg = ClientConfig::new(busy_addr.to_string(), &t, "d");
+    let (alice, mut events) = timeout(WAIT, Client::connect(cfg))
+        .await
+        .unwrap()
+        .expect("logged in where the redirect said");
+    assert!(matches!(events.recv().await, Some(Event::Connected { .. })));
+    alice.open_direct("alice").await.unwrap();
+}

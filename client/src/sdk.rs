@@ -76,6 +76,9 @@ pub enum ClientError {
     Closed,
     #[error("disconnected before the answer came; the request may or may not have been applied")]
     Disconnected,
+    /// The gateway sent us elsewhere (GoAway) before the login finished.
+    #[error("sent elsewhere before the login finished: {0:?}")]
+    Redirected(Option<String>),
 }
 
 impl ClientError {
@@ -408,11 +411,20 @@ impl Engine {
     /// reached is remembered for the next route lookup.
     async fn login(&mut self) -> Result<(Conn, String), ClientError> {
         let mut last = None;
-        for addr in self.targets().await? {
+        let mut hops = 0;
+        let mut targets = self.targets().await?.into_iter();
+        while let Some(addr) = targets.next() {
             match self.login_at(&addr).await {
                 Ok(done) => {
                     self.failed.clear();
                     return Ok(done);
+                }
+                // Followed at most twice per login, so two gateways that
+                // disagree cannot bounce a client between them.
+                Err(ClientError::Redirected(to)) if hops < 2 => {
+                    hops += 1;
+                    self.redirect = to;
+                    targets = self.targets().await?.into_iter();
                 }
                 Err(e @ (ClientError::Connect(_) | ClientError::Timeout)) => {
                     tracing::debug!(error = %e, gateway = %addr, "gateway unreachable; trying the next");
@@ -493,6 +505,13 @@ impl Engine {
                         code: e.code(),
                         message: e.message,
                     });
+                }
+                // Sent elsewhere before logging in (a gateway that is
+                // draining, or busier than another): follow it.
+                Some(Resp::GoAway(g)) => {
+                    return Err(ClientError::Redirected(
+                        (!g.redirect.is_empty()).then_some(g.redirect),
+                    ));
                 }
                 _ => {}
             }

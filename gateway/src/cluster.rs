@@ -209,6 +209,16 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
         {
             Ok(announced) => {
                 let had = announced.had_lease;
+                if let Some((clients, rate)) = announced.shed
+                    && !node.shared.drain.active()
+                {
+                    tracing::info!(
+                        clients,
+                        rate,
+                        "the operator asked this gateway to hand clients on"
+                    );
+                    node.shared.shed.ask(clients, rate);
+                }
                 if let Some(rate) = announced.drain_rate
                     && !node.shared.drain.active()
                 {
@@ -393,6 +403,10 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         let shared = shared.clone();
         async move { shared.drain.issue().await }
     }));
+    let shed = AbortOnDropHandle::new(tokio::spawn({
+        let shared = shared.clone();
+        async move { shared.shed.issue().await }
+    }));
 
     stopped(&mut shutdown).await;
     let asked = shared.drain.active();
@@ -423,7 +437,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     }
     let _ = gw_stop.send(true);
     let _ = gateway.await;
-    drop((lease, resyncer, replacer, drain, feed.task));
+    drop((lease, resyncer, replacer, drain, shed, feed.task));
     if let Err(e) = node
         .redis
         .withdraw(&cfg.gateway.gateway_id, &cfg.advertise)

@@ -109,6 +109,8 @@ enum End {
 const SHUTTING_DOWN: &str = "server shutting down: reconnect after reconnect_after_ms, through \
      your route lookup if you use one (it answers with a gateway that is up), else to the same \
      address, and resume from your cursor";
+const REBALANCING: &str = "gateway rebalancing: reconnect after reconnect_after_ms through \
+     your route lookup (it sends you to a less loaded gateway) and resume from your cursor";
 const DRAINING: &str = "gateway draining: reconnect after reconnect_after_ms through your route \
      lookup (this gateway has left its answers) and resume from your cursor";
 
@@ -145,6 +147,7 @@ pub async fn serve<IO: FrameIo>(
             biased;
             () = parley_ops::stopped(&mut shutdown) => Err(End::GoAway(SHUTTING_DOWN)),
             () = shared.drain.turn() => Err(End::GoAway(DRAINING)),
+            () = shared.shed.turn(), if live.is_some() => Err(End::GoAway(REBALANCING)),
             _ = sleep_until(idle_deadline) => {
                 Err(End::Fatal(0, ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
             }

@@ -12,7 +12,7 @@
 //! service, since the routing table and the readiness probe have already
 //! let go of it.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
@@ -109,6 +109,102 @@ impl Drain {
     }
 }
 
+/// Handing a bounded number of clients on to other gateways, at a bounded
+/// rate, while this gateway stays in service: rebalancing after a
+/// scale-up, when new gateways would otherwise fill only as clients happen
+/// to reconnect. The clients told to go come back through the route lookup,
+/// which sends them to the least-loaded gateways.
+pub struct Shed {
+    /// Clients still to hand on.
+    left: AtomicU64,
+    /// Clients per second.
+    rate: AtomicU32,
+    /// Whether a request is under way (connections wait on it cheaply).
+    active: watch::Sender<bool>,
+    tickets: Semaphore,
+}
+
+impl Default for Shed {
+    fn default() -> Self {
+        Self {
+            left: AtomicU64::new(0),
+            rate: AtomicU32::new(0),
+            active: watch::Sender::new(false),
+            tickets: Semaphore::new(0),
+        }
+    }
+}
+
+impl std::fmt::Debug for Shed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shed")
+            .field("left", &self.left.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shed {
+    /// Hands `count` clients on at `rate` per second, replacing whatever
+    /// was left of an earlier request.
+    pub fn ask(&self, count: u64, rate: u32) {
+        self.left.store(count, Ordering::Relaxed);
+        self.rate.store(rate.max(1), Ordering::Relaxed);
+        self.active.send_replace(count > 0);
+    }
+
+    /// Clients still to hand on.
+    pub fn left(&self) -> u64 {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when this connection is one of those handed on. Cheap in
+    /// every turn of a connection's loop: it waits on a watch until asked.
+    pub async fn turn(&self) {
+        let mut active = self.active.subscribe();
+        let _ = active.wait_for(|a| *a).await;
+        if let Ok(ticket) = self.tickets.acquire().await {
+            ticket.forget();
+        }
+    }
+
+    /// Issues tickets while a request lasts: a tenth of the rate every
+    /// 100 ms (one at a time below ten a second), never more than are left,
+    /// and at most one tick's worth unclaimed. When the count is reached,
+    /// connections stop waiting and the unclaimed tickets go.
+    pub async fn issue(&self) {
+        loop {
+            let left = self.left.load(Ordering::Relaxed);
+            let rate = self.rate.load(Ordering::Relaxed);
+            if left == 0 || rate == 0 {
+                if self.active.send_replace(false) {
+                    self.tickets
+                        .forget_permits(self.tickets.available_permits());
+                }
+                let mut active = self.active.subscribe();
+                let _ = active.wait_for(|a| *a).await;
+                continue;
+            }
+            let per_tick = (rate.div_ceil(TICKS_PER_SECOND) as u64).min(left) as usize;
+            let waiting = self.tickets.available_permits();
+            if waiting < per_tick {
+                let add = per_tick - waiting;
+                self.tickets.add_permits(add);
+                let _ = self
+                    .left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                        Some(l.saturating_sub(add as u64))
+                    });
+            }
+            let every = if rate < TICKS_PER_SECOND {
+                Duration::from_secs(1) / rate
+            } else {
+                TICK
+            };
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -167,6 +263,40 @@ mod tests {
         let issuer = issuing(&drain);
         tokio::time::sleep(Duration::from_millis(2100)).await;
         assert_eq!(left.load(Ordering::Relaxed), 5, "two a second");
+        issuer.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shed_hands_on_exactly_the_count_asked_at_its_rate() {
+        let shed = Arc::new(Shed::default());
+        let left = Arc::new(AtomicUsize::new(0));
+        for _ in 0..100 {
+            let (shed, left) = (shed.clone(), left.clone());
+            tokio::spawn(async move {
+                shed.turn().await;
+                left.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        let issuer = {
+            let shed = shed.clone();
+            tokio::spawn(async move { shed.issue().await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(left.load(Ordering::Relaxed), 0, "nobody before it is asked");
+        shed.ask(30, 20);
+        tokio::time::sleep(Duration::from_millis(1050)).await;
+        let after_one_second = left.load(Ordering::Relaxed);
+        assert!(
+            (18..=22).contains(&after_one_second),
+            "20 per second, not {after_one_second}"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(left.load(Ordering::Relaxed), 30, "exactly the count asked");
+        assert_eq!(shed.left(), 0);
+        // A new request goes on from there.
+        shed.ask(5, 100);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(left.load(Ordering::Relaxed), 35);
         issuer.abort();
     }
 }

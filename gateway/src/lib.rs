@@ -76,6 +76,9 @@ pub struct Shared {
     /// Once the gateway drains: not ready, out of the routing table, and
     /// its clients moved away at a bounded rate.
     pub drain: drain::Drain,
+    /// Clients to hand on to other gateways while staying in service (the
+    /// operator's rebalancing after a scale-up).
+    pub shed: drain::Shed,
     pub config: GatewayConfig,
     pub chat: Arc<dyn ChatBackend>,
     pub presence: Arc<dyn Presence>,
@@ -104,6 +107,7 @@ impl Shared {
     ) -> Arc<Self> {
         Arc::new(Self {
             drain: drain::Drain::default(),
+            shed: drain::Shed::default(),
             config,
             chat,
             presence,

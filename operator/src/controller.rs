@@ -40,6 +40,7 @@ use crate::desired::{self, MANAGER};
 use crate::drains::{self, DrainPolicy, Step};
 use crate::metrics::Metrics;
 use crate::publish;
+use crate::rebalance;
 use crate::routing::{self, GatewayPod};
 use crate::scaling::{self, History, Policy};
 use crate::status::{self, Observed};
@@ -111,6 +112,8 @@ struct Memory {
     /// The status last written, and when.
     status: Option<ChatClusterStatus>,
     written: Option<SystemTime>,
+    /// When the last rebalancing round was asked for.
+    rebalanced: Option<SystemTime>,
 }
 
 /// What every pass shares.
@@ -528,6 +531,36 @@ async fn apply(
                 .await;
             }
             Step::Done { .. } => {}
+        }
+    }
+
+    // Rebalancing, while the count holds and nothing drains: the busiest
+    // gateways hand clients on to the others.
+    if let (Some(spec), Ok(r)) = (&g.rebalance, &redis)
+        && drains.is_empty()
+        && decision.replicas == current
+    {
+        let policy = rebalance::Rebalance::from(spec);
+        let serving: Vec<scaling::PodLoad> = routed.iter().map(|(l, _)| l.clone()).collect();
+        let last = ctx.remember(cc, |m| m.rebalanced);
+        let round = rebalance::plan(&policy, &serving, last, now);
+        if !round.is_empty() {
+            ctx.remember(cc, |m| m.rebalanced = Some(now));
+            for s in &round {
+                r.request_shed(&s.pod, s.count, s.rate, policy.period)
+                    .await?;
+            }
+            let asked: Vec<String> = round
+                .iter()
+                .map(|s| format!("{} {} at {}/s", s.pod, s.count, s.rate))
+                .collect();
+            ctx.event(
+                cc,
+                EventType::Normal,
+                "Rebalancing",
+                format!("asked gateways to hand clients on: {}", asked.join(", ")),
+            )
+            .await;
         }
     }
 

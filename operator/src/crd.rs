@@ -150,6 +150,33 @@ pub struct PublishSpec {
     pub node_address: NodeAddressType,
 }
 
+/// Rebalancing: the gateways more than `tolerancePercent` above the mean
+/// hand their surplus on, through the route lookup, at most
+/// `clientsPerSecond` together and one round per `periodSeconds`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceSpec {
+    #[serde(default = "default_rebalance_rate")]
+    #[schemars(range(min = 1))]
+    pub clients_per_second: i32,
+    #[serde(default = "default_rebalance_tolerance")]
+    #[schemars(range(min = 1, max = 100))]
+    pub tolerance_percent: i32,
+    #[serde(default = "default_rebalance_period")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub period_seconds: i64,
+}
+
+fn default_rebalance_rate() -> i32 {
+    100
+}
+fn default_rebalance_tolerance() -> i32 {
+    10
+}
+fn default_rebalance_period() -> i64 {
+    30
+}
+
 /// How gateway pods are reached.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum PublishMode {
@@ -234,6 +261,11 @@ pub struct GatewaySpec {
     /// hand out (clients outside the cluster cannot use pod addresses).
     #[serde(default)]
     pub publish: PublishSpec,
+    /// Hand clients from the busiest gateways on to the others (after a
+    /// scale-up, new gateways otherwise fill only as clients reconnect);
+    /// off when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<RebalanceSpec>,
     /// TLS for clients across the internet: a `kubernetes.io/tls` Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_secret_name: Option<String>,
@@ -292,6 +324,7 @@ impl Default for GatewaySpec {
             ports: GatewayPorts::default(),
             service_type: ServiceType::default(),
             publish: PublishSpec::default(),
+            rebalance: None,
             tls_secret_name: None,
             resources: None,
             termination_grace_period_seconds: default_grace(),

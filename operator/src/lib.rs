@@ -9,6 +9,7 @@ pub mod drains;
 pub mod leader;
 pub mod metrics;
 pub mod publish;
+pub mod rebalance;
 pub mod routing;
 pub mod scaling;
 pub mod status;

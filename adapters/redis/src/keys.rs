@@ -8,6 +8,7 @@
 //! | `P:presence:<user>` | hash | device → `<gateway>|<epoch>`; expires unless refreshed |
 //! | `P:gw:<gateway>` | string | `<address>|<connections>`, a lease with a short TTL |
 //! | `P:drain:<gateway>` | string | the operator's drain request: clients per second; expires |
+//! | `P:shed:<gateway>` | string | the operator's rebalancing request: `<clients>|<per second>`, taken once; expires |
 //! | `P:routes` | sorted set | advertised address scored by connections |
 //! | `P:routes:seen` | hash | address → when its entry was last written (ms) |
 
@@ -47,6 +48,11 @@ impl Keys {
         self.of("drain", gateway)
     }
 
+    /// The operator's request that a gateway hand some clients on.
+    pub fn shed(&self, gateway: &str) -> String {
+        self.of("shed", gateway)
+    }
+
     /// The routing table: advertised addresses scored by connections.
     pub fn routes(&self) -> String {
         format!("{}:routes", self.prefix)
@@ -74,6 +80,7 @@ mod tests {
             k.presence("ann"),
             k.lease("gw-0"),
             k.drain("gw-0"),
+            k.shed("gw-0"),
             k.routes(),
             k.routes_seen(),
         ] {

@@ -16,20 +16,23 @@ use crate::{RedisState, redis_err};
 /// from Redis, so gateways' clocks need not agree. When the operator owns
 /// the routing table (ARGV[5] = 1), only the lease is written, and a
 /// draining gateway takes its own entry out. The reply also carries the
-/// operator's drain request for this gateway, if any.
+/// operator's drain request for this gateway, if any, and its rebalancing
+/// request, taken (deleted) so that it is acted on once.
 pub(crate) const ANNOUNCE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
 local had = redis.call('EXISTS', KEYS[1])
 local drain = redis.call('GET', KEYS[4])
+local shed = redis.call('GET', KEYS[5])
+if shed then redis.call('DEL', KEYS[5]) end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ttl)
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
 elseif ARGV[5] == '1' then
   -- The operator owns the routing table: only the lease is ours.
-  return {had, drain}
+  return {had, drain, shed}
 else
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   redis.call('HSET', KEYS[3], ARGV[1], now)
@@ -41,7 +44,7 @@ for i = 1, #seen, 2 do
     redis.call('HDEL', KEYS[3], seen[i])
   end
 end
-return {had, drain}
+return {had, drain, shed}
 ";
 
 /// The `ARGV[1]` least-loaded addresses, least loaded first, leaving out
@@ -74,6 +77,9 @@ pub struct Announced {
     /// The operator asks this gateway to drain at this many clients per
     /// second.
     pub drain_rate: Option<u32>,
+    /// The operator asks this gateway to hand this many clients on to
+    /// others, at this many per second, and stay in service (rebalancing).
+    pub shed: Option<(u64, u32)>,
 }
 
 /// One gateway's lease as read back.
@@ -98,12 +104,13 @@ impl RedisState {
         managed: bool,
     ) -> Result<Announced, ChatError> {
         let mut c = self.conn.clone();
-        let (had, drain): (i64, Option<String>) = self
+        let (had, drain, shed): (i64, Option<String>, Option<String>) = self
             .announce
             .key(self.keys.lease(gateway))
             .key(self.keys.routes())
             .key(self.keys.routes_seen())
             .key(self.keys.drain(gateway))
+            .key(self.keys.shed(gateway))
             .arg(address)
             .arg(connections)
             .arg(ttl.as_millis() as u64)
@@ -112,9 +119,14 @@ impl RedisState {
             .invoke_async(&mut c)
             .await
             .map_err(redis_err)?;
+        let shed = shed.and_then(|s| {
+            let (count, rate) = s.split_once('|')?;
+            Some((count.parse().ok()?, rate.parse().ok()?))
+        });
         Ok(Announced {
             had_lease: had == 1,
             drain_rate: drain.and_then(|d| d.parse().ok()),
+            shed,
         })
     }
 
@@ -131,6 +143,27 @@ impl RedisState {
         c.pset_ex::<_, _, ()>(self.keys.drain(gateway), rate, ttl.as_millis() as u64)
             .await
             .map_err(redis_err)
+    }
+
+    /// Asks `gateway` to hand `count` of its clients on to other gateways
+    /// at `rate` per second and stay in service (rebalancing after a
+    /// scale-up). The gateway takes the request with its next lease write;
+    /// a newer request replaces one not yet taken; it lapses after `ttl`.
+    pub async fn request_shed(
+        &self,
+        gateway: &str,
+        count: u64,
+        rate: u32,
+        ttl: Duration,
+    ) -> Result<(), ChatError> {
+        let mut c = self.conn.clone();
+        c.pset_ex::<_, _, ()>(
+            self.keys.shed(gateway),
+            format!("{count}|{rate}"),
+            ttl.as_millis() as u64,
+        )
+        .await
+        .map_err(redis_err)
     }
 
     /// Removes this gateway's lease and routing entry (a clean shutdown).

@@ -41,9 +41,19 @@ async fn presence_is_fenced_by_epoch_and_needs_a_live_gateway() {
             .unwrap();
         assert_eq!(asked.drain_rate, Some(250));
     }
-    r.announce("g2", "10.0.0.2:7400", 1, ttl, false, false)
+    // A rebalancing request is taken once, and the gateway stays routed.
+    r.request_shed("g2", 40, 10, ttl).await.unwrap();
+    let asked = r
+        .announce("g2", "10.0.0.2:7400", 1, ttl, false, false)
         .await
         .unwrap();
+    assert_eq!((asked.shed, asked.drain_rate), (Some((40, 10)), None));
+    let again = r
+        .announce("g2", "10.0.0.2:7400", 1, ttl, false, false)
+        .await
+        .unwrap();
+    assert_eq!(again.shed, None, "taken, not repeated");
+    assert!(r.routed("10.0.0.2:7400").await.unwrap());
     assert_eq!(r.online(&s("ann", "phone", "g1", 1)).await.unwrap(), None);
     assert_eq!(
         r.online(&s("ann", "phone", "g2", 2)).await.unwrap(),

@@ -871,3 +871,55 @@ async fn node_ports_and_host_ports_publish_the_nodes_addresses() {
         vec![("198.51.100.7:7400".to_owned(), 5.0)]
     );
 }
+
+#[tokio::test]
+async fn after_a_scale_up_the_busiest_gateways_hand_clients_on_once_per_period() {
+    let mut spec = quick_scaling();
+    spec.min_replicas = 3;
+    spec.target_connections = 10_000;
+    spec.rebalance = Some(crate::crd::RebalanceSpec {
+        clients_per_second: 20,
+        tolerance_percent: 10,
+        period_seconds: 30,
+    });
+    let h = Harness::new(spec);
+    h.pass().await;
+    h.pass().await;
+    // Two full gateways and one that just joined.
+    h.run_pods(&[("gw-a", 900), ("gw-b", 900), ("gw-c", 0)])
+        .await;
+    let log = h.pass().await;
+    assert!(log.contains(&"POST events".to_owned()), "{log:?}");
+    assert_eq!(h.fake.body("POST events")["reason"], "Rebalancing");
+    let ttl = Duration::from_secs(60);
+    for gw in ["gw-a", "gw-b"] {
+        let asked = h
+            .redis
+            .announce(gw, "10.0.0.1:7400", 900, ttl, false, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            asked.shed,
+            Some((300, 10)),
+            "{gw}: its surplus over the mean"
+        );
+        assert_eq!(asked.drain_rate, None, "handing on is no drain");
+    }
+    let asked = h
+        .redis
+        .announce("gw-c", "10.0.0.3:7400", 0, ttl, false, true)
+        .await
+        .unwrap();
+    assert_eq!(asked.shed, None, "the new gateway only receives");
+
+    // Within the period nothing more is asked, whatever the counts say.
+    h.later(10);
+    let log = h.pass().await;
+    assert!(!log.contains(&"POST events".to_owned()), "{log:?}");
+    // Once evened out, nothing either.
+    h.later(30);
+    h.run_pods(&[("gw-a", 610), ("gw-b", 600), ("gw-c", 590)])
+        .await;
+    let log = h.pass().await;
+    assert!(!log.contains(&"POST events".to_owned()), "{log:?}");
+}
