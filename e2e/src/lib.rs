@@ -227,6 +227,8 @@ pub struct Cluster {
     pub admin_key: String,
     /// The token-signing secret, for minting device tokens without the admin API.
     pub token_secret: String,
+    /// The environment every process gets.
+    common: Vec<(String, String)>,
     _db: TestDatabase,
 }
 
@@ -287,61 +289,71 @@ impl Cluster {
             node.start(dir.path()).await?;
             chats.push(node);
         }
-        let chat_addrs: Vec<String> = chats.iter().map(|c| c.addr.to_string()).collect();
-        let mut gateways = Vec::new();
-        let mut tls_addrs = Vec::new();
-        let mut wss_addrs = Vec::new();
-        for i in 0..spec.gateways {
-            let (addr, ops) = (loopback(free_port()), loopback(free_port()));
-            let route = loopback(free_port());
-            let mut env = common.clone();
-            env.extend([
-                ("PARLEY_GATEWAY_ID".to_owned(), format!("gw{i}")),
-                ("PARLEY_LISTEN".to_owned(), addr.to_string()),
-                ("PARLEY_OPS_LISTEN".to_owned(), ops.to_string()),
-                ("PARLEY_ROUTE_LISTEN".to_owned(), route.to_string()),
-                ("PARLEY_ADVERTISE".to_owned(), addr.to_string()),
-                ("PARLEY_CHAT_ADDRS".to_owned(), chat_addrs.join(",")),
-                ("PARLEY_LEASE_SECS".to_owned(), spec.lease_secs.to_string()),
-                ("PARLEY_SHUTDOWN_GRACE_SECS".to_owned(), "5".to_owned()),
-            ]);
-            if let Some((cert, key)) = &spec.tls {
-                let (tls, wss) = (loopback(free_port()), loopback(free_port()));
-                tls_addrs.push(tls);
-                wss_addrs.push(wss);
-                env.extend([
-                    ("PARLEY_TLS_LISTEN".to_owned(), tls.to_string()),
-                    ("PARLEY_WSS_LISTEN".to_owned(), wss.to_string()),
-                    ("PARLEY_TLS_CERT".to_owned(), cert.display().to_string()),
-                    ("PARLEY_TLS_KEY".to_owned(), key.display().to_string()),
-                ]);
-            }
-            let mut node = Node {
-                name: format!("gw{i}"),
-                addr,
-                ops,
-                route: Some(route),
-                proc: None,
-                program: spec.node.clone(),
-                args: vec!["gateway".to_owned()],
-                env,
-            };
-            node.start(dir.path()).await?;
-            gateways.push(node);
-        }
-        Ok(Self {
+        let mut cluster = Self {
             dir,
             prefix,
             spec,
             chats,
-            gateways,
-            tls_addrs,
-            wss_addrs,
+            gateways: Vec::new(),
+            tls_addrs: Vec::new(),
+            wss_addrs: Vec::new(),
             admin_url: format!("http://{}", loopback(admin_port)),
             admin_key,
             token_secret: secret,
+            common,
             _db: db,
-        })
+        };
+        for _ in 0..cluster.spec.gateways {
+            cluster.add_gateway().await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts one more gateway, `gw<n>` for the next n (a scale-up);
+    /// returns its index.
+    pub async fn add_gateway(&mut self) -> anyhow::Result<usize> {
+        let i = self.gateways.len();
+        let chat_addrs: Vec<String> = self.chats.iter().map(|c| c.addr.to_string()).collect();
+        let (addr, ops) = (loopback(free_port()), loopback(free_port()));
+        let route = loopback(free_port());
+        let mut env = self.common.clone();
+        env.extend([
+            ("PARLEY_GATEWAY_ID".to_owned(), format!("gw{i}")),
+            ("PARLEY_LISTEN".to_owned(), addr.to_string()),
+            ("PARLEY_OPS_LISTEN".to_owned(), ops.to_string()),
+            ("PARLEY_ROUTE_LISTEN".to_owned(), route.to_string()),
+            ("PARLEY_ADVERTISE".to_owned(), addr.to_string()),
+            ("PARLEY_CHAT_ADDRS".to_owned(), chat_addrs.join(",")),
+            (
+                "PARLEY_LEASE_SECS".to_owned(),
+                self.spec.lease_secs.to_string(),
+            ),
+            ("PARLEY_SHUTDOWN_GRACE_SECS".to_owned(), "5".to_owned()),
+        ]);
+        if let Some((cert, key)) = &self.spec.tls {
+            let (tls, wss) = (loopback(free_port()), loopback(free_port()));
+            self.tls_addrs.push(tls);
+            self.wss_addrs.push(wss);
+            env.extend([
+                ("PARLEY_TLS_LISTEN".to_owned(), tls.to_string()),
+                ("PARLEY_WSS_LISTEN".to_owned(), wss.to_string()),
+                ("PARLEY_TLS_CERT".to_owned(), cert.display().to_string()),
+                ("PARLEY_TLS_KEY".to_owned(), key.display().to_string()),
+            ]);
+        }
+        let mut node = Node {
+            name: format!("gw{i}"),
+            addr,
+            ops,
+            route: Some(route),
+            proc: None,
+            program: self.spec.node.clone(),
+            args: vec!["gateway".to_owned()],
+            env,
+        };
+        node.start(self.dir.path()).await?;
+        self.gateways.push(node);
+        Ok(i)
     }
 
     pub async fn admin(&self) -> anyhow::Result<Admin> {

@@ -327,6 +327,163 @@ async fn a_gateway_killed_its_clients_reconnect_through_the_route_lookup() {
     assert!(reconnected > 0, "someone was on the killed gateway");
 }
 
+/// Each gateway's sessions, from its /metrics.
+async fn spread(c: &Cluster) -> Vec<i64> {
+    let mut out = Vec::new();
+    for i in 0..c.gateways.len() {
+        out.push(gauge(c, i, "parley_gateway_sessions").await);
+    }
+    out
+}
+
+/// Whether every count is within `percent` of their mean.
+fn even(counts: &[i64], percent: i64) -> bool {
+    let mean = counts.iter().sum::<i64>() / counts.len() as i64;
+    counts
+        .iter()
+        .all(|c| (c - mean).abs() * 100 <= mean * percent)
+}
+
+/// Waits (up to a minute) for `check` on the spread; the last spread seen.
+async fn spread_until(c: &Cluster, check: impl Fn(&[i64]) -> bool) -> (bool, Vec<i64>) {
+    let mut last = Vec::new();
+    for _ in 0..600 {
+        last = spread(c).await;
+        if check(&last) {
+            return (true, last);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (false, last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_spread_evenly_and_a_new_gateway_is_filled_by_rebalancing() {
+    let mut c = Cluster::start(Spec { chats: 1, ..spec() }).await.unwrap();
+    let names: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();
+    let mut ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    ids.extend(["ann", "bob"]);
+    let tokens = c.users(&ids).await.unwrap();
+    // Everyone comes in through one entry: gateway 0's public lookup.
+    let entry = c.gateways[0].route_url();
+    let via_entry = |token: &str, device: &str| {
+        let mut cfg = parley_client::ClientConfig::new("", token, device);
+        cfg.routes = vec![entry.clone()];
+        cfg
+    };
+    let mut clients = Vec::new();
+    for token in &tokens[..30] {
+        for d in 0..10 {
+            clients.push(
+                Client::connect(via_entry(token, &format!("d{d}")))
+                    .await
+                    .unwrap()
+                    .0,
+            );
+        }
+    }
+    let (spread_out, counts) = spread_until(&c, |s| s.iter().sum::<i64>() == 300).await;
+    assert!(spread_out);
+    println!("300 clients over 3 gateways: {counts:?}");
+    assert!(even(&counts, 10), "not within 10% of even: {counts:?}");
+
+    // A fourth gateway joins and takes the new connections first.
+    let new = c.add_gateway().await.unwrap();
+    let new_addr = c.gateways[new].addr.to_string();
+    let mut routed = false;
+    for _ in 0..100 {
+        let (_, body) = http_get(c.gateways[0].route.unwrap(), "/route")
+            .await
+            .unwrap();
+        if body.contains(&new_addr) {
+            routed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(routed, "the new gateway never entered the routing table");
+    for token in &tokens[..30] {
+        clients.push(Client::connect(via_entry(token, "late")).await.unwrap().0);
+    }
+    let (_, counts) = spread_until(&c, |s| s.iter().sum::<i64>() == 330).await;
+    println!("30 more after gw{new} joined: {counts:?}");
+    assert!(
+        counts[new] >= 27,
+        "the new gateway took the new clients first: {counts:?}"
+    );
+
+    // Rebalancing, decided by the operator's own function from the leases,
+    // asked through Redis as the operator asks, with traffic going on.
+    let rec = Recorder::default();
+    let ann = connect(via_entry(&tokens[30], "phone"), &rec, "ann/phone")
+        .await
+        .unwrap();
+    let bob = connect(via_entry(&tokens[31], "phone"), &rec, "bob/phone")
+        .await
+        .unwrap();
+    let direct = ann.open_direct("bob").await.unwrap().id;
+    let devices = ["ann/phone", "bob/phone"];
+    let streams = vec![
+        tokio::spawn(stream(
+            ann.clone(),
+            direct,
+            100,
+            Duration::from_millis(30),
+            others(&devices, "ann/phone"),
+        )),
+        tokio::spawn(stream(
+            bob.clone(),
+            direct,
+            100,
+            Duration::from_millis(30),
+            others(&devices, "bob/phone"),
+        )),
+    ];
+    let redis = parley_redis::RedisState::new(&c.spec.redis_url, &c.prefix).unwrap();
+    let gws: Vec<String> = (0..c.gateways.len()).map(|i| format!("gw{i}")).collect();
+    let gw_refs: Vec<&str> = gws.iter().map(String::as_str).collect();
+    let loads: Vec<parley_operator::scaling::PodLoad> = redis
+        .leases(&gw_refs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| parley_operator::scaling::PodLoad {
+            name: l.gateway,
+            connections: Some(l.connections),
+            ready: true,
+            draining: false,
+            terminating: false,
+        })
+        .collect();
+    let policy = parley_operator::rebalance::Rebalance {
+        rate: 30,
+        tolerance_percent: 10,
+        period: Duration::from_secs(30),
+    };
+    let round =
+        parley_operator::rebalance::plan(&policy, &loads, None, std::time::SystemTime::now());
+    println!("the operator's round: {round:?}");
+    assert!(!round.is_empty(), "uneven enough to rebalance: {loads:?}");
+    let asked_at = std::time::Instant::now();
+    for s in &round {
+        redis
+            .request_shed(&s.pod, s.count, s.rate, policy.period)
+            .await
+            .unwrap();
+    }
+    let (evened, counts) = spread_until(&c, |s| s.iter().sum::<i64>() == 332 && even(s, 10)).await;
+    println!(
+        "after rebalancing ({} clients asked at {}/s in all): {counts:?} in {:?}",
+        round.iter().map(|s| s.count).sum::<u64>(),
+        policy.rate,
+        asked_at.elapsed()
+    );
+    assert!(evened, "not within 10% of even: {counts:?}");
+    let (ledger, _) = traffic(&rec, streams).await;
+    check(&ledger, "rebalancing", &c);
+    drop(clients);
+}
+
 /// Sends `signal` (STOP, CONT) to a process.
 fn signal(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
