@@ -12,4 +12,5 @@ pub mod publish;
 pub mod rebalance;
 pub mod routing;
 pub mod scaling;
+pub mod simulate;
 pub mod status;

@@ -38,6 +38,13 @@ enum Command {
     /// Print the objects the operator applies for a ChatCluster file, the
     /// gateways at their minimum (a dry run, and what CI validates).
     Objects { file: std::path::PathBuf },
+    /// Run the operator's scaling, drains and rebalancing over a simulated
+    /// day at the scale of docs/capacity.md; print a summary and draw it.
+    Simulate {
+        /// Where to write the SVG plot.
+        #[arg(long, default_value = "docs/simulation.svg")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -79,6 +86,14 @@ impl Probe for Node {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Simulate { out } => {
+            let setup = parley_operator::simulate::Setup::ten_million_users();
+            let report = parley_operator::simulate::run(&setup);
+            std::fs::write(&out, parley_operator::simulate::svg(&setup, &report))?;
+            println!("{}", parley_operator::simulate::summary(&setup, &report));
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         Command::Crd => {
             print!("{}", parley_operator::crd::crd_yaml());
             Ok(())
