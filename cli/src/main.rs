@@ -216,9 +216,9 @@ struct ChatArgs {
     /// Gateway address (host:port).
     #[arg(long, env = "PARLEY_SERVER", default_value = "127.0.0.1:7400")]
     server: String,
-    /// Ask these route lookups (http://host:port/route, comma-separated, in
-    /// order until one answers) for the least-loaded gateways before every
-    /// connect; --server is the fallback.
+    /// Ask these route lookups (http://host:port/route or https://,
+    /// comma-separated, in order until one answers) for the least-loaded
+    /// gateways before every connect; --server is the fallback.
     #[arg(long, env = "PARLEY_ROUTE", value_delimiter = ',')]
     route: Vec<String>,
     /// Connect over TLS, trusting the certificates in this PEM file

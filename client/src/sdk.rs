@@ -385,7 +385,7 @@ impl Engine {
         let mut out = Vec::new();
         let mut lookup_error = None;
         for url in &self.config.routes {
-            match transport::lookup_route(url, &self.failed).await {
+            match transport::lookup_route(url, &self.failed, self.config.tls.as_ref()).await {
                 Ok(candidates) => {
                     out = candidates;
                     break;

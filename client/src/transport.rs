@@ -87,10 +87,27 @@ pub async fn connect(
 /// and the body (at most 64 KiB), within 2 s (a lookup that takes longer
 /// is on a gateway in trouble: the next one is asked).
 pub async fn http_get(authority: &str, path: &str) -> Result<(u16, String), String> {
+    get(authority, path, None).await
+}
+
+/// [`http_get`], over TLS when `tls` is given (HTTPS).
+async fn get(
+    authority: &str,
+    path: &str,
+    tls: Option<&TlsOptions>,
+) -> Result<(u16, String), String> {
     let work = async {
-        let mut s = TcpStream::connect(authority)
-            .await
-            .map_err(|e| format!("{authority}: {e}"))?;
+        let mut s: BoxStream = match tls {
+            None => Box::new(
+                TcpStream::connect(authority)
+                    .await
+                    .map_err(|e| format!("{authority}: {e}"))?,
+            ),
+            Some(opts) => {
+                let connector = tls_connector(opts)?;
+                connect(authority, Some((&connector, opts))).await?
+            }
+        };
         let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes())
             .await
@@ -117,13 +134,30 @@ pub async fn http_get(authority: &str, path: &str) -> Result<(u16, String), Stri
     Ok((status, body.to_owned()))
 }
 
-/// Asks a gateway's route lookup (`http://host:port/route`) which gateways
-/// to try, least loaded first, reporting those in `failed` (they are left
-/// out, and checked by the lookup).
-pub async fn lookup_route(url: &str, failed: &[String]) -> Result<Vec<String>, String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("route lookup {url:?}: only http:// URLs are supported"))?;
+/// Asks a gateway's route lookup (`http://host:port/route`, or `https://`
+/// trusting `tls`'s certificates, the public web's by default) which
+/// gateways to try, least loaded first, reporting those in `failed` (they
+/// are left out, and checked by the lookup).
+pub async fn lookup_route(
+    url: &str,
+    failed: &[String],
+    tls: Option<&TlsOptions>,
+) -> Result<Vec<String>, String> {
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("https://") {
+        // The certificate must name the lookup's host, whatever name the
+        // gateways' own carry.
+        let opts = TlsOptions {
+            ca_file: tls.and_then(|t| t.ca_file.clone()),
+            server_name: None,
+        };
+        (rest, Some(opts))
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (rest, None)
+    } else {
+        return Err(format!(
+            "route lookup {url:?}: only http:// and https:// URLs are supported"
+        ));
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/route"),
@@ -138,7 +172,7 @@ pub async fn lookup_route(url: &str, failed: &[String]) -> Result<Vec<String>, S
         path.push_str("failed=");
         path.push_str(&addr.replace('%', "%25").replace('&', "%26"));
     }
-    let (status, body) = http_get(authority, &path)
+    let (status, body) = get(authority, &path, tls.as_ref())
         .await
         .map_err(|e| format!("route lookup at {e}"))?;
     if status != 200 {

@@ -860,6 +860,30 @@ async fn clients_connect_over_tls() {
     // WebSocket over TLS (wss://) speaks the same frames.
     assert_eq!(wss_hello(c.wss_addrs[0], &cert_path).await, 1);
 
+    // With a certificate, the public route lookup is HTTPS.
+    let route = format!(
+        "https://localhost:{}/route",
+        c.gateways[0].route.unwrap().port()
+    );
+    let trust = parley_client::TlsOptions {
+        ca_file: Some(cert_path.clone()),
+        server_name: None,
+    };
+    let candidates = parley_client::transport::lookup_route(&route, &[], Some(&trust))
+        .await
+        .unwrap();
+    assert!(
+        candidates.contains(&c.gateways[1].addr.to_string()),
+        "{candidates:?}"
+    );
+    let plain = format!("http://{}/route", c.gateways[0].route.unwrap());
+    assert!(
+        parley_client::transport::lookup_route(&plain, &[], None)
+            .await
+            .is_err(),
+        "no plain HTTP on the TLS lookup"
+    );
+
     // A client that does not trust the certificate is refused.
     let other = tempfile::NamedTempFile::new().unwrap();
     let stranger = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();

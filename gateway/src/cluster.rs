@@ -305,6 +305,9 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     if (cfg.tls_listen.is_some() || cfg.wss_listen.is_some()) && acceptor.is_none() {
         anyhow::bail!("a TLS listener needs --tls-cert and --tls-key");
     }
+    // The lookup's own listener speaks HTTPS where the gateways have a
+    // certificate: it is published beside the TLS client port.
+    let route_tls = acceptor.clone();
     let listeners = Listeners {
         tcp: bind(cfg.listen, "TCP").await?,
         ws: bind(cfg.ws_listen, "WebSocket").await?,
@@ -386,9 +389,11 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     }));
     let route_task = route_listener.map(|listener| {
         let mut stop_rx = ops_stop_rx;
-        tokio::spawn(ops::serve(listener, lookup, async move {
-            stopped(&mut stop_rx).await
-        }))
+        let stop = async move { stopped(&mut stop_rx).await };
+        match route_tls {
+            Some(acceptor) => tokio::spawn(lookup::serve_tls(listener, acceptor, lookup, stop)),
+            None => tokio::spawn(ops::serve(listener, lookup, stop)),
+        }
     });
 
     let (gw_stop, gw_stop_rx) = watch::channel(false);

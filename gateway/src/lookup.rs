@@ -23,7 +23,7 @@ use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Re
 use parley_proto::{PROTOCOL_VERSION, codec};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::Shared;
 
@@ -146,6 +146,64 @@ impl Prober {
         }
         last.insert(addr.to_owned(), now);
         true
+    }
+}
+
+/// Serves `router` over HTTPS: the route lookup where the gateways have a
+/// certificate. Handshakes run side by side (a slow one delays nobody) and
+/// are cut after 10 s.
+pub async fn serve_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let accepting = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, addr)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+                if let Ok(Ok(tls)) = handshake.await {
+                    let _ = tx.send((tls, addr)).await;
+                }
+            });
+        }
+    });
+    let served = axum::serve(Handshaken { rx, local }, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    accepting.abort();
+    served
+}
+
+/// Connections whose TLS handshake is done, for axum to serve.
+struct Handshaken {
+    rx: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for Handshaken {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(accepted) => accepted,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
     }
 }
 
