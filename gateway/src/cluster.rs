@@ -152,6 +152,11 @@ async fn route(State(node): State<Arc<Node>>, RawQuery(query): RawQuery) -> Resp
             tracing::warn!(error = %e, "route lookup without the routing table");
             return lookup::unavailable("the routing table is unavailable; retry shortly");
         }
+        // Nothing routable yet (the operator's first write, load balancers
+        // still being made): not this gateway's pod address either.
+        Ok(_) if node.routing_managed => {
+            return lookup::unavailable("no gateway is routable yet; retry shortly");
+        }
         Ok(_) | Err(_) if !node.shared.drain.active() => vec![node.advertise.clone()],
         _ => Vec::new(),
     };
@@ -159,12 +164,16 @@ async fn route(State(node): State<Arc<Node>>, RawQuery(query): RawQuery) -> Resp
 }
 
 /// Takes `addr` out of the routing table if it is there and its gateway
-/// does not answer a Hello.
+/// does not answer a Hello. A published address is probed at the gateway's
+/// own (from inside the cluster, a load balancer's or node's public address
+/// may not be reachable); this gateway does not probe itself.
 async fn probe_reported(node: Arc<Node>, addr: String) {
     if !node.redis.routed(&addr).await.unwrap_or(false) {
         return;
     }
-    if lookup::answers_hello(&addr, lookup::PROBE_WITHIN).await {
+    let own = node.redis.via(&addr).await.ok().flatten();
+    let target = own.unwrap_or_else(|| addr.clone());
+    if target == node.advertise || lookup::answers_hello(&target, lookup::PROBE_WITHIN).await {
         return;
     }
     match node.redis.unroute(&addr).await {

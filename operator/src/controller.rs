@@ -458,7 +458,8 @@ async fn apply(
                 PublishMode::Shared => routing::entries(&routed),
                 _ => routing::entries(&routing::published(&routed, public)),
             };
-            match r.replace_routes(&table).await {
+            let via = routing::via(&routed, public);
+            match r.replace_routes(&table, &via).await {
                 Ok(()) => {
                     ctx.metrics.routing_written();
                     Ok(table.len() as i32)

@@ -67,6 +67,17 @@ pub fn published(
         .collect()
 }
 
+/// (public address, the pod's own) for each published pod with a lease.
+pub fn via(
+    loads: &[(PodLoad, Option<String>)],
+    public: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    loads
+        .iter()
+        .filter_map(|(p, own)| Some((public.get(&p.name)?.clone(), own.clone()?)))
+        .collect()
+}
+
 /// Reads the pods' leases and writes the table; returns its entries.
 pub async fn sync(
     redis: &RedisState,
@@ -75,7 +86,7 @@ pub async fn sync(
     let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
     let leases = redis.leases(&names).await?;
     let table = entries(&loads(pods, &leases));
-    redis.replace_routes(&table).await?;
+    redis.replace_routes(&table, &[]).await?;
     Ok(table)
 }
 
@@ -116,7 +127,7 @@ mod tests {
         );
         // An entry of a pod long gone.
         redis
-            .replace_routes(&[("10.9.9.9:7400".into(), 0)])
+            .replace_routes(&[("10.9.9.9:7400".into(), 0)], &[])
             .await
             .unwrap();
 

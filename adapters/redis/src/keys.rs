@@ -11,6 +11,7 @@
 //! | `P:shed:<gateway>` | string | the operator's rebalancing request: `<clients>|<per second>`, taken once; expires |
 //! | `P:routes` | sorted set | advertised address scored by connections |
 //! | `P:routes:seen` | hash | address → when its entry was last written (ms) |
+//! | `P:routes:via` | hash | public address → the gateway's own (advertised) address, when the operator publishes gateways |
 
 /// The key names under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +64,11 @@ impl Keys {
         format!("{}:routes:seen", self.prefix)
     }
 
+    /// For published gateways: public address → the gateway's own.
+    pub fn routes_via(&self) -> String {
+        format!("{}:routes:via", self.prefix)
+    }
+
     /// A SCAN pattern matching every key of the cluster.
     pub fn all(&self) -> String {
         format!("{}:*", self.prefix)
@@ -83,6 +89,7 @@ mod tests {
             k.shed("gw-0"),
             k.routes(),
             k.routes_seen(),
+            k.routes_via(),
         ] {
             assert!(key.starts_with("im:"), "{key}");
         }

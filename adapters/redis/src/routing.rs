@@ -4,6 +4,7 @@
 //! route lookup hands out the least-loaded address; the operator replaces
 //! the whole table at once and asks gateways to drain.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use parley_core::ChatError;
@@ -30,6 +31,14 @@ redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ttl)
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+  -- Published under another address too (the operator's): that goes.
+  local via = redis.call('HGETALL', KEYS[6])
+  for i = 1, #via, 2 do
+    if via[i + 1] == ARGV[1] then
+      redis.call('ZREM', KEYS[2], via[i])
+      redis.call('HDEL', KEYS[6], via[i])
+    end
+  end
 elseif ARGV[5] == '1' then
   -- The operator owns the routing table: only the lease is ours.
   return {had, drain, shed}
@@ -111,6 +120,7 @@ impl RedisState {
             .key(self.keys.routes_seen())
             .key(self.keys.drain(gateway))
             .key(self.keys.shed(gateway))
+            .key(self.keys.routes_via())
             .arg(address)
             .arg(connections)
             .arg(ttl.as_millis() as u64)
@@ -169,12 +179,27 @@ impl RedisState {
     /// Removes this gateway's lease and routing entry (a clean shutdown).
     pub async fn withdraw(&self, gateway: &str, address: &str) -> Result<(), ChatError> {
         let mut c = self.conn.clone();
-        redis::pipe()
-            .atomic()
+        let via: HashMap<String, String> =
+            c.hgetall(self.keys.routes_via()).await.map_err(redis_err)?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .del(self.keys.lease(gateway))
             .zrem(self.keys.routes(), address)
-            .hdel(self.keys.routes_seen(), address)
-            .query_async::<()>(&mut c)
+            .hdel(self.keys.routes_seen(), address);
+        for (public, own) in &via {
+            if own == address {
+                pipe.zrem(self.keys.routes(), public)
+                    .hdel(self.keys.routes_via(), public);
+            }
+        }
+        pipe.query_async::<()>(&mut c).await.map_err(redis_err)
+    }
+
+    /// The gateway's own address behind a published one, if the operator
+    /// published it.
+    pub async fn via(&self, public: &str) -> Result<Option<String>, ChatError> {
+        let mut c = self.conn.clone();
+        c.hget(self.keys.routes_via(), public)
             .await
             .map_err(redis_err)
     }
@@ -182,12 +207,23 @@ impl RedisState {
     /// Replaces the whole routing table with `entries` (address,
     /// connections), atomically: the operator's write, once it owns the
     /// table. Route lookups never see it half written.
-    pub async fn replace_routes(&self, entries: &[(String, u64)]) -> Result<(), ChatError> {
+    /// `via` maps each published address to the gateway's own, so that a
+    /// gateway can find its entry (to leave the table when it drains) and a
+    /// probe can reach it from inside.
+    pub async fn replace_routes(
+        &self,
+        entries: &[(String, u64)],
+        via: &[(String, String)],
+    ) -> Result<(), ChatError> {
         let mut c = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.atomic()
             .del(self.keys.routes())
-            .del(self.keys.routes_seen());
+            .del(self.keys.routes_seen())
+            .del(self.keys.routes_via());
+        if !via.is_empty() {
+            pipe.hset_multiple(self.keys.routes_via(), via);
+        }
         if !entries.is_empty() {
             let members: Vec<(u64, &str)> = entries.iter().map(|(a, n)| (*n, a.as_str())).collect();
             pipe.zadd_multiple(self.keys.routes(), &members);

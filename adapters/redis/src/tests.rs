@@ -177,4 +177,31 @@ async fn the_route_lookup_spreads_clients_over_the_least_loaded() {
     r.withdraw("a", "a:1").await.unwrap();
     assert!(r.routes().await.unwrap().is_empty());
     assert!(r.leases(&["a"]).await.unwrap().is_empty());
+
+    // Published by the operator under public addresses: a gateway finds
+    // its entry by its own address, when it drains and when it goes.
+    let table = [
+        ("203.0.113.1:7400".to_owned(), 5),
+        ("203.0.113.2:7400".to_owned(), 6),
+    ];
+    let via = [
+        ("203.0.113.1:7400".to_owned(), "10.0.0.1:7400".to_owned()),
+        ("203.0.113.2:7400".to_owned(), "10.0.0.2:7400".to_owned()),
+    ];
+    r.replace_routes(&table, &via).await.unwrap();
+    assert_eq!(
+        r.via("203.0.113.1:7400").await.unwrap().as_deref(),
+        Some("10.0.0.1:7400")
+    );
+    r.announce("p1", "10.0.0.1:7400", 5, ttl, true, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.route(&[]).await.unwrap(),
+        vec!["203.0.113.2:7400"],
+        "a draining gateway takes its public entry out"
+    );
+    r.withdraw("p2", "10.0.0.2:7400").await.unwrap();
+    assert!(r.routes().await.unwrap().is_empty());
+    assert_eq!(r.via("203.0.113.2:7400").await.unwrap(), None);
 }

@@ -788,6 +788,11 @@ async fn pod_services_publish_each_gateway_and_go_with_their_pod() {
         h.redis.routes().await.unwrap(),
         vec![("203.0.113.10:7400".to_owned(), 10.0)]
     );
+    assert_eq!(
+        h.redis.via("203.0.113.10:7400").await.unwrap().as_deref(),
+        Some("10.0.0.1:7400"),
+        "the gateway can find its published entry"
+    );
     let s = h.status();
     let a = s.gateway.pods.iter().find(|p| p.name == "gw-a").unwrap();
     assert_eq!(a.public_address.as_deref(), Some("203.0.113.10:7400"));
