@@ -65,6 +65,47 @@ async fn stream(
     }
 }
 
+/// Connects ann's and bob's phones (recorded as "ann/phone" and
+/// "bob/phone") and opens their direct conversation.
+async fn pair(
+    rec: &Recorder,
+    ann: parley_client::ClientConfig,
+    bob: parley_client::ClientConfig,
+) -> (Client, Client, u64) {
+    let ann = connect(ann, rec, "ann/phone").await.unwrap();
+    let bob = connect(bob, rec, "bob/phone").await.unwrap();
+    let direct = ann.open_direct("bob").await.unwrap().id;
+    (ann, bob, direct)
+}
+
+/// `a` and `b` (the devices named in `devices`, in that order) each send
+/// `n` messages to `conv`, `pause` apart, for the other to receive.
+fn both_ways(
+    a: &Client,
+    b: &Client,
+    conv: u64,
+    n: usize,
+    pause: Duration,
+    devices: [&str; 2],
+) -> Vec<tokio::task::JoinHandle<Streamed>> {
+    vec![
+        tokio::spawn(stream(
+            a.clone(),
+            conv,
+            n,
+            pause,
+            others(&devices, devices[0]),
+        )),
+        tokio::spawn(stream(
+            b.clone(),
+            conv,
+            n,
+            pause,
+            others(&devices, devices[1]),
+        )),
+    ]
+}
+
 /// Connects device `name` ("user/device") to gateway `i` and records what
 /// it receives under that name.
 async fn join(c: &Cluster, i: usize, token: &str, name: &str, rec: &Recorder) -> Client {
@@ -415,30 +456,20 @@ async fn clients_spread_evenly_and_a_new_gateway_is_filled_by_rebalancing() {
     // Rebalancing, decided by the operator's own function from the leases,
     // asked through Redis as the operator asks, with traffic going on.
     let rec = Recorder::default();
-    let ann = connect(via_entry(&tokens[30], "phone"), &rec, "ann/phone")
-        .await
-        .unwrap();
-    let bob = connect(via_entry(&tokens[31], "phone"), &rec, "bob/phone")
-        .await
-        .unwrap();
-    let direct = ann.open_direct("bob").await.unwrap().id;
-    let devices = ["ann/phone", "bob/phone"];
-    let streams = vec![
-        tokio::spawn(stream(
-            ann.clone(),
-            direct,
-            100,
-            Duration::from_millis(30),
-            others(&devices, "ann/phone"),
-        )),
-        tokio::spawn(stream(
-            bob.clone(),
-            direct,
-            100,
-            Duration::from_millis(30),
-            others(&devices, "bob/phone"),
-        )),
-    ];
+    let (ann, bob, direct) = pair(
+        &rec,
+        via_entry(&tokens[30], "phone"),
+        via_entry(&tokens[31], "phone"),
+    )
+    .await;
+    let streams = both_ways(
+        &ann,
+        &bob,
+        direct,
+        100,
+        Duration::from_millis(30),
+        ["ann/phone", "bob/phone"],
+    );
     let redis = parley_redis::RedisState::new(&c.spec.redis_url, &c.prefix).unwrap();
     let gws: Vec<String> = (0..c.gateways.len()).map(|i| format!("gw{i}")).collect();
     let gw_refs: Vec<&str> = gws.iter().map(String::as_str).collect();
@@ -830,30 +861,20 @@ async fn clients_connect_over_tls() {
     let c = Cluster::start(spec).await.unwrap();
     let t = c.users(&["ann", "bob"]).await.unwrap();
     let rec = Recorder::default();
-    let ann = connect(c.over_tls(0, &t[0], "phone", &cert_path), &rec, "ann/phone")
-        .await
-        .unwrap();
-    let bob = connect(c.over_tls(1, &t[1], "phone", &cert_path), &rec, "bob/phone")
-        .await
-        .unwrap();
-    let direct = ann.open_direct("bob").await.unwrap().id;
-    let devices = ["ann/phone", "bob/phone"];
-    let streams = vec![
-        tokio::spawn(stream(
-            ann.clone(),
-            direct,
-            20,
-            Duration::ZERO,
-            others(&devices, "ann/phone"),
-        )),
-        tokio::spawn(stream(
-            bob.clone(),
-            direct,
-            20,
-            Duration::ZERO,
-            others(&devices, "bob/phone"),
-        )),
-    ];
+    let (ann, bob, direct) = pair(
+        &rec,
+        c.over_tls(0, &t[0], "phone", &cert_path),
+        c.over_tls(1, &t[1], "phone", &cert_path),
+    )
+    .await;
+    let streams = both_ways(
+        &ann,
+        &bob,
+        direct,
+        20,
+        Duration::ZERO,
+        ["ann/phone", "bob/phone"],
+    );
     let (ledger, _) = traffic(&rec, streams).await;
     check(&ledger, "tls", &c);
 

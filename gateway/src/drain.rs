@@ -76,11 +76,7 @@ impl Drain {
     /// create in every turn of a connection's select loop: until the drain
     /// starts it only waits on a watch.
     pub async fn turn(&self) {
-        let mut started = self.started.subscribe();
-        let _ = started.wait_for(|s| *s).await;
-        if let Ok(ticket) = self.tickets.acquire().await {
-            ticket.forget();
-        }
+        ticket(&self.started, &self.tickets).await;
     }
 
     /// Issues tickets at the current rate, forever (the gateway exits when
@@ -94,18 +90,32 @@ impl Drain {
                 tokio::time::sleep(TICK).await;
                 continue;
             }
-            let per_tick = rate.div_ceil(TICKS_PER_SECOND) as usize;
+            let (per_tick, every) = pace(rate);
             let waiting = self.tickets.available_permits();
             if waiting < per_tick {
                 self.tickets.add_permits(per_tick - waiting);
             }
-            let every = if rate < TICKS_PER_SECOND {
-                Duration::from_secs(1) / rate
-            } else {
-                TICK
-            };
             tokio::time::sleep(every).await;
         }
+    }
+}
+
+/// Waits until `on`, then for a ticket: a connection's turn to leave.
+async fn ticket(on: &watch::Sender<bool>, tickets: &Semaphore) {
+    let mut on = on.subscribe();
+    let _ = on.wait_for(|on| *on).await;
+    if let Ok(ticket) = tickets.acquire().await {
+        ticket.forget();
+    }
+}
+
+/// Tickets per issue, and the time between issues, for `rate` a second:
+/// a tenth of the rate every 100 ms, or one at a time below ten a second.
+fn pace(rate: u32) -> (usize, Duration) {
+    if rate < TICKS_PER_SECOND {
+        (1, Duration::from_secs(1) / rate.max(1))
+    } else {
+        (rate.div_ceil(TICKS_PER_SECOND) as usize, TICK)
     }
 }
 
@@ -160,11 +170,7 @@ impl Shed {
     /// Resolves when this connection is one of those handed on. Cheap in
     /// every turn of a connection's loop: it waits on a watch until asked.
     pub async fn turn(&self) {
-        let mut active = self.active.subscribe();
-        let _ = active.wait_for(|a| *a).await;
-        if let Ok(ticket) = self.tickets.acquire().await {
-            ticket.forget();
-        }
+        ticket(&self.active, &self.tickets).await;
     }
 
     /// Issues tickets while a request lasts: a tenth of the rate every
@@ -184,7 +190,8 @@ impl Shed {
                 let _ = active.wait_for(|a| *a).await;
                 continue;
             }
-            let per_tick = (rate.div_ceil(TICKS_PER_SECOND) as u64).min(left) as usize;
+            let (per_tick, every) = pace(rate);
+            let per_tick = per_tick.min(left as usize);
             let waiting = self.tickets.available_permits();
             if waiting < per_tick {
                 let add = per_tick - waiting;
@@ -195,11 +202,6 @@ impl Shed {
                         Some(l.saturating_sub(add as u64))
                     });
             }
-            let every = if rate < TICKS_PER_SECOND {
-                Duration::from_secs(1) / rate
-            } else {
-                TICK
-            };
             tokio::time::sleep(every).await;
         }
     }
