@@ -340,6 +340,9 @@ fn transient(code: pb::ErrorCode) -> bool {
 
 /// Sends answered with a transient error are tried again this many times.
 const SEND_RETRIES: u32 = 30;
+/// A connection up this long counts as working: the reconnect backoff
+/// starts over after it.
+const STABLE: Duration = Duration::from_secs(10);
 /// How long a gateway has to answer Hello and Auth before the next is tried.
 const LOGIN_WITHIN: Duration = Duration::from_secs(5);
 /// How long a Ping waits for its Pong when the server does not say.
@@ -413,6 +416,9 @@ impl Engine {
         let mut last = None;
         let mut hops = 0;
         let mut targets = self.targets().await?.into_iter();
+        // Reported once: the lookup probes them, and leaving them out of
+        // every later answer could leave nothing to try once all recover.
+        self.failed.clear();
         while let Some(addr) = targets.next() {
             match self.login_at(&addr).await {
                 Ok(done) => {
@@ -426,7 +432,15 @@ impl Engine {
                     self.redirect = to;
                     targets = self.targets().await?.into_iter();
                 }
-                Err(e @ (ClientError::Connect(_) | ClientError::Timeout)) => {
+                // Full, or without its chat service: another may not be.
+                Err(
+                    e @ (ClientError::Connect(_)
+                    | ClientError::Timeout
+                    | ClientError::Server {
+                        code: pb::ErrorCode::ServerBusy | pb::ErrorCode::Unavailable,
+                        ..
+                    }),
+                ) => {
                     tracing::debug!(error = %e, gateway = %addr, "gateway unreachable; trying the next");
                     if !self.failed.contains(&addr) && self.failed.len() < 8 {
                         self.failed.push(addr);
@@ -525,10 +539,7 @@ impl Engine {
             let c = match conn.take() {
                 Some(c) => c,
                 None => match self.login().await {
-                    Ok((c, _)) => {
-                        backoff = Duration::from_millis(100);
-                        c
-                    }
+                    Ok((c, _)) => c,
                     Err(
                         e @ ClientError::Server {
                             code: pb::ErrorCode::Unauthenticated | pb::ErrorCode::TokenExpired,
@@ -549,6 +560,7 @@ impl Engine {
                     }
                 },
             };
+            let up_since = Instant::now();
             match self.serve(c).await {
                 Disconnect::Closed => return,
                 Disconnect::Fatal(e) => {
@@ -569,6 +581,18 @@ impl Engine {
                         if let Some(p) = self.pending.remove(&rid) {
                             let _ = p.reply.send(Err(ClientError::Disconnected));
                         }
+                    }
+                    // A connection that held for a while starts the backoff
+                    // over; one that failed at once (a catch-up that cannot
+                    // be read) waits, so the client does not loop hot.
+                    if up_since.elapsed() >= STABLE {
+                        backoff = Duration::from_millis(100);
+                    } else {
+                        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+                        if !self.wait_or_close(backoff + jitter).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
             }
@@ -627,8 +651,12 @@ impl Engine {
         let mut pong_due: Option<Instant> = None;
         loop {
             if !out.is_empty() {
-                if let Err(e) = conn.stream.write_all(&out).await {
-                    return Disconnect::Retry(e.to_string());
+                // Bounded: a gateway that stopped reading (frozen, or a
+                // half-open network) must not hold the client forever.
+                match timeout(conn.pong_timeout, conn.stream.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Disconnect::Retry(e.to_string()),
+                    Err(_) => return Disconnect::Retry("a write did not finish in time".into()),
                 }
                 out.clear();
             }
@@ -642,7 +670,7 @@ impl Engine {
                     }
                     closing @ (Some(Command::Close { .. }) | None) => {
                         self.send_ack(&mut out);
-                        let _ = conn.stream.write_all(&out).await;
+                        let _ = timeout(conn.pong_timeout, conn.stream.write_all(&out)).await;
                         // Dropping the close command tells `close` it is written.
                         drop(closing);
                         return Disconnect::Closed;
@@ -653,6 +681,9 @@ impl Engine {
                         Ok(f) => f,
                         Err(e) => return Disconnect::Retry(e),
                     };
+                    // Any frame shows the server alive: a Pong can wait
+                    // behind a catch-up's pages on a slow link.
+                    pong_due = None;
                     match frame.body {
                         Some(Resp::Deliver(d)) => {
                             if let Some(m) = d.message {
@@ -707,7 +738,7 @@ impl Engine {
                                 let _ = p.reply.send(Err(ClientError::Server { code: e.code(), message: e.message }));
                             }
                         }
-                        Some(Resp::Pong(_)) => pong_due = None,
+                        Some(Resp::Pong(_)) => {}
                         None => {}
                         Some(body) => {
                             if let Some(p) = self.pending.remove(&frame.request_id) {

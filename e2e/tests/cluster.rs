@@ -446,7 +446,8 @@ async fn clients_spread_evenly_and_a_new_gateway_is_filled_by_rebalancing() {
     for token in &tokens[..30] {
         clients.push(Client::connect(via_entry(token, "late")).await.unwrap().0);
     }
-    let (_, counts) = spread_until(&c, |s| s.iter().sum::<i64>() == 330).await;
+    let (all_in, counts) = spread_until(&c, |s| s.iter().sum::<i64>() == 330).await;
+    assert!(all_in, "330 sessions: {counts:?}");
     println!("30 more after gw{new} joined: {counts:?}");
     assert!(
         counts[new] >= 27,

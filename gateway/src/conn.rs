@@ -368,16 +368,30 @@ async fn start_sync(
     catch_up(shared, live, out).await
 }
 
-/// Records a new login in presence, where the login that arrives last wins:
-/// a newer epoch found there (a racing login, or a gateway whose clock runs
-/// ahead of this one's) is overtaken with a larger one. The device's older
-/// connection, if another gateway holds it, is told to close (this
-/// gateway's own was closed when the login registered).
-async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) {
+/// Records a new login in presence, where the newest login (the larger
+/// epoch) wins: this one yields to a newer one already recorded, unless
+/// that one's epoch is from the future (a gateway whose clock runs ahead),
+/// which is overtaken with a larger epoch. The device's older connection,
+/// if another gateway holds it, is told to close (this gateway's own was
+/// closed when the login registered).
+async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) -> Result<(), End> {
     let mut met = shared.presence.online(&l.session).await;
     if let Ok(Some(newer)) = &met
         && newer.epoch > l.session.epoch
     {
+        // A newer login of the device got there first, here (the registry
+        // already replaced this one) or elsewhere: this login is the stale
+        // one (one its client gave up on, say) and yields. Only an entry
+        // from the future, of a gateway whose clock runs ahead, is
+        // overtaken, or it would keep the device's deliveries away.
+        let now = parley_core::now_ms().max(0) as u64 * 1000;
+        if l.sub.rx.is_closed()
+            || newer.gateway == l.session.gateway
+            || newer.epoch <= now + CLOCK_SKEW_US
+        {
+            shared.registry.unregister(&l.session.user, conn_id);
+            return Err(replaced());
+        }
         shared.observe_epoch(newer.epoch);
         shared.registry.unregister(&l.session.user, conn_id);
         l.session.epoch = shared.next_epoch();
@@ -401,7 +415,12 @@ async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) {
         }
         Ok(_) => {}
     }
+    Ok(())
 }
+
+/// How far another gateway's clock may run ahead of this one's before its
+/// epochs count as from the future (microseconds).
+const CLOCK_SKEW_US: u64 = 2_000_000;
 
 fn sync_done(request_id: u64, cursor: u64, missing: Option<(u64, u64)>) -> pb::ServerFrame {
     let (from, to) = missing.unwrap_or((0, 0));
@@ -487,7 +506,7 @@ async fn on_frame(
                 missing: None,
                 sync_done: None,
             };
-            go_online(shared, &mut l, conn_id).await;
+            go_online(shared, &mut l, conn_id).await?;
             let opened = shared
                 .chat
                 .session_opened(&user, &auth.device_id, auth.cursor)

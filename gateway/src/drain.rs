@@ -186,6 +186,11 @@ impl Shed {
                     self.tickets
                         .forget_permits(self.tickets.available_permits());
                 }
+                // A request that came in between the read and the reset.
+                if self.left.load(Ordering::Relaxed) > 0 {
+                    self.active.send_replace(true);
+                    continue;
+                }
                 let mut active = self.active.subscribe();
                 let _ = active.wait_for(|a| *a).await;
                 continue;

@@ -88,6 +88,8 @@ pub struct Shared {
     /// process the registry sees every connection itself).
     pub notices: Option<Arc<dyn DeliveryBus>>,
     epoch: AtomicU64,
+    /// Below 1000, from the gateway's id (see [`Shared::next_epoch`]).
+    epoch_offset: u64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -105,6 +107,12 @@ impl Shared {
         presence: Arc<dyn Presence>,
         notices: Option<Arc<dyn DeliveryBus>>,
     ) -> Arc<Self> {
+        let epoch_offset = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            config.gateway_id.hash(&mut h);
+            h.finish() % 1000
+        };
         Arc::new(Self {
             drain: drain::Drain::default(),
             shed: drain::Shed::default(),
@@ -113,6 +121,7 @@ impl Shared {
             presence,
             registry: Arc::new(Registry::default()),
             metrics: metrics::GatewayMetrics::default(),
+            epoch_offset,
             notices,
             epoch: AtomicU64::new(0),
         })
@@ -127,7 +136,10 @@ impl Shared {
     /// A connection epoch larger than any earlier one, here or (by the
     /// clock) on another gateway.
     pub fn next_epoch(&self) -> u64 {
-        let now = parley_core::now_ms().max(0) as u64 * 1000;
+        // Microseconds of an offset of this gateway's own within the
+        // millisecond: two gateways' logins of one device in the same
+        // millisecond still order one before the other.
+        let now = parley_core::now_ms().max(0) as u64 * 1000 + self.epoch_offset;
         let mut cur = self.epoch.load(Ordering::Relaxed);
         loop {
             let next = now.max(cur + 1);

@@ -19,7 +19,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use parley_ops::{Probe, Readiness};
-use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
+use parley_proto::pb::{self, client_frame::Body as Req};
 use parley_proto::{PROTOCOL_VERSION, codec};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,7 +101,10 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Whether a Parley gateway at `addr` answers a Hello within `within`.
+/// Whether the gateway at `addr` is alive: it accepts, and reacts to a
+/// Hello within `within` (a HelloOk on a plain port; a TLS port's alert or
+/// close is a reaction too). A killed gateway refuses the connection; a
+/// frozen one, whose kernel still accepts, says nothing.
 pub async fn answers_hello(addr: &str, within: Duration) -> bool {
     let probe = async {
         let mut s = TcpStream::connect(addr).await.ok()?;
@@ -112,18 +115,14 @@ pub async fn answers_hello(addr: &str, within: Duration) -> bool {
             client: "parley-route-probe".into(),
         });
         codec::encode_frame(&pb::ClientFrame::new(1, hello), &mut buf);
-        s.write_all(&buf).await.ok()?;
-        buf.clear();
-        loop {
-            let frame: Option<pb::ServerFrame> =
-                codec::decode_frame(&mut buf, parley_proto::DEFAULT_MAX_FRAME_BYTES).ok()?;
-            if let Some(f) = frame {
-                return Some(matches!(f.body, Some(Resp::HelloOk(_))));
-            }
-            if s.read_buf(&mut buf).await.ok()? == 0 {
-                return None;
-            }
+        if s.write_all(&buf).await.is_err() {
+            // Closed on us before the Hello: it reacted.
+            return Some(true);
         }
+        buf.clear();
+        // Any bytes, an end of stream or a reset: something is running.
+        let _ = s.read_buf(&mut buf).await;
+        Some(true)
     };
     matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
 }
@@ -300,5 +299,16 @@ mod tests {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = silent.local_addr().unwrap().to_string();
         assert!(!answers_hello(&addr, Duration::from_millis(200)).await);
+        // A port that answers a Hello with anything at all (a TLS alert,
+        // a close) belongs to a running gateway.
+        let tls_like = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tls_like.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = tls_like.accept().await.unwrap();
+            let _ = s
+                .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32])
+                .await;
+        });
+        assert!(answers_hello(&addr, PROBE_WITHIN).await);
     }
 }

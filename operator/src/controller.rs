@@ -542,14 +542,25 @@ async fn apply(
         && decision.replicas == current
     {
         let policy = rebalance::Rebalance::from(spec);
-        let serving: Vec<scaling::PodLoad> = routed.iter().map(|(l, _)| l.clone()).collect();
+        // Only the gateways clients can be sent to take part: in published
+        // modes, those with a public address.
+        let serving: Vec<scaling::PodLoad> = routed
+            .iter()
+            .filter(|(l, _)| match (&public, cc.spec.gateway.publish.mode) {
+                (_, PublishMode::Shared) => true,
+                (Ok(p), _) => p.contains_key(&l.name),
+                (Err(_), _) => false,
+            })
+            .map(|(l, _)| l.clone())
+            .collect();
         let last = ctx.remember(cc, |m| m.rebalanced);
         let round = rebalance::plan(&policy, &serving, last, now);
         if !round.is_empty() {
             ctx.remember(cc, |m| m.rebalanced = Some(now));
             for s in &round {
-                r.request_shed(&s.pod, s.count, s.rate, policy.period)
-                    .await?;
+                if let Err(e) = r.request_shed(&s.pod, s.count, s.rate, policy.period).await {
+                    tracing::warn!(error = %e, pod = %s.pod, "rebalancing request not written");
+                }
             }
             let asked: Vec<String> = round
                 .iter()
