@@ -350,11 +350,29 @@ async fn goodbye(mut io: impl FrameIo, frame: parley_proto::pb::ServerFrame) {
     }
 }
 
+/// Refusals that may linger at once; past it a refused client gets the
+/// frame and an immediate close, so a storm against a full gateway costs
+/// bounded sockets and memory.
+static LINGERING_REFUSALS: Semaphore = Semaphore::const_new(1024);
+
 /// Tells a client over the connection cap to come back later.
 async fn refuse<S>(stream: S, is_ws: bool, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
+    let Ok(_lingering) = LINGERING_REFUSALS.try_acquire() else {
+        let frame = parley_proto::pb::ServerFrame::error(
+            0,
+            parley_proto::pb::ErrorCode::ServerBusy,
+            "too many connections on this gateway; retry later",
+        );
+        if !is_ws {
+            let _ = StreamIo::new(stream, shared.config.max_frame_bytes)
+                .write(&[frame])
+                .await;
+        }
+        return;
+    };
     let frame = parley_proto::pb::ServerFrame::error(
         0,
         parley_proto::pb::ErrorCode::ServerBusy,

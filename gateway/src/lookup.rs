@@ -159,16 +159,23 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // At most this many handshakes at once: the port faces the internet.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(256));
     let accepting = tokio::spawn(async move {
         loop {
             let Ok((tcp, addr)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                continue;
+            };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
-                if let Ok(Ok(tls)) = handshake.await {
+                let done = handshake.await;
+                drop(slot);
+                if let Ok(Ok(tls)) = done {
                     let _ = tx.send((tls, addr)).await;
                 }
             });

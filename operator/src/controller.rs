@@ -114,6 +114,10 @@ struct Memory {
     written: Option<SystemTime>,
     /// When the last rebalancing round was asked for.
     rebalanced: Option<SystemTime>,
+    /// A pass ran in a published mode since per-pod Services were last
+    /// cleaned up: a switch back to `Shared` must look for them even when
+    /// no pod ever got a public address.
+    published: bool,
 }
 
 /// What every pass shares.
@@ -362,8 +366,13 @@ async fn apply(
         .items;
 
     // Where clients outside the cluster reach each pod (published modes).
-    let had_public = old.gateway.pods.iter().any(|p| p.public_address.is_some());
+    let had_public = old.gateway.pods.iter().any(|p| p.public_address.is_some())
+        || ctx.remember(cc, |m| m.published);
     let public = publish_pods(cc, ctx, &pods, had_public).await;
+    if public.is_ok() {
+        let published = cc.spec.gateway.publish.mode != PublishMode::Shared;
+        ctx.remember(cc, |m| m.published = published);
+    }
 
     // Counts and addresses from the gateways' leases.
     let redis = match backend_url(client, &ns, "redis", &cc.spec.redis).await {

@@ -928,3 +928,24 @@ async fn after_a_scale_up_the_busiest_gateways_hand_clients_on_once_per_period()
     let log = h.pass().await;
     assert!(!log.contains(&"POST events".to_owned()), "{log:?}");
 }
+
+#[tokio::test]
+async fn switching_back_to_shared_removes_pod_services_that_never_got_an_address() {
+    let h = Harness::new(published(crate::crd::PublishMode::PodService));
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 10)]).await;
+    h.pass().await;
+    assert!(h.fake.get(&h.path("/api/v1", "services", "gw-a")).is_some());
+    // No load balancer ever got an address (a quota, say): back to Shared.
+    let mut cc = h.cc();
+    cc.spec.gateway.publish.mode = crate::crd::PublishMode::Shared;
+    h.fake.put(&h.cc_path(), serde_json::to_value(&cc).unwrap());
+    let log = h.pass().await;
+    assert!(log.contains(&"DELETE services/gw-a".to_owned()), "{log:?}");
+    assert_eq!(
+        h.pass().await,
+        reading_everything(),
+        "and then nothing more"
+    );
+}
