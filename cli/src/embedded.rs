@@ -132,10 +132,9 @@ impl Embedded {
 
         let (stop, stop_rx) = watch::channel(false);
         let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence, None);
-        let advertise = cfg.advertise.unwrap_or_else(|| match tcp_addr.ip() {
-            ip if ip.is_unspecified() => format!("127.0.0.1:{}", tcp_addr.port()),
-            _ => tcp_addr.to_string(),
-        });
+        let advertise = cfg
+            .advertise
+            .unwrap_or_else(|| parley_gateway::cli::advertised(tcp_addr));
         let ops = ops.map(|listener| {
             let router = parley_gateway::lookup::one_process_ops(shared.clone(), advertise, |r| {
                 chat.metrics().register(r)

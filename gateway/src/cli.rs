@@ -119,7 +119,9 @@ fn listener(value: &str, what: &str) -> anyhow::Result<Option<SocketAddr>> {
     }
 }
 
-fn advertised(addr: SocketAddr) -> String {
+/// The address to advertise for a listener: an unspecified IP (listening
+/// on every interface) becomes 127.0.0.1.
+pub fn advertised(addr: SocketAddr) -> String {
     if addr.ip().is_unspecified() {
         format!("127.0.0.1:{}", addr.port())
     } else {

@@ -385,15 +385,14 @@ async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) -> Result<(), En
         // from the future, of a gateway whose clock runs ahead, is
         // overtaken, or it would keep the device's deliveries away.
         let now = parley_core::now_ms().max(0) as u64 * 1000;
-        if l.sub.rx.is_closed()
+        let stale = l.sub.rx.is_closed()
             || newer.gateway == l.session.gateway
-            || newer.epoch <= now + CLOCK_SKEW_US
-        {
-            shared.registry.unregister(&l.session.user, conn_id);
+            || newer.epoch <= now + CLOCK_SKEW_US;
+        shared.registry.unregister(&l.session.user, conn_id);
+        if stale {
             return Err(replaced());
         }
         shared.observe_epoch(newer.epoch);
-        shared.registry.unregister(&l.session.user, conn_id);
         l.session.epoch = shared.next_epoch();
         l.sub = shared
             .registry

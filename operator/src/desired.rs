@@ -345,16 +345,20 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
     }
 }
 
-/// How clients reach the gateways.
-pub fn gateway_service(cc: &ChatCluster) -> Service {
-    let g = &cc.spec.gateway;
-    let svc_port = |name: &str, port: i32, target: i32| ServicePort {
+/// A TCP port of a Service: `port` outside, `target` in the pod.
+pub(crate) fn svc_port(name: &str, port: i32, target: i32) -> ServicePort {
+    ServicePort {
         name: Some(name.to_owned()),
         port,
         target_port: Some(IntOrString::Int(target)),
         protocol: Some("TCP".to_owned()),
         ..ServicePort::default()
-    };
+    }
+}
+
+/// How clients reach the gateways.
+pub fn gateway_service(cc: &ChatCluster) -> Service {
+    let g = &cc.spec.gateway;
     let mut ports = vec![
         svc_port("tcp", g.ports.tcp, GATEWAY_TCP),
         svc_port("route", g.ports.route, GATEWAY_ROUTE),

@@ -19,8 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, Pod, Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceSpec};
 use kube::ResourceExt;
 
 use crate::crd::{ChatCluster, NodeAddressType, PodServiceType, PublishMode};
@@ -49,21 +48,9 @@ pub fn pod_service(cc: &ChatCluster, pod: &str) -> Service {
     let g = &cc.spec.gateway;
     let p = &g.publish;
     let (name, target, port) = client_port(cc);
-    let mut ports = vec![ServicePort {
-        name: Some(name.to_owned()),
-        port,
-        target_port: Some(IntOrString::Int(target)),
-        protocol: Some("TCP".to_owned()),
-        ..ServicePort::default()
-    }];
+    let mut ports = vec![desired::svc_port(name, port, target)];
     if let Some(ws) = g.ports.websocket {
-        ports.push(ServicePort {
-            name: Some("ws".to_owned()),
-            port: ws,
-            target_port: Some(IntOrString::Int(GATEWAY_WS)),
-            protocol: Some("TCP".to_owned()),
-            ..ServicePort::default()
-        });
+        ports.push(desired::svc_port("ws", ws, GATEWAY_WS));
     }
     let mut meta = desired::meta(cc, pod.to_owned(), COMPONENT);
     meta.labels
