@@ -124,6 +124,8 @@ fn replaced() -> End {
 }
 
 const CATCH_UP_PAGE: u32 = 500;
+/// The most pushes a connection takes from its queue in one turn.
+const PUSHES_PER_TURN: usize = 64;
 
 /// Serves one connection until it closes, fails or the gateway shuts down.
 pub async fn serve<IO: FrameIo>(
@@ -136,20 +138,35 @@ pub async fn serve<IO: FrameIo>(
     let mut phase = Phase::AwaitHello;
     let mut live: Option<Live> = None;
     let mut bucket = Bucket::new(cfg.send_rate, cfg.send_burst);
-    let mut idle_deadline = Instant::now() + cfg.idle_timeout;
     let mut pushes: Vec<Push> = Vec::with_capacity(0);
     let mut out: Vec<pb::ServerFrame> = Vec::new();
 
     shared.metrics.connections.inc();
+    // Made once and polled in every turn: a waiter or a timer made anew in
+    // each turn is registered and taken out again for every frame and
+    // every push. The idle timer fires at most once per idle timeout and
+    // moves on to the last frame's deadline then.
+    let stop = parley_ops::stopped(&mut shutdown);
+    let drain = shared.drain.turn();
+    let shed = shared.shed.turn();
+    let mut last_frame = Instant::now();
+    let idle = sleep_until(last_frame + cfg.idle_timeout);
+    tokio::pin!(stop, drain, shed, idle);
     let end = loop {
         out.clear();
-        let step = tokio::select! {
+        let mut step = tokio::select! {
             biased;
-            () = parley_ops::stopped(&mut shutdown) => Err(End::GoAway(SHUTTING_DOWN)),
-            () = shared.drain.turn() => Err(End::GoAway(DRAINING)),
-            () = shared.shed.turn(), if live.is_some() => Err(End::GoAway(REBALANCING)),
-            _ = sleep_until(idle_deadline) => {
-                Err(End::Fatal(0, ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
+            () = &mut stop => Err(End::GoAway(SHUTTING_DOWN)),
+            () = &mut drain => Err(End::GoAway(DRAINING)),
+            () = &mut shed, if live.is_some() => Err(End::GoAway(REBALANCING)),
+            () = &mut idle => {
+                let due = last_frame + cfg.idle_timeout;
+                if due > Instant::now() {
+                    idle.as_mut().reset(due);
+                    Ok(())
+                } else {
+                    Err(End::Fatal(0, ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
+                }
             }
             n = recv_pushes(&mut live, &mut pushes) => {
                 match (n, live.as_mut()) {
@@ -163,7 +180,7 @@ pub async fn serve<IO: FrameIo>(
             }
             frame = io.read() => match frame {
                 Ok(Some(frame)) => {
-                    idle_deadline = Instant::now() + cfg.idle_timeout;
+                    last_frame = Instant::now();
                     // Boxed, as every large step here: an idle connection's
                     // state is only what waits in this select.
                     let handled = heap(on_frame(&shared, conn_id, frame, &mut phase, &mut live, &mut bucket, &mut out));
@@ -180,6 +197,22 @@ pub async fn serve<IO: FrameIo>(
                 Err(ReadError::Truncated | ReadError::Io(_)) => Err(End::Closed),
             },
         };
+        // Pushes already waiting leave in the same write as the answer (a
+        // sender's ack and the copy of its message for its own timeline
+        // often arrive together): one system call, not two.
+        if step.is_ok()
+            && let Some(l) = live.as_mut().filter(|l| !l.behind)
+        {
+            while pushes.len() < PUSHES_PER_TURN
+                && let Ok(push) = l.sub.rx.try_recv()
+            {
+                pushes.push(push);
+            }
+            if !pushes.is_empty() {
+                let pushed = heap(on_pushes(&shared, l, pushes.drain(..), &mut out));
+                step = pushed.await;
+            }
+        }
         if !out.is_empty() {
             shared.metrics.written(&out);
             let written = heap(write(&mut io, &out, cfg.write_timeout));
@@ -277,8 +310,8 @@ async fn recv_pushes(live: &mut Option<Live>, buf: &mut Vec<Push>) -> Option<usi
     match live {
         Some(l) => tokio::select! {
             biased;
-            () = l.sub.replaced.notified() => None,
-            n = l.sub.rx.recv_many(buf, 64) => (n > 0).then_some(n),
+            () = l.sub.replaced.as_mut() => None,
+            n = l.sub.rx.recv_many(buf, PUSHES_PER_TURN) => (n > 0).then_some(n),
         },
         None => std::future::pending().await,
     }

@@ -20,6 +20,10 @@ pub struct GatewayMetrics {
     pub messages_in: Counter,
     /// Deliver frames written.
     pub messages_out: Counter,
+    /// Frames of any kind written, and the socket writes that carried them:
+    /// frames / writes is how many frames share a system call.
+    pub frames_out: Counter,
+    pub writes: Counter,
     /// From a Send frame read to its ack (or error) ready to write.
     pub send_seconds: Histogram,
     /// Error frames written, by code.
@@ -39,6 +43,8 @@ impl Default for GatewayMetrics {
             accepted: Counter::default(),
             messages_in: Counter::default(),
             messages_out: Counter::default(),
+            frames_out: Counter::default(),
+            writes: Counter::default(),
             send_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
             errors: Family::default(),
             chat_batches: Counter::default(),
@@ -76,6 +82,16 @@ impl GatewayMetrics {
             self.messages_out.clone(),
         );
         r.register(
+            "gateway_frames_out",
+            "Frames of any kind written to devices",
+            self.frames_out.clone(),
+        );
+        r.register(
+            "gateway_writes",
+            "Socket writes to devices (frames_out / writes: frames per system call)",
+            self.writes.clone(),
+        );
+        r.register(
             "gateway_send_latency_seconds",
             "From a Send frame read to its ack ready to write",
             self.send_seconds.clone(),
@@ -108,8 +124,10 @@ impl GatewayMetrics {
         }
     }
 
-    /// Counts what is about to be written.
+    /// Counts what is about to be written, in one write.
     pub fn written(&self, frames: &[pb::ServerFrame]) {
+        self.writes.inc();
+        self.frames_out.inc_by(frames.len() as u64);
         for f in frames {
             match &f.body {
                 Some(Resp::Deliver(_)) => {

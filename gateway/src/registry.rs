@@ -4,11 +4,13 @@
 //! up from the database, so a slow reader costs a bounded amount of memory.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use parley_core::{Delivery, Session};
 use parley_proto::pb;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, mpsc};
 
 /// One message for one device.
@@ -23,9 +25,10 @@ pub struct Push {
 pub struct Subscription {
     pub rx: mpsc::Receiver<Push>,
     pub lagged: Arc<AtomicBool>,
-    /// Notified when a newer connection of the same device replaces this
-    /// one, here or on another gateway.
-    pub replaced: Arc<Notify>,
+    /// Resolves when a newer connection of the same device replaces this
+    /// one, here or on another gateway. Made once, so that the connection
+    /// does not register a new waiter in every turn of its loop.
+    pub replaced: Pin<Box<OwnedNotified>>,
 }
 
 struct Entry {
@@ -82,7 +85,7 @@ impl Registry {
         Subscription {
             rx,
             lagged,
-            replaced,
+            replaced: Box::pin(replaced.notified_owned()),
         }
     }
 
@@ -241,7 +244,7 @@ mod tests {
         let laptop = reg.register(&s("laptop", 2), 2, 4);
         let mut new = reg.register(&s("phone", 3), 3, 4);
         // The old connection is told, and the notice waits for it.
-        tokio::time::timeout(std::time::Duration::from_secs(1), old.replaced.notified())
+        tokio::time::timeout(std::time::Duration::from_secs(1), old.replaced)
             .await
             .expect("the older phone connection is told it was replaced");
         assert_eq!(reg.len(), 2, "the laptop and the new phone remain");
