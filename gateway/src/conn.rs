@@ -145,103 +145,106 @@ pub async fn serve<IO: FrameIo>(
     // Made once and polled in every turn: a waiter or a timer made anew in
     // each turn is registered and taken out again for every frame and
     // every push. The idle timer fires at most once per idle timeout and
-    // moves on to the last frame's deadline then.
-    let stop = parley_ops::stopped(&mut shutdown);
-    let drain = shared.drain.turn();
-    let shed = shared.shed.turn();
-    let mut last_frame = Instant::now();
-    let idle = sleep_until(last_frame + cfg.idle_timeout);
-    tokio::pin!(stop, drain, shed, idle);
-    let end = loop {
-        out.clear();
-        let mut step = tokio::select! {
-            biased;
-            () = &mut stop => Err(End::GoAway(SHUTTING_DOWN)),
-            () = &mut drain => Err(End::GoAway(DRAINING)),
-            () = &mut shed, if live.is_some() => Err(End::GoAway(REBALANCING)),
-            () = &mut idle => {
-                let due = last_frame + cfg.idle_timeout;
-                if due > Instant::now() {
-                    idle.as_mut().reset(due);
-                    Ok(())
-                } else {
-                    Err(End::Fatal(0, ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
-                }
-            }
-            n = recv_pushes(&mut live, &mut pushes) => {
-                match (n, live.as_mut()) {
-                    (None, _) => Err(replaced()),
-                    (Some(_), Some(l)) => {
-                        let pushed = heap(on_pushes(&shared, l, pushes.drain(..), &mut out));
-                        pushed.await
-                    }
-                    _ => Ok(()),
-                }
-            }
-            frame = io.read() => match frame {
-                Ok(Some(frame)) => {
-                    last_frame = Instant::now();
-                    // Boxed, as every large step here: an idle connection's
-                    // state is only what waits in this select.
-                    let handled = heap(on_frame(&shared, conn_id, frame, &mut phase, &mut live, &mut bucket, &mut out));
-                    handled.await
-                }
-                Ok(None) => Err(End::Closed),
-                Err(ReadError::Decode(DecodeError::TooLarge { len, max })) => Err(End::Fatal(
-                    0,
-                    ErrorCode::FrameTooLarge,
-                    format!("frame of {len} bytes exceeds the limit of {max} bytes"),
-                )),
-                Err(ReadError::Decode(e)) => Err(End::Fatal(e.request_id(), ErrorCode::BadFrame, e.to_string())),
-                Err(e @ ReadError::NotBinary(_)) => Err(End::Fatal(0, ErrorCode::BadFrame, e.to_string())),
-                Err(ReadError::Truncated | ReadError::Io(_)) => Err(End::Closed),
-            },
-        };
-        // Pushes already waiting leave in the same write as the answer (a
-        // sender's ack and the copy of its message for its own timeline
-        // often arrive together): one system call, not two.
-        if step.is_ok()
-            && let Some(l) = live.as_mut().filter(|l| !l.behind)
-        {
-            while pushes.len() < PUSHES_PER_TURN
-                && let Ok(push) = l.sub.rx.try_recv()
-            {
-                pushes.push(push);
-            }
-            if !pushes.is_empty() {
-                let pushed = heap(on_pushes(&shared, l, pushes.drain(..), &mut out));
-                step = pushed.await;
-            }
-        }
-        if !out.is_empty() {
-            shared.metrics.written(&out);
-            let written = heap(write(&mut io, &out, cfg.write_timeout));
-            if !written.await {
-                break End::Io;
-            }
-        }
-        if let Err(end) = step {
-            break end;
-        }
-        // The rest of a catch-up, a page per write.
-        let mut next = Ok(());
-        while let Some(l) = live.as_mut().filter(|l| l.behind) {
+    // moves on to the last frame's deadline then. They go with the loop, so
+    // a drain ticket one of them holds is back before the goodbye.
+    let end = {
+        let stop = parley_ops::stopped(&mut shutdown);
+        let drain = shared.drain.turn();
+        let shed = shared.shed.turn();
+        let mut last_frame = Instant::now();
+        let idle = sleep_until(last_frame + cfg.idle_timeout);
+        tokio::pin!(stop, drain, shed, idle);
+        loop {
             out.clear();
-            let page = heap(catch_up(&shared, l, &mut out));
-            next = page.await;
+            let mut step = tokio::select! {
+                biased;
+                () = &mut stop => Err(End::GoAway(SHUTTING_DOWN)),
+                () = &mut drain => Err(End::GoAway(DRAINING)),
+                () = &mut shed, if live.is_some() => Err(End::GoAway(REBALANCING)),
+                () = &mut idle => {
+                    let due = last_frame + cfg.idle_timeout;
+                    if due > Instant::now() {
+                        idle.as_mut().reset(due);
+                        Ok(())
+                    } else {
+                        Err(End::Fatal(0, ErrorCode::IdleTimeout, format!("no frame for {} ms", cfg.idle_timeout.as_millis())))
+                    }
+                }
+                n = recv_pushes(&mut live, &mut pushes) => {
+                    match (n, live.as_mut()) {
+                        (None, _) => Err(replaced()),
+                        (Some(_), Some(l)) => {
+                            let pushed = heap(on_pushes(&shared, l, pushes.drain(..), &mut out));
+                            pushed.await
+                        }
+                        _ => Ok(()),
+                    }
+                }
+                frame = io.read() => match frame {
+                    Ok(Some(frame)) => {
+                        last_frame = Instant::now();
+                        // Boxed, as every large step here: an idle connection's
+                        // state is only what waits in this select.
+                        let handled = heap(on_frame(&shared, conn_id, frame, &mut phase, &mut live, &mut bucket, &mut out));
+                        handled.await
+                    }
+                    Ok(None) => Err(End::Closed),
+                    Err(ReadError::Decode(DecodeError::TooLarge { len, max })) => Err(End::Fatal(
+                        0,
+                        ErrorCode::FrameTooLarge,
+                        format!("frame of {len} bytes exceeds the limit of {max} bytes"),
+                    )),
+                    Err(ReadError::Decode(e)) => Err(End::Fatal(e.request_id(), ErrorCode::BadFrame, e.to_string())),
+                    Err(e @ ReadError::NotBinary(_)) => Err(End::Fatal(0, ErrorCode::BadFrame, e.to_string())),
+                    Err(ReadError::Truncated | ReadError::Io(_)) => Err(End::Closed),
+                },
+            };
+            // Pushes already waiting leave in the same write as the answer (a
+            // sender's ack and the copy of its message for its own timeline
+            // often arrive together): one system call, not two.
+            if step.is_ok()
+                && let Some(l) = live.as_mut().filter(|l| !l.behind)
+            {
+                while pushes.len() < PUSHES_PER_TURN
+                    && let Ok(push) = l.sub.rx.try_recv()
+                {
+                    pushes.push(push);
+                }
+                if !pushes.is_empty() {
+                    let pushed = heap(on_pushes(&shared, l, pushes.drain(..), &mut out));
+                    step = pushed.await;
+                }
+            }
             if !out.is_empty() {
                 shared.metrics.written(&out);
                 let written = heap(write(&mut io, &out, cfg.write_timeout));
                 if !written.await {
-                    next = Err(End::Io);
+                    break End::Io;
                 }
             }
-            if next.is_err() {
-                break;
+            if let Err(end) = step {
+                break end;
             }
-        }
-        if let Err(end) = next {
-            break end;
+            // The rest of a catch-up, a page per write.
+            let mut next = Ok(());
+            while let Some(l) = live.as_mut().filter(|l| l.behind) {
+                out.clear();
+                let page = heap(catch_up(&shared, l, &mut out));
+                next = page.await;
+                if !out.is_empty() {
+                    shared.metrics.written(&out);
+                    let written = heap(write(&mut io, &out, cfg.write_timeout));
+                    if !written.await {
+                        next = Err(End::Io);
+                    }
+                }
+                if next.is_err() {
+                    break;
+                }
+            }
+            if let Err(end) = next {
+                break end;
+            }
         }
     };
 
@@ -273,6 +276,8 @@ pub async fn serve<IO: FrameIo>(
     }
     if let Some(frame) = farewell {
         let frames = [frame];
+        shared.metrics.writes.inc();
+        shared.metrics.frames_out.inc();
         let bye = heap(async {
             if write(&mut io, &frames, cfg.write_timeout).await {
                 io.close().await;
