@@ -13,8 +13,6 @@ use parley_proto::{PROTOCOL_VERSION, ids};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 
-use parley_core::code_label;
-
 use crate::io::{FrameIo, ReadError};
 use crate::registry::{Push, Subscription};
 use crate::{Shared, heap};
@@ -251,7 +249,6 @@ pub async fn serve<IO: FrameIo>(
     let farewell = match end {
         End::Fatal(rid, code, message) => {
             tracing::debug!(conn_id, ?code, %message, "closing connection");
-            shared.metrics.errors.get_or_create(&code_label(code)).inc();
             let mut frame = pb::ServerFrame::error(rid, code, message);
             // UNAVAILABLE during login or a catch-up ends the connection too.
             if let Some(Resp::Error(e)) = &mut frame.body {
@@ -276,8 +273,8 @@ pub async fn serve<IO: FrameIo>(
     }
     if let Some(frame) = farewell {
         let frames = [frame];
-        shared.metrics.writes.inc();
-        shared.metrics.frames_out.inc();
+        // Counted as every write is: the frame, the write, an error's code.
+        shared.metrics.written(&frames);
         let bye = heap(async {
             if write(&mut io, &frames, cfg.write_timeout).await {
                 io.close().await;
