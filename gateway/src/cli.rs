@@ -103,8 +103,8 @@ struct Args {
     /// Seconds between lease writes (the lease lives three times as long).
     #[arg(long, env = "PARLEY_LEASE_SECS", default_value_t = 5)]
     lease_secs: u64,
-    /// `Batch` calls to the chat service out at once; sends and acks that
-    /// arrive meanwhile go in the next one.
+    /// `Batch` calls out at once to each chat-service replica; sends and
+    /// acks that arrive meanwhile go in the next one.
     #[arg(long, env = "PARLEY_BATCHES_IN_FLIGHT", default_value_t = 1)]
     batches_in_flight: usize,
 }

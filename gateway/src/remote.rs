@@ -2,8 +2,13 @@
 //!
 //! Targets are `host:port` strings: a list of replicas, or one DNS name that
 //! resolves to many (a headless Kubernetes Service), re-resolved every few
-//! seconds so replicas come and go without a restart. Calls go round-robin
-//! over the replicas that answer. A replica that fails at the transport level
+//! seconds so replicas come and go without a restart. Sends go to the
+//! replica their conversation hashes to (rendezvous hashing over the healthy
+//! replicas, so every gateway picks the same one and a replica coming or
+//! going moves only its own share): a conversation's appends then meet in
+//! one replica's transactions instead of two replicas' transactions waiting
+//! on each other's row locks in PostgreSQL. Other calls go round-robin over
+//! the replicas that answer. A replica that fails at the transport level
 //! (refused, reset, timed out) is set aside for a moment and the call is
 //! tried on the next one; an application error (not a member, blocked, ...)
 //! is final. Every call a device can repeat safely is retried that way: a
@@ -44,10 +49,10 @@ pub struct RemoteConfig {
     /// Most sends and acks in one `Batch` call (the chat service commits a
     /// call's sends in one transaction, so this matches its batch size).
     pub batch_max: usize,
-    /// `Batch` calls in flight at once; what arrives meanwhile waits and
-    /// goes in the next one. One: every call carries all that arrived
-    /// during the last, which is what keeps calls (and transactions) few
-    /// at moderate rates (docs/benchmarks.md).
+    /// `Batch` calls in flight at once to each replica; what arrives
+    /// meanwhile waits and goes in the next one. One: every call carries
+    /// all that arrived during the last, which is what keeps calls (and
+    /// transactions) few at moderate rates (docs/benchmarks.md).
     pub batches_in_flight: usize,
     /// Sends and acks waiting for a batch; past it they are refused with
     /// UNAVAILABLE.
@@ -87,6 +92,8 @@ type Client = ChatInternalClient<InterceptedService<Channel, KeyInterceptor>>;
 /// One replica.
 struct Replica {
     addr: SocketAddr,
+    /// The address hashed, for rendezvous hashing.
+    tag: u64,
     client: Client,
     /// Milliseconds since the pool started before which this replica is
     /// skipped; 0 when healthy.
@@ -135,6 +142,22 @@ impl Pool {
             .cloned()
     }
 
+    /// The healthy replica `key` hashes highest with; when none is
+    /// healthy, the one that has been down longest. Gateways agree on it,
+    /// and it stays put while the replica does.
+    fn pick_for(&self, key: u64) -> Option<Arc<Replica>> {
+        let list = self.snapshot();
+        let now = self.now_ms();
+        list.iter()
+            .filter(|r| r.down_until.load(Ordering::Relaxed) <= now)
+            .max_by_key(|r| mix(key ^ r.tag))
+            .or_else(|| {
+                list.iter()
+                    .min_by_key(|r| r.down_until.load(Ordering::Relaxed))
+            })
+            .cloned()
+    }
+
     fn set_down(&self, r: &Replica) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         let until = self.now_ms() + self.backoff.as_millis() as u64;
@@ -155,6 +178,7 @@ impl Pool {
             .max_encoding_message_size(16 * 1024 * 1024);
         Arc::new(Replica {
             addr,
+            tag: tag_of(addr),
             client,
             down_until: AtomicU64::new(0),
         })
@@ -182,6 +206,29 @@ impl Pool {
             *self.replicas.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         }
     }
+}
+
+/// A replica's address as a number, the same in every gateway (FNV-1a of
+/// its text; std's hasher is not promised to stay the same across builds).
+fn tag_of(addr: SocketAddr) -> u64 {
+    fnv(addr.to_string().as_bytes())
+}
+
+/// FNV-1a, 64 bits.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finaliser: every bit of the input moves every bit of the
+/// output, so `mix(key ^ tag)` ranks replicas independently per key.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// Resolves every target; None when nothing resolved (keep what we have).
@@ -322,6 +369,21 @@ impl Caller {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.invoke_on(None, retry, f).await
+    }
+
+    /// As `invoke`, the first attempt on `first` when given (later ones on
+    /// whichever replica is next).
+    async fn invoke_on<T, F, Fut>(
+        &self,
+        mut first: Option<Arc<Replica>>,
+        retry: bool,
+        f: F,
+    ) -> Result<T, ChatError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let attempts = if retry {
             self.pool.snapshot().len().max(3)
         } else {
@@ -332,7 +394,7 @@ impl Caller {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
             }
-            let Some(replica) = self.pool.pick() else {
+            let Some(replica) = first.take().or_else(|| self.pool.pick()) else {
                 continue;
             };
             match tokio::time::timeout(self.call_timeout, f(replica.client.clone())).await {
@@ -593,6 +655,63 @@ mod tests {
         let err = keyless.authenticate(&token).await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
         let _ = b.stop.send(true);
+    }
+
+    fn pool_of(addrs: &[SocketAddr]) -> Pool {
+        let pool = Pool {
+            replicas: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+            started: Instant::now(),
+            interceptor: KeyInterceptor(None),
+            backoff: Duration::from_secs(60),
+            failures: AtomicU64::new(0),
+        };
+        pool.update(addrs.to_vec());
+        pool
+    }
+
+    /// Every gateway sends a conversation to the same replica; each replica
+    /// gets a share; a replica set aside or gone moves only its own share.
+    #[tokio::test]
+    async fn conversations_hash_to_one_replica_and_move_only_with_it() {
+        let addrs: Vec<SocketAddr> = (0..3)
+            .map(|i| format!("10.0.0.{i}:7100").parse().unwrap())
+            .collect();
+        let (one, other) = (pool_of(&addrs), pool_of(&addrs));
+        let owner = |p: &Pool, k: u64| p.pick_for(k).unwrap().addr;
+        let keys: Vec<u64> = (1..=3_000).collect();
+        let before: Vec<SocketAddr> = keys.iter().map(|&k| owner(&one, k)).collect();
+        for (&k, a) in keys.iter().zip(&before) {
+            assert_eq!(owner(&other, k), *a, "two gateways agree on {k}");
+            assert_eq!(owner(&one, k), *a, "and keep to it");
+        }
+        for addr in &addrs {
+            let share = before.iter().filter(|a| *a == addr).count();
+            assert!((800..1_200).contains(&share), "{addr} owns {share} of 3000");
+        }
+
+        // The first replica fails: its conversations spread over the others,
+        // nobody else's move.
+        let down = one.snapshot()[0].clone();
+        one.set_down(&down);
+        for (&k, a) in keys.iter().zip(&before) {
+            let now = owner(&one, k);
+            if *a == down.addr {
+                assert_ne!(now, down.addr);
+            } else {
+                assert_eq!(now, *a, "{k} stayed");
+            }
+        }
+        // Gone for good: the same.
+        other.update(addrs[1..].to_vec());
+        for &k in &keys {
+            assert_eq!(owner(&other, k), owner(&one, k));
+        }
+        // With every replica down, the one down longest is tried.
+        for r in one.snapshot().iter().skip(1) {
+            one.set_down(r);
+        }
+        assert_eq!(owner(&one, 7), down.addr);
     }
 
     /// Sends and acks of many connections at once travel in one `Batch`

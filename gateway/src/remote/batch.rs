@@ -1,35 +1,45 @@
 //! The gateway's hot path to the chat service: every connection's sends and
-//! acks go into one queue, and a task takes whatever waits there as one
-//! `Batch` call, up to `batch_max` items, with at most `batches_in_flight`
-//! calls out at once. Nothing waits on a timer: with the chat service idle
-//! a send leaves at once, alone; under load the calls in flight make the
-//! next one wait, and everything that arrives meanwhile goes with it. So a
-//! batch costs one round trip and (on the chat service) one transaction,
-//! however many devices it carries. One call in flight (the default) makes
-//! each call carry everything that arrived during the last one; the chat
-//! service's short linger (`PARLEY_BATCH_LINGER_US`) sets the pace.
+//! acks go into one queue, and a task sorts what waits there into a lane per
+//! chat-service replica (a send to the replica its conversation hashes to,
+//! an ack to its user's) and takes each lane's items as one `Batch` call,
+//! up to `batch_max` items, with at most `batches_in_flight` calls out per
+//! replica. Nothing waits on a timer: with the chat service idle a send
+//! leaves at once, alone; under load the call in flight to a replica makes
+//! that replica's next one wait, and everything that arrives for it
+//! meanwhile goes with it. So a batch costs one round trip and (on the chat
+//! service) one transaction, however many devices it carries, and a
+//! conversation's sends meet in one replica's transactions. One call in
+//! flight per replica (the default) makes each call carry everything that
+//! arrived during the last; the chat service's short linger
+//! (`PARLEY_BATCH_LINGER_US`) sets the pace.
 //!
 //! A call that fails in transport is sent again whole to another replica,
 //! which is safe: sends are deduplicated by client id, acks only move
-//! cursors forward. The queue is bounded: when it is full, a send is
-//! refused at once with UNAVAILABLE rather than held.
+//! cursors forward; the failed replica is set aside, so what arrives next
+//! hashes to the others. The queue is bounded (and what the lanes hold, by
+//! as much again): when it is full, a send is refused at once with
+//! UNAVAILABLE rather than held.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parley_core::ChatError;
 use parley_proto::internal as ipb;
 use parley_proto::pb::ErrorCode;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Caller, RemoteConfig};
+use super::{Caller, RemoteConfig, Replica, fnv};
 
 pub(super) use ipb::batch_item::Body as Item;
 pub(super) use ipb::batch_result::Body as Answer;
 
-/// One device's item and where its answer goes.
+/// One device's item, what routes it, and where its answer goes.
 struct Queued {
+    /// A send's conversation, or an ack's user hashed.
+    key: u64,
     item: ipb::BatchItem,
     reply: oneshot::Sender<Result<Answer, ChatError>>,
 }
@@ -56,8 +66,11 @@ impl Batches {
             caller,
             rx,
             counts.clone(),
-            config.batch_max.max(1),
-            config.batches_in_flight.max(1),
+            Limits {
+                batch_max: config.batch_max.max(1),
+                in_flight: config.batches_in_flight.max(1),
+                held: config.batch_queue.max(1),
+            },
         ));
         Self {
             tx,
@@ -75,7 +88,12 @@ impl Batches {
         item: Item,
     ) -> Result<Answer, ChatError> {
         let (reply, answer) = oneshot::channel();
+        let key = match &item {
+            Item::Send(send) => send.conversation_id,
+            _ => fnv(user.as_bytes()),
+        };
         let queued = Queued {
+            key,
             item: ipb::BatchItem {
                 user_id: user.to_owned(),
                 device_id: device.to_owned(),
@@ -115,43 +133,109 @@ pub(super) fn unexpected(answer: &Answer) -> ChatError {
     ChatError::Unavailable("unexpected answer from the chat service".into())
 }
 
-/// Takes what waits, a call at a time, while a call may go out.
+/// How much the batching task takes at once and holds.
+struct Limits {
+    batch_max: usize,
+    /// Calls out at once per replica.
+    in_flight: usize,
+    /// Items the lanes hold at most; past it the queue fills.
+    held: usize,
+}
+
+/// The items waiting for one replica, and its calls out.
+struct Lane {
+    replica: Arc<Replica>,
+    waiting: Vec<Queued>,
+    busy: usize,
+}
+
+/// Tells the batching task that a call to this replica ended, however it
+/// ended.
+struct CallEnd(SocketAddr, mpsc::UnboundedSender<SocketAddr>);
+
+impl Drop for CallEnd {
+    fn drop(&mut self) {
+        let _ = self.1.send(self.0);
+    }
+}
+
+/// Sorts what waits into lanes and sends each lane's items, a call at a
+/// time, while a call to its replica may go out.
 async fn run(
     caller: Arc<Caller>,
     mut rx: mpsc::Receiver<Queued>,
     counts: Arc<Counts>,
-    batch_max: usize,
-    in_flight: usize,
+    limits: Limits,
 ) {
-    let calls = Arc::new(Semaphore::new(in_flight));
-    let mut waiting = Vec::with_capacity(batch_max);
+    let mut lanes: HashMap<SocketAddr, Lane> = HashMap::new();
+    // Calls run on tasks of their own (a call out when the gateway stops
+    // still answers its devices) and say here when they end.
+    let (ended, mut ends) = mpsc::unbounded_channel();
+    let mut out = 0;
+    let mut incoming = Vec::with_capacity(limits.batch_max);
+    let mut held = 0;
+    let mut open = true;
     loop {
-        let Ok(call) = calls.clone().acquire_owned().await else {
-            return;
-        };
-        if rx.recv_many(&mut waiting, batch_max).await == 0 {
-            return;
+        for (addr, lane) in &mut lanes {
+            while lane.busy < limits.in_flight && !lane.waiting.is_empty() {
+                let n = lane.waiting.len().min(limits.batch_max);
+                let batch: Vec<Queued> = lane.waiting.drain(..n).collect();
+                held -= n;
+                lane.busy += 1;
+                counts.calls.fetch_add(1, Ordering::Relaxed);
+                counts.items.fetch_add(n as u64, Ordering::Relaxed);
+                out += 1;
+                let (caller, replica) = (caller.clone(), lane.replica.clone());
+                let end = CallEnd(*addr, ended.clone());
+                tokio::spawn(async move {
+                    send(&caller, replica, batch).await;
+                    drop(end);
+                });
+            }
         }
-        let batch = std::mem::replace(&mut waiting, Vec::with_capacity(batch_max));
-        counts.calls.fetch_add(1, Ordering::Relaxed);
-        counts
-            .items
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let caller = caller.clone();
-        tokio::spawn(async move {
-            send(&caller, batch).await;
-            drop(call);
-        });
+        lanes.retain(|_, lane| lane.busy > 0 || !lane.waiting.is_empty());
+        tokio::select! {
+            n = rx.recv_many(&mut incoming, limits.batch_max), if open && held < limits.held => {
+                if n == 0 {
+                    open = false;
+                }
+                for q in incoming.drain(..) {
+                    let Some(replica) = caller.pool.pick_for(q.key) else {
+                        let _ = q.reply.send(Err(ChatError::Unavailable(
+                            "no chat-service replica is known; retry".into(),
+                        )));
+                        continue;
+                    };
+                    held += 1;
+                    lanes
+                        .entry(replica.addr)
+                        .or_insert_with(|| Lane {
+                            replica,
+                            waiting: Vec::new(),
+                            busy: 0,
+                        })
+                        .waiting
+                        .push(q);
+                }
+            }
+            Some(addr) = ends.recv(), if out > 0 => {
+                out -= 1;
+                if let Some(lane) = lanes.get_mut(&addr) {
+                    lane.busy -= 1;
+                }
+            }
+            else => return,
+        }
     }
 }
 
 /// One `Batch` call, its answers handed to the devices waiting for them.
-async fn send(caller: &Caller, batch: Vec<Queued>) {
+async fn send(caller: &Caller, replica: Arc<Replica>, batch: Vec<Queued>) {
     let n = batch.len();
     let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|q| (q.item, q.reply)).unzip();
     let req = ipb::BatchRequest { items };
     let answered = caller
-        .invoke(true, |mut c| {
+        .invoke_on(Some(replica), true, |mut c| {
             let req = req.clone();
             async move { c.batch(req).await }
         })
