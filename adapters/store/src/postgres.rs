@@ -68,7 +68,11 @@ impl PgStore {
             Some(s) => format!("parley-chat {s}"),
             None => "parley-chat".to_owned(),
         };
-        options = options.application_name(&app);
+        // No JIT: every statement here is short, and PostgreSQL compiles one
+        // whenever its estimated cost passes `jit_above_cost`, which stale
+        // statistics on a grown inbox make `parley_append` do: 45-60 ms of
+        // compiling for a 3 ms call (docs/benchmarks.md).
+        options = options.application_name(&app).options([("jit", "off")]);
         if let Some(schema) = schema {
             check_schema_name(schema)?;
             let mut conn = PgConnection::connect_with(&options).await.db()?;

@@ -124,3 +124,18 @@ async fn replicas_writing_one_conversation_keep_seqs_gap_free() {
         assert!(group_seqs.windows(2).all(|w| w[0] < w[1]), "{user}");
     }
 }
+
+/// Every session of the pool runs without JIT, whatever the server's
+/// default: a grown inbox with stale statistics made PostgreSQL compile
+/// `parley_append` on every call, 45-60 ms for a 3 ms call.
+#[tokio::test]
+async fn sessions_run_without_jit() {
+    let (_schema, store) = pg().await;
+    for _ in 0..3 {
+        let jit: String = sqlx::query_scalar("SHOW jit")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(jit, "off");
+    }
+}
