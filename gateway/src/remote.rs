@@ -630,14 +630,39 @@ mod tests {
             };
             assert_eq!(ack.seq, i + 1);
         }
-        assert!(
-            remote.failures() >= 1,
-            "the dead replica was tried and set aside"
-        );
         let (resume, head) = remote.session_opened("bob", "phone", None).await.unwrap();
         assert_eq!((resume, head), (20, 20));
         let page = remote.sync("bob", 15, 100).await.unwrap();
         assert_eq!(page.entries.len(), 5);
+        // The sends of a conversation the dead replica owned move to the
+        // other, in order.
+        let members = ["alice", "bob"].map(String::from);
+        let mut owned = None;
+        for i in 0..64 {
+            let (g, _) = store
+                .create_group("alice", &format!("g{i}"), &members, 0)
+                .await
+                .unwrap();
+            if mix(g.id ^ tag_of(a.addr)) > mix(g.id ^ tag_of(b.addr)) {
+                owned = Some(g.id);
+                break;
+            }
+        }
+        let g = owned.expect("one of 64 groups hashes to the stopped replica");
+        for i in 0..5 {
+            let resp = remote
+                .call("alice", "d", send(g, &format!("g{i}")))
+                .await
+                .unwrap();
+            let Resp::SendAck(ack) = resp else {
+                panic!("expected an ack, got {resp:?}")
+            };
+            assert_eq!(ack.seq, i + 2, "after the group's created event");
+        }
+        assert!(
+            remote.failures() >= 1,
+            "the dead replica was tried and set aside"
+        );
 
         // A name resolving to several addresses counts each as a replica;
         // those that do not answer are passed over.
