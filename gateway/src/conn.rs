@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use parley_core::Session;
-use parley_proto::codec::DecodeError;
+use parley_proto::codec::{DecodeError, Outgoing};
 use parley_proto::pb::{self, ErrorCode, client_frame::Body as Req, server_frame::Body as Resp};
 use parley_proto::{PROTOCOL_VERSION, ids};
 use tokio::sync::watch;
@@ -137,7 +137,7 @@ pub async fn serve<IO: FrameIo>(
     let mut live: Option<Live> = None;
     let mut bucket = Bucket::new(cfg.send_rate, cfg.send_burst);
     let mut pushes: Vec<Push> = Vec::with_capacity(0);
-    let mut out: Vec<pb::ServerFrame> = Vec::new();
+    let mut out: Vec<Outgoing> = Vec::new();
 
     shared.metrics.connections.inc();
     // Made once and polled in every turn: a waiter or a timer made anew in
@@ -272,7 +272,7 @@ pub async fn serve<IO: FrameIo>(
         shared.registry.unregister(&l.session.user, conn_id);
     }
     if let Some(frame) = farewell {
-        let frames = [frame];
+        let frames = [Outgoing::from(frame)];
         // Counted as every write is: the frame, the write, an error's code.
         shared.metrics.written(&frames);
         let bye = heap(async {
@@ -291,7 +291,7 @@ pub async fn serve<IO: FrameIo>(
 }
 
 /// Writes frames; false when the peer is gone or too slow to read them.
-async fn write<IO: FrameIo>(io: &mut IO, frames: &[pb::ServerFrame], limit: Duration) -> bool {
+async fn write<IO: FrameIo>(io: &mut IO, frames: &[Outgoing], limit: Duration) -> bool {
     match timeout(limit, io.write(frames)).await {
         Ok(Ok(())) => true,
         Ok(Err(_)) => false,
@@ -323,7 +323,7 @@ async fn on_pushes(
     shared: &Shared,
     live: &mut Live,
     pushes: impl Iterator<Item = Push>,
-    out: &mut Vec<pb::ServerFrame>,
+    out: &mut Vec<Outgoing>,
 ) -> Result<(), End> {
     let mut gap = live.sub.lagged.swap(false, Ordering::AcqRel);
     for push in pushes {
@@ -336,7 +336,11 @@ async fn on_pushes(
             continue;
         }
         live.delivered = push.inbox_seq;
-        out.push(deliver(push.inbox_seq, (*push.message).clone()));
+        // Encoded from the copy every recipient shares, not a clone.
+        out.push(Outgoing::Deliver {
+            inbox_seq: push.inbox_seq,
+            message: push.message,
+        });
     }
     if gap {
         catch_up(shared, live, out).await?;
@@ -344,25 +348,21 @@ async fn on_pushes(
     Ok(())
 }
 
-fn deliver(inbox_seq: u64, message: pb::Message) -> pb::ServerFrame {
-    pb::ServerFrame::new(
+fn deliver(inbox_seq: u64, message: pb::Message) -> Outgoing {
+    Outgoing::Frame(pb::ServerFrame::new(
         0,
         Resp::Deliver(pb::Deliver {
             inbox_seq,
             message: Some(message),
         }),
-    )
+    ))
 }
 
 /// Sends the next page of what follows `live.delivered` from the database.
 /// While pages come back full, `live.behind` stays set and the caller asks
 /// again after writing this one; the last page is followed by the SyncDone
 /// a request is waiting for.
-async fn catch_up(
-    shared: &Shared,
-    live: &mut Live,
-    out: &mut Vec<pb::ServerFrame>,
-) -> Result<(), End> {
+async fn catch_up(shared: &Shared, live: &mut Live, out: &mut Vec<Outgoing>) -> Result<(), End> {
     let page = shared
         .chat
         .sync(&live.session.user, live.delivered, CATCH_UP_PAGE)
@@ -385,7 +385,7 @@ async fn catch_up(
     if !live.behind
         && let Some(request_id) = live.sync_done.take()
     {
-        out.push(sync_done(request_id, live.delivered, live.missing.take()));
+        out.push(sync_done(request_id, live.delivered, live.missing.take()).into());
     }
     Ok(())
 }
@@ -396,7 +396,7 @@ async fn start_sync(
     shared: &Shared,
     live: &mut Live,
     request_id: u64,
-    out: &mut Vec<pb::ServerFrame>,
+    out: &mut Vec<Outgoing>,
 ) -> Result<(), End> {
     live.missing = None;
     live.sync_done = Some(request_id);
@@ -474,7 +474,7 @@ async fn on_frame(
     phase: &mut Phase,
     live: &mut Option<Live>,
     bucket: &mut Bucket,
-    out: &mut Vec<pb::ServerFrame>,
+    out: &mut Vec<Outgoing>,
 ) -> Result<(), End> {
     let rid = frame.request_id;
     let Some(req) = frame.body else {
@@ -496,19 +496,22 @@ async fn on_frame(
                 ));
             };
             *phase = Phase::AwaitAuth;
-            out.push(pb::ServerFrame::new(
-                rid,
-                Resp::HelloOk(pb::HelloOk {
-                    version,
-                    server: format!("parley/{}", env!("CARGO_PKG_VERSION")),
-                    max_frame_bytes: cfg.max_frame_bytes as u32,
-                    heartbeat_interval_ms: (cfg.idle_timeout / 3).as_millis() as u32,
-                    idle_timeout_ms: cfg.idle_timeout.as_millis() as u32,
-                    send_rate_per_sec: cfg.send_rate,
-                    send_burst: cfg.send_burst,
-                    pong_timeout_ms: cfg.pong_timeout.as_millis() as u32,
-                }),
-            ));
+            out.push(
+                pb::ServerFrame::new(
+                    rid,
+                    Resp::HelloOk(pb::HelloOk {
+                        version,
+                        server: format!("parley/{}", env!("CARGO_PKG_VERSION")),
+                        max_frame_bytes: cfg.max_frame_bytes as u32,
+                        heartbeat_interval_ms: (cfg.idle_timeout / 3).as_millis() as u32,
+                        idle_timeout_ms: cfg.idle_timeout.as_millis() as u32,
+                        send_rate_per_sec: cfg.send_rate,
+                        send_burst: cfg.send_burst,
+                        pong_timeout_ms: cfg.pong_timeout.as_millis() as u32,
+                    }),
+                )
+                .into(),
+            );
         }
         Req::Auth(auth) => {
             ids::check_device_id(&auth.device_id)
@@ -555,23 +558,25 @@ async fn on_frame(
             };
             l.delivered = resume;
             *phase = Phase::Ready;
-            out.push(pb::ServerFrame::new(
-                rid,
-                Resp::AuthOk(pb::AuthOk {
-                    user_id: user,
-                    device_id: auth.device_id,
-                    inbox_head: head,
-                    resume_from: resume,
-                }),
-            ));
+            out.push(
+                pb::ServerFrame::new(
+                    rid,
+                    Resp::AuthOk(pb::AuthOk {
+                        user_id: user,
+                        device_id: auth.device_id,
+                        inbox_head: head,
+                        resume_from: resume,
+                    }),
+                )
+                .into(),
+            );
             let result = start_sync(shared, &mut l, 0, out).await;
             *live = Some(l);
             result?;
         }
-        Req::Ping(p) => out.push(pb::ServerFrame::new(
-            rid,
-            Resp::Pong(pb::Pong { nonce: p.nonce }),
-        )),
+        Req::Ping(p) => {
+            out.push(pb::ServerFrame::new(rid, Resp::Pong(pb::Pong { nonce: p.nonce })).into())
+        }
         Req::Ack(ack) => {
             let l = live.as_ref().expect("admitted only when ready");
             let cursor = ack.cursor.min(l.delivered);
@@ -580,7 +585,7 @@ async fn on_frame(
                 .ack(&l.session.user, &l.session.device, cursor)
                 .await
             {
-                out.push(pb::ServerFrame::error(rid, e.code(), e.client_message()));
+                out.push(pb::ServerFrame::error(rid, e.code(), e.client_message()).into());
             }
         }
         Req::Sync(sync) => {
@@ -605,7 +610,7 @@ async fn on_frame(
                         fatal: false,
                         retry_after_ms,
                     }),
-                ));
+                ).into());
                 return Ok(());
             }
             let l = live.as_ref().expect("admitted only when ready");
@@ -623,8 +628,10 @@ async fn on_frame(
                     .observe(started.elapsed().as_secs_f64());
             }
             match result {
-                Ok(resp) => out.push(pb::ServerFrame::new(rid, resp)),
-                Err(e) => out.push(pb::ServerFrame::error(rid, e.code(), e.client_message())),
+                Ok(resp) => out.push(pb::ServerFrame::new(rid, resp).into()),
+                Err(e) => {
+                    out.push(pb::ServerFrame::error(rid, e.code(), e.client_message()).into())
+                }
             }
         }
     }

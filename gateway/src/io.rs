@@ -4,9 +4,8 @@
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
-use parley_proto::codec::{self, DecodeError};
+use parley_proto::codec::{self, DecodeError, Outgoing};
 use parley_proto::pb;
-use prost::Message as _;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -32,10 +31,7 @@ pub trait FrameIo: Send {
     /// The next frame; `Ok(None)` when the peer closed cleanly.
     fn read(&mut self) -> impl Future<Output = Result<Option<pb::ClientFrame>, ReadError>> + Send;
     /// Writes and flushes frames in order.
-    fn write(
-        &mut self,
-        frames: &[pb::ServerFrame],
-    ) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn write(&mut self, frames: &[Outgoing]) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Closes after a last frame so that the client reads it: ends the
     /// sending side, then reads and discards what the client still sends,
     /// for at most [`LINGER`] and [`LINGER_BYTES`], before the socket
@@ -96,9 +92,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameIo for StreamIo<S> {
         }
     }
 
-    async fn write(&mut self, frames: &[pb::ServerFrame]) -> std::io::Result<()> {
+    async fn write(&mut self, frames: &[Outgoing]) -> std::io::Result<()> {
         for f in frames {
-            codec::encode_frame(f, &mut self.write_buf);
+            codec::encode_outgoing(f, &mut self.write_buf);
         }
         let result = self.stream.write_all(&self.write_buf).await;
         self.write_buf.clear();
@@ -164,7 +160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameIo for WsIo<S> {
         }
     }
 
-    async fn write(&mut self, frames: &[pb::ServerFrame]) -> std::io::Result<()> {
+    async fn write(&mut self, frames: &[Outgoing]) -> std::io::Result<()> {
         for f in frames {
             self.ws
                 .feed(WsMessage::Binary(f.encode_to_vec().into()))

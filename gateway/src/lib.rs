@@ -345,7 +345,7 @@ async fn accept_opt(l: Option<&TcpListener>) -> std::io::Result<TcpStream> {
 
 /// Writes a last frame and closes without a reset.
 async fn goodbye(mut io: impl FrameIo, frame: parley_proto::pb::ServerFrame) {
-    if io.write(&[frame]).await.is_ok() {
+    if io.write(&[frame.into()]).await.is_ok() {
         io.close().await;
     }
 }
@@ -368,7 +368,7 @@ where
         );
         if !is_ws {
             let _ = StreamIo::new(stream, shared.config.max_frame_bytes)
-                .write(&[frame])
+                .write(&[frame.into()])
                 .await;
         }
         return;

@@ -2,7 +2,7 @@
 
 use parley_core::{CodeLabel, code_label};
 use parley_ops::BackendMetrics;
-use parley_proto::pb::{self, server_frame::Body as Resp};
+use parley_proto::codec::Outgoing;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -125,18 +125,14 @@ impl GatewayMetrics {
     }
 
     /// Counts what is about to be written, in one write.
-    pub fn written(&self, frames: &[pb::ServerFrame]) {
+    pub fn written(&self, frames: &[Outgoing]) {
         self.writes.inc();
         self.frames_out.inc_by(frames.len() as u64);
         for f in frames {
-            match &f.body {
-                Some(Resp::Deliver(_)) => {
-                    self.messages_out.inc();
-                }
-                Some(Resp::Error(e)) => {
-                    self.errors.get_or_create(&code_label(e.code())).inc();
-                }
-                _ => {}
+            if f.is_deliver() {
+                self.messages_out.inc();
+            } else if let Some(e) = f.error() {
+                self.errors.get_or_create(&code_label(e.code())).inc();
             }
         }
     }

@@ -3,8 +3,10 @@
 //! `Ok(None)` while a frame is incomplete; the length is checked against the
 //! limit before any body is buffered, so an oversized frame costs nothing.
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, BytesMut};
-use prost::Message;
+use prost::{Message, encoding};
 
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;
@@ -107,6 +109,113 @@ pub fn encode_frame<M: Message>(msg: &M, buf: &mut BytesMut) {
     msg.encode(buf).expect("reserved capacity");
 }
 
+/// A server frame to write: one built for this connection, or the Deliver
+/// of a message many connections share, encoded straight from the shared
+/// copy instead of from a clone per recipient (a message's strings and
+/// content are five allocations a clone).
+// Frames are held by value in a connection's reused buffer, as they were
+// before; boxing the large variant would add an allocation per frame.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    Frame(crate::pb::ServerFrame),
+    Deliver {
+        inbox_seq: u64,
+        message: Arc<crate::pb::Message>,
+    },
+}
+
+/// `ServerFrame.body`'s `deliver` field, and `Deliver`'s fields.
+const FRAME_DELIVER: u32 = 5;
+const DELIVER_INBOX_SEQ: u32 = 1;
+const DELIVER_MESSAGE: u32 = 2;
+
+impl Outgoing {
+    /// Whether this frame delivers a message.
+    pub fn is_deliver(&self) -> bool {
+        matches!(
+            self,
+            Self::Deliver { .. }
+                | Self::Frame(crate::pb::ServerFrame {
+                    body: Some(crate::pb::server_frame::Body::Deliver(_)),
+                    ..
+                })
+        )
+    }
+
+    /// The error this frame carries, if it is one.
+    pub fn error(&self) -> Option<&crate::pb::Error> {
+        match self {
+            Self::Frame(crate::pb::ServerFrame {
+                body: Some(crate::pb::server_frame::Body::Error(e)),
+                ..
+            }) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Bytes of the encoded frame, without the length prefix.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Self::Frame(f) => f.encoded_len(),
+            Self::Deliver { inbox_seq, message } => {
+                let inner = deliver_len(*inbox_seq, message);
+                encoding::key_len(FRAME_DELIVER)
+                    + encoding::encoded_len_varint(inner as u64)
+                    + inner
+            }
+        }
+    }
+
+    /// Appends the encoded frame, without the length prefix: for a Deliver,
+    /// the bytes prost writes for `ServerFrame { request_id: 0, body:
+    /// Deliver { inbox_seq, message } }`.
+    pub fn encode_raw(&self, buf: &mut impl BufMut) {
+        match self {
+            Self::Frame(f) => f.encode_raw(buf),
+            Self::Deliver { inbox_seq, message } => {
+                let inner = deliver_len(*inbox_seq, message);
+                encoding::encode_key(FRAME_DELIVER, encoding::WireType::LengthDelimited, buf);
+                encoding::encode_varint(inner as u64, buf);
+                if *inbox_seq != 0 {
+                    encoding::uint64::encode(DELIVER_INBOX_SEQ, inbox_seq, buf);
+                }
+                encoding::message::encode(DELIVER_MESSAGE, &**message, buf);
+            }
+        }
+    }
+
+    /// The encoded frame, without the length prefix (a WebSocket message).
+    pub fn encode_to_vec(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(self.encoded_len());
+        self.encode_raw(&mut buf);
+        buf
+    }
+}
+
+impl From<crate::pb::ServerFrame> for Outgoing {
+    fn from(frame: crate::pb::ServerFrame) -> Self {
+        Self::Frame(frame)
+    }
+}
+
+fn deliver_len(inbox_seq: u64, message: &crate::pb::Message) -> usize {
+    let seq = if inbox_seq != 0 {
+        encoding::uint64::encoded_len(DELIVER_INBOX_SEQ, &inbox_seq)
+    } else {
+        0
+    };
+    seq + encoding::message::encoded_len(DELIVER_MESSAGE, message)
+}
+
+/// Appends `frame` to `buf` as one length-prefixed frame.
+pub fn encode_outgoing(frame: &Outgoing, buf: &mut BytesMut) {
+    let len = frame.encoded_len();
+    buf.reserve(LEN_PREFIX + len);
+    buf.put_u32(len as u32);
+    frame.encode_raw(buf);
+}
+
 /// Decodes a frame body that arrived without a length prefix (a WebSocket
 /// binary message carries exactly one frame).
 pub fn decode_body<M: Message + Default>(body: &[u8], max: usize) -> Result<M, DecodeError> {
@@ -126,6 +235,46 @@ mod tests {
 
     fn ping(nonce: u64) -> pb::ClientFrame {
         pb::ClientFrame::new(nonce, Body::Ping(pb::Ping { nonce }))
+    }
+
+    /// A shared Deliver is the same bytes as the frame prost would write,
+    /// for a full message, an empty one, and a zero inbox seq.
+    #[test]
+    fn shared_deliver_encodes_as_the_frame_does() {
+        let full = pb::Message {
+            msg_id: 77,
+            conversation_id: 9,
+            seq: 300,
+            sender_id: "alice".into(),
+            sender_device: "phone".into(),
+            client_msg_id: "c-1".into(),
+            content: Some(pb::Content::text("héllo ".repeat(40))),
+            server_time_ms: 1_700_000_000_000,
+        };
+        for (inbox_seq, message) in [
+            (1, full.clone()),
+            (1 << 40, pb::Message::default()),
+            (0, full),
+        ] {
+            let frame = pb::ServerFrame::new(
+                0,
+                pb::server_frame::Body::Deliver(pb::Deliver {
+                    inbox_seq,
+                    message: Some(message.clone()),
+                }),
+            );
+            let shared = Outgoing::Deliver {
+                inbox_seq,
+                message: Arc::new(message),
+            };
+            assert_eq!(shared.encoded_len(), frame.encoded_len());
+            assert_eq!(shared.encode_to_vec(), frame.encode_to_vec());
+            let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+            encode_outgoing(&shared, &mut a);
+            encode_frame(&frame, &mut b);
+            assert_eq!(a, b);
+            assert!(shared.is_deliver() && Outgoing::from(frame).is_deliver());
+        }
     }
 
     #[test]
