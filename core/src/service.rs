@@ -372,7 +372,7 @@ impl ChatService {
             return Err(ChatError::GroupFull(self.config.max_group_members));
         }
         let (conv, appended) = self.store.create_group(owner, name, &all, now_ms()).await?;
-        self.fan_out(std::slice::from_ref(&appended)).await;
+        self.fan_out(vec![appended]).await;
         Ok(conv)
     }
 
@@ -399,7 +399,7 @@ impl ChatService {
             )
             .await?;
         if let Some(appended) = appended {
-            self.fan_out(std::slice::from_ref(&appended)).await;
+            self.fan_out(vec![appended]).await;
         }
         Ok(Resp::Conversation(conv.into()))
     }

@@ -14,8 +14,9 @@ use crate::store::Appended;
 impl ChatService {
     /// Sends committed messages to the gateways of their online recipients,
     /// one publish per gateway, in commit order; offline recipients become
-    /// events.
-    pub(super) async fn fan_out(&self, appended: &[Appended]) {
+    /// events. Takes the messages by value: each becomes the one shared
+    /// copy every delivery of it points to.
+    pub(super) async fn fan_out(&self, appended: Vec<Appended>) {
         let mut users: Vec<&str> = appended
             .iter()
             .flat_map(|a| a.recipients.iter().map(|(u, _)| u.as_str()))
@@ -45,20 +46,20 @@ impl ChatService {
         let mut per_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
         let mut events = Vec::new();
         for a in appended {
-            let message = Arc::new(a.message.clone());
+            let message = Arc::new(a.message);
             let mut here: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
-            for (user, inbox_seq) in &a.recipients {
+            for (user, inbox_seq) in a.recipients {
                 match gateway_of.get(user.as_str()) {
                     Some(gateways) => {
                         for g in gateways {
-                            here.entry(g).or_default().push((user.clone(), *inbox_seq));
+                            here.entry(g).or_default().push((user.clone(), inbox_seq));
                         }
                     }
-                    None if *user != a.message.sender_id => {
+                    None if user != message.sender_id => {
                         self.metrics.offline_events.inc();
                         events.push(ChatEvent::OfflineMessage {
-                            user: user.clone(),
-                            inbox_seq: *inbox_seq,
+                            user,
+                            inbox_seq,
                             message: message.clone(),
                         });
                     }

@@ -26,7 +26,9 @@ pub struct SendRequest {
     pub send: pb::Send,
 }
 
-type Reply = oneshot::Sender<Result<Appended, ChatError>>;
+/// Where a send's answer goes: the ack is made where the batch commits, so
+/// the committed message itself moves on to the fan-out, not a copy.
+type Reply = oneshot::Sender<Result<pb::SendAck, ChatError>>;
 
 /// Sends that entered the queue together, with their places in it. They
 /// are committed in one transaction (a group is never split), and their
@@ -100,8 +102,7 @@ impl ChatService {
                 let answer = match refused {
                     Some(why) => Err(ChatError::Unavailable(why.into())),
                     None => match rx.await {
-                        Ok(Ok(appended)) => Ok(ack_of(&appended)),
-                        Ok(Err(e)) => Err(e),
+                        Ok(answer) => answer,
                         Err(_) => Err(ChatError::Unavailable("shutting down".into())),
                     },
                 };
@@ -264,25 +265,29 @@ impl ChatService {
                 // the SDK drop what a device already has.
                 let mut committed: Vec<Appended> = Vec::with_capacity(results.len());
                 for (result, reply) in results.into_iter().zip(replies) {
-                    if let Ok(a) = &result {
-                        let counter = if a.duplicate {
-                            &self.metrics.duplicates
-                        } else {
-                            &self.metrics.messages
-                        };
-                        counter.inc();
-                    }
-                    if let Ok(a) = &result
-                        && (!a.duplicate
-                            || !committed
-                                .iter()
-                                .any(|c| c.message.msg_id == a.message.msg_id))
+                    let a = match result {
+                        Ok(a) => a,
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                    };
+                    let counter = if a.duplicate {
+                        &self.metrics.duplicates
+                    } else {
+                        &self.metrics.messages
+                    };
+                    counter.inc();
+                    let _ = reply.send(Ok(ack_of(&a)));
+                    if !a.duplicate
+                        || !committed
+                            .iter()
+                            .any(|c| c.message.msg_id == a.message.msg_id)
                     {
-                        committed.push(a.clone());
+                        committed.push(a);
                     }
-                    let _ = reply.send(result);
                 }
-                self.fan_out(&committed).await;
+                self.fan_out(committed).await;
             }
             Err(e) => {
                 tracing::error!(error = %e, "append batch failed; senders will retry");
