@@ -62,15 +62,21 @@ pub struct NewMessage {
 impl NewMessage {
     /// The message as stored with id `msg_id` at `seq` of its conversation.
     pub fn stored(&self, msg_id: u64, seq: u64) -> pb::Message {
+        self.clone().into_stored(msg_id, seq)
+    }
+
+    /// [`NewMessage::stored`], moving the strings and content instead of
+    /// copying them.
+    pub fn into_stored(self, msg_id: u64, seq: u64) -> pb::Message {
         pb::Message {
             msg_id,
             conversation_id: self.conversation_id,
             seq,
-            sender_id: self.sender_id.clone(),
-            sender_device: self.sender_device.clone(),
-            client_msg_id: self.client_msg_id.clone(),
+            sender_id: self.sender_id,
+            sender_device: self.sender_device,
+            client_msg_id: self.client_msg_id,
             server_time_ms: self.now_ms,
-            content: Some(self.content.clone()),
+            content: Some(self.content),
         }
     }
 

@@ -59,7 +59,7 @@ impl Appender {
                 while let Ok((batch, reply)) = rx.recv() {
                     let appended = {
                         let _turn = held.lock().unwrap_or_else(PoisonError::into_inner);
-                        append_batch(&mut conn, &batch)
+                        append_batch(&mut conn, batch)
                     };
                     let _ = reply.send(appended);
                 }
@@ -132,7 +132,7 @@ fn checkpoint(conn: &Connection, writing: &Mutex<()>, restart_at: i64) -> rusqli
     Ok(())
 }
 
-fn append_batch(conn: &mut Connection, batch: &[NewMessage]) -> Outcome {
+fn append_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> Outcome {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(storage)?;
@@ -146,7 +146,7 @@ fn append_batch(conn: &mut Connection, batch: &[NewMessage]) -> Outcome {
 
 fn append_one(
     tx: &rusqlite::Transaction<'_>,
-    m: &NewMessage,
+    m: NewMessage,
 ) -> rusqlite::Result<Result<Appended, ChatError>> {
     let existing = tx
         .prepare_cached(
@@ -250,7 +250,7 @@ fn append_one(
         recipients.push((user, inbox_seq as u64));
     }
     Ok(Ok(Appended {
-        message: m.stored(msg_id as u64, seq as u64),
+        message: m.into_stored(msg_id as u64, seq as u64),
         recipients,
         duplicate: false,
     }))
@@ -308,7 +308,7 @@ mod tests {
                 })
                 .collect();
             let _turn = writing.lock().unwrap();
-            for r in append_batch(&mut conn, &batch).unwrap() {
+            for r in append_batch(&mut conn, batch).unwrap() {
                 assert!(!r.unwrap().duplicate);
                 written += 1;
             }
