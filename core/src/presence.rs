@@ -90,12 +90,19 @@ impl Presence for MemoryPresence {
         let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: HashMap<String, Vec<String>> = HashMap::new();
         for user in users {
-            if let Some(devices) = map.get(*user) {
-                let mut gateways: Vec<&String> = devices.values().map(|(g, _)| g).collect();
-                gateways.sort();
-                gateways.dedup();
-                for g in gateways {
-                    out.entry(g.clone()).or_default().push((*user).to_owned());
+            let Some(devices) = map.get(*user) else {
+                continue;
+            };
+            for (g, _) in devices.values() {
+                // A gateway's key is made once per call, not per user.
+                let list = match out.get_mut(g.as_str()) {
+                    Some(list) => list,
+                    None => out.entry(g.clone()).or_default(),
+                };
+                // Two devices of a user on one gateway list it once: its
+                // entry is the last one there, users being taken in turn.
+                if list.last().map(String::as_str) != Some(*user) {
+                    list.push((*user).to_owned());
                 }
             }
         }
@@ -133,5 +140,26 @@ mod tests {
         assert!(!located.contains_key("g1"));
         p.offline(&s("a", "phone", "g2", 2)).await.unwrap();
         assert!(p.locate(&["a"]).await.unwrap().is_empty());
+    }
+
+    /// Each gateway lists each user with a device on it once, however many
+    /// devices, in the order the users were asked for.
+    #[tokio::test]
+    async fn users_are_listed_once_per_gateway() {
+        let p = MemoryPresence::default();
+        for (user, device, gateway) in [
+            ("a", "phone", "g1"),
+            ("a", "desk", "g1"),
+            ("a", "tab", "g2"),
+            ("b", "phone", "g1"),
+            ("c", "phone", "g2"),
+            ("c", "desk", "g2"),
+        ] {
+            p.online(&s(user, device, gateway, 1)).await.unwrap();
+        }
+        let located = p.locate(&["a", "b", "c", "d"]).await.unwrap();
+        assert_eq!(located.len(), 2);
+        assert_eq!(located["g1"], ["a", "b"]);
+        assert_eq!(located["g2"], ["a", "c"]);
     }
 }

@@ -51,9 +51,14 @@ impl ChatService {
             for (user, inbox_seq) in a.recipients {
                 match gateway_of.get(user.as_str()) {
                     Some(gateways) => {
-                        for g in gateways {
+                        // Listed users have a gateway; the last takes the name.
+                        let Some((last, rest)) = gateways.split_last() else {
+                            continue;
+                        };
+                        for g in rest {
                             here.entry(g).or_default().push((user.clone(), inbox_seq));
                         }
+                        here.entry(last).or_default().push((user, inbox_seq));
                     }
                     None if user != message.sender_id => {
                         self.metrics.offline_events.inc();
