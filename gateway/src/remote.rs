@@ -110,7 +110,33 @@ struct Pool {
     failures: AtomicU64,
 }
 
+impl Replica {
+    fn healthy(&self, now_ms: u64) -> bool {
+        self.down_until.load(Ordering::Relaxed) <= now_ms
+    }
+}
+
+/// When no replica is healthy, the one that has been down longest gets
+/// another chance.
+fn longest_down(list: &[Arc<Replica>]) -> Option<Arc<Replica>> {
+    list.iter()
+        .min_by_key(|r| r.down_until.load(Ordering::Relaxed))
+        .cloned()
+}
+
 impl Pool {
+    /// A pool with no replicas yet (see [`Pool::update`]).
+    fn new(interceptor: KeyInterceptor, backoff: Duration) -> Self {
+        Self {
+            replicas: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+            started: Instant::now(),
+            interceptor,
+            backoff,
+            failures: AtomicU64::new(0),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -133,13 +159,11 @@ impl Pool {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..list.len() {
             let r = &list[(start + i) % list.len()];
-            if r.down_until.load(Ordering::Relaxed) <= now {
+            if r.healthy(now) {
                 return Some(r.clone());
             }
         }
-        list.iter()
-            .min_by_key(|r| r.down_until.load(Ordering::Relaxed))
-            .cloned()
+        longest_down(&list)
     }
 
     /// The healthy replica `key` hashes highest with; when none is
@@ -149,13 +173,10 @@ impl Pool {
         let list = self.snapshot();
         let now = self.now_ms();
         list.iter()
-            .filter(|r| r.down_until.load(Ordering::Relaxed) <= now)
+            .filter(|r| r.healthy(now))
             .max_by_key(|r| mix(key ^ r.tag))
-            .or_else(|| {
-                list.iter()
-                    .min_by_key(|r| r.down_until.load(Ordering::Relaxed))
-            })
             .cloned()
+            .or_else(|| longest_down(&list))
     }
 
     fn set_down(&self, r: &Replica) {
@@ -294,14 +315,7 @@ impl RemoteChat {
                 .transpose()
                 .map_err(|_| ChatError::invalid("the internal key must be printable ASCII"))?,
         );
-        let pool = Arc::new(Pool {
-            replicas: RwLock::new(Arc::new(Vec::new())),
-            next: AtomicUsize::new(0),
-            started: Instant::now(),
-            interceptor,
-            backoff: config.backoff,
-            failures: AtomicU64::new(0),
-        });
+        let pool = Arc::new(Pool::new(interceptor, config.backoff));
         match resolve(&config.targets).await {
             Some(addrs) => pool.update(addrs),
             None => {
@@ -354,10 +368,7 @@ impl RemoteChat {
     /// Whether some replica is believed healthy.
     pub fn healthy(&self) -> bool {
         let now = self.pool.now_ms();
-        self.pool
-            .snapshot()
-            .iter()
-            .any(|r| r.down_until.load(Ordering::Relaxed) <= now)
+        self.pool.snapshot().iter().any(|r| r.healthy(now))
     }
 }
 
@@ -683,14 +694,7 @@ mod tests {
     }
 
     fn pool_of(addrs: &[SocketAddr]) -> Pool {
-        let pool = Pool {
-            replicas: RwLock::new(Arc::new(Vec::new())),
-            next: AtomicUsize::new(0),
-            started: Instant::now(),
-            interceptor: KeyInterceptor(None),
-            backoff: Duration::from_secs(60),
-            failures: AtomicU64::new(0),
-        };
+        let pool = Pool::new(KeyInterceptor(None), Duration::from_secs(60));
         pool.update(addrs.to_vec());
         pool
     }

@@ -70,8 +70,8 @@ impl PgStore {
         };
         // No JIT: every statement here is short, and PostgreSQL compiles one
         // whenever its estimated cost passes `jit_above_cost`, which stale
-        // statistics on a grown inbox make `parley_append` do: 45-60 ms of
-        // compiling for a 3 ms call (docs/benchmarks.md).
+        // statistics on a grown inbox make `parley_append` do: 50-64 ms a
+        // call instead of 3-4 (docs/benchmarks.md).
         options = options.application_name(&app).options([("jit", "off")]);
         if let Some(schema) = schema {
             check_schema_name(schema)?;

@@ -127,7 +127,7 @@ async fn replicas_writing_one_conversation_keep_seqs_gap_free() {
 
 /// Every session of the pool runs without JIT, whatever the server's
 /// default: a grown inbox with stale statistics made PostgreSQL compile
-/// `parley_append` on every call, 45-60 ms for a 3 ms call.
+/// `parley_append` on every call, 50-64 ms a call instead of 3-4.
 #[tokio::test]
 async fn sessions_run_without_jit() {
     let (_schema, store) = pg().await;
