@@ -89,6 +89,12 @@ struct ServeArgs {
     /// sends arrive at least that often (0: never wait).
     #[arg(long, env = "PARLEY_BATCH_LINGER_US", default_value_t = 2_000)]
     batch_linger_us: u64,
+    /// Milliseconds after Redis lost its data (a restart without
+    /// persistence) during which deliveries go to every gateway, while the
+    /// gateways write their sessions back. Longer than the gateways' lease
+    /// interval.
+    #[arg(long, env = "PARLEY_PRESENCE_SETTLE_MS", default_value_t = parley_redis::PRESENCE_SETTLE.as_millis() as u64)]
+    presence_settle_ms: u64,
 }
 
 /// Connects, retrying while the database is not up yet.
@@ -181,7 +187,8 @@ where
         .context("--token-secret (PARLEY_TOKEN_SECRET) is required")?;
     let tokens = TokenKeys::new(secret.as_bytes())?.with_leeway(a.token_leeway_secs);
 
-    let redis = RedisState::new(&a.backends.redis_url, &a.backends.prefix)?;
+    let redis = RedisState::new(&a.backends.redis_url, &a.backends.prefix)?
+        .with_presence_settle(Duration::from_millis(a.presence_settle_ms));
     let bus = Arc::new(AmqpBus::start(AmqpConfig {
         url: a.backends.amqp_url.clone(),
         prefix: a.backends.prefix.clone(),

@@ -38,6 +38,10 @@ pub enum ChatEvent {
 pub trait DeliveryBus: Send + Sync + 'static {
     /// Deliveries for one gateway, in commit order.
     async fn publish(&self, gateway: &str, deliveries: Vec<Delivery>) -> Result<(), ChatError>;
+    /// Deliveries for every gateway, in commit order; each hands them to the
+    /// recipients it holds and ignores the rest. For while presence cannot
+    /// tell where the recipients are.
+    async fn broadcast(&self, deliveries: Vec<Delivery>) -> Result<(), ChatError>;
     /// The events of one batch, in commit order (one publish, not one each).
     async fn events(&self, events: Vec<ChatEvent>) -> Result<(), ChatError>;
     /// Tells `gateway` that a device it holds logged in again as `newer`
@@ -96,6 +100,20 @@ impl DeliveryBus for LocalBus {
                 let _ = tx.send(deliveries).await;
             }
             None => tracing::debug!(gateway, "no queue for gateway; deliveries dropped"),
+        }
+        Ok(())
+    }
+
+    async fn broadcast(&self, deliveries: Vec<Delivery>) -> Result<(), ChatError> {
+        let queues: Vec<_> = self
+            .gateways
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for tx in queues {
+            let _ = tx.send(deliveries.clone()).await;
         }
         Ok(())
     }

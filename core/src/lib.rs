@@ -24,7 +24,7 @@ pub use backend::ChatBackend;
 pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus};
 pub use error::ChatError;
 pub use metrics::{ChatMetrics, CodeLabel, code_label};
-pub use presence::{MemoryPresence, Presence, Session};
+pub use presence::{Located, MemoryPresence, Presence, Session};
 pub use service::{ChatConfig, ChatService, SendRequest, SyncPage, now_ms};
 pub use store::{MemoryStore, Store};
 pub use token::TokenKeys;

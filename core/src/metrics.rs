@@ -30,6 +30,7 @@ pub struct ChatMetrics {
     pub append_seconds: Histogram,
     pub errors: Family<CodeLabel, Counter>,
     pub publishes: Counter,
+    pub broadcasts: Counter,
     pub offline_events: Counter,
 }
 
@@ -42,6 +43,7 @@ impl Default for ChatMetrics {
             append_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
             errors: Family::default(),
             publishes: Counter::default(),
+            broadcasts: Counter::default(),
             offline_events: Counter::default(),
         }
     }
@@ -78,6 +80,11 @@ impl ChatMetrics {
             "chat_publishes",
             "Delivery batches handed to the bus, one per gateway",
             self.publishes.clone(),
+        );
+        r.register(
+            "chat_broadcasts",
+            "Delivery batches handed to every gateway, presence being unreachable or unsettled",
+            self.broadcasts.clone(),
         );
         r.register(
             "chat_offline_events",

@@ -31,6 +31,33 @@ impl Session {
     }
 }
 
+/// Where some users are connected, as one lookup found them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// For each gateway, the users asked about with a device on it.
+    pub gateways: HashMap<String, Vec<String>>,
+    /// Whether a user missing from `gateways` is known to be offline. False
+    /// while presence may lack entries: its store restarted empty and the
+    /// gateways are still writing their sessions back. Deliveries then go
+    /// to every gateway rather than wait for a later sync.
+    pub settled: bool,
+}
+
+impl Located {
+    /// A complete answer.
+    pub fn settled(gateways: HashMap<String, Vec<String>>) -> Self {
+        Self {
+            gateways,
+            settled: true,
+        }
+    }
+
+    /// Nothing known: presence is unreachable.
+    pub fn unknown() -> Self {
+        Self::default()
+    }
+}
+
 /// Where users are connected.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
@@ -42,8 +69,9 @@ pub trait Presence: Send + Sync + 'static {
     async fn online(&self, session: &Session) -> Result<Option<Session>, ChatError>;
     /// Removes the session if it is still the device's newest.
     async fn offline(&self, session: &Session) -> Result<(), ChatError>;
-    /// For each gateway, the users among `users` with a device on it.
-    async fn locate(&self, users: &[&str]) -> Result<HashMap<String, Vec<String>>, ChatError>;
+    /// For each gateway, the users among `users` with a device on it, and
+    /// whether that answer is complete.
+    async fn locate(&self, users: &[&str]) -> Result<Located, ChatError>;
 }
 
 /// A user's devices: device -> (gateway, epoch).
@@ -86,7 +114,7 @@ impl Presence for MemoryPresence {
         Ok(())
     }
 
-    async fn locate(&self, users: &[&str]) -> Result<HashMap<String, Vec<String>>, ChatError> {
+    async fn locate(&self, users: &[&str]) -> Result<Located, ChatError> {
         let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: HashMap<String, Vec<String>> = HashMap::new();
         for user in users {
@@ -106,7 +134,7 @@ impl Presence for MemoryPresence {
                 }
             }
         }
-        Ok(out)
+        Ok(Located::settled(out))
     }
 }
 
@@ -135,11 +163,11 @@ mod tests {
         );
         // The old connection's goodbye arrives late: it must not remove the new one.
         p.offline(&s("a", "phone", "g1", 1)).await.unwrap();
-        let located = p.locate(&["a", "b"]).await.unwrap();
+        let located = p.locate(&["a", "b"]).await.unwrap().gateways;
         assert_eq!(located.get("g2"), Some(&vec!["a".to_owned()]));
         assert!(!located.contains_key("g1"));
         p.offline(&s("a", "phone", "g2", 2)).await.unwrap();
-        assert!(p.locate(&["a"]).await.unwrap().is_empty());
+        assert!(p.locate(&["a"]).await.unwrap().gateways.is_empty());
     }
 
     /// Each gateway lists each user with a device on it once, however many
@@ -158,6 +186,8 @@ mod tests {
             p.online(&s(user, device, gateway, 1)).await.unwrap();
         }
         let located = p.locate(&["a", "b", "c", "d"]).await.unwrap();
+        assert!(located.settled, "presence in one process is never lost");
+        let located = located.gateways;
         assert_eq!(located.len(), 2);
         assert_eq!(located["g1"], ["a", "b"]);
         assert_eq!(located["g2"], ["a", "c"]);

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parley_client::Event;
 use parley_proto::pb;
@@ -15,6 +15,8 @@ use tokio::sync::mpsc::Receiver;
 pub struct DeviceLog {
     /// Messages as the SDK handed them out, in order.
     pub messages: Vec<pb::Message>,
+    /// When each of `messages` was handed out.
+    pub received_at: Vec<Instant>,
     pub connects: u32,
     pub disconnects: u32,
 }
@@ -35,7 +37,10 @@ impl Recorder {
                 let mut map = devices.lock().unwrap();
                 let log = map.entry(name.clone()).or_default();
                 match e {
-                    Event::Message { message, .. } => log.messages.push(message),
+                    Event::Message { message, .. } => {
+                        log.messages.push(message);
+                        log.received_at.push(Instant::now());
+                    }
                     Event::Connected { .. } => log.connects += 1,
                     Event::Disconnected { .. } | Event::Closed(_) => log.disconnects += 1,
                     Event::Synced(_) => {}

@@ -4,7 +4,7 @@
 //! prints its ledger; the ledger must be clean: every send acked, nothing
 //! lost, doubled or out of order.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parley_client::Client;
 use parley_e2e::ledger::Expect;
@@ -29,6 +29,8 @@ struct Streamed {
     acked: Vec<Expect>,
     /// The client_msg_id of each acked message.
     ids: Vec<String>,
+    /// When each acked message's send began.
+    began: Vec<Instant>,
 }
 
 /// Sends `n` messages to `conv`, one after another with `pause` between.
@@ -41,8 +43,10 @@ async fn stream(
 ) -> Streamed {
     let mut acked = Vec::new();
     let mut ids = Vec::new();
+    let mut began = Vec::new();
     for i in 0..n {
         let id = parley_client::sdk::new_client_msg_id();
+        let start = Instant::now();
         match from
             .send_with_id(id.clone(), conv, pb::Content::text(format!("m{i}")))
             .await
@@ -53,6 +57,7 @@ async fn stream(
                     receivers: receivers.clone(),
                 });
                 ids.push(id);
+                began.push(start);
             }
             Err(e) => eprintln!("send {i} failed: {e}"),
         }
@@ -62,6 +67,7 @@ async fn stream(
         sent: n,
         acked,
         ids,
+        began,
     }
 }
 
@@ -124,21 +130,67 @@ fn others(devices: &[&str], sender: &str) -> Vec<String> {
         .collect()
 }
 
+/// What a run of streams did, once its ledger settled.
+struct Traffic {
+    ledger: Ledger,
+    /// The client_msg_id of each acked message.
+    ids: Vec<String>,
+    /// Each acked message, and when its send began.
+    acked: Vec<(Instant, Expect)>,
+}
+
 /// Runs the streams and settles the ledger.
-async fn traffic(
-    rec: &Recorder,
-    streams: Vec<tokio::task::JoinHandle<Streamed>>,
-) -> (Ledger, Vec<String>) {
+async fn traffic(rec: &Recorder, streams: Vec<tokio::task::JoinHandle<Streamed>>) -> Traffic {
     let mut sent = 0;
     let mut acked = Vec::new();
     let mut ids = Vec::new();
     for s in streams {
         let s = s.await.expect("a stream task");
         sent += s.sent;
-        acked.extend(s.acked);
+        acked.extend(s.began.into_iter().zip(s.acked));
         ids.extend(s.ids);
     }
-    (Ledger::settle(sent, &acked, rec, SETTLE).await, ids)
+    let expected: Vec<Expect> = acked.iter().map(|(_, e)| e.clone()).collect();
+    Traffic {
+        ledger: Ledger::settle(sent, &expected, rec, SETTLE).await,
+        ids,
+        acked,
+    }
+}
+
+/// From the start of each send of `acked` to its arrival on each device
+/// that must receive it, for the sends that began at or after `since`,
+/// sorted.
+fn delivery_delays(rec: &Recorder, acked: &[(Instant, Expect)], since: Instant) -> Vec<Duration> {
+    let mut delays = Vec::new();
+    for (began, expect) in acked.iter().filter(|(b, _)| *b >= since) {
+        for device in &expect.receivers {
+            let log = rec.log(device);
+            if let Some(i) = log.messages.iter().position(|m| m.msg_id == expect.msg_id) {
+                delays.push(log.received_at[i].saturating_duration_since(*began));
+            }
+        }
+    }
+    delays.sort();
+    delays
+}
+
+/// "p50 / p99 / max" of sorted `delays`, in milliseconds.
+fn percentiles(delays: &[Duration]) -> String {
+    let at = |q: f64| {
+        let i = ((delays.len() as f64 * q).ceil() as usize).clamp(1, delays.len()) - 1;
+        delays[i].as_secs_f64() * 1e3
+    };
+    if delays.is_empty() {
+        return "none".to_owned();
+    }
+    format!(
+        "{} deliveries, p50 {:.1} / p99 {:.1} / max {:.1} ms",
+        delays.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
 }
 
 fn check(ledger: &Ledger, name: &str, cluster: &Cluster) {
@@ -216,7 +268,7 @@ async fn one_to_one_and_group_messages_cross_gateways_exactly_once_in_order() {
             others(&all, "dan/phone"),
         )),
     ];
-    let (ledger, _) = traffic(&rec, streams).await;
+    let ledger = traffic(&rec, streams).await.ledger;
     check(&ledger, "cross-gateway", &c);
 
     // Every device of the group saw its messages in one and the same order.
@@ -361,7 +413,7 @@ async fn a_gateway_killed_its_clients_reconnect_through_the_route_lookup() {
     }
     assert!(expired, "the dead gateway's lease expired");
 
-    let (ledger, _) = traffic(&rec, streams).await;
+    let ledger = traffic(&rec, streams).await.ledger;
     check(&ledger, "gateway-killed", &c);
     let reconnected = devices.iter().filter(|d| rec.log(d).connects > 1).count();
     println!("devices that reconnected: {reconnected}");
@@ -511,7 +563,7 @@ async fn clients_spread_evenly_and_a_new_gateway_is_filled_by_rebalancing() {
         asked_at.elapsed()
     );
     assert!(evened, "not within 10% of even: {counts:?}");
-    let (ledger, _) = traffic(&rec, streams).await;
+    let ledger = traffic(&rec, streams).await.ledger;
     check(&ledger, "rebalancing", &c);
     drop(clients);
 }
@@ -702,7 +754,7 @@ async fn a_drain_request_moves_clients_away_at_its_rate_and_loses_nothing() {
         .collect();
     assert!(!routed.contains(&c.gateways[victim].addr.to_string()));
 
-    let (ledger, _) = traffic(&rec, streams).await;
+    let ledger = traffic(&rec, streams).await.ledger;
     check(&ledger, "drained", &c);
     let moved = devices.iter().filter(|d| rec.log(d).connects > 1).count();
     assert!(
@@ -749,7 +801,7 @@ async fn a_chat_service_killed_mid_stream_costs_retries_not_messages() {
     let mut c = c;
     c.chats[0].kill9().await;
     println!("killed chat0 (SIGKILL) during traffic");
-    let (ledger, ids) = traffic(&rec, streams).await;
+    let Traffic { ledger, ids, .. } = traffic(&rec, streams).await;
     check(&ledger, "chat-service-killed", &c);
 
     // Stored once each: the history holds every send exactly once.
@@ -778,11 +830,17 @@ async fn a_chat_service_killed_mid_stream_costs_retries_not_messages() {
     assert_eq!(stored, expected, "each send stored exactly once");
 }
 
-/// Two users on different gateways exchanging messages while `fault` runs.
-async fn traffic_through_a_fault<F, Fut>(c: &Cluster, name: &str, fault: F)
+/// Two users on different gateways exchanging messages while `fault` runs;
+/// answers what the fault answered, what each device received and when
+/// each send began.
+async fn traffic_through_a_fault<F, Fut, T>(
+    c: &Cluster,
+    name: &str,
+    fault: F,
+) -> (T, Recorder, Vec<(Instant, Expect)>)
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    Fut: std::future::Future<Output = T>,
 {
     let t = c.users(&["ann", "bob"]).await.unwrap();
     let rec = Recorder::default();
@@ -809,9 +867,10 @@ where
         )),
     ];
     tokio::time::sleep(Duration::from_millis(800)).await;
-    fault().await;
-    let (ledger, _) = traffic(&rec, streams).await;
-    check(&ledger, name, c);
+    let answer = fault().await;
+    let done = traffic(&rec, streams).await;
+    check(&done.ledger, name, c);
+    (answer, rec, done.acked)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -834,16 +893,46 @@ async fn rabbitmq_restarted_during_traffic_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_during_traffic_loses_nothing() {
     let mut redis = PrivateRedis::start().await.unwrap();
+    // Lease writes at the default pace: a gateway that noticed a restart
+    // only at its next one would leave its devices without presence for
+    // up to 5 s.
     let spec = Spec {
         redis_url: redis.url(),
+        lease_secs: 5,
+        env: std::env::var("PARLEY_PRESENCE_SETTLE_MS")
+            .map(|v| vec![("PARLEY_PRESENCE_SETTLE_MS".to_owned(), v)])
+            .unwrap_or_default(),
         ..spec()
     };
     let c = Cluster::start(spec).await.unwrap();
-    traffic_through_a_fault(&c, "redis-restarted", || async {
+    let (back, rec, acked) = traffic_through_a_fault(&c, "redis-restarted", || async {
         redis.restart(Duration::from_millis(500)).await.unwrap();
         println!("redis restarted (empty) during traffic");
+        Instant::now()
     })
     .await;
+    // Live delivery does not wait for the gateways to write presence back:
+    // from a second after Redis answers, sends arrive as fast as ever
+    // (before deliveries went to every gateway meanwhile, they waited for
+    // the gateways' next lease write and a catch-up, 5 to 8 s).
+    let settled = back + Duration::from_secs(1);
+    let early = delivery_delays(&rec, &acked, back);
+    let late = delivery_delays(&rec, &acked, settled);
+    println!(
+        "redis-restarted: delivery from Redis answering: {}",
+        percentiles(&early)
+    );
+    println!(
+        "redis-restarted: delivery from a second later: {}",
+        percentiles(&late)
+    );
+    assert!(late.len() > 100, "traffic went on after Redis came back");
+    let p99 = late[late.len() * 99 / 100];
+    assert!(
+        p99 < Duration::from_secs(1),
+        "live delivery resumes within a second of Redis answering: {}",
+        percentiles(&late)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -876,7 +965,7 @@ async fn clients_connect_over_tls() {
         Duration::ZERO,
         ["ann/phone", "bob/phone"],
     );
-    let (ledger, _) = traffic(&rec, streams).await;
+    let ledger = traffic(&rec, streams).await.ledger;
     check(&ledger, "tls", &c);
 
     // WebSocket over TLS (wss://) speaks the same frames.

@@ -3,11 +3,15 @@
 //! operator endpoint with health, metrics and the route lookup.
 //!
 //! Every few seconds the gateway writes its lease (address and online count)
-//! and its routing-table entry. When the lease had gone, Redis lost its data
-//! (or the gateway was cut off longer than the TTL): the gateway writes the
-//! presence of every session it holds again, then has every connection catch
-//! up from the database, so nothing committed meanwhile is missed. The same
-//! catch-up follows a reconnect of its RabbitMQ consumer.
+//! and its routing-table entry, and at once when its link to Redis drops or
+//! comes back; while Redis does not answer, it tries every 200 ms. When the lease
+//! had gone, Redis lost its data (or the gateway was cut off longer than
+//! the TTL): the gateway writes the presence of every session it holds
+//! again, then has every connection catch up from the database, so nothing
+//! committed meanwhile is missed. Until presence is back the chat services
+//! send deliveries to every gateway (see `parley_redis::PRESENCE_SETTLE`),
+//! so live delivery does not wait for it. The same catch-up follows a
+//! reconnect of its RabbitMQ consumer.
 //!
 //! It drains when the operator asks (a drain request read back with the
 //! lease, see [`crate::drain`]) or on SIGTERM: readiness turns false and its
@@ -198,6 +202,7 @@ async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<Tcp
 async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiver<bool>) {
     let id = &cfg.gateway.gateway_id;
     let registry = &node.shared.registry;
+    let mut link = node.redis.watch_link();
     let mut refreshed = Instant::now();
     let mut first = true;
     loop {
@@ -284,12 +289,29 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
                 Err(e) => tracing::warn!(error = %e, "presence refresh failed"),
             }
         }
-        // Sleep, but write at once when draining starts.
+        // Sleep, but write at once when draining starts or the link to
+        // Redis drops or comes back (Redis may have restarted empty), and
+        // retry soon while Redis does not answer: presence is written back
+        // as soon as it does.
         if !again {
-            let _ = tokio::time::timeout(cfg.lease_every, wake.changed()).await;
+            let pause = if node.redis_up.load(Ordering::Relaxed) {
+                cfg.lease_every
+            } else {
+                RETRY_WHILE_DOWN.min(cfg.lease_every)
+            };
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = wake.changed() => {}
+                Ok(()) = link.changes.changed() => {
+                    tracing::info!("the link to redis dropped or came back; writing the lease at once");
+                }
+            }
         }
     }
 }
+
+/// Between lease writes while Redis does not answer.
+const RETRY_WHILE_DOWN: Duration = Duration::from_millis(200);
 
 /// Closes the connections here of devices that logged in again as `newer`
 /// (on another gateway).

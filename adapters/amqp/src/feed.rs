@@ -1,5 +1,6 @@
 //! The consuming side, used by each gateway: its own queue, bound to the
-//! deliveries exchange with its name, declared on every connect; a tick on
+//! deliveries exchange with its name and the every-gateway key, declared on
+//! every connect; a tick on
 //! `resync` whenever the consumer had to reconnect.
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::{AmqpConfig, LinkStatus, backoff, connect, declare_exchanges};
+use crate::{AmqpConfig, EVERY_GATEWAY_KEY, LinkStatus, backoff, connect, declare_exchanges};
 
 /// The consuming side of one gateway; consuming stops when `task` drops.
 #[derive(Debug)]
@@ -117,15 +118,17 @@ async fn consumer(
             channel
                 .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args)
                 .await?;
-            channel
-                .queue_bind(
-                    queue.as_str().into(),
-                    config.deliveries().into(),
-                    gateway.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            for key in [gateway.as_str(), EVERY_GATEWAY_KEY] {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        config.deliveries().into(),
+                        key.into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
             let consumer = channel
                 .basic_consume(
                     queue.as_str().into(),

@@ -5,6 +5,10 @@
 //!   `P.gw.<gateway>` bound with its name as routing key, and consumes it;
 //!   a chat service publishes a delivery batch with the gateway's name as
 //!   routing key, so a message goes only to gateways holding its recipients.
+//!   Every queue is also bound with `#every-gateway` (no gateway name can
+//!   hold a `#`): a batch published with it reaches every gateway, which
+//!   is how deliveries travel while presence cannot say where recipients
+//!   are (Redis unreachable, or restarted empty and not yet written back).
 //!   The queue expires when its gateway is gone (`x-expires`), and is bounded
 //!   (`x-max-length`, `x-message-ttl`): what it drops, devices get by sync.
 //! - `P.events`, a durable topic exchange for services outside the message
@@ -31,6 +35,9 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 pub use feed::{GatewayFeed, consume};
 pub use publish::AmqpBus;
+
+/// The routing key every gateway's queue is bound with besides its own name.
+pub const EVERY_GATEWAY_KEY: &str = "#every-gateway";
 
 /// The routing key of offline-message events.
 pub const OFFLINE_MESSAGE_KEY: &str = "message.offline";

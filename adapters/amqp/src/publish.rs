@@ -16,7 +16,10 @@ use parley_proto::internal as ipb;
 use prost::Message as _;
 use tokio::sync::mpsc;
 
-use crate::{AmqpConfig, LinkStatus, OFFLINE_MESSAGE_KEY, backoff, connect, declare_exchanges};
+use crate::{
+    AmqpConfig, EVERY_GATEWAY_KEY, LinkStatus, OFFLINE_MESSAGE_KEY, backoff, connect,
+    declare_exchanges,
+};
 
 /// Publishes waiting for the broker, at most; beyond, new ones are dropped
 /// (devices recover them by sync) rather than growing memory.
@@ -80,17 +83,8 @@ impl AmqpBus {
         &self.status
     }
 
-    fn enqueue(&self, out: Outgoing) {
-        if self.tx.try_send(out).is_err() {
-            self.status.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("publish queue full; delivery dropped, devices will sync");
-        }
-    }
-}
-
-#[async_trait]
-impl DeliveryBus for AmqpBus {
-    async fn publish(&self, gateway: &str, deliveries: Vec<Delivery>) -> Result<(), ChatError> {
+    /// Queues one delivery batch for the queues bound with `routing_key`.
+    fn deliver(&self, routing_key: &str, deliveries: Vec<Delivery>) {
         let batch = ipb::DeliveryBatch {
             items: deliveries
                 .into_iter()
@@ -107,9 +101,28 @@ impl DeliveryBus for AmqpBus {
         };
         self.enqueue(Outgoing {
             exchange: self.config.deliveries(),
-            routing_key: gateway.to_owned(),
+            routing_key: routing_key.to_owned(),
             body: batch.encode_to_vec(),
         });
+    }
+
+    fn enqueue(&self, out: Outgoing) {
+        if self.tx.try_send(out).is_err() {
+            self.status.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("publish queue full; delivery dropped, devices will sync");
+        }
+    }
+}
+
+#[async_trait]
+impl DeliveryBus for AmqpBus {
+    async fn publish(&self, gateway: &str, deliveries: Vec<Delivery>) -> Result<(), ChatError> {
+        self.deliver(gateway, deliveries);
+        Ok(())
+    }
+
+    async fn broadcast(&self, deliveries: Vec<Delivery>) -> Result<(), ChatError> {
+        self.deliver(EVERY_GATEWAY_KEY, deliveries);
         Ok(())
     }
 

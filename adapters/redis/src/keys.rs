@@ -6,6 +6,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `P:presence:<user>` | hash | device → `<gateway>|<epoch>`; expires unless refreshed |
+//! | `P:presence-since` | string | when presence started over (ms, Redis's clock): set by the first lookup after Redis lost its data |
 //! | `P:gw:<gateway>` | string | `<address>|<connections>`, a lease with a short TTL |
 //! | `P:drain:<gateway>` | string | the operator's drain request: clients per second; expires |
 //! | `P:shed:<gateway>` | string | the operator's rebalancing request: `<clients>|<per second>`, taken once; expires |
@@ -37,6 +38,12 @@ impl Keys {
     /// A user's devices and the gateways holding them.
     pub fn presence(&self, user: &str) -> String {
         self.of("presence", user)
+    }
+
+    /// When presence started over (Redis's clock, ms): lookups within the
+    /// settle time after it cannot trust a missing entry.
+    pub fn presence_since(&self) -> String {
+        format!("{}:presence-since", self.prefix)
     }
 
     /// A gateway's lease: its address and online count.
@@ -84,6 +91,7 @@ mod tests {
         let k = Keys::new("im");
         for key in [
             k.presence("ann"),
+            k.presence_since(),
             k.lease("gw-0"),
             k.drain("gw-0"),
             k.shed("gw-0"),

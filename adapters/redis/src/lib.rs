@@ -13,13 +13,14 @@ pub mod testing;
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use parley_core::ChatError;
-use redis::AsyncCommands;
-use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use tokio::sync::watch;
 
 pub use keys::Keys;
-pub use presence::PRESENCE_TTL;
+pub use presence::{PRESENCE_SETTLE, PRESENCE_TTL};
 pub use routing::{Announced, Lease, ROUTE_CANDIDATES};
 
 /// A connection to the cluster's Redis, under a key prefix.
@@ -31,6 +32,9 @@ pub struct RedisState {
     offline: Script,
     announce: Script,
     route: Script,
+    /// How long presence counts as unsettled after it started over.
+    settle: Duration,
+    client: redis::Client,
 }
 
 impl std::fmt::Debug for RedisState {
@@ -47,7 +51,7 @@ pub(crate) fn redis_err(e: redis::RedisError) -> ChatError {
 
 impl RedisState {
     /// A handle on `url` under `prefix`. It connects on first use and
-    /// reconnects by itself after Redis restarts.
+    /// reconnects by itself, at once, when the connection drops.
     pub fn new(url: &str, prefix: &str) -> Result<Self, ChatError> {
         let client = redis::Client::open(url)
             .map_err(|e| ChatError::invalid(format!("redis url {url:?}: {e}")))?;
@@ -56,7 +60,8 @@ impl RedisState {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(redis_err)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_err)?;
         Ok(Self {
             conn,
             keys: Keys::new(prefix),
@@ -64,7 +69,30 @@ impl RedisState {
             offline: Script::new(presence::OFFLINE),
             announce: Script::new(routing::ANNOUNCE),
             route: Script::new(routing::ROUTE),
+            settle: PRESENCE_SETTLE,
+            client,
         })
+    }
+
+    /// Sets how long presence lookups call presence unsettled after it
+    /// started over (see [`PRESENCE_SETTLE`]).
+    pub fn with_presence_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
+    }
+
+    /// Watches the link to Redis over a connection of its own (a
+    /// subscription, which ends the moment the connection drops): ticks
+    /// when the link drops and when it is back, so that a gateway writes
+    /// its lease at once, and its presence again if Redis restarted empty.
+    pub fn watch_link(&self) -> LinkWatch {
+        let (tx, changes) = watch::channel(0);
+        let task = tokio::spawn(watch_link(
+            self.client.clone(),
+            format!("{}:link", self.keys.prefix()),
+            tx,
+        ));
+        LinkWatch { changes, task }
     }
 
     pub fn prefix(&self) -> &str {
@@ -83,6 +111,49 @@ impl RedisState {
             .query_async::<String>(&mut c)
             .await
             .is_ok()
+    }
+}
+
+/// Ticks of [`RedisState::watch_link`]; the watching stops when this goes.
+#[derive(Debug)]
+pub struct LinkWatch {
+    pub changes: watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LinkWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Between attempts to reach Redis while it does not answer.
+const LINK_RETRY: Duration = Duration::from_millis(200);
+
+async fn watch_link(client: redis::Client, channel: String, tx: watch::Sender<u64>) {
+    let mut was_up = true;
+    loop {
+        let connect = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(Duration::from_secs(1), connect).await {
+            Ok(Ok(mut pubsub)) => {
+                if !was_up {
+                    tx.send_modify(|n| *n += 1);
+                }
+                // Nothing is published there: this returns when the
+                // connection drops.
+                while pubsub.on_message().next().await.is_some() {}
+                tx.send_modify(|n| *n += 1);
+                was_up = false;
+            }
+            Ok(Err(_)) | Err(_) => {
+                was_up = false;
+                tokio::time::sleep(LINK_RETRY).await;
+            }
+        }
     }
 }
 

@@ -9,13 +9,44 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parley_core::{ChatError, Presence, Session};
+use parley_core::{ChatError, Located, Presence, Session};
+use redis::{FromRedisValue, Script, Value};
 
 use crate::{RedisState, redis_err};
 
 /// How long a user's presence hash lives without a refresh. Gateways
 /// refresh their sessions well within it.
 pub const PRESENCE_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// How long after presence started over (Redis restarted empty) a lookup
+/// cannot trust a user's missing entry: the gateways write their sessions
+/// back within this (they notice the dropped connection at once, or the
+/// lost lease at their next lease write, every 5 s by default). Meanwhile
+/// deliveries go to every gateway.
+pub const PRESENCE_SETTLE: Duration = Duration::from_secs(10);
+
+/// Whether presence is settled: 1 when it started over at least ARGV[1] ms
+/// ago (Redis's clock), 0 within that time. The first lookup after Redis
+/// lost its data finds no mark and makes it.
+pub(crate) const SETTLED: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local since = tonumber(redis.call('GET', KEYS[1]))
+if not since then
+  redis.call('SET', KEYS[1], now)
+  since = now
+end
+if now - since >= tonumber(ARGV[1]) then return 1 end
+return 0
+";
+
+/// Adds `script` to a pipeline as one `SCRIPT LOAD`, so that the `EVALSHA`s
+/// after it in the same pipeline find it (also on a Redis that just
+/// restarted) without sending its text each time; answers its hash.
+fn load(pipe: &mut redis::Pipeline, source: &str) -> String {
+    pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+    Script::new(source).get_hash().to_owned()
+}
 
 /// Records a device's gateway unless a newer connection (a larger epoch)
 /// already did. Answers the device's other entry it met (`<gateway>|<epoch>`:
@@ -66,9 +97,10 @@ impl RedisState {
         let mut newer = Vec::new();
         for chunk in sessions.chunks(1000) {
             let mut pipe = redis::pipe();
+            let online = load(&mut pipe, ONLINE);
             for s in chunk {
-                pipe.cmd("EVAL")
-                    .arg(ONLINE)
+                pipe.cmd("EVALSHA")
+                    .arg(&online)
                     .arg(1)
                     .arg(self.keys.presence(&s.user))
                     .arg(&s.device)
@@ -118,13 +150,30 @@ impl Presence for RedisState {
         Ok(())
     }
 
-    async fn locate(&self, users: &[&str]) -> Result<HashMap<String, Vec<String>>, ChatError> {
+    async fn locate(&self, users: &[&str]) -> Result<Located, ChatError> {
         let mut pipe = redis::pipe();
+        let settled = load(&mut pipe, SETTLED);
+        pipe.cmd("EVALSHA")
+            .arg(&settled)
+            .arg(1)
+            .arg(self.keys.presence_since())
+            .arg(self.settle.as_millis() as u64);
         for u in users {
             pipe.hvals(self.keys.presence(u));
         }
         let mut c = self.conn.clone();
-        let entries: Vec<Vec<String>> = pipe.query_async(&mut c).await.map_err(redis_err)?;
+        let answers: Vec<Value> = pipe.query_async(&mut c).await.map_err(redis_err)?;
+        let mut answers = answers.into_iter();
+        let settled = answers
+            .next()
+            .map(i64::from_redis_value)
+            .transpose()
+            .map_err(|e| redis_err(e.into()))?
+            == Some(1);
+        let entries = answers
+            .map(Vec::<String>::from_redis_value)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| redis_err(e.into()))?;
         let mut wanted: HashMap<&str, Vec<&str>> = HashMap::new();
         for (user, devices) in users.iter().zip(&entries) {
             let mut gateways: Vec<&str> = devices
@@ -137,6 +186,13 @@ impl Presence for RedisState {
                 wanted.entry(g).or_default().push(user);
             }
         }
+        if !settled {
+            // Every gateway gets the deliveries: no need to know which live.
+            return Ok(Located {
+                gateways: own(wanted),
+                settled,
+            });
+        }
         let names: Vec<&str> = wanted.keys().copied().collect();
         let alive: HashSet<String> = self
             .leases(&names)
@@ -144,10 +200,14 @@ impl Presence for RedisState {
             .into_iter()
             .map(|l| l.gateway)
             .collect();
-        Ok(wanted
-            .into_iter()
-            .filter(|(g, _)| alive.contains(*g))
-            .map(|(g, users)| (g.to_owned(), users.into_iter().map(str::to_owned).collect()))
-            .collect())
+        wanted.retain(|g, _| alive.contains(*g));
+        Ok(Located::settled(own(wanted)))
     }
+}
+
+fn own(wanted: HashMap<&str, Vec<&str>>) -> HashMap<String, Vec<String>> {
+    wanted
+        .into_iter()
+        .map(|(g, users)| (g.to_owned(), users.into_iter().map(str::to_owned).collect()))
+        .collect()
 }

@@ -1,5 +1,7 @@
 //! The Redis state against a real Redis, each test under a prefix of its own.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parley_core::{Presence, Session};
@@ -11,8 +13,11 @@ fn s(user: &str, device: &str, gateway: &str, epoch: u64) -> Session {
     Session::new(user, device, gateway, epoch)
 }
 
+/// Presence settled from the start: a missing entry means offline.
 fn state(t: &TestRedis) -> RedisState {
-    RedisState::new(&t.url, &t.prefix).unwrap()
+    RedisState::new(&t.url, &t.prefix)
+        .unwrap()
+        .with_presence_settle(Duration::ZERO)
 }
 
 #[tokio::test]
@@ -74,11 +79,13 @@ async fn presence_is_fenced_by_epoch_and_needs_a_live_gateway() {
     r.offline(&s("ann", "phone", "g1", 1)).await.unwrap();
     r.online(&s("ann", "laptop", "g1", 3)).await.unwrap();
     let located = r.locate(&["ann", "nobody"]).await.unwrap();
+    assert!(located.settled);
+    let located = located.gateways;
     assert_eq!(located.len(), 2);
     assert_eq!(located["g2"], vec!["ann".to_owned()]);
     assert_eq!(located["g1"], vec!["ann".to_owned()]);
     r.offline(&s("ann", "laptop", "g1", 3)).await.unwrap();
-    let located = r.locate(&["ann"]).await.unwrap();
+    let located = r.locate(&["ann"]).await.unwrap().gateways;
     assert_eq!(located.keys().collect::<Vec<_>>(), vec!["g2"]);
 
     // A gateway that dies says nothing: its lease runs out, and its
@@ -94,11 +101,11 @@ async fn presence_is_fenced_by_epoch_and_needs_a_live_gateway() {
     .await
     .unwrap();
     r.online(&s("bo", "phone", "g3", 4)).await.unwrap();
-    assert!(r.locate(&["bo"]).await.unwrap().contains_key("g3"));
+    assert!(r.locate(&["bo"]).await.unwrap().gateways.contains_key("g3"));
     let mut gone = false;
     for _ in 0..80 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if r.locate(&["bo"]).await.unwrap().is_empty() {
+        if r.locate(&["bo"]).await.unwrap().gateways.is_empty() {
             gone = true;
             break;
         }
@@ -112,13 +119,168 @@ async fn presence_is_fenced_by_epoch_and_needs_a_live_gateway() {
     assert!(r.online_many(&many).await.unwrap().is_empty());
     let users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();
     let refs: Vec<&str> = users.iter().map(String::as_str).collect();
-    assert_eq!(r.locate(&refs).await.unwrap()["g2"].len(), 2500);
+    assert_eq!(r.locate(&refs).await.unwrap().gateways["g2"].len(), 2500);
     // A refresh names the devices that logged in again elsewhere since.
     r.online(&s("u7", "d", "g1", 11)).await.unwrap();
     assert_eq!(
         r.online_many(&many).await.unwrap(),
         vec![s("u7", "d", "g1", 11)]
     );
+}
+
+/// After presence starts over (Redis lost its data), lookups call it
+/// unsettled for the settle time: a missing entry may be a device whose
+/// gateway has not written it back yet. Then it is settled again, and
+/// only gateways with a lease count.
+#[tokio::test]
+async fn presence_is_unsettled_for_a_while_after_it_starts_over() {
+    let t = TestRedis::new();
+    let settle = Duration::from_millis(400);
+    let r = RedisState::new(&t.url, &t.prefix)
+        .unwrap()
+        .with_presence_settle(settle);
+    r.online(&s("ann", "phone", "g1", 1)).await.unwrap();
+    let first = r.locate(&["ann", "bob"]).await.unwrap();
+    assert!(!first.settled, "a first lookup starts the settle time");
+    assert_eq!(
+        first.gateways["g1"],
+        ["ann"],
+        "entries found are listed, lease or not"
+    );
+    tokio::time::sleep(settle).await;
+    let later = r.locate(&["ann", "bob"]).await.unwrap();
+    assert!(later.settled);
+    assert!(
+        later.gateways.is_empty(),
+        "g1 holds no lease: its entries are stale"
+    );
+    // Redis restarted empty: every key of the cluster gone, the mark too.
+    crate::delete_prefix(&t.url, &t.prefix).await.unwrap();
+    assert!(!r.locate(&["ann"]).await.unwrap().settled);
+    assert!(
+        !r.locate(&["ann"]).await.unwrap().settled,
+        "still within the settle time"
+    );
+}
+
+/// A TCP relay to the test Redis that can cut every connection through it
+/// and refuse new ones, as a Redis restart or a network fault would.
+struct Relay {
+    addr: std::net::SocketAddr,
+    open: Arc<AtomicBool>,
+    cut: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: &str) -> Self {
+        let upstream = upstream
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (o, c) = (open.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let (upstream, c) = (upstream.clone(), c.clone());
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        () = c.notified() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            open,
+            cut,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// Cuts every connection and refuses new ones.
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.cut.notify_waiters();
+    }
+
+    fn reopen(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A dropped link is reported at once, and again when it is back.
+#[tokio::test]
+async fn a_dropped_link_is_reported_and_its_return() {
+    let t = TestRedis::new();
+    let relay = Relay::start(&t.url).await;
+    let r = RedisState::new(&relay.url(), &t.prefix).unwrap();
+    let mut link = r.watch_link();
+    // Subscribed once a publish reaches one receiver.
+    let mut c = r.conn.clone();
+    let channel = format!("{}:link", t.prefix);
+    let mut subscribed = false;
+    for _ in 0..100 {
+        let receivers: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg("hello")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if receivers == 1 {
+            subscribed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(subscribed, "the watch subscribes");
+    assert!(!link.changes.has_changed().unwrap(), "a message is no tick");
+    relay.cut();
+    tokio::time::timeout(Duration::from_secs(2), link.changes.changed())
+        .await
+        .expect("the drop is reported within 2 s")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !link.changes.has_changed().unwrap(),
+        "no tick while it is down"
+    );
+    relay.reopen();
+    tokio::time::timeout(Duration::from_secs(2), link.changes.changed())
+        .await
+        .expect("the return is reported within 2 s")
+        .unwrap();
+    // The handle's own connection died with the cut: its next call fails
+    // and reconnects.
+    let mut answers = false;
+    for _ in 0..20 {
+        if r.ping().await {
+            answers = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answers, "the handle answers again");
 }
 
 #[tokio::test]

@@ -1,14 +1,18 @@
 //! The fan-out of committed messages: one presence lookup for a whole
 //! batch, one publish per gateway holding recipients (every delivery of the
 //! batch for that gateway, in commit order), and push cues for recipients
-//! with no device online. The bus may lose a delivery: devices recover it
-//! from the store by cursor.
+//! with no device online. While presence is unreachable or unsettled (its
+//! store restarted empty and gateways are writing their sessions back),
+//! the batch goes to every gateway in one publish instead, so live delivery
+//! does not wait for presence. The bus may lose a delivery: devices recover
+//! it from the store by cursor.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::ChatService;
 use crate::bus::{ChatEvent, Delivery};
+use crate::presence::Located;
 use crate::store::Appended;
 
 impl ChatService {
@@ -29,13 +33,12 @@ impl ChatService {
         let located = match self.presence.locate(&users).await {
             Ok(l) => l,
             Err(e) => {
-                // Devices catch up by cursor when presence is unreachable.
-                tracing::warn!(error = %e, "presence lookup failed; deliveries left to sync");
-                return;
+                tracing::warn!(error = %e, "presence lookup failed; delivering to every gateway");
+                Located::unknown()
             }
         };
         let mut gateway_of: HashMap<&str, Vec<&str>> = HashMap::new();
-        for (gateway, users) in &located {
+        for (gateway, users) in &located.gateways {
             for u in users {
                 gateway_of
                     .entry(u.as_str())
@@ -44,9 +47,29 @@ impl ChatService {
             }
         }
         let mut per_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
+        let mut everywhere = Vec::new();
         let mut events = Vec::new();
         for a in appended {
             let message = Arc::new(a.message);
+            if !located.settled {
+                // Where presence may have lost recipients, every gateway
+                // gets every delivery and keeps what it holds.
+                for (user, inbox_seq) in &a.recipients {
+                    if !gateway_of.contains_key(user.as_str()) && *user != message.sender_id {
+                        self.metrics.offline_events.inc();
+                        events.push(ChatEvent::OfflineMessage {
+                            user: user.clone(),
+                            inbox_seq: *inbox_seq,
+                            message: message.clone(),
+                        });
+                    }
+                }
+                everywhere.push(Delivery {
+                    message,
+                    recipients: a.recipients,
+                });
+                continue;
+            }
             let mut here: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
             for (user, inbox_seq) in a.recipients {
                 match gateway_of.get(user.as_str()) {
@@ -87,6 +110,12 @@ impl ChatService {
             self.metrics.publishes.inc();
             if let Err(e) = self.bus.publish(gateway, deliveries).await {
                 tracing::warn!(gateway, error = %e, "delivery not published; devices will sync");
+            }
+        }
+        if !everywhere.is_empty() {
+            self.metrics.broadcasts.inc();
+            if let Err(e) = self.bus.broadcast(everywhere).await {
+                tracing::warn!(error = %e, "delivery not published; devices will sync");
             }
         }
     }

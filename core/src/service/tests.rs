@@ -103,6 +103,102 @@ async fn a_committed_send_reaches_online_gateways_and_cues_a_push_for_the_offlin
     assert_eq!(w.chat.metrics().duplicates.get(), 1);
 }
 
+/// Presence whose lookups can be made unsettled or failing, as Redis's are
+/// after it restarted empty or while it is down.
+#[derive(Default)]
+struct Flaky {
+    inner: MemoryPresence,
+    /// 0: answers as it is; 1: unsettled; 2: down.
+    mode: std::sync::atomic::AtomicU8,
+}
+
+#[async_trait::async_trait]
+impl Presence for Flaky {
+    async fn online(&self, s: &Session) -> Result<Option<Session>, crate::ChatError> {
+        self.inner.online(s).await
+    }
+    async fn offline(&self, s: &Session) -> Result<(), crate::ChatError> {
+        self.inner.offline(s).await
+    }
+    async fn locate(&self, users: &[&str]) -> Result<crate::Located, crate::ChatError> {
+        let mut located = self.inner.locate(users).await?;
+        match self.mode.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Ok(located),
+            1 => {
+                located.settled = false;
+                Ok(located)
+            }
+            _ => Err(crate::ChatError::Unavailable("presence is down".into())),
+        }
+    }
+}
+
+/// While presence cannot say where recipients are, deliveries go to every
+/// gateway in one publish instead of waiting for a later sync; push cues
+/// still go out for whoever was not found.
+#[tokio::test]
+async fn deliveries_go_to_every_gateway_while_presence_is_unsettled_or_down() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    for u in ["alice", "bob", "carol"] {
+        store.create_user(u, "", 0).await.unwrap();
+    }
+    let presence = Arc::new(Flaky::default());
+    let bus = Arc::new(LocalBus::default());
+    let chat = ChatService::start(
+        store,
+        presence.clone(),
+        bus.clone(),
+        TokenKeys::new(&[7; 32]).unwrap(),
+        ChatConfig::default(),
+    );
+    let mut gw1 = bus.subscribe("gw1", 16);
+    let mut gw2 = bus.subscribe("gw2", 16);
+    let mut events = bus.events();
+    presence
+        .online(&Session::new("bob", "phone", "gw1", 1))
+        .await
+        .unwrap();
+    let group = chat
+        .create_group("alice", "g", vec!["bob".into(), "carol".into()])
+        .await
+        .unwrap();
+    assert_eq!(gw1.recv().await.unwrap()[0].message.seq, 1);
+    assert!(gw2.try_recv().is_err(), "settled: only bob's gateway");
+    while events.try_recv().is_ok() {}
+
+    for (mode, name) in [(1, "unsettled"), (2, "down")] {
+        presence
+            .mode
+            .store(mode, std::sync::atomic::Ordering::Relaxed);
+        let ack = ack_of(&chat, "alice", send(group.id, name, name)).await;
+        for gw in [&mut gw1, &mut gw2] {
+            let got = gw.recv().await.unwrap();
+            assert_eq!(got.len(), 1, "{name}");
+            assert_eq!(got[0].message.msg_id, ack.msg_id, "{name}");
+            assert_eq!(
+                got[0].recipients,
+                [
+                    ("alice".to_owned(), ack.seq),
+                    ("bob".to_owned(), ack.seq),
+                    ("carol".to_owned(), ack.seq)
+                ],
+                "{name}: every recipient, each gateway keeps its own"
+            );
+        }
+        let mut cued: Vec<String> = Vec::new();
+        while let Ok(ChatEvent::OfflineMessage { user, .. }) = events.try_recv() {
+            cued.push(user);
+        }
+        let expected: &[&str] = if mode == 1 {
+            &["carol"]
+        } else {
+            &["bob", "carol"]
+        };
+        assert_eq!(cued, expected, "{name}: cues for whoever was not found");
+    }
+    assert_eq!(chat.metrics().broadcasts.get(), 2);
+}
+
 #[tokio::test]
 async fn refusals_carry_their_codes() {
     let w = world(ChatConfig::default()).await;

@@ -336,7 +336,7 @@ spec:
         },
     )
     .await;
-    let (ledger, _) = traffic(&rec, streams).await;
+    let ledger = traffic(&rec, streams).await.ledger;
     ledger.print("kubernetes-scale-down");
     assert!(ledger.is_clean(), "{ledger:?}");
 
