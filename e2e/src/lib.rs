@@ -191,6 +191,8 @@ pub struct Spec {
     pub node: PathBuf,
     pub gateways: usize,
     pub chats: usize,
+    /// The PostgreSQL server the cluster's database is made on.
+    pub database_url: String,
     pub redis_url: String,
     pub amqp_url: String,
     /// Seconds between lease writes (the lease lives three times as long).
@@ -208,6 +210,7 @@ impl Spec {
             node: node.into(),
             gateways: 3,
             chats: 2,
+            database_url: parley_store::testing::database_url(),
             redis_url: redis_url(),
             amqp_url: amqp_url(),
             lease_secs: 1,
@@ -250,7 +253,7 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     pub async fn start(spec: Spec) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("parley-e2e-").tempdir()?;
-        let db = TestDatabase::create()
+        let db = TestDatabase::create_on(&spec.database_url)
             .await
             .context("a test database (run scripts/services)")?;
         let prefix = unique_name("e2e");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use parley_client::Client;
 use parley_e2e::ledger::Expect;
-use parley_e2e::services::{PrivateRabbit, PrivateRedis};
+use parley_e2e::services::{PrivatePostgres, PrivateRabbit, PrivateRedis};
 use parley_e2e::{Cluster, Ledger, Recorder, Spec, connect, http_get};
 use parley_proto::pb;
 
@@ -933,6 +933,93 @@ async fn redis_restarted_during_traffic_loses_nothing() {
         "live delivery resumes within a second of Redis answering: {}",
         percentiles(&late)
     );
+}
+
+/// What a client and the probes saw while PostgreSQL was away.
+#[derive(Debug)]
+struct Outage {
+    /// How long a request (not a send: the SDK retries those) took to be
+    /// refused, and with what.
+    refused_in: Duration,
+    refusal: Option<pb::ErrorCode>,
+    /// A chat service's `/readyz` during the outage.
+    readiness: (u16, String),
+}
+
+/// Refuses a request during an outage and reads a chat service's readiness.
+async fn probe_outage(c: &Cluster, probe: &Client) -> Outage {
+    let start = Instant::now();
+    let refusal = match probe.open_direct("ann").await {
+        Ok(_) => None,
+        Err(parley_client::ClientError::Server { code, .. }) => Some(code),
+        Err(e) => panic!("a refusal from the server, not {e}"),
+    };
+    let refused_in = start.elapsed();
+    let readiness = http_get(c.chats[0].ops, "/readyz").await.unwrap();
+    Outage {
+        refused_in,
+        refusal,
+        readiness,
+    }
+}
+
+/// PostgreSQL stopped during traffic (a fast shutdown: sessions end, what
+/// is in flight rolls back) and started again, then crashed (an immediate
+/// shutdown: recovery at start) and started again. Meanwhile requests are
+/// refused with UNAVAILABLE within the database deadline, chat services
+/// report themselves unready, the SDK's sends wait and retry, and the
+/// service resumes by itself: nothing acked is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_and_crashed_during_traffic_loses_nothing() {
+    let mut pg = PrivatePostgres::start().await.unwrap();
+    let spec = Spec {
+        database_url: pg.url(),
+        ..spec()
+    };
+    let c = Cluster::start(spec).await.unwrap();
+    let t = c.users(&["cyd"]).await.unwrap();
+    let rec = Recorder::default();
+    let probe = join(&c, 0, &t[0], "cyd/phone", &rec).await;
+    let (outages, _, _) = traffic_through_a_fault(&c, "postgres-stopped-and-crashed", || async {
+        let mut seen = Vec::new();
+        for crash in [false, true] {
+            if crash {
+                pg.crash().await.unwrap();
+            } else {
+                pg.stop().await.unwrap();
+            }
+            seen.push(probe_outage(&c, &probe).await);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            pg.start_again().await.unwrap();
+            println!(
+                "postgres {} and started again during traffic",
+                if crash { "crashed" } else { "stopped" }
+            );
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+        }
+        seen
+    })
+    .await;
+    for (o, what) in outages.iter().zip(["stopped", "crashed"]) {
+        println!(
+            "postgres {what}: a request refused in {:.0} ms with {:?}; chat /readyz {} {:?}",
+            o.refused_in.as_secs_f64() * 1e3,
+            o.refusal,
+            o.readiness.0,
+            o.readiness.1.trim()
+        );
+        assert_eq!(o.refusal, Some(pb::ErrorCode::Unavailable), "{what}");
+        assert!(
+            o.refused_in < Duration::from_secs(5),
+            "{what}: refused within the deadline, not hung"
+        );
+        assert_eq!(o.readiness.0, 503, "{what}: {}", o.readiness.1);
+        assert!(o.readiness.1.contains("postgres"), "{what}");
+    }
+    // Everything is back by itself.
+    probe.open_direct("ann").await.unwrap();
+    let (status, _) = http_get(c.chats[0].ops, "/readyz").await.unwrap();
+    assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,7 +87,7 @@ impl PgStore {
         }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_WITHIN)
             .connect_with(options)
             .await
             .db()?;
@@ -109,11 +109,21 @@ impl PgStore {
         &self.pool
     }
 
-    /// Whether the database answers.
+    /// Whether the database answers (within a second: readiness probes
+    /// must not hang on a database that is away).
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+        let ping = sqlx::query("SELECT 1").execute(&self.pool);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), ping).await,
+            Ok(Ok(_))
+        )
     }
 }
+
+/// How long a statement waits for a connection. While the database is
+/// away, this is how long a request takes to be refused with UNAVAILABLE
+/// (the pool keeps trying to connect meanwhile).
+const ACQUIRE_WITHIN: Duration = Duration::from_secs(2);
 
 /// Schema names are spliced into SQL, so only a plain identifier is taken.
 fn check_schema_name(schema: &str) -> Result<(), ChatError> {

@@ -82,7 +82,12 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     pub async fn create() -> Result<Self, sqlx::Error> {
-        let admin_url = database_url();
+        Self::create_on(&database_url()).await
+    }
+
+    /// A new database on the server `admin_url` reaches.
+    pub async fn create_on(admin_url: &str) -> Result<Self, sqlx::Error> {
+        let admin_url = admin_url.to_owned();
         let name = unique_name("parley_t");
         let mut conn = PgConnection::connect(&admin_url).await?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
