@@ -275,7 +275,7 @@ impl ChatArgs {
 #[tokio::main]
 async fn main() {
     if let Err(e) = run(Cli::parse()).await {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", parley_core::redact_urls(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

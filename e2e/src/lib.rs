@@ -411,6 +411,17 @@ impl Cluster {
     }
 
     /// Every process's last log lines, for a failure message.
+    /// Every line every process of the cluster logged so far.
+    pub fn full_logs(&self) -> String {
+        self.chats
+            .iter()
+            .chain(&self.gateways)
+            .filter_map(|n| n.proc.as_ref())
+            .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn logs(&self) -> String {
         self.chats
             .iter()

@@ -29,14 +29,26 @@ async fn wait_port(port: u16, up: bool, within: Duration) -> anyhow::Result<()> 
 #[derive(Debug)]
 pub struct PrivateRedis {
     pub port: u16,
+    /// Required of clients (`requirepass`), when set.
+    password: Option<String>,
     dir: tempfile::TempDir,
     proc: Option<Proc>,
 }
 
 impl PrivateRedis {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// A Redis that refuses clients without `password`.
+    pub async fn start_with_password(password: &str) -> anyhow::Result<Self> {
+        Self::start_with(Some(password.to_owned())).await
+    }
+
+    async fn start_with(password: Option<String>) -> anyhow::Result<Self> {
         let mut r = Self {
             port: free_port(),
+            password,
             dir: tempfile::tempdir()?,
             proc: None,
         };
@@ -45,7 +57,10 @@ impl PrivateRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 
     async fn up(&mut self) -> anyhow::Result<()> {
@@ -61,6 +76,10 @@ impl PrivateRedis {
         ]
         .map(String::from)
         .to_vec();
+        let mut args = args;
+        if let Some(p) = &self.password {
+            args.extend(["--requirepass".to_owned(), p.clone()]);
+        }
         let program = PathBuf::from("redis-server");
         let proc = Proc::spawn("redis", &program, &args, &[], self.dir.path())
             .context("redis-server (run scripts/services to install it)")?;

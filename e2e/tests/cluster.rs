@@ -1022,6 +1022,93 @@ async fn postgres_stopped_and_crashed_during_traffic_loses_nothing() {
     assert_eq!(status, 200);
 }
 
+/// `url` with `password` in its user part (`scheme://user@host` or
+/// `scheme://host`).
+fn with_password(url: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    match rest.split_once('@') {
+        Some((user, host)) => format!("{scheme}://{user}:{password}@{host}"),
+        None => format!("{scheme}://:{password}@{rest}"),
+    }
+}
+
+/// No secret reaches a log, however the run goes: every backend URL carries
+/// a password, Redis restarts mid-traffic (its errors get logged), a client
+/// logs in with a garbled token and another with a forged one, and every
+/// process logs at debug. Then every line of every process is searched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log() {
+    let secret = |what: &str| format!("{what}-{:016x}", rand::random::<u64>());
+    let (redis_pw, db_pw, internal) = (secret("redispw"), secret("dbpw"), secret("internal"));
+    let mut redis = PrivateRedis::start_with_password(&redis_pw).await.unwrap();
+    // The shared PostgreSQL trusts local connections: the password is
+    // carried in every URL but never asked for.
+    let database_url = with_password(&parley_store::testing::database_url(), &db_pw);
+    let spec = Spec {
+        database_url,
+        redis_url: redis.url(),
+        env: vec![("PARLEY_INTERNAL_KEY".to_owned(), internal.clone())],
+        ..spec()
+    };
+    let amqp_url = spec.amqp_url.clone();
+    let c = Cluster::start(spec).await.unwrap();
+    traffic_through_a_fault(&c, "secrets", || async {
+        redis.restart(Duration::from_millis(500)).await.unwrap();
+    })
+    .await;
+    let t = c.users(&["eve"]).await.unwrap();
+    let eve = join(&c, 1, &t[0], "eve/phone", &Recorder::default()).await;
+    eve.open_direct("ann").await.unwrap();
+    let garbled = Client::connect(c.at_gateway(0, "garbled.token.here", "x")).await;
+    assert!(garbled.is_err());
+    let forged = parley_core::TokenKeys::new(&[9; 32])
+        .unwrap()
+        .issue("ann", parley_core::now_ms() / 1000, 600)
+        .unwrap();
+    assert!(
+        Client::connect(c.at_gateway(2, &forged, "y"))
+            .await
+            .is_err()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let logs = c.full_logs();
+    assert!(
+        logs.contains("redis"),
+        "the restart of Redis was logged:\n{logs}"
+    );
+    let mut secrets = vec![
+        ("the redis password", redis_pw.clone()),
+        ("the database password", db_pw.clone()),
+        ("the internal key", internal.clone()),
+        ("the admin key", c.admin_key.clone()),
+        ("the token secret", c.token_secret.clone()),
+        ("a device token", t[0].clone()),
+        ("a forged token", forged.clone()),
+        ("a garbled token", "garbled.token.here".to_owned()),
+    ];
+    if let Some((userinfo, _)) = amqp_url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        && userinfo.contains(':')
+    {
+        secrets.push(("the broker's credentials", format!("{userinfo}@")));
+    }
+    let found: Vec<&str> = secrets
+        .iter()
+        .filter(|(_, s)| logs.contains(s.as_str()))
+        .map(|(what, _)| *what)
+        .collect();
+    println!(
+        "secrets: {} bytes of logs from {} processes searched for {} secrets: {} found",
+        logs.len(),
+        c.chats.len() + c.gateways.len(),
+        secrets.len(),
+        found.len()
+    );
+    assert!(found.is_empty(), "in the logs: {found:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_connect_over_tls() {
     let dir = tempfile::tempdir().unwrap();

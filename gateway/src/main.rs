@@ -3,7 +3,7 @@
 #[tokio::main]
 async fn main() {
     if let Err(e) = parley_gateway::cli::run(std::env::args_os()).await {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", parley_core::redact_urls(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

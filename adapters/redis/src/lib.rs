@@ -14,7 +14,7 @@ pub mod testing;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use parley_core::ChatError;
+use parley_core::{ChatError, redact_urls};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tokio::sync::watch;
@@ -54,7 +54,7 @@ impl RedisState {
     /// reconnects by itself, at once, when the connection drops.
     pub fn new(url: &str, prefix: &str) -> Result<Self, ChatError> {
         let client = redis::Client::open(url)
-            .map_err(|e| ChatError::invalid(format!("redis url {url:?}: {e}")))?;
+            .map_err(|e| ChatError::invalid(redact_urls(&format!("redis url {url:?}: {e}"))))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(2)))
