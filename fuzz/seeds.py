@@ -64,11 +64,13 @@ LEAVE = client(14, 13, [field(1, 1)])
 LIST = client(15, 14, [])
 BLOCK = client(16, 15, [field(1, "bob")])
 UNBLOCK = client(17, 16, [field(1, "bob")])
+DEVICES = client(18, 17, [])
+LOG_OUT = client(19, 18, [field(1, "laptop")])
 OVERSIZED = struct.pack(">I", 1 << 30)
 GARBLED = frame(b"\x08\x05\x12\xff\xff")
 
 AFTER_LOGIN = [ACK, OPEN, SEND_TEXT, SEND_GROUP, SEND_MEDIA, SEND_EMPTY, PING, SYNC,
-               HISTORY, GROUP, ADD, REMOVE, LEAVE, LIST, BLOCK, UNBLOCK]
+               HISTORY, GROUP, ADD, REMOVE, LEAVE, LIST, BLOCK, UNBLOCK, DEVICES, LOG_OUT]
 SESSION = b"".join(AFTER_LOGIN)
 
 
@@ -119,6 +121,8 @@ for name, claims in {
     "future": {"sub": "alice", "iss": "parley", "iat": 4102444000, "exp": 4102444800},
     "foreign": {"sub": "alice", "iss": "other", "iat": now, "exp": 4102444800},
     "nbf": {"sub": "alice", "iss": "parley", "iat": now, "exp": 4102444800, "nbf": 4102444000},
+    "device": {"sub": "alice", "iss": "parley", "iat": now, "exp": 4102444800, "dev": "phone",
+               "iat_ms": now * 1000 + 5},
 }.items():
     write("token", name, b"\x01" + json.dumps(claims).encode())
 
@@ -131,3 +135,7 @@ write("admin", "add", b"\x04" + field(1, 1) + field(2, "bob"))
 write("admin", "remove", b"\x05" + field(1, 1) + field(2, "carol"))
 write("admin", "conversation", b"\x06" + field(1, 1))
 write("admin", "list", b"\x07" + field(1, "alice"))
+write("admin", "device-token", b"\x02" + field(1, "alice") + field(2, 60) + field(3, "phone"))
+write("admin", "devices", b"\x08" + field(1, "alice"))
+write("admin", "log-out", b"\x09" + field(1, "alice") + field(2, "phone"))
+write("admin", "log-out-all", b"\x09" + field(1, "alice"))

@@ -142,19 +142,23 @@ impl admin_server::Admin for AdminApi {
         {
             return Err(Status::not_found(format!("no user {}", r.user_id)));
         }
+        let device = (!r.device_id.is_empty()).then_some(r.device_id.as_str());
+        if let Some(device) = device {
+            ids::check_device_id(device).map_err(|m| status(ChatError::InvalidArgument(m)))?;
+        }
         let ttl = match r.ttl_seconds {
             0 => self.chat.config().token_ttl.as_secs(),
             n => n.min(365 * 24 * 3600),
         } as i64;
-        let now_s = now_ms() / 1000;
+        let now = now_ms();
         let token = self
             .chat
             .tokens()
-            .issue(&r.user_id, now_s, ttl)
+            .issue_for(&r.user_id, device, now, ttl)
             .map_err(status)?;
         Ok(Response::new(pb::Token {
             token,
-            expires_at_ms: (now_s + ttl) * 1000,
+            expires_at_ms: (now.div_euclid(1000) + ttl) * 1000,
         }))
     }
 
@@ -211,6 +215,34 @@ impl admin_server::Admin for AdminApi {
         Ok(Response::new(pb::ConversationList {
             conversations: list.into_iter().map(Into::into).collect(),
         }))
+    }
+
+    async fn list_devices(
+        &self,
+        req: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::DeviceList>, Status> {
+        let devices = self
+            .chat
+            .devices(&req.into_inner().user_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeviceList {
+            devices: devices.into_iter().map(|d| d.into_pb(false)).collect(),
+        }))
+    }
+
+    async fn revoke_tokens(
+        &self,
+        req: Request<pb::RevokeTokensRequest>,
+    ) -> Result<Response<pb::Revoked>, Status> {
+        let r = req.into_inner();
+        let device = (!r.device_id.is_empty()).then_some(r.device_id.as_str());
+        let revoked_at_ms = self
+            .chat
+            .log_out(&r.user_id, device)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::Revoked { revoked_at_ms }))
     }
 }
 

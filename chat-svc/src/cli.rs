@@ -69,6 +69,11 @@ struct ServeArgs {
     /// Token-signing secret, at least 32 bytes, the same on every replica.
     #[arg(long, env = "PARLEY_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// The previous token-signing secret, during a rotation: tokens signed
+    /// with it are still accepted (new ones are signed with the current
+    /// secret). Drop it once the tokens it signed have expired.
+    #[arg(long, env = "PARLEY_TOKEN_SECRET_PREVIOUS", hide_env_values = true)]
+    token_secret_previous: Option<String>,
     /// Seconds a token passes after its `exp` (and before its `nbf`): the
     /// clock skew allowed between the token's minter and this service.
     #[arg(long, env = "PARLEY_TOKEN_LEEWAY_SECS", default_value_t = parley_core::token::DEFAULT_LEEWAY_SECS)]
@@ -185,7 +190,10 @@ where
     let secret = a
         .token_secret
         .context("--token-secret (PARLEY_TOKEN_SECRET) is required")?;
-    let tokens = TokenKeys::new(secret.as_bytes())?.with_leeway(a.token_leeway_secs);
+    let mut tokens = TokenKeys::new(secret.as_bytes())?.with_leeway(a.token_leeway_secs);
+    if let Some(previous) = &a.token_secret_previous {
+        tokens = tokens.with_previous(previous.as_bytes())?;
+    }
 
     let redis = RedisState::new(&a.backends.redis_url, &a.backends.prefix)?
         .with_presence_settle(Duration::from_millis(a.presence_settle_ms));

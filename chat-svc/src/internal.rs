@@ -62,12 +62,16 @@ impl chat_internal_server::ChatInternal for InternalApi {
         &self,
         req: Request<ipb::AuthenticateRequest>,
     ) -> Result<Response<ipb::AuthenticateReply>, Status> {
-        let user_id = self
+        let r = req.into_inner();
+        let v = self
             .chat
-            .authenticate(&req.into_inner().token)
+            .authenticate(&r.token, &r.device_id)
             .await
             .map_err(status)?;
-        Ok(Response::new(ipb::AuthenticateReply { user_id }))
+        Ok(Response::new(ipb::AuthenticateReply {
+            user_id: v.user,
+            issued_at_ms: v.issued_at_ms,
+        }))
     }
 
     async fn open_session(

@@ -26,6 +26,8 @@ pub struct EmbeddedConfig {
     pub admin_key: Option<String>,
     /// None: read or create `<data_dir>/token.key`.
     pub token_secret: Option<String>,
+    /// A previous token-signing secret still accepted (a rotation).
+    pub token_secret_previous: Option<String>,
     /// The tokens' clock-skew allowance, in seconds.
     pub token_leeway_secs: u64,
     pub chat: ChatConfig,
@@ -47,6 +49,7 @@ impl EmbeddedConfig {
             admin_listen: any,
             admin_key: None,
             token_secret: None,
+            token_secret_previous: None,
             token_leeway_secs: parley_core::token::DEFAULT_LEEWAY_SECS,
             chat: ChatConfig::default(),
             gateway: GatewayConfig::default(),
@@ -107,11 +110,16 @@ impl Embedded {
         let bus = Arc::new(LocalBus::default());
         let deliveries = bus.subscribe(&cfg.gateway.gateway_id, 1024);
         let presence = Arc::new(MemoryPresence::default());
+        let mut tokens =
+            TokenKeys::new(token_secret.as_bytes())?.with_leeway(cfg.token_leeway_secs);
+        if let Some(previous) = &cfg.token_secret_previous {
+            tokens = tokens.with_previous(previous.as_bytes())?;
+        }
         let chat = ChatService::start(
             Arc::new(store),
             presence.clone(),
             bus.clone(),
-            TokenKeys::new(token_secret.as_bytes())?.with_leeway(cfg.token_leeway_secs),
+            tokens,
             cfg.chat,
         );
 
@@ -132,6 +140,10 @@ impl Embedded {
 
         let (stop, stop_rx) = watch::channel(false);
         let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence, None);
+        tokio::spawn(parley_gateway::registry::follow_log_outs(
+            shared.registry.clone(),
+            bus.revocations(),
+        ));
         let advertise = cfg
             .advertise
             .unwrap_or_else(|| parley_gateway::cli::advertised(tcp_addr));

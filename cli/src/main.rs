@@ -39,8 +39,17 @@ enum Command {
         /// Lifetime in seconds (0: the server's default, 30 days).
         #[arg(long, default_value_t = 0)]
         ttl_secs: u64,
+        /// The one device the token is for (a log-out of that device then
+        /// revokes it); default: any device of the user.
+        #[arg(long)]
+        device: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
+    },
+    /// List a user's devices, or log them out.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
     },
     /// Manage groups.
     Group {
@@ -81,6 +90,11 @@ struct UpArgs {
     /// Token-signing secret, at least 32 bytes (default: read or create <data-dir>/token.key).
     #[arg(long, env = "PARLEY_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// The previous token-signing secret, during a rotation: tokens signed
+    /// with it are still accepted (new ones are signed with the current
+    /// secret). Drop it once the tokens it signed have expired.
+    #[arg(long, env = "PARLEY_TOKEN_SECRET_PREVIOUS", hide_env_values = true)]
+    token_secret_previous: Option<String>,
     /// Seconds a token passes after its `exp` (and before its `nbf`): the
     /// clock skew allowed between the token's minter and this server.
     #[arg(long, env = "PARLEY_TOKEN_LEEWAY_SECS", default_value_t = parley_core::token::DEFAULT_LEEWAY_SECS)]
@@ -165,6 +179,25 @@ enum UserCommand {
         id: String,
         #[arg(long, default_value = "")]
         name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// The user's devices: last acknowledged position and time, log-out.
+    List {
+        user: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Log out one device of the user, or all of them: their tokens are
+    /// refused from now on and their connections close.
+    Logout {
+        user: String,
+        /// The device; without it, every device of the user.
+        device: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -296,14 +329,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token {
             user,
             ttl_secs,
+            device,
             admin,
         } => {
+            let device = device.unwrap_or_default();
+            let mut admin = admin.connect().await?;
             println!(
                 "{}",
-                admin.connect().await?.token(&user, ttl_secs).await?.token
+                admin.device_token(&user, &device, ttl_secs).await?.token
             );
             Ok(())
         }
+        Command::Device { command } => device(command).await,
         Command::Group { command } => group(command).await,
         Command::Send { who, text } => {
             let (client, _events, conv) = who.open().await?;
@@ -329,6 +366,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.admin_listen = args.admin_listen;
     cfg.admin_key = args.admin_key;
     cfg.token_secret = args.token_secret;
+    cfg.token_secret_previous = args.token_secret_previous;
     cfg.token_leeway_secs = args.token_leeway_secs;
     cfg.chat.max_group_members = args.max_group_members;
     cfg.chat.retention =
@@ -396,6 +434,40 @@ async fn group(command: GroupCommand) -> anyhow::Result<()> {
             for c in admin.connect().await?.conversations(&user).await? {
                 show(c);
             }
+        }
+    }
+    Ok(())
+}
+
+async fn device(command: DeviceCommand) -> anyhow::Result<()> {
+    let time = |ms: i64| match ms {
+        0 => "never".to_owned(),
+        ms => format!("{ms} ms since the epoch"),
+    };
+    match command {
+        DeviceCommand::List { user, admin } => {
+            for d in admin.connect().await?.devices(&user).await? {
+                println!(
+                    "{} cursor={} last_seen={} logged_out={}",
+                    d.device_id,
+                    d.cursor,
+                    time(d.last_seen_ms),
+                    time(d.logged_out_at_ms)
+                );
+            }
+        }
+        DeviceCommand::Logout {
+            user,
+            device,
+            admin,
+        } => {
+            let at = admin
+                .connect()
+                .await?
+                .log_out(&user, device.as_deref())
+                .await?;
+            let which = device.map_or("every device".to_owned(), |d| format!("device {d}"));
+            println!("logged out {which} of {user}: tokens issued until {at} ms are refused");
         }
     }
     Ok(())

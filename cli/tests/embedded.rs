@@ -1293,3 +1293,107 @@ async fn the_sdk_follows_a_redirect_that_comes_before_its_login() {
     assert!(matches!(events.recv().await, Some(Event::Connected { .. })));
     alice.open_direct("alice").await.unwrap();
 }
+
+/// Waits until `events` end and returns the error that ended them; a
+/// reconnect attempt on the way fails the test.
+async fn closed_with(events: &mut Receiver<Event>, within: Duration) -> Option<ErrorCode> {
+    let last = timeout(within, async {
+        let mut last = None;
+        while let Some(ev) = events.recv().await {
+            if let Event::Disconnected { reason } = ev {
+                panic!("the SDK reconnected after a log-out: {reason}");
+            }
+            last = Some(ev);
+        }
+        last
+    })
+    .await
+    .expect("the client's events end in time");
+    match last {
+        Some(Event::Closed(e)) => e.code(),
+        other => panic!("the last event must say why: {other:?}"),
+    }
+}
+
+/// A device logged out by the app's backend is closed at once with
+/// SESSION_REVOKED and its token refused from then on, while the user's
+/// other devices go on; a new token logs it in again. A device can list
+/// its user's devices and log them all out, itself included.
+#[tokio::test]
+async fn a_logged_out_device_is_closed_and_its_token_refused() {
+    let mut w = World::start().await;
+    w.user("alice").await;
+    let phone_token = w
+        .admin
+        .device_token("alice", "phone", 3600)
+        .await
+        .unwrap()
+        .token;
+    let laptop_token = w
+        .admin
+        .device_token("alice", "laptop", 3600)
+        .await
+        .unwrap()
+        .token;
+    let (_phone, mut phone_ev) = w.connect(&phone_token, "phone").await;
+    let (laptop, mut laptop_ev) = w.connect(&laptop_token, "laptop").await;
+    next_synced(&mut phone_ev).await;
+    next_synced(&mut laptop_ev).await;
+
+    // A device token is for its device only.
+    let stolen = ClientConfig::new(w.server.tcp_addr.to_string(), &phone_token, "other");
+    assert_eq!(
+        Client::connect(stolen).await.unwrap_err().code(),
+        Some(ErrorCode::Unauthenticated)
+    );
+
+    let started = std::time::Instant::now();
+    w.admin.log_out("alice", Some("phone")).await.unwrap();
+    assert_eq!(
+        closed_with(&mut phone_ev, Duration::from_secs(1)).await,
+        Some(ErrorCode::SessionRevoked)
+    );
+    println!("log-out to close: {:?}", started.elapsed());
+    let again = ClientConfig::new(w.server.tcp_addr.to_string(), &phone_token, "phone");
+    assert_eq!(
+        Client::connect(again).await.unwrap_err().code(),
+        Some(ErrorCode::SessionRevoked)
+    );
+    // The laptop goes on.
+    assert!(laptop.devices().await.is_ok());
+
+    // A new token logs the phone in again.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let fresh = w
+        .admin
+        .device_token("alice", "phone", 3600)
+        .await
+        .unwrap()
+        .token;
+    let (_phone, mut phone_ev) = w.connect(&fresh, "phone").await;
+    next_synced(&mut phone_ev).await;
+
+    let devices = laptop.devices().await.unwrap();
+    let ids: Vec<_> = devices
+        .iter()
+        .map(|d| (d.device_id.as_str(), d.current))
+        .collect();
+    assert!(ids.contains(&("phone", false)), "{ids:?}");
+    let phone = devices.iter().find(|d| d.device_id == "phone").unwrap();
+    assert!(phone.logged_out_at_ms > 0);
+
+    // The laptop logs out every device: both close, the laptop after its
+    // answer.
+    laptop.log_out(None, true).await.unwrap();
+    for events in [&mut phone_ev, &mut laptop_ev] {
+        assert_eq!(
+            closed_with(events, Duration::from_secs(1)).await,
+            Some(ErrorCode::SessionRevoked)
+        );
+    }
+    let after = ClientConfig::new(w.server.tcp_addr.to_string(), &fresh, "phone");
+    assert_eq!(
+        Client::connect(after).await.unwrap_err().code(),
+        Some(ErrorCode::SessionRevoked)
+    );
+}

@@ -60,16 +60,57 @@ impl Admin {
         Ok(self.inner.create_user(req).await?.into_inner())
     }
 
+    /// A token for any device of `user` (`ttl_seconds` 0: the server's
+    /// default lifetime).
     pub async fn token(
         &mut self,
         user: &str,
         ttl_seconds: u64,
     ) -> Result<pb::Token, tonic::Status> {
+        self.device_token(user, "", ttl_seconds).await
+    }
+
+    /// A token for `user` on `device` only (any device when empty): a
+    /// log-out of that device revokes it.
+    pub async fn device_token(
+        &mut self,
+        user: &str,
+        device: &str,
+        ttl_seconds: u64,
+    ) -> Result<pb::Token, tonic::Status> {
         let req = pb::IssueTokenRequest {
             user_id: user.into(),
             ttl_seconds,
+            device_id: device.into(),
         };
         Ok(self.inner.issue_token(req).await?.into_inner())
+    }
+
+    /// The devices of `user`.
+    pub async fn devices(&mut self, user: &str) -> Result<Vec<pb::Device>, tonic::Status> {
+        let req = pb::ListDevicesRequest {
+            user_id: user.into(),
+        };
+        Ok(self.inner.list_devices(req).await?.into_inner().devices)
+    }
+
+    /// Logs out `device` of `user`, or every device when None; returns the
+    /// time of the log-out (ms since the epoch).
+    pub async fn log_out(
+        &mut self,
+        user: &str,
+        device: Option<&str>,
+    ) -> Result<i64, tonic::Status> {
+        let req = pb::RevokeTokensRequest {
+            user_id: user.into(),
+            device_id: device.unwrap_or_default().into(),
+        };
+        Ok(self
+            .inner
+            .revoke_tokens(req)
+            .await?
+            .into_inner()
+            .revoked_at_ms)
     }
 
     pub async fn create_group(

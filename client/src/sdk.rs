@@ -278,6 +278,30 @@ impl Client {
         self.request(req).await.map(drop)
     }
 
+    /// The user's devices, this one marked `current`.
+    pub async fn devices(&self) -> Result<Vec<pb::Device>, ClientError> {
+        match self.request(Req::ListDevices(pb::ListDevices {})).await? {
+            Resp::Devices(list) => Ok(list.devices),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Logs out `device` (this device when None), or every device of the
+    /// user with `all_devices`: their tokens are refused from now on and
+    /// their connections close with SESSION_REVOKED, this one included when
+    /// it is among them (its events then end with that error).
+    pub async fn log_out(
+        &self,
+        device: Option<&str>,
+        all_devices: bool,
+    ) -> Result<(), ClientError> {
+        let req = pb::LogOut {
+            device_id: device.unwrap_or_default().into(),
+            all_devices,
+        };
+        self.request(Req::LogOut(req)).await.map(drop)
+    }
+
     /// Closes the connection for good.
     /// Waits (at most the request timeout) until the cursor's last Ack is
     /// written, so the server resumes this device after it next time.
@@ -542,7 +566,10 @@ impl Engine {
                     Ok((c, _)) => c,
                     Err(
                         e @ ClientError::Server {
-                            code: pb::ErrorCode::Unauthenticated | pb::ErrorCode::TokenExpired,
+                            code:
+                                pb::ErrorCode::Unauthenticated
+                                | pb::ErrorCode::TokenExpired
+                                | pb::ErrorCode::SessionRevoked,
                             ..
                         },
                     ) => {
@@ -719,7 +746,9 @@ impl Engine {
                                 // the place of the connection that took ours.
                                 pb::ErrorCode::Unauthenticated | pb::ErrorCode::TokenExpired
                                 | pb::ErrorCode::UnsupportedVersion
-                                | pb::ErrorCode::DeviceReplaced => Disconnect::Fatal(err),
+                                | pb::ErrorCode::DeviceReplaced
+                                // A logged-out device's token works no more.
+                                | pb::ErrorCode::SessionRevoked => Disconnect::Fatal(err),
                                 _ => Disconnect::Retry(err.to_string()),
                             };
                         }

@@ -8,11 +8,21 @@ use parley_proto::pb::{client_frame::Body as Req, server_frame::Body as Resp};
 use crate::error::ChatError;
 use crate::service::{ChatService, SyncPage};
 
+/// A device's login, as a gateway keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    pub user: String,
+    /// When its token was issued (ms since the epoch): a log-out closes the
+    /// connection only if it is not later than that.
+    pub issued_at_ms: i64,
+}
+
 /// The chat service as seen from a gateway.
 #[async_trait]
 pub trait ChatBackend: Send + Sync + 'static {
-    /// The user a client token belongs to.
-    async fn authenticate(&self, token: &str) -> Result<String, ChatError>;
+    /// Who a client token logs in on `device` (see
+    /// [`ChatService::authenticate`]).
+    async fn authenticate(&self, token: &str, device: &str) -> Result<Login, ChatError>;
     /// A device connected: (where it resumes from, the user's inbox head).
     async fn session_opened(
         &self,
@@ -30,8 +40,12 @@ pub trait ChatBackend: Send + Sync + 'static {
 
 #[async_trait]
 impl ChatBackend for ChatService {
-    async fn authenticate(&self, token: &str) -> Result<String, ChatError> {
-        ChatService::authenticate(self, token).await
+    async fn authenticate(&self, token: &str, device: &str) -> Result<Login, ChatError> {
+        let v = ChatService::authenticate(self, token, device).await?;
+        Ok(Login {
+            user: v.user,
+            issued_at_ms: v.issued_at_ms,
+        })
     }
 
     async fn session_opened(

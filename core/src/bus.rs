@@ -33,6 +33,15 @@ pub enum ChatEvent {
     },
 }
 
+/// Devices logged out: the connections of `user` on `device` (every
+/// device when None) whose token was issued until `at_ms` are closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub user: String,
+    pub device: Option<String>,
+    pub at_ms: i64,
+}
+
 /// Carries deliveries to gateways and events to listeners.
 #[async_trait]
 pub trait DeliveryBus: Send + Sync + 'static {
@@ -50,6 +59,8 @@ pub trait DeliveryBus: Send + Sync + 'static {
     async fn replaced(&self, _gateway: &str, _newer: &Session) -> Result<(), ChatError> {
         Ok(())
     }
+    /// Tells every gateway that devices were logged out.
+    async fn revoked(&self, revocation: Revocation) -> Result<(), ChatError>;
 }
 
 /// The bus inside one process.
@@ -57,6 +68,7 @@ pub trait DeliveryBus: Send + Sync + 'static {
 pub struct LocalBus {
     gateways: RwLock<HashMap<String, mpsc::Sender<Vec<Delivery>>>>,
     events: broadcast::Sender<ChatEvent>,
+    revocations: broadcast::Sender<Revocation>,
 }
 
 impl Default for LocalBus {
@@ -64,6 +76,7 @@ impl Default for LocalBus {
         Self {
             gateways: RwLock::default(),
             events: broadcast::channel(1024).0,
+            revocations: broadcast::channel(1024).0,
         }
     }
 }
@@ -82,6 +95,11 @@ impl LocalBus {
     /// A stream of events (a push-notification hook in one process).
     pub fn events(&self) -> broadcast::Receiver<ChatEvent> {
         self.events.subscribe()
+    }
+
+    /// Log-outs, for the gateway in this process to close connections.
+    pub fn revocations(&self) -> broadcast::Receiver<Revocation> {
+        self.revocations.subscribe()
     }
 }
 
@@ -123,6 +141,12 @@ impl DeliveryBus for LocalBus {
         for event in events {
             let _ = self.events.send(event);
         }
+        Ok(())
+    }
+
+    async fn revoked(&self, revocation: Revocation) -> Result<(), ChatError> {
+        // No gateway in this process: nothing is connected to close.
+        let _ = self.revocations.send(revocation);
         Ok(())
     }
 }

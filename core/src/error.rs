@@ -26,6 +26,8 @@ pub enum ChatError {
     Unauthenticated(String),
     #[error("token expired")]
     TokenExpired,
+    #[error("this device was logged out: its tokens are revoked; log in again for a new one")]
+    SessionRevoked,
     #[error("the service is unavailable: {0}")]
     Unavailable(String),
     /// The database failed; the store adapter's own error is the source.
@@ -51,6 +53,7 @@ impl ChatError {
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
             Self::TokenExpired => ErrorCode::TokenExpired,
+            Self::SessionRevoked => ErrorCode::SessionRevoked,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Storage(_) | Self::Corrupt(_) => ErrorCode::Internal,
             Self::Remote(code, _) => *code,

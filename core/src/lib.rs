@@ -21,12 +21,12 @@ pub mod store;
 pub mod testing;
 pub mod token;
 
-pub use backend::ChatBackend;
-pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus};
+pub use backend::{ChatBackend, Login};
+pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus, Revocation};
 pub use error::ChatError;
 pub use metrics::{ChatMetrics, CodeLabel, code_label};
 pub use presence::{Located, MemoryPresence, Presence, Session};
 pub use redact::redact_urls;
 pub use service::{ChatConfig, ChatService, SendRequest, SyncPage, now_ms};
 pub use store::{MemoryStore, Store};
-pub use token::TokenKeys;
+pub use token::{TokenKeys, Verified};

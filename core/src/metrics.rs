@@ -32,6 +32,7 @@ pub struct ChatMetrics {
     pub publishes: Counter,
     pub broadcasts: Counter,
     pub offline_events: Counter,
+    pub log_outs: Counter,
 }
 
 impl Default for ChatMetrics {
@@ -45,6 +46,7 @@ impl Default for ChatMetrics {
             publishes: Counter::default(),
             broadcasts: Counter::default(),
             offline_events: Counter::default(),
+            log_outs: Counter::default(),
         }
     }
 }
@@ -90,6 +92,11 @@ impl ChatMetrics {
             "chat_offline_events",
             "Messages for users with no device online (push cues)",
             self.offline_events.clone(),
+        );
+        r.register(
+            "chat_log_outs",
+            "Log-outs of one device or of all a user's devices",
+            self.log_outs.clone(),
         );
     }
 }

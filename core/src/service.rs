@@ -11,12 +11,12 @@ use parley_proto::ids;
 use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
 use tokio::sync::mpsc;
 
-use crate::bus::DeliveryBus;
+use crate::bus::{DeliveryBus, Revocation};
 use crate::error::ChatError;
 use crate::metrics::{ChatMetrics, code_label};
 use crate::presence::Presence;
-use crate::store::{ConversationRecord, DeviceCursor, MembershipChange, Store};
-use crate::token::TokenKeys;
+use crate::store::{ConversationRecord, DeviceCursor, DeviceRecord, MembershipChange, Store};
+use crate::token::{TokenKeys, Verified};
 
 /// Limits and policies of the chat service.
 #[derive(Debug, Clone)]
@@ -145,12 +145,52 @@ impl ChatService {
     }
 
     /// The user a token belongs to, if valid and the user exists.
-    pub async fn authenticate(&self, token: &str) -> Result<String, ChatError> {
-        let user = self.tokens.verify(token)?;
-        if self.store.get_user(&user).await?.is_none() {
-            return Err(ChatError::Unauthenticated(format!("unknown user {user}")));
+    /// Who `token` logs in on `device`: a valid token, for this device if
+    /// it names one, of a user that exists, issued after the last log-out
+    /// of the device or of all the user's devices (one store read).
+    pub async fn authenticate(&self, token: &str, device: &str) -> Result<Verified, ChatError> {
+        let v = self.tokens.verify_claims(token)?;
+        if v.device.as_deref().is_some_and(|d| d != device) {
+            return Err(ChatError::Unauthenticated(
+                "this token is for another device".into(),
+            ));
         }
-        Ok(user)
+        match self.store.logged_out_at(&v.user, device).await? {
+            None => Err(ChatError::Unauthenticated(format!(
+                "unknown user {}",
+                v.user
+            ))),
+            Some(at) if v.issued_at_ms <= at => Err(ChatError::SessionRevoked),
+            Some(_) => Ok(v),
+        }
+    }
+
+    /// Logs out `device` of `user`, or every device of the user when None:
+    /// tokens issued until now are refused from now on, and every gateway
+    /// is told to close the connections that logged in with them. Returns
+    /// the time of the log-out. Safe to repeat: a failure to tell the
+    /// gateways is UNAVAILABLE, after which the caller tries again.
+    pub async fn log_out(&self, user: &str, device: Option<&str>) -> Result<i64, ChatError> {
+        ids::check_user_id(user).map_err(ChatError::InvalidArgument)?;
+        if let Some(device) = device {
+            ids::check_device_id(device).map_err(ChatError::InvalidArgument)?;
+        }
+        let at_ms = now_ms();
+        self.store.log_out(user, device, at_ms).await?;
+        self.bus
+            .revoked(Revocation {
+                user: user.to_owned(),
+                device: device.map(str::to_owned),
+                at_ms,
+            })
+            .await?;
+        self.metrics.log_outs.inc();
+        Ok(at_ms)
+    }
+
+    /// The devices of `user`, by id.
+    pub async fn devices(&self, user: &str) -> Result<Vec<DeviceRecord>, ChatError> {
+        self.store.list_devices(user).await
     }
 
     /// A device connected: where it resumes from, and the user's head. The
@@ -315,6 +355,27 @@ impl ChatService {
             }
             Req::Unblock(b) => {
                 self.store.set_block(user, &b.user, false, now_ms()).await?;
+                Ok(Resp::Done(pb::Done {}))
+            }
+            Req::ListDevices(_) => {
+                let devices = self.devices(user).await?;
+                Ok(Resp::Devices(pb::DeviceList {
+                    devices: devices
+                        .into_iter()
+                        .map(|d| {
+                            let current = d.device == device;
+                            d.into_pb(current)
+                        })
+                        .collect(),
+                }))
+            }
+            Req::LogOut(l) => {
+                let which = match (l.all_devices, l.device_id.as_str()) {
+                    (true, _) => None,
+                    (false, "") => Some(device),
+                    (false, other) => Some(other),
+                };
+                self.log_out(user, which).await?;
                 Ok(Resp::Done(pb::Done {}))
             }
             Req::Hello(_) | Req::Auth(_) | Req::Ack(_) | Req::Ping(_) | Req::Sync(_) => {

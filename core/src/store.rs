@@ -155,6 +155,31 @@ pub struct DeviceCursor {
     pub cursor: u64,
 }
 
+/// A device of a user, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub device: String,
+    /// The inbox sequence number it acknowledged last, and when (0: never).
+    pub cursor: u64,
+    pub last_seen_ms: i64,
+    /// Tokens issued until then are refused: the later of its own log-out
+    /// and its user's log-out of every device (0: never).
+    pub logged_out_at_ms: i64,
+}
+
+impl DeviceRecord {
+    /// As the wire shows it; `current`: the asking connection's device.
+    pub fn into_pb(self, current: bool) -> pb::Device {
+        pb::Device {
+            device_id: self.device,
+            cursor: self.cursor,
+            last_seen_ms: self.last_seen_ms,
+            logged_out_at_ms: self.logged_out_at_ms,
+            current,
+        }
+    }
+}
+
 /// The store every chat backend implements.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -225,6 +250,18 @@ pub trait Store: Send + Sync + 'static {
     /// in one transaction. Each (user, device) appears at most once.
     async fn set_cursors(&self, cursors: &[DeviceCursor], now_ms: i64) -> Result<(), ChatError>;
     async fn get_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, ChatError>;
+    /// Logs out `device` of `user` at `at_ms`, or every device of the user
+    /// (and its tokens naming none) when None: tokens issued until then are
+    /// refused. A log-out never moves back to an earlier time. NOT_FOUND
+    /// when the user does not exist.
+    async fn log_out(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), ChatError>;
+    /// Until when tokens of `user` on `device` are refused (the later of
+    /// the device's and the user's log-out; 0: never), or None when the
+    /// user does not exist. One read, made at every login.
+    async fn logged_out_at(&self, user: &str, device: &str) -> Result<Option<i64>, ChatError>;
+    /// The devices of `user` that acknowledged a delivery or were logged
+    /// out, by id.
+    async fn list_devices(&self, user: &str) -> Result<Vec<DeviceRecord>, ChatError>;
 
     async fn set_block(
         &self,

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use parley_client::Client;
+use parley_client::{Client, Event};
 use parley_e2e::ledger::Expect;
 use parley_e2e::services::{PrivatePostgres, PrivateRabbit, PrivateRedis};
 use parley_e2e::{Cluster, Ledger, Recorder, Spec, connect, http_get};
@@ -1107,6 +1107,108 @@ async fn no_secret_reaches_a_log() {
         found.len()
     );
     assert!(found.is_empty(), "in the logs: {found:?}");
+}
+
+/// Waits for `events` to end with SESSION_REVOKED by `deadline`.
+async fn revoked_by(
+    events: &mut tokio::sync::mpsc::Receiver<Event>,
+    deadline: Instant,
+    what: &str,
+) {
+    loop {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Some(Event::Closed(e))) => {
+                assert_eq!(e.code(), Some(pb::ErrorCode::SessionRevoked), "{what}: {e}");
+                return;
+            }
+            Ok(Some(Event::Disconnected { reason })) => {
+                panic!("{what}: reconnected after a log-out: {reason}")
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("{what}: events ended without a reason"),
+            Err(_) => panic!("{what}: not closed in time"),
+        }
+    }
+}
+
+/// A log-out reaches every gateway: ann's devices, one on each gateway,
+/// close with SESSION_REVOKED within a second of the admin API's answer,
+/// and her token is refused on every gateway from then on; one device's
+/// log-out closes that device alone; bob, on the same gateways, goes on;
+/// a token issued afterwards logs ann in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_out_closes_the_device_on_every_gateway_within_a_second() {
+    let c = Cluster::start(spec()).await.unwrap();
+    let t = c.users(&["ann", "bob"]).await.unwrap();
+    let mut admin = c.admin().await.unwrap();
+    let gateways = c.gateways.len();
+    let mut anns = Vec::new();
+    for i in 0..gateways {
+        let (client, mut events) = Client::connect(c.at_gateway(i, &t[0], &format!("d{i}")))
+            .await
+            .unwrap();
+        while !matches!(events.recv().await, Some(Event::Synced(_))) {}
+        anns.push((client, events));
+    }
+    let phone = admin
+        .device_token("ann", "phone", 3600)
+        .await
+        .unwrap()
+        .token;
+    let (_phone, mut phone_events) = Client::connect(c.at_gateway(2, &phone, "phone"))
+        .await
+        .unwrap();
+    let (bob, _bob_events) = Client::connect(c.at_gateway(1, &t[1], "phone"))
+        .await
+        .unwrap();
+
+    // One device: the phone alone closes.
+    let asked = Instant::now();
+    admin.log_out("ann", Some("phone")).await.unwrap();
+    let answered = asked.elapsed();
+    revoked_by(
+        &mut phone_events,
+        Instant::now() + Duration::from_secs(1),
+        "the phone",
+    )
+    .await;
+    let phone_took = asked.elapsed();
+
+    // Every device.
+    let asked = Instant::now();
+    admin.log_out("ann", None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut took = Vec::new();
+    for (i, (_, events)) in anns.iter_mut().enumerate() {
+        revoked_by(events, deadline, &format!("ann's device on gateway {i}")).await;
+        took.push(asked.elapsed());
+    }
+    println!(
+        "log-out: the admin call answered in {answered:?}; one device closed after \
+         {phone_took:?}; every device (one per gateway) closed after {took:?}"
+    );
+    for i in 0..gateways {
+        let refused = Client::connect(c.at_gateway(i, &t[0], &format!("d{i}")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(pb::ErrorCode::SessionRevoked),
+            "gateway {i}"
+        );
+    }
+    let refused = Client::connect(c.at_gateway(0, &phone, "phone"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(pb::ErrorCode::SessionRevoked));
+
+    bob.open_direct("ann").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let fresh = admin.token("ann", 3600).await.unwrap().token;
+    let (again, _events) = Client::connect(c.at_gateway(0, &fresh, "d0"))
+        .await
+        .unwrap();
+    again.open_direct("bob").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

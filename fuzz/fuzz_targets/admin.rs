@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     };
     parley_fuzz::run(async {
         let api = AdminApi::new(parley_fuzz::chat().await);
-        match method % 8 {
+        match method % 10 {
             0 => {
                 if let Some(r) = req::<pb::CreateUserRequest>(body) {
                     check(api.create_user(r).await);
@@ -63,9 +63,19 @@ fuzz_target!(|data: &[u8]| {
                     check(api.get_conversation(r).await);
                 }
             }
-            _ => {
+            7 => {
                 if let Some(r) = req::<pb::ListUserConversationsRequest>(body) {
                     check(api.list_conversations(r).await);
+                }
+            }
+            8 => {
+                if let Some(r) = req::<pb::ListDevicesRequest>(body) {
+                    check(api.list_devices(r).await);
+                }
+            }
+            _ => {
+                if let Some(r) = req::<pb::RevokeTokensRequest>(body) {
+                    check(api.revoke_tokens(r).await);
                 }
             }
         }

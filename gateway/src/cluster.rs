@@ -404,6 +404,14 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
             close_replaced(&replace_registry, std::slice::from_ref(&newer));
         }
     }));
+    // Devices logged out, on any gateway.
+    let mut revoked = feed.revoked;
+    let revoke_registry = shared.registry.clone();
+    let revoker = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(r) = revoked.recv().await {
+            crate::registry::revoke_logged(&revoke_registry, &r);
+        }
+    }));
     let (wake_lease, wake_rx) = watch::channel(false);
     let lease =
         AbortOnDropHandle::new(tokio::spawn(keep_lease(node.clone(), cfg.clone(), wake_rx)));
@@ -473,7 +481,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     }
     let _ = gw_stop.send(true);
     let _ = gateway.await;
-    drop((lease, resyncer, replacer, drain, shed, feed.task));
+    drop((lease, resyncer, replacer, revoker, drain, shed, feed.task));
     if let Err(e) = node
         .redis
         .withdraw(&cfg.gateway.gateway_id, &cfg.advertise)

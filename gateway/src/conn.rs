@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use parley_core::Session;
+use parley_core::{ChatError, Session};
 use parley_proto::codec::{DecodeError, Outgoing};
 use parley_proto::pb::{self, ErrorCode, client_frame::Body as Req, server_frame::Body as Resp};
 use parley_proto::{PROTOCOL_VERSION, ids};
@@ -81,6 +81,8 @@ impl Bucket {
 
 struct Live {
     session: Session,
+    /// When the token it logged in with was issued (ms since the epoch).
+    issued_at_ms: i64,
     sub: Subscription,
     /// The newest inbox sequence number written to the device.
     delivered: u64,
@@ -119,6 +121,18 @@ fn replaced() -> End {
         ErrorCode::DeviceReplaced,
         "this device logged in on another connection".into(),
     )
+}
+
+/// The registry closed this connection: replaced, or logged out.
+fn evicted(live: Option<&Live>) -> End {
+    match live {
+        Some(l) if l.sub.revoked.load(Ordering::Acquire) => End::Fatal(
+            0,
+            ErrorCode::SessionRevoked,
+            ChatError::SessionRevoked.to_string(),
+        ),
+        _ => replaced(),
+    }
 }
 
 const CATCH_UP_PAGE: u32 = 500;
@@ -170,7 +184,7 @@ pub async fn serve<IO: FrameIo>(
                 }
                 n = recv_pushes(&mut live, &mut pushes) => {
                     match (n, live.as_mut()) {
-                        (None, _) => Err(replaced()),
+                        (None, l) => Err(evicted(l.as_deref())),
                         (Some(_), Some(l)) => {
                             let pushed = heap(on_pushes(&shared, l, pushes.drain(..), &mut out));
                             pushed.await
@@ -429,9 +443,12 @@ async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) -> Result<(), En
         }
         shared.observe_epoch(newer.epoch);
         l.session.epoch = shared.next_epoch();
-        l.sub = shared
-            .registry
-            .register(&l.session, conn_id, shared.config.push_queue);
+        l.sub = shared.registry.register(
+            &l.session,
+            l.issued_at_ms,
+            conn_id,
+            shared.config.push_queue,
+        );
         met = shared.presence.online(&l.session).await;
     }
     match met {
@@ -518,13 +535,20 @@ async fn on_frame(
                 .map_err(|m| End::Fatal(rid, ErrorCode::Unauthenticated, m))?;
             // A chat service that cannot be reached is not a bad token: the
             // client must try again later, not give up on its token.
-            let user = shared.chat.authenticate(&auth.token).await.map_err(|e| {
-                let code = match e.code() {
-                    c @ (ErrorCode::TokenExpired | ErrorCode::Unauthenticated) => c,
-                    _ => ErrorCode::Unavailable,
-                };
-                End::Fatal(rid, code, e.client_message())
-            })?;
+            let login = shared
+                .chat
+                .authenticate(&auth.token, &auth.device_id)
+                .await
+                .map_err(|e| {
+                    let code = match e.code() {
+                        c @ (ErrorCode::TokenExpired
+                        | ErrorCode::Unauthenticated
+                        | ErrorCode::SessionRevoked) => c,
+                        _ => ErrorCode::Unavailable,
+                    };
+                    End::Fatal(rid, code, e.client_message())
+                })?;
+            let user = login.user;
             let session = Session {
                 user: user.clone(),
                 device: auth.device_id.clone(),
@@ -534,9 +558,13 @@ async fn on_frame(
             // Register here and in presence before reading the head, so
             // nothing committed from then on can slip between catch-up and
             // live delivery.
-            let sub = shared.registry.register(&session, conn_id, cfg.push_queue);
+            let sub =
+                shared
+                    .registry
+                    .register(&session, login.issued_at_ms, conn_id, cfg.push_queue);
             let mut l = Live {
                 session,
+                issued_at_ms: login.issued_at_ms,
                 sub,
                 delivered: 0,
                 behind: false,

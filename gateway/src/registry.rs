@@ -8,10 +8,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use parley_core::{Delivery, Session};
+use parley_core::{Delivery, Revocation, Session};
 use parley_proto::pb;
 use tokio::sync::futures::OwnedNotified;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 
 /// One message for one device.
 #[derive(Debug, Clone)]
@@ -25,18 +25,24 @@ pub struct Push {
 pub struct Subscription {
     pub rx: mpsc::Receiver<Push>,
     pub lagged: Arc<AtomicBool>,
-    /// Resolves when a newer connection of the same device replaces this
-    /// one, here or on another gateway. Made once, so that the connection
-    /// does not register a new waiter in every turn of its loop.
+    /// Resolves when the connection must close: a newer connection of the
+    /// same device replaced it, here or on another gateway, or (with
+    /// `revoked` set first) the device was logged out. Made once, so that
+    /// the connection does not register a new waiter in every turn of its
+    /// loop.
     pub replaced: Pin<Box<OwnedNotified>>,
+    pub revoked: Arc<AtomicBool>,
 }
 
 struct Entry {
     conn: u64,
     session: Session,
+    /// When the connection's token was issued (ms since the epoch).
+    issued_at_ms: i64,
     tx: mpsc::Sender<Push>,
     lagged: Arc<AtomicBool>,
     replaced: Arc<Notify>,
+    revoked: Arc<AtomicBool>,
 }
 
 /// Local sessions by user.
@@ -64,19 +70,29 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Registers connection `conn` of a session with a queue of `capacity`.
-    /// An older connection of the same device held here is replaced: it
-    /// leaves the registry (it gets no more pushes) and is told to close.
-    pub fn register(&self, session: &Session, conn: u64, capacity: usize) -> Subscription {
+    /// Registers connection `conn` of a session, logged in with a token
+    /// issued at `issued_at_ms`, with a queue of `capacity`. An older
+    /// connection of the same device held here is replaced: it leaves the
+    /// registry (it gets no more pushes) and is told to close.
+    pub fn register(
+        &self,
+        session: &Session,
+        issued_at_ms: i64,
+        conn: u64,
+        capacity: usize,
+    ) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity);
         let lagged = Arc::new(AtomicBool::new(false));
         let replaced = Arc::new(Notify::new());
+        let revoked = Arc::new(AtomicBool::new(false));
         let entry = Entry {
             conn,
             session: session.clone(),
+            issued_at_ms,
             tx,
             lagged: lagged.clone(),
             replaced: replaced.clone(),
+            revoked: revoked.clone(),
         };
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let list = users.entry(session.user.clone()).or_default();
@@ -86,7 +102,33 @@ impl Registry {
             rx,
             lagged,
             replaced: Box::pin(replaced.notified_owned()),
+            revoked,
         }
+    }
+
+    /// Closes the local connections a log-out revokes: of its user, on its
+    /// device (any device when it names none), logged in with a token
+    /// issued no later than the log-out. Returns how many were closed.
+    pub fn revoke(&self, r: &Revocation) -> usize {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = users.get_mut(&r.user) else {
+            return 0;
+        };
+        let before = list.len();
+        list.retain(|e| {
+            let hit = r.device.as_ref().is_none_or(|d| *d == e.session.device)
+                && e.issued_at_ms <= r.at_ms;
+            if hit {
+                e.revoked.store(true, Ordering::Release);
+                e.replaced.notify_one();
+            }
+            !hit
+        });
+        let closed = before - list.len();
+        if list.is_empty() {
+            users.remove(&r.user);
+        }
+        closed
     }
 
     /// Closes the local connections of `user`'s `device` older than
@@ -184,6 +226,36 @@ fn evict(list: &mut Vec<Entry>, device: &str, epoch: u64) -> usize {
     before - list.len()
 }
 
+/// Closes the connections each log-out revokes.
+pub fn revoke_logged(registry: &Registry, r: &Revocation) {
+    let closed = registry.revoke(r);
+    tracing::info!(
+        user = %r.user,
+        device = r.device.as_deref().unwrap_or("*"),
+        closed,
+        "devices logged out"
+    );
+}
+
+/// Closes the connections of each log-out of the bus in this process
+/// (`LocalBus::revocations`) until it closes.
+pub async fn follow_log_outs(
+    registry: Arc<Registry>,
+    mut log_outs: broadcast::Receiver<Revocation>,
+) {
+    loop {
+        match log_outs.recv().await {
+            Ok(r) => revoke_logged(&registry, &r),
+            // A thousand log-outs at once: those missed leave connections
+            // open (their tokens are refused at the next login).
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::error!(missed = n, "log-outs missed; their connections stay open")
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
 /// Feeds deliveries from the bus to the registry until the bus closes.
 pub async fn dispatcher(registry: Arc<Registry>, mut bus: mpsc::Receiver<Vec<Delivery>>) {
     while let Some(batch) = bus.recv().await {
@@ -213,8 +285,8 @@ mod tests {
             gateway: "g".into(),
             epoch: 1,
         };
-        let mut phone = reg.register(&s("phone"), 1, 2);
-        let mut laptop = reg.register(&s("laptop"), 2, 8);
+        let mut phone = reg.register(&s("phone"), 0, 1, 2);
+        let mut laptop = reg.register(&s("laptop"), 0, 2, 8);
         for seq in 1..=3 {
             reg.dispatch(&delivery("a", seq));
         }
@@ -240,9 +312,9 @@ mod tests {
     async fn a_device_that_logs_in_again_replaces_its_older_connection() {
         let reg = Registry::default();
         let s = |device: &str, epoch| Session::new("a", device, "g", epoch);
-        let old = reg.register(&s("phone", 1), 1, 4);
-        let laptop = reg.register(&s("laptop", 2), 2, 4);
-        let mut new = reg.register(&s("phone", 3), 3, 4);
+        let old = reg.register(&s("phone", 1), 0, 1, 4);
+        let laptop = reg.register(&s("laptop", 2), 0, 2, 4);
+        let mut new = reg.register(&s("phone", 3), 0, 3, 4);
         // The old connection is told, and the notice waits for it.
         tokio::time::timeout(std::time::Duration::from_secs(1), old.replaced)
             .await
@@ -258,5 +330,40 @@ mod tests {
         drop(laptop);
         reg.unregister("a", 2);
         assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_log_out_closes_the_connections_its_tokens_opened_and_no_later_ones() {
+        let reg = Registry::default();
+        let s = |device: &str, epoch| Session::new("a", device, "g", epoch);
+        // Phone and tablet logged in with tokens from t=1,000; the laptop
+        // with one issued after the phone's log-out at t=5,000.
+        let phone = reg.register(&s("phone", 1), 1_000, 1, 4);
+        let tablet = reg.register(&s("tablet", 2), 1_000, 2, 4);
+        let laptop = reg.register(&s("laptop", 3), 6_000, 3, 4);
+        let other = reg.register(&Session::new("b", "phone", "g", 4), 1_000, 4, 4);
+        let phone_out = Revocation {
+            user: "a".into(),
+            device: Some("phone".into()),
+            at_ms: 5_000,
+        };
+        assert_eq!(reg.revoke(&phone_out), 1);
+        tokio::time::timeout(std::time::Duration::from_secs(1), phone.replaced)
+            .await
+            .expect("the phone is told");
+        assert!(phone.revoked.load(Ordering::Acquire), "as a log-out");
+        assert!(!tablet.revoked.load(Ordering::Acquire));
+        // Every device of a: the tablet's old token goes, the laptop's
+        // newer one stays; user b is untouched.
+        let all = Revocation {
+            user: "a".into(),
+            device: None,
+            at_ms: 5_000,
+        };
+        assert_eq!(reg.revoke(&all), 1);
+        assert!(tablet.revoked.load(Ordering::Acquire));
+        assert!(!laptop.revoked.load(Ordering::Acquire));
+        assert!(!other.revoked.load(Ordering::Acquire));
+        assert_eq!(reg.len(), 2, "the laptop and b's phone remain");
     }
 }

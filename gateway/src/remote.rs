@@ -29,7 +29,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use parley_core::{ChatBackend, ChatError, SyncPage};
+use parley_core::{ChatBackend, ChatError, Login, SyncPage};
 
 mod batch;
 
@@ -435,9 +435,10 @@ impl Caller {
 
 #[async_trait]
 impl ChatBackend for RemoteChat {
-    async fn authenticate(&self, token: &str) -> Result<String, ChatError> {
+    async fn authenticate(&self, token: &str, device: &str) -> Result<Login, ChatError> {
         let req = ipb::AuthenticateRequest {
             token: token.to_owned(),
+            device_id: device.to_owned(),
         };
         let r = self
             .caller
@@ -446,7 +447,10 @@ impl ChatBackend for RemoteChat {
                 async move { c.authenticate(req).await }
             })
             .await?;
-        Ok(r.user_id)
+        Ok(Login {
+            user: r.user_id,
+            issued_at_ms: r.issued_at_ms,
+        })
     }
 
     async fn session_opened(
@@ -615,8 +619,11 @@ mod tests {
         let token = tokens
             .issue("alice", parley_core::now_ms() / 1000, 60)
             .unwrap();
-        assert_eq!(remote.authenticate(&token).await.unwrap(), "alice");
-        let err = remote.authenticate("garbage").await.unwrap_err();
+        assert_eq!(
+            remote.authenticate(&token, "d").await.unwrap().user,
+            "alice"
+        );
+        let err = remote.authenticate("garbage", "d").await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
         let err = remote
             .call("alice", "d", send(9999, "x"))
@@ -682,13 +689,16 @@ mod tests {
         let by_name = RemoteChat::connect(by_name).await.unwrap();
         assert!(!by_name.replicas().is_empty());
         for _ in 0..4 {
-            assert_eq!(by_name.authenticate(&token).await.unwrap(), "alice");
+            assert_eq!(
+                by_name.authenticate(&token, "d").await.unwrap().user,
+                "alice"
+            );
         }
 
         // Without the key, calls are refused, and not retried.
         config.key = None;
         let keyless = RemoteChat::connect(config).await.unwrap();
-        let err = keyless.authenticate(&token).await.unwrap_err();
+        let err = keyless.authenticate(&token, "d").await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
         let _ = b.stop.send(true);
     }

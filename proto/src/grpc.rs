@@ -21,7 +21,7 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
         }
         ErrorCode::GroupFull => tonic::Status::failed_precondition(message),
         ErrorCode::Conflict => tonic::Status::already_exists(message),
-        ErrorCode::Unauthenticated | ErrorCode::TokenExpired => {
+        ErrorCode::Unauthenticated | ErrorCode::TokenExpired | ErrorCode::SessionRevoked => {
             tonic::Status::unauthenticated(message)
         }
         ErrorCode::Unavailable => tonic::Status::unavailable(message),

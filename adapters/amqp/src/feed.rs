@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use parley_core::{Delivery, Session};
+use parley_core::{Delivery, Revocation, Session};
 use parley_proto::internal as ipb;
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
@@ -24,6 +24,8 @@ pub struct GatewayFeed {
     /// Devices of this gateway that logged in again elsewhere: the newer
     /// session (its user, device and epoch).
     pub replaced: mpsc::Receiver<Session>,
+    /// Devices logged out, on any gateway.
+    pub revoked: mpsc::Receiver<Revocation>,
     /// Ticks every time the consumer reconnects: deliveries may have been
     /// lost meanwhile, so connections should catch up from the database.
     pub resync: watch::Receiver<u64>,
@@ -36,6 +38,7 @@ pub struct GatewayFeed {
 pub fn consume(config: AmqpConfig, gateway: &str, capacity: usize) -> GatewayFeed {
     let (tx, rx) = mpsc::channel(capacity);
     let (replaced_tx, replaced) = mpsc::channel(REPLACED_QUEUE);
+    let (revoked_tx, revoked) = mpsc::channel(REPLACED_QUEUE);
     let (resync_tx, resync) = watch::channel(0);
     let status = Arc::new(LinkStatus::default());
     let task = tokio::spawn(consumer(
@@ -44,6 +47,7 @@ pub fn consume(config: AmqpConfig, gateway: &str, capacity: usize) -> GatewayFee
         Outputs {
             deliveries: tx,
             replaced: replaced_tx,
+            revoked: revoked_tx,
         },
         resync_tx,
         status.clone(),
@@ -51,23 +55,32 @@ pub fn consume(config: AmqpConfig, gateway: &str, capacity: usize) -> GatewayFee
     GatewayFeed {
         deliveries: rx,
         replaced,
+        revoked,
         resync,
         status,
         task: AbortOnDropHandle::new(task),
     }
 }
 
-/// Replacement notices waiting for the registry; past it they are dropped,
-/// and the presence refresh finds those devices later.
+/// Replacement and log-out notices waiting for the registry; past it they
+/// are dropped (a replaced device is found again by the presence refresh).
 const REPLACED_QUEUE: usize = 1024;
 
 /// Where the consumer hands what it decodes.
 struct Outputs {
     deliveries: mpsc::Sender<Vec<Delivery>>,
     replaced: mpsc::Sender<Session>,
+    revoked: mpsc::Sender<Revocation>,
 }
 
-fn decode_batch(body: &[u8]) -> Option<(Vec<Delivery>, Vec<Session>)> {
+/// What one message of the queue carries.
+struct Decoded {
+    deliveries: Vec<Delivery>,
+    replaced: Vec<Session>,
+    revoked: Vec<Revocation>,
+}
+
+fn decode_batch(body: &[u8]) -> Option<Decoded> {
     let batch = ipb::DeliveryBatch::decode(body).ok()?;
     let deliveries = batch
         .items
@@ -88,7 +101,20 @@ fn decode_batch(body: &[u8]) -> Option<(Vec<Delivery>, Vec<Session>)> {
         .into_iter()
         .map(|r| Session::new(&r.user_id, &r.device_id, &r.gateway, r.epoch))
         .collect();
-    Some((deliveries, replaced))
+    let revoked = batch
+        .revoked
+        .into_iter()
+        .map(|r| Revocation {
+            user: r.user_id,
+            device: (!r.device_id.is_empty()).then_some(r.device_id),
+            at_ms: r.revoked_at_ms,
+        })
+        .collect();
+    Some(Decoded {
+        deliveries,
+        replaced,
+        revoked,
+    })
 }
 
 async fn consumer(
@@ -164,14 +190,20 @@ async fn consumer(
         while let Some(delivery) = stream.next().await {
             match delivery {
                 Ok(d) => match decode_batch(&d.data) {
-                    Some((batch, replaced)) => {
-                        for newer in replaced {
+                    Some(decoded) => {
+                        for newer in decoded.replaced {
                             if out.replaced.try_send(newer).is_err() {
                                 tracing::warn!(
                                     "replacement notice dropped; the presence refresh repeats it"
                                 );
                             }
                         }
+                        for revocation in decoded.revoked {
+                            // Not dropped for lack of room: waits for the
+                            // registry (they are rare).
+                            let _ = out.revoked.send(revocation).await;
+                        }
+                        let batch = decoded.deliveries;
                         if !batch.is_empty() && out.deliveries.send(batch).await.is_err() {
                             let _ = conn.close(200, "bye".into()).await;
                             return;

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel};
-use parley_core::{ChatError, ChatEvent, Delivery, DeliveryBus, Session};
+use parley_core::{ChatError, ChatEvent, Delivery, DeliveryBus, Revocation, Session};
 use parley_proto::internal as ipb;
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -97,7 +97,7 @@ impl AmqpBus {
                         .collect(),
                 })
                 .collect(),
-            replaced: Vec::new(),
+            ..Default::default()
         };
         self.enqueue(Outgoing {
             exchange: self.config.deliveries(),
@@ -134,12 +134,30 @@ impl DeliveryBus for AmqpBus {
             gateway: newer.gateway.clone(),
         };
         let batch = ipb::DeliveryBatch {
-            items: Vec::new(),
             replaced: vec![notice],
+            ..Default::default()
         };
         self.enqueue(Outgoing {
             exchange: self.config.deliveries(),
             routing_key: gateway.to_owned(),
+            body: batch.encode_to_vec(),
+        });
+        Ok(())
+    }
+
+    async fn revoked(&self, revocation: Revocation) -> Result<(), ChatError> {
+        let notice = ipb::DeviceRevoked {
+            user_id: revocation.user,
+            device_id: revocation.device.unwrap_or_default(),
+            revoked_at_ms: revocation.at_ms,
+        };
+        let batch = ipb::DeliveryBatch {
+            revoked: vec![notice],
+            ..Default::default()
+        };
+        self.enqueue(Outgoing {
+            exchange: self.config.deliveries(),
+            routing_key: EVERY_GATEWAY_KEY.to_owned(),
             body: batch.encode_to_vec(),
         });
         Ok(())

@@ -21,8 +21,8 @@ use parley_core::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
 use parley_core::store::{
-    Appended, ConversationRecord, DeviceCursor, HistorySlice, InboxPage, MembershipChange,
-    NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
+    Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
+    MembershipChange, NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
 };
 
 use crate::Db;
@@ -658,6 +658,72 @@ impl Store for SqliteStore {
                 .await
                 .db()?;
         Ok(cursor.map(|c| c as u64))
+    }
+
+    async fn log_out(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), ChatError> {
+        let done = match device {
+            None => sqlx::query("UPDATE users SET revoked_at = MAX(revoked_at, ?1) WHERE id = ?2")
+                .bind(at_ms)
+                .bind(user)
+                .execute(&self.writer)
+                .await
+                .db()?,
+            // Only for a user that exists.
+            Some(device) => sqlx::query(
+                "INSERT INTO log_outs (user_id, device_id, revoked_at) \
+                 SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM users WHERE id = ?1) \
+                 ON CONFLICT (user_id, device_id) DO UPDATE \
+                 SET revoked_at = MAX(log_outs.revoked_at, excluded.revoked_at)",
+            )
+            .bind(user)
+            .bind(device)
+            .bind(at_ms)
+            .execute(&self.writer)
+            .await
+            .db()?,
+        };
+        if done.rows_affected() == 0 {
+            return Err(ChatError::NotFound(format!("no user {user}")));
+        }
+        Ok(())
+    }
+
+    async fn logged_out_at(&self, user: &str, device: &str) -> Result<Option<i64>, ChatError> {
+        sqlx::query_scalar(
+            "SELECT MAX(u.revoked_at, COALESCE(l.revoked_at, 0)) FROM users u \
+             LEFT JOIN log_outs l ON l.user_id = u.id AND l.device_id = ?2 WHERE u.id = ?1",
+        )
+        .bind(user)
+        .bind(device)
+        .fetch_optional(&self.reader)
+        .await
+        .db()
+    }
+
+    async fn list_devices(&self, user: &str) -> Result<Vec<DeviceRecord>, ChatError> {
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT k.device_id, COALESCE(d.cursor, 0), COALESCE(d.last_seen, 0), MAX(COALESCE(l.revoked_at, 0), u.revoked_at) \
+             FROM (SELECT device_id FROM devices WHERE user_id = ?1 \
+             UNION SELECT device_id FROM log_outs WHERE user_id = ?1) k \
+             JOIN users u ON u.id = ?1 LEFT JOIN devices d ON d.user_id = ?1 AND d.device_id = k.device_id \
+             LEFT JOIN log_outs l ON l.user_id = ?1 AND l.device_id = k.device_id \
+             ORDER BY k.device_id",
+        )
+        .bind(user)
+        .fetch_all(&self.reader)
+        .await
+        .db()?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(device, cursor, last_seen_ms, logged_out_at_ms)| DeviceRecord {
+                    device,
+                    cursor: cursor as u64,
+                    last_seen_ms,
+                    logged_out_at_ms,
+                },
+            )
+            .collect())
     }
 
     async fn set_block(

@@ -342,12 +342,125 @@ async fn tokens_authenticate_existing_users_only() {
     let w = world(ChatConfig::default()).await;
     let now = crate::now_ms() / 1000;
     let token = w.chat.tokens().issue("alice", now, 60).unwrap();
-    assert_eq!(w.chat.authenticate(&token).await.unwrap(), "alice");
+    assert_eq!(
+        w.chat.authenticate(&token, "d").await.unwrap().user,
+        "alice"
+    );
     let ghost = w.chat.tokens().issue("ghost", now, 60).unwrap();
     assert_eq!(
-        w.chat.authenticate(&ghost).await.unwrap_err().code(),
+        w.chat.authenticate(&ghost, "d").await.unwrap_err().code(),
         ErrorCode::Unauthenticated
     );
+}
+
+/// Log-outs revoke exactly the tokens issued until then: of one device, or
+/// of every device (and the tokens naming none); a token for another
+/// device is refused anyway, a token issued later works, and every gateway
+/// hears of each log-out.
+#[tokio::test]
+async fn a_log_out_revokes_the_tokens_issued_until_then() {
+    let w = world(ChatConfig::default()).await;
+    let mut revocations = w.bus.revocations();
+    let keys = w.chat.tokens().clone();
+    let t0 = crate::now_ms() - 10_000;
+    let token = |device: Option<&str>, at: i64| keys.issue_for("alice", device, at, 600).unwrap();
+    let code = |r: Result<crate::Verified, crate::ChatError>| r.unwrap_err().code();
+    let phone = token(Some("phone"), t0);
+    let laptop = token(Some("laptop"), t0);
+    let anywhere = token(None, t0);
+    assert_eq!(
+        code(w.chat.authenticate(&phone, "laptop").await),
+        ErrorCode::Unauthenticated,
+        "a device's token is for that device only"
+    );
+    assert_eq!(
+        w.chat
+            .authenticate(&phone, "phone")
+            .await
+            .unwrap()
+            .issued_at_ms,
+        t0
+    );
+
+    // The phone logs itself out, through the client protocol.
+    let logout = Req::LogOut(pb::LogOut::default());
+    assert!(matches!(
+        w.chat.call("alice", "phone", logout).await.unwrap(),
+        Resp::Done(_)
+    ));
+    let r = revocations.try_recv().unwrap();
+    assert_eq!(
+        (r.user.as_str(), r.device.as_deref()),
+        ("alice", Some("phone"))
+    );
+    assert_eq!(
+        code(w.chat.authenticate(&phone, "phone").await),
+        ErrorCode::SessionRevoked
+    );
+    assert_eq!(
+        code(w.chat.authenticate(&anywhere, "phone").await),
+        ErrorCode::SessionRevoked,
+        "a token for any device is refused on the logged-out one"
+    );
+    assert!(w.chat.authenticate(&laptop, "laptop").await.is_ok());
+    assert!(w.chat.authenticate(&anywhere, "tablet").await.is_ok());
+    let fresh = token(Some("phone"), r.at_ms + 1);
+    assert!(
+        w.chat.authenticate(&fresh, "phone").await.is_ok(),
+        "a new login works"
+    );
+
+    // Every device, through the admin path (a few ms on: `fresh` was
+    // issued a millisecond after the phone's log-out).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let all = w.chat.log_out("alice", None).await.unwrap();
+    let r = revocations.try_recv().unwrap();
+    assert_eq!((r.device, r.at_ms), (None, all));
+    for (t, device) in [
+        (&laptop, "laptop"),
+        (&anywhere, "tablet"),
+        (&fresh, "phone"),
+    ] {
+        assert_eq!(
+            code(w.chat.authenticate(t, device).await),
+            ErrorCode::SessionRevoked
+        );
+    }
+    assert!(
+        w.chat
+            .authenticate(&token(None, all + 1), "tablet")
+            .await
+            .is_ok()
+    );
+    // bob is untouched; a log-out of nobody is NOT_FOUND.
+    let bob = keys.issue_for("bob", None, t0, 600).unwrap();
+    assert!(w.chat.authenticate(&bob, "phone").await.is_ok());
+    assert_eq!(
+        w.chat.log_out("ghost", None).await.unwrap_err().code(),
+        ErrorCode::NotFound
+    );
+
+    // The device list: the phone (logged out by itself and then with all),
+    // and the laptop, which acknowledged a delivery.
+    w.chat.ack("alice", "laptop", 0).await.unwrap();
+    w.chat.flush_cursors().await.unwrap();
+    let Resp::Devices(list) = w
+        .chat
+        .call("alice", "laptop", Req::ListDevices(pb::ListDevices {}))
+        .await
+        .unwrap()
+    else {
+        panic!("expected the device list");
+    };
+    let ids: Vec<_> = list
+        .devices
+        .iter()
+        .map(|d| (d.device_id.as_str(), d.current))
+        .collect();
+    assert_eq!(ids, [("laptop", true), ("phone", false)]);
+    assert!(list.devices.iter().all(|d| d.logged_out_at_ms == all));
+    assert!(list.devices[0].last_seen_ms > 0);
+    assert_eq!(list.devices[1].last_seen_ms, 0, "never acknowledged");
 }
 
 /// Past the queue's bound a send is refused at once with UNAVAILABLE, while

@@ -410,6 +410,71 @@ pub async fn cursors_only_move_forward(store: &dyn Store) {
     );
 }
 
+pub async fn log_outs_only_move_forward_and_list_every_device(store: &dyn Store) {
+    assert_eq!(
+        store.logged_out_at("alice", "phone").await.unwrap(),
+        Some(0)
+    );
+    assert_eq!(store.logged_out_at("zed", "phone").await.unwrap(), None);
+    assert!(matches!(
+        store.log_out("zed", None, 5).await,
+        Err(ChatError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.log_out("zed", Some("phone"), 5).await,
+        Err(ChatError::NotFound(_))
+    ));
+    // A device never seen can be logged out; it then lists, with no cursor.
+    store.log_out("alice", Some("phone"), 1_000).await.unwrap();
+    store.log_out("alice", Some("phone"), 900).await.unwrap();
+    assert_eq!(
+        store.logged_out_at("alice", "phone").await.unwrap(),
+        Some(1_000)
+    );
+    assert_eq!(
+        store.logged_out_at("alice", "laptop").await.unwrap(),
+        Some(0)
+    );
+    assert_eq!(store.get_cursor("alice", "phone").await.unwrap(), None);
+    // Every device: the later of the two counts, per device.
+    store.log_out("alice", None, 800).await.unwrap();
+    store.log_out("alice", None, 700).await.unwrap();
+    assert_eq!(
+        store.logged_out_at("alice", "phone").await.unwrap(),
+        Some(1_000)
+    );
+    assert_eq!(
+        store.logged_out_at("alice", "laptop").await.unwrap(),
+        Some(800)
+    );
+    assert_eq!(store.logged_out_at("bob", "laptop").await.unwrap(), Some(0));
+    let cursor = DeviceCursor {
+        user: "alice".into(),
+        device: "laptop".into(),
+        cursor: 4,
+    };
+    store.set_cursors(&[cursor], 2_000).await.unwrap();
+    let devices = store.list_devices("alice").await.unwrap();
+    assert_eq!(
+        devices,
+        vec![
+            DeviceRecord {
+                device: "laptop".into(),
+                cursor: 4,
+                last_seen_ms: 2_000,
+                logged_out_at_ms: 800,
+            },
+            DeviceRecord {
+                device: "phone".into(),
+                cursor: 0,
+                last_seen_ms: 0,
+                logged_out_at_ms: 1_000,
+            },
+        ]
+    );
+    assert!(store.list_devices("bob").await.unwrap().is_empty());
+}
+
 /// Turns every check of the suite into a `#[tokio::test]`. `$open` is an
 /// async fn returning `(guard, store)`: the guard lives as long as the test
 /// (a temporary directory, a schema dropped afterwards) and the store gets
@@ -429,6 +494,7 @@ macro_rules! store_conformance {
             retention_leaves_a_visible_hole,
             numbering_survives_pruning_everything,
             cursors_only_move_forward,
+            log_outs_only_move_forward_and_list_every_device,
         );
     };
     (@each $open:path: $($name:ident),* $(,)?) => {

@@ -13,8 +13,8 @@ use parley_proto::pb;
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use super::{
-    Appended, ConversationRecord, DeviceCursor, HistorySlice, InboxPage, MembershipChange,
-    NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
+    Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
+    MembershipChange, NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
 };
 use crate::error::ChatError;
 use crate::membership::{
@@ -35,6 +35,15 @@ struct User {
     /// Raised by pruning to the head it removed, so numbers are never
     /// given twice (the SQL stores' `users.inbox_head`).
     inbox_floor: u64,
+    /// Its log-out of every device (`users.revoked_at`).
+    logged_out_at_ms: i64,
+}
+
+/// A device's row (`devices`).
+#[derive(Debug, Default)]
+struct Device {
+    cursor: u64,
+    last_seen_ms: i64,
 }
 
 #[derive(Debug)]
@@ -68,7 +77,10 @@ struct Inner {
     dedup: HashMap<(String, String), u64>,
     /// user → inbox_seq → msg_id.
     inboxes: HashMap<String, BTreeMap<u64, u64>>,
-    cursors: HashMap<(String, String), u64>,
+    /// (user, device) → its row.
+    devices: BTreeMap<(String, String), Device>,
+    /// (user, device) → its log-out (`log_outs`).
+    log_outs: BTreeMap<(String, String), i64>,
     /// (user, blocked).
     blocks: HashSet<(String, String)>,
 }
@@ -264,6 +276,7 @@ impl Store for MemoryStore {
             User {
                 record: record.clone(),
                 inbox_floor: 0,
+                logged_out_at_ms: 0,
             },
         );
         Ok(record)
@@ -467,14 +480,15 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn set_cursors(&self, cursors: &[DeviceCursor], _now_ms: i64) -> Result<(), ChatError> {
+    async fn set_cursors(&self, cursors: &[DeviceCursor], now_ms: i64) -> Result<(), ChatError> {
         let mut s = self.lock();
         for c in cursors {
-            let at = s
-                .cursors
+            let d = s
+                .devices
                 .entry((c.user.clone(), c.device.clone()))
                 .or_default();
-            *at = (*at).max(c.cursor);
+            d.cursor = d.cursor.max(c.cursor);
+            d.last_seen_ms = now_ms;
         }
         Ok(())
     }
@@ -482,9 +496,64 @@ impl Store for MemoryStore {
     async fn get_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, ChatError> {
         Ok(self
             .lock()
-            .cursors
+            .devices
             .get(&(user.to_owned(), device.to_owned()))
-            .copied())
+            .map(|d| d.cursor))
+    }
+
+    async fn log_out(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), ChatError> {
+        let mut s = self.lock();
+        let Some(u) = s.users.get_mut(user) else {
+            return Err(ChatError::NotFound(format!("no user {user}")));
+        };
+        let at = match device {
+            None => &mut u.logged_out_at_ms,
+            Some(device) => s
+                .log_outs
+                .entry((user.to_owned(), device.to_owned()))
+                .or_default(),
+        };
+        *at = (*at).max(at_ms);
+        Ok(())
+    }
+
+    async fn logged_out_at(&self, user: &str, device: &str) -> Result<Option<i64>, ChatError> {
+        let s = self.lock();
+        let Some(u) = s.users.get(user) else {
+            return Ok(None);
+        };
+        let own = s
+            .log_outs
+            .get(&(user.to_owned(), device.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        Ok(Some(u.logged_out_at_ms.max(own)))
+    }
+
+    async fn list_devices(&self, user: &str) -> Result<Vec<DeviceRecord>, ChatError> {
+        let s = self.lock();
+        let all = s.users.get(user).map_or(0, |u| u.logged_out_at_ms);
+        let of_user = |(u, _): &&(String, String)| u == user;
+        let ids: BTreeSet<&String> = s
+            .devices
+            .keys()
+            .chain(s.log_outs.keys())
+            .filter(of_user)
+            .map(|(_, d)| d)
+            .collect();
+        Ok(ids
+            .into_iter()
+            .map(|device| {
+                let key = (user.to_owned(), device.clone());
+                let d = s.devices.get(&key);
+                DeviceRecord {
+                    device: device.clone(),
+                    cursor: d.map_or(0, |d| d.cursor),
+                    last_seen_ms: d.map_or(0, |d| d.last_seen_ms),
+                    logged_out_at_ms: s.log_outs.get(&key).copied().unwrap_or(0).max(all),
+                }
+            })
+            .collect())
     }
 
     async fn set_block(
