@@ -66,11 +66,12 @@ BLOCK = client(16, 15, [field(1, "bob")])
 UNBLOCK = client(17, 16, [field(1, "bob")])
 DEVICES = client(18, 17, [])
 LOG_OUT = client(19, 18, [field(1, "laptop")])
+REFRESH = client(20, 19, [field(1, "pr1.616c696365.70686f6e65." + "00" * 32)])
 OVERSIZED = struct.pack(">I", 1 << 30)
 GARBLED = frame(b"\x08\x05\x12\xff\xff")
 
 AFTER_LOGIN = [ACK, OPEN, SEND_TEXT, SEND_GROUP, SEND_MEDIA, SEND_EMPTY, PING, SYNC,
-               HISTORY, GROUP, ADD, REMOVE, LEAVE, LIST, BLOCK, UNBLOCK, DEVICES, LOG_OUT]
+               HISTORY, GROUP, ADD, REMOVE, LEAVE, LIST, BLOCK, UNBLOCK, DEVICES, REFRESH, LOG_OUT]
 SESSION = b"".join(AFTER_LOGIN)
 
 
@@ -139,3 +140,4 @@ write("admin", "device-token", b"\x02" + field(1, "alice") + field(2, 60) + fiel
 write("admin", "devices", b"\x08" + field(1, "alice"))
 write("admin", "log-out", b"\x09" + field(1, "alice") + field(2, "phone"))
 write("admin", "log-out-all", b"\x09" + field(1, "alice"))
+write("admin", "session", b"\x0a" + field(1, "alice") + field(2, "phone") + field(3, 60))

@@ -4,12 +4,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parley_proto::ids;
 use parley_proto::pb::{self, admin_server};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use parley_core::refresh::same_secret;
 use parley_core::store::MembershipChange;
 use parley_core::{ChatError, ChatService, now_ms};
 
@@ -27,11 +29,6 @@ impl AdminApi {
     pub fn new(chat: Arc<ChatService>) -> Self {
         Self { chat }
     }
-}
-
-/// Compares without an early exit, so timing does not reveal the key.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Checks the `authorization` metadata against a shared key; `what` names
@@ -229,6 +226,25 @@ impl admin_server::Admin for AdminApi {
         Ok(Response::new(pb::DeviceList {
             devices: devices.into_iter().map(|d| d.into_pb(false)).collect(),
         }))
+    }
+
+    async fn create_session(
+        &self,
+        req: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::Tokens>, Status> {
+        let r = req.into_inner();
+        let ttl = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs.min(365 * 24 * 3600)));
+        let tokens = self
+            .chat
+            .create_session(
+                &r.user_id,
+                &r.device_id,
+                ttl(r.access_ttl_seconds),
+                ttl(r.refresh_ttl_seconds),
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(tokens))
     }
 
     async fn revoke_tokens(

@@ -71,7 +71,20 @@ impl chat_internal_server::ChatInternal for InternalApi {
         Ok(Response::new(ipb::AuthenticateReply {
             user_id: v.user,
             issued_at_ms: v.issued_at_ms,
+            expires_at_ms: v.expires_at_ms,
         }))
+    }
+
+    async fn refresh(
+        &self,
+        req: Request<ipb::RefreshRequest>,
+    ) -> Result<Response<pb::Tokens>, Status> {
+        let tokens = self
+            .chat
+            .refresh(&req.into_inner().refresh_token)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(tokens))
     }
 
     async fn open_session(

@@ -46,6 +46,21 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Log a device in with a short-lived access token and a refresh token
+    /// (printed on two lines): the device gets its next tokens itself.
+    Session {
+        user: String,
+        device: String,
+        /// Access token lifetime in seconds (0: the server's default, 15 minutes).
+        #[arg(long, default_value_t = 0)]
+        access_ttl_secs: u64,
+        /// Refresh token lifetime in seconds, renewed by each refresh (0:
+        /// the server's default, 90 days).
+        #[arg(long, default_value_t = 0)]
+        refresh_ttl_secs: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// List a user's devices, or log them out.
     Device {
         #[command(subcommand)]
@@ -341,6 +356,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Device { command } => device(command).await,
+        Command::Session {
+            user,
+            device,
+            access_ttl_secs,
+            refresh_ttl_secs,
+            admin,
+        } => {
+            let t = admin
+                .connect()
+                .await?
+                .create_session(&user, &device, access_ttl_secs, refresh_ttl_secs)
+                .await?;
+            println!("{}\n{}", t.access_token, t.refresh_token);
+            Ok(())
+        }
         Command::Group { command } => group(command).await,
         Command::Send { who, text } => {
             let (client, _events, conv) = who.open().await?;

@@ -192,7 +192,13 @@ async fn expect_clean_close(s: &mut TcpStream, buf: &mut BytesMut) {
 
 /// Logs in on a raw socket and reads up to SyncDone.
 async fn raw_login(w: &World, token: &str, device: &str) -> (TcpStream, BytesMut) {
-    let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+    let s = TcpStream::connect(w.server.tcp_addr).await.unwrap();
+    login_on(s, token, device).await
+}
+
+/// Logs in on `s` and reads up to the end of the catch-up.
+async fn login_on(mut s: TcpStream, token: &str, device: &str) -> (TcpStream, BytesMut) {
+    let mut buf = BytesMut::new();
     put(&mut s, 1, hello()).await;
     put(&mut s, 2, auth(token, device)).await;
     while !matches!(
@@ -833,7 +839,12 @@ async fn a_reader_that_stops_reading_is_disconnected_not_buffered() {
     let (ta, tb) = (w.user("alice").await, w.user("bob").await);
     let (alice, _) = w.connect(&ta, "d").await;
     let conv = alice.open_direct("bob").await.unwrap();
-    let (mut stuck, _buf) = raw_login(&w, &tb, "stuck").await;
+    // A small receive buffer, fixed: left to itself the kernel may grow it
+    // to tens of megabytes (net.ipv4.tcp_rmem) and absorb all of this.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let stream = socket.connect(w.server.tcp_addr).await.unwrap();
+    let (mut stuck, _buf) = login_on(stream, &tb, "stuck").await;
     let big = "x".repeat(60_000);
     for _ in 0..300 {
         alice
@@ -841,6 +852,10 @@ async fn a_reader_that_stops_reading_is_disconnected_not_buffered() {
             .await
             .unwrap();
     }
+    // The sends can end (in a third of a second here) before a write to
+    // the stuck reader has been blocked for the whole write timeout: it
+    // must not be let off by the draining below.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // The gateway gave up on the stuck reader: draining the socket ends in EOF.
     let drained = timeout(WAIT, async {
         let mut sink = vec![0u8; 1 << 16];
@@ -1396,4 +1411,74 @@ async fn a_logged_out_device_is_closed_and_its_token_refused() {
         Client::connect(after).await.unwrap_err().code(),
         Some(ErrorCode::SessionRevoked)
     );
+}
+
+/// A device logged in with a session keeps itself logged in: holding an
+/// expired access token and its refresh token, the SDK refreshes once the
+/// server refuses the access token, logs in with the new one and reports
+/// the new pair. Over raw frames, Refresh works before Auth, and a refresh
+/// token that is not one closes the connection.
+#[tokio::test]
+async fn an_expired_access_token_is_refreshed_by_the_sdk() {
+    let mut w = World::start().await;
+    w.user("alice").await;
+    let session = w
+        .admin
+        .create_session("alice", "phone", 0, 0)
+        .await
+        .unwrap();
+    let expired = w
+        .server
+        .chat
+        .tokens()
+        .issue_for(
+            "alice",
+            Some("phone"),
+            parley_core::now_ms() - 7_200_000,
+            60,
+        )
+        .unwrap();
+    let mut cfg = ClientConfig::new(w.server.tcp_addr.to_string(), &expired, "phone");
+    cfg.refresh_token = Some(session.refresh_token.clone());
+    let (client, mut events) = Client::connect(cfg).await.unwrap();
+    let tokens = loop {
+        match timeout(WAIT, events.recv()).await.unwrap().unwrap() {
+            Event::Tokens(t) => break t,
+            Event::Connected { .. } => panic!("logged in before refreshing"),
+            _ => {}
+        }
+    };
+    assert_ne!(tokens.refresh_token, session.refresh_token);
+    assert!(tokens.access_expires_at_ms > parley_core::now_ms());
+    assert!(
+        client.devices().await.is_ok(),
+        "logged in with the new token"
+    );
+
+    // Raw frames: Hello, Refresh with the newest refresh token, then Auth
+    // with the access token it answers.
+    let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+    put(&mut s, 1, hello()).await;
+    let refresh = pb::Refresh {
+        refresh_token: tokens.refresh_token.clone(),
+    };
+    put(&mut s, 2, Req::Refresh(refresh)).await;
+    let mut access = None;
+    while access.is_none() {
+        match get(&mut s, &mut buf).await.unwrap().body {
+            Some(Resp::Tokens(t)) => access = Some(t.access_token),
+            Some(Resp::HelloOk(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    put(&mut s, 3, auth(&access.unwrap(), "laptop")).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::Unauthenticated, 3).await;
+
+    let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+    put(&mut s, 1, hello()).await;
+    let garbage = pb::Refresh {
+        refresh_token: "not-a-refresh-token".into(),
+    };
+    put(&mut s, 2, Req::Refresh(garbage)).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::Unauthenticated, 2).await;
 }

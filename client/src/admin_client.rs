@@ -86,6 +86,26 @@ impl Admin {
         Ok(self.inner.issue_token(req).await?.into_inner())
     }
 
+    /// Logs `device` of `user` in with a pair of tokens: a short-lived
+    /// access token and the refresh token that gets the next ones
+    /// (`ClientConfig::refresh_token`). Lifetimes in seconds, 0 for the
+    /// server's defaults (15 minutes, 90 days).
+    pub async fn create_session(
+        &mut self,
+        user: &str,
+        device: &str,
+        access_ttl_seconds: u64,
+        refresh_ttl_seconds: u64,
+    ) -> Result<pb::Tokens, tonic::Status> {
+        let req = pb::CreateSessionRequest {
+            user_id: user.into(),
+            device_id: device.into(),
+            access_ttl_seconds,
+            refresh_ttl_seconds,
+        };
+        Ok(self.inner.create_session(req).await?.into_inner())
+    }
+
     /// The devices of `user`.
     pub async fn devices(&mut self, user: &str) -> Result<Vec<pb::Device>, tonic::Status> {
         let req = pb::ListDevicesRequest {

@@ -31,7 +31,13 @@ pub struct ClientConfig {
     pub routes: Vec<String>,
     /// Connect over TLS.
     pub tls: Option<TlsOptions>,
+    /// The access token `Auth` carries.
     pub token: String,
+    /// The device's refresh token, if it was logged in with one (the admin
+    /// API's CreateSession): the SDK then gets itself a new access token
+    /// when the one it holds has expired or is about to, and reports the
+    /// new pair as [`Event::Tokens`].
+    pub refresh_token: Option<String>,
     pub device_id: String,
     /// Resume after this inbox sequence number; None lets the server use the
     /// device's last acknowledged cursor.
@@ -52,6 +58,7 @@ impl ClientConfig {
             routes: Vec::new(),
             tls: None,
             token: token.into(),
+            refresh_token: None,
             device_id: device_id.into(),
             cursor: None,
             request_timeout: Duration::from_secs(30),
@@ -106,6 +113,9 @@ pub enum Event {
     Synced(pb::SyncDone),
     /// The connection dropped; the SDK is reconnecting.
     Disconnected { reason: String },
+    /// New credentials after a refresh: store them in place of the old ones
+    /// (the refresh token used for it works no more).
+    Tokens(pb::Tokens),
     /// The server ended the session for good (the token was refused or
     /// expired, or this device logged in on another connection); the client
     /// is closed and this is the last event.
@@ -159,6 +169,8 @@ impl Client {
             redirect: None,
             failed: Vec::new(),
             retries: Vec::new(),
+            token_expires_at_ms: None,
+            token_expired: false,
         };
         let (conn, user_id) = engine.login().await?;
         let request_timeout = config.request_timeout;
@@ -393,6 +405,19 @@ struct Engine {
     failed: Vec<String>,
     /// Sends to try again: (when, request id).
     retries: Vec<(Instant, u64)>,
+    /// When the access token expires, once a login or refresh said so.
+    token_expires_at_ms: Option<i64>,
+    /// The server refused the access token as expired.
+    token_expired: bool,
+}
+
+/// How long before its expiry an access token is replaced at a login.
+const REFRESH_AHEAD_MS: i64 = 60_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 enum Disconnect {
@@ -477,7 +502,39 @@ impl Engine {
         Err(last.unwrap_or(ClientError::Connect("nowhere to connect".into())))
     }
 
+    /// Logs in at `addr`, refreshing the access token first when it is due,
+    /// or when the server refused it as expired (once).
     async fn login_at(&mut self, addr: &str) -> Result<(Conn, String), ClientError> {
+        match self.login_once(addr).await {
+            Err(ClientError::Server {
+                code: pb::ErrorCode::TokenExpired,
+                ..
+            }) if self.config.refresh_token.is_some() && !self.token_expired => {
+                self.token_expired = true;
+                self.login_once(addr).await
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the next login refreshes the access token first.
+    fn refresh_due(&self) -> bool {
+        self.config.refresh_token.is_some()
+            && (self.token_expired
+                || self
+                    .token_expires_at_ms
+                    .is_some_and(|at| at - REFRESH_AHEAD_MS <= now_ms()))
+    }
+
+    fn auth(&self) -> Req {
+        Req::Auth(pb::Auth {
+            token: self.config.token.clone(),
+            device_id: self.config.device_id.clone(),
+            cursor: self.cursor,
+        })
+    }
+
+    async fn login_once(&mut self, addr: &str) -> Result<(Conn, String), ClientError> {
         let tls = self.tls.as_ref().zip(self.config.tls.as_ref());
         let stream = transport::connect(addr, tls)
             .await
@@ -493,14 +550,21 @@ impl Engine {
             max_version: PROTOCOL_VERSION,
             client: format!("parley-sdk-rust/{}", env!("CARGO_PKG_VERSION")),
         });
-        let auth = Req::Auth(pb::Auth {
-            token: self.config.token.clone(),
-            device_id: self.config.device_id.clone(),
-            cursor: self.cursor,
-        });
         let mut out = BytesMut::new();
         codec::encode_frame(&pb::ClientFrame::new(0, hello), &mut out);
-        codec::encode_frame(&pb::ClientFrame::new(0, auth), &mut out);
+        // Auth waits for the new access token when one is due.
+        match self
+            .config
+            .refresh_token
+            .clone()
+            .filter(|_| self.refresh_due())
+        {
+            Some(refresh_token) => {
+                let refresh = Req::Refresh(pb::Refresh { refresh_token });
+                codec::encode_frame(&pb::ClientFrame::new(0, refresh), &mut out);
+            }
+            None => codec::encode_frame(&pb::ClientFrame::new(0, self.auth()), &mut out),
+        }
         conn.stream
             .write_all(&out)
             .await
@@ -522,7 +586,24 @@ impl Engine {
                         conn.pong_timeout = Duration::from_millis(ok.pong_timeout_ms as u64);
                     }
                 }
+                Some(Resp::Tokens(tokens)) => {
+                    self.config.token = tokens.access_token.clone();
+                    self.config.refresh_token = Some(tokens.refresh_token.clone());
+                    self.token_expires_at_ms = Some(tokens.access_expires_at_ms);
+                    self.token_expired = false;
+                    let _ = self.events.send(Event::Tokens(tokens)).await;
+                    out.clear();
+                    codec::encode_frame(&pb::ClientFrame::new(0, self.auth()), &mut out);
+                    conn.stream
+                        .write_all(&out)
+                        .await
+                        .map_err(|e| ClientError::Connect(e.to_string()))?;
+                }
                 Some(Resp::AuthOk(ok)) => {
+                    self.token_expired = false;
+                    if ok.token_expires_at_ms > 0 {
+                        self.token_expires_at_ms = Some(ok.token_expires_at_ms);
+                    }
                     if self.cursor.is_none() {
                         self.cursor = Some(ok.resume_from);
                         self.acked = ok.resume_from;

@@ -3,7 +3,7 @@
 //! (`parley_gateway::remote`). The gateway is written against this trait only.
 
 use async_trait::async_trait;
-use parley_proto::pb::{client_frame::Body as Req, server_frame::Body as Resp};
+use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
 
 use crate::error::ChatError;
 use crate::service::{ChatService, SyncPage};
@@ -15,6 +15,8 @@ pub struct Login {
     /// When its token was issued (ms since the epoch): a log-out closes the
     /// connection only if it is not later than that.
     pub issued_at_ms: i64,
+    /// When the token expires (ms since the epoch).
+    pub expires_at_ms: i64,
 }
 
 /// The chat service as seen from a gateway.
@@ -23,6 +25,9 @@ pub trait ChatBackend: Send + Sync + 'static {
     /// Who a client token logs in on `device` (see
     /// [`ChatService::authenticate`]).
     async fn authenticate(&self, token: &str, device: &str) -> Result<Login, ChatError>;
+    /// A refresh token traded for new tokens (see
+    /// [`ChatService::refresh`]).
+    async fn refresh(&self, refresh_token: &str) -> Result<pb::Tokens, ChatError>;
     /// A device connected: (where it resumes from, the user's inbox head).
     async fn session_opened(
         &self,
@@ -45,7 +50,12 @@ impl ChatBackend for ChatService {
         Ok(Login {
             user: v.user,
             issued_at_ms: v.issued_at_ms,
+            expires_at_ms: v.expires_at_ms,
         })
+    }
+
+    async fn refresh(&self, refresh_token: &str) -> Result<pb::Tokens, ChatError> {
+        ChatService::refresh(self, refresh_token).await
     }
 
     async fn session_opened(

@@ -16,6 +16,7 @@ pub mod membership;
 pub mod metrics;
 pub mod presence;
 pub mod redact;
+pub mod refresh;
 pub mod service;
 pub mod store;
 pub mod testing;

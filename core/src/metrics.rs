@@ -33,6 +33,9 @@ pub struct ChatMetrics {
     pub broadcasts: Counter,
     pub offline_events: Counter,
     pub log_outs: Counter,
+    pub sessions: Counter,
+    pub refreshes: Counter,
+    pub refresh_reuses: Counter,
 }
 
 impl Default for ChatMetrics {
@@ -47,6 +50,9 @@ impl Default for ChatMetrics {
             broadcasts: Counter::default(),
             offline_events: Counter::default(),
             log_outs: Counter::default(),
+            sessions: Counter::default(),
+            refreshes: Counter::default(),
+            refresh_reuses: Counter::default(),
         }
     }
 }
@@ -97,6 +103,21 @@ impl ChatMetrics {
             "chat_log_outs",
             "Log-outs of one device or of all a user's devices",
             self.log_outs.clone(),
+        );
+        r.register(
+            "chat_sessions",
+            "Devices logged in with a refresh token (admin CreateSession)",
+            self.sessions.clone(),
+        );
+        r.register(
+            "chat_refreshes",
+            "Refresh tokens traded for new tokens",
+            self.refreshes.clone(),
+        );
+        r.register(
+            "chat_refresh_reuses",
+            "Used-up refresh tokens presented again, each logging its device out",
+            self.refresh_reuses.clone(),
         );
     }
 }

@@ -15,7 +15,10 @@ use crate::bus::{DeliveryBus, Revocation};
 use crate::error::ChatError;
 use crate::metrics::{ChatMetrics, code_label};
 use crate::presence::Presence;
-use crate::store::{ConversationRecord, DeviceCursor, DeviceRecord, MembershipChange, Store};
+use crate::refresh::{RefreshToken, same_secret};
+use crate::store::{
+    ConversationRecord, DeviceCursor, DeviceRecord, MembershipChange, RefreshRecord, Store,
+};
 use crate::token::{TokenKeys, Verified};
 
 /// Limits and policies of the chat service.
@@ -25,6 +28,9 @@ pub struct ChatConfig {
     pub max_group_members: usize,
     /// Default lifetime of issued tokens.
     pub token_ttl: Duration,
+    /// Default lifetimes of a session's access tokens and refresh tokens.
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
     /// Messages older than this are removed; None keeps everything.
     pub retention: Option<Duration>,
     /// Most sends committed in one transaction.
@@ -47,6 +53,8 @@ impl Default for ChatConfig {
         Self {
             max_group_members: 1000,
             token_ttl: Duration::from_secs(30 * 24 * 3600),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(90 * 24 * 3600),
             retention: None,
             max_batch: 256,
             batch_linger: Duration::ZERO,
@@ -89,6 +97,10 @@ impl std::fmt::Debug for ChatService {
             .finish_non_exhaustive()
     }
 }
+
+/// How long after a refresh the token it used up is still honoured: a
+/// client whose answer was lost tries again with the same token.
+pub const REFRESH_GRACE: Duration = Duration::from_secs(60);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -186,6 +198,120 @@ impl ChatService {
             .await?;
         self.metrics.log_outs.inc();
         Ok(at_ms)
+    }
+
+    /// Logs `device` of `user` in: a new pair of tokens, the refresh token
+    /// replacing any earlier one of the device. Lifetimes default to the
+    /// configured ones.
+    pub async fn create_session(
+        &self,
+        user: &str,
+        device: &str,
+        access_ttl: Option<Duration>,
+        refresh_ttl: Option<Duration>,
+    ) -> Result<pb::Tokens, ChatError> {
+        ids::check_device_id(device).map_err(ChatError::InvalidArgument)?;
+        if self.store.get_user(user).await?.is_none() {
+            return Err(ChatError::NotFound(format!("no user {user}")));
+        }
+        let now = now_ms();
+        let refresh = RefreshToken::new(user, device);
+        let refresh_ttl = refresh_ttl.unwrap_or(self.config.refresh_ttl);
+        let record = RefreshRecord {
+            user: user.to_owned(),
+            device: device.to_owned(),
+            digest: refresh.digest(),
+            previous: Vec::new(),
+            created_at_ms: now,
+            rotated_at_ms: now,
+            expires_at_ms: now.saturating_add(refresh_ttl.as_millis() as i64),
+        };
+        self.store.put_refresh(&record).await?;
+        self.metrics.sessions.inc();
+        self.pair(&refresh, access_ttl, now, record.expires_at_ms)
+    }
+
+    /// Trades a refresh token for the next pair. A used-up token that
+    /// comes back within [`REFRESH_GRACE`] of its use is honoured (its
+    /// answer may have been lost); later, it means two holders of one
+    /// device's credentials, and the device is logged out. Refused with
+    /// SESSION_REVOKED once the device or all the user's devices were logged
+    /// out after the session began, or the token expired.
+    pub async fn refresh(&self, token: &str) -> Result<pb::Tokens, ChatError> {
+        let presented = RefreshToken::parse(token)
+            .ok_or_else(|| ChatError::Unauthenticated("not a refresh token".into()))?;
+        let (user, device) = (presented.user.as_str(), presented.device.as_str());
+        let now = now_ms();
+        let record = self.store.get_refresh(user, device).await?;
+        let logged_out = self.store.logged_out_at(user, device).await?;
+        let (Some(record), Some(logged_out)) = (record, logged_out) else {
+            return Err(ChatError::Unauthenticated("unknown refresh token".into()));
+        };
+        let digest = presented.digest();
+        let current = same_secret(&digest, &record.digest);
+        let lost_answer = !current
+            && same_secret(&digest, &record.previous)
+            && now - record.rotated_at_ms <= REFRESH_GRACE.as_millis() as i64;
+        if !current && !lost_answer {
+            if same_secret(&digest, &record.previous) {
+                tracing::warn!(
+                    user,
+                    device,
+                    "a used-up refresh token came back: device logged out"
+                );
+                self.metrics.refresh_reuses.inc();
+                self.log_out(user, Some(device)).await?;
+                return Err(ChatError::SessionRevoked);
+            }
+            return Err(ChatError::Unauthenticated("unknown refresh token".into()));
+        }
+        if record.created_at_ms <= logged_out || record.expires_at_ms < now {
+            return Err(ChatError::SessionRevoked);
+        }
+        let next = RefreshToken::new(user, device);
+        let refresh_ttl = record.expires_at_ms - record.rotated_at_ms;
+        let expires_at_ms = now.saturating_add(refresh_ttl.max(0));
+        let moved = self
+            .store
+            .rotate_refresh(
+                user,
+                device,
+                &record.digest,
+                &next.digest(),
+                now,
+                expires_at_ms,
+            )
+            .await?;
+        if !moved {
+            return Err(ChatError::Unavailable(
+                "another refresh of this device was under way; try again".into(),
+            ));
+        }
+        self.metrics.refreshes.inc();
+        self.pair(&next, None, now, expires_at_ms)
+    }
+
+    /// An access token for the refresh token's device, beside it.
+    fn pair(
+        &self,
+        refresh: &RefreshToken,
+        access_ttl: Option<Duration>,
+        now: i64,
+        refresh_expires_at_ms: i64,
+    ) -> Result<pb::Tokens, ChatError> {
+        let ttl = access_ttl
+            .unwrap_or(self.config.access_ttl)
+            .as_secs()
+            .max(1) as i64;
+        let access_token = self
+            .tokens
+            .issue_for(&refresh.user, Some(&refresh.device), now, ttl)?;
+        Ok(pb::Tokens {
+            access_token,
+            access_expires_at_ms: (now.div_euclid(1000) + ttl) * 1000,
+            refresh_token: refresh.encode(),
+            refresh_expires_at_ms,
+        })
     }
 
     /// The devices of `user`, by id.
@@ -378,6 +504,7 @@ impl ChatService {
                 self.log_out(user, which).await?;
                 Ok(Resp::Done(pb::Done {}))
             }
+            Req::Refresh(r) => self.refresh(&r.refresh_token).await.map(Resp::Tokens),
             Req::Hello(_) | Req::Auth(_) | Req::Ack(_) | Req::Ping(_) | Req::Sync(_) => {
                 Err(ChatError::invalid("this frame is handled by the gateway"))
             }

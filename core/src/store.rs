@@ -167,6 +167,22 @@ pub struct DeviceRecord {
     pub logged_out_at_ms: i64,
 }
 
+/// A device's refresh token, as stored: digests, never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshRecord {
+    pub user: String,
+    pub device: String,
+    /// SHA-256 of the current refresh token's secret, and of the one it
+    /// replaced (empty: none yet).
+    pub digest: Vec<u8>,
+    pub previous: Vec<u8>,
+    /// When the device was logged in (its first pair issued), when it last
+    /// refreshed, and until when the current token is good (ms).
+    pub created_at_ms: i64,
+    pub rotated_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
 impl DeviceRecord {
     /// As the wire shows it; `current`: the asking connection's device.
     pub fn into_pb(self, current: bool) -> pb::Device {
@@ -262,6 +278,26 @@ pub trait Store: Send + Sync + 'static {
     /// The devices of `user` that acknowledged a delivery or were logged
     /// out, by id.
     async fn list_devices(&self, user: &str) -> Result<Vec<DeviceRecord>, ChatError>;
+    /// Stores a device's first refresh token, replacing any earlier one of
+    /// the device (a new login).
+    async fn put_refresh(&self, record: &RefreshRecord) -> Result<(), ChatError>;
+    async fn get_refresh(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> Result<Option<RefreshRecord>, ChatError>;
+    /// Moves a device's refresh token on, if its digest is still `current`:
+    /// `next` becomes current, `current` previous, good until
+    /// `expires_at_ms`. False when another refresh moved it first.
+    async fn rotate_refresh(
+        &self,
+        user: &str,
+        device: &str,
+        current: &[u8],
+        next: &[u8],
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, ChatError>;
 
     async fn set_block(
         &self,

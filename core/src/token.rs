@@ -47,6 +47,8 @@ pub struct Verified {
     pub device: Option<String>,
     /// When it was issued, in milliseconds (`iat_ms`, else `iat` × 1000).
     pub issued_at_ms: i64,
+    /// When it expires (`exp` × 1000).
+    pub expires_at_ms: i64,
 }
 
 /// Signs tokens with the current secret and verifies them under it or a
@@ -168,6 +170,7 @@ impl TokenKeys {
                     user: c.sub,
                     device: c.dev,
                     issued_at_ms,
+                    expires_at_ms: c.exp.saturating_mul(1000),
                 })
             }
             Err(e) if matches!(e.kind(), ErrorKind::ImmatureSignature) => Err(

@@ -43,7 +43,7 @@ impl Recorder {
                     }
                     Event::Connected { .. } => log.connects += 1,
                     Event::Disconnected { .. } | Event::Closed(_) => log.disconnects += 1,
-                    Event::Synced(_) => {}
+                    Event::Synced(_) | Event::Tokens(_) => {}
                 }
             }
         });

@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     };
     parley_fuzz::run(async {
         let api = AdminApi::new(parley_fuzz::chat().await);
-        match method % 10 {
+        match method % 11 {
             0 => {
                 if let Some(r) = req::<pb::CreateUserRequest>(body) {
                     check(api.create_user(r).await);
@@ -73,9 +73,14 @@ fuzz_target!(|data: &[u8]| {
                     check(api.list_devices(r).await);
                 }
             }
-            _ => {
+            9 => {
                 if let Some(r) = req::<pb::RevokeTokensRequest>(body) {
                     check(api.revoke_tokens(r).await);
+                }
+            }
+            _ => {
+                if let Some(r) = req::<pb::CreateSessionRequest>(body) {
+                    check(api.create_session(r).await);
                 }
             }
         }

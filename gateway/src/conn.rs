@@ -30,7 +30,7 @@ pub fn admit(phase: Phase, req: &Req) -> Result<(), &'static str> {
     match (phase, req) {
         (Phase::AwaitHello, Req::Hello(_)) => Ok(()),
         (Phase::AwaitHello, _) => Err("the first frame must be Hello"),
-        (Phase::AwaitAuth, Req::Auth(_) | Req::Ping(_)) => Ok(()),
+        (Phase::AwaitAuth, Req::Auth(_) | Req::Ping(_) | Req::Refresh(_)) => Ok(()),
         (Phase::AwaitAuth, _) => Err("authenticate first: send Auth"),
         (Phase::Ready, Req::Hello(_) | Req::Auth(_)) => Err("already authenticated"),
         (Phase::Ready, _) => Ok(()),
@@ -469,6 +469,22 @@ async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) -> Result<(), En
     Ok(())
 }
 
+/// RATE_LIMITED for a request past the connection's send bucket.
+fn rate_limited(rid: u64, wait: Duration, rate: u32, burst: u32) -> pb::ServerFrame {
+    let retry_after_ms = wait.as_millis().clamp(1, u32::MAX as u128) as u32;
+    pb::ServerFrame::new(
+        rid,
+        Resp::Error(pb::Error {
+            code: ErrorCode::RateLimited as i32,
+            message: format!(
+                "more than {rate} sends a second (burst {burst}); resend after {retry_after_ms} ms"
+            ),
+            fatal: false,
+            retry_after_ms,
+        }),
+    )
+}
+
 /// How far another gateway's clock may run ahead of this one's before its
 /// epochs count as from the future (microseconds).
 const CLOCK_SKEW_US: u64 = 2_000_000;
@@ -549,6 +565,7 @@ async fn on_frame(
                     End::Fatal(rid, code, e.client_message())
                 })?;
             let user = login.user;
+            let token_expires_at_ms = login.expires_at_ms;
             let session = Session {
                 user: user.clone(),
                 device: auth.device_id.clone(),
@@ -594,6 +611,7 @@ async fn on_frame(
                         device_id: auth.device_id,
                         inbox_head: head,
                         resume_from: resume,
+                        token_expires_at_ms,
                     }),
                 )
                 .into(),
@@ -604,6 +622,24 @@ async fn on_frame(
         }
         Req::Ping(p) => {
             out.push(pb::ServerFrame::new(rid, Resp::Pong(pb::Pong { nonce: p.nonce })).into())
+        }
+        // Before Auth as well as after; counted as a send, so that a
+        // connection cannot make the store rotate tokens as fast as it
+        // writes. A refusal is fatal as at Auth, an outage is not.
+        Req::Refresh(r) => {
+            if let Err(wait) = bucket.take() {
+                out.push(rate_limited(rid, wait, cfg.send_rate, cfg.send_burst).into());
+                return Ok(());
+            }
+            match shared.chat.refresh(&r.refresh_token).await {
+                Ok(tokens) => out.push(pb::ServerFrame::new(rid, Resp::Tokens(tokens)).into()),
+                Err(e) => match e.code() {
+                    c @ (ErrorCode::Unauthenticated | ErrorCode::SessionRevoked) => {
+                        return Err(End::Fatal(rid, c, e.client_message()));
+                    }
+                    c => out.push(pb::ServerFrame::error(rid, c, e.client_message()).into()),
+                },
+            }
         }
         Req::Ack(ack) => {
             let l = live.as_ref().expect("admitted only when ready");
@@ -626,19 +662,7 @@ async fn on_frame(
                 && let Err(wait) = bucket.take()
             {
                 shared.metrics.messages_in.inc();
-                let retry_after_ms = wait.as_millis().clamp(1, u32::MAX as u128) as u32;
-                out.push(pb::ServerFrame::new(
-                    rid,
-                    Resp::Error(pb::Error {
-                        code: ErrorCode::RateLimited as i32,
-                        message: format!(
-                            "more than {} sends a second (burst {}); resend after {retry_after_ms} ms",
-                            cfg.send_rate, cfg.send_burst
-                        ),
-                        fatal: false,
-                        retry_after_ms,
-                    }),
-                ).into());
+                out.push(rate_limited(rid, wait, cfg.send_rate, cfg.send_burst).into());
                 return Ok(());
             }
             let l = live.as_ref().expect("admitted only when ready");

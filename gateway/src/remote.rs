@@ -450,7 +450,23 @@ impl ChatBackend for RemoteChat {
         Ok(Login {
             user: r.user_id,
             issued_at_ms: r.issued_at_ms,
+            expires_at_ms: r.expires_at_ms,
         })
+    }
+
+    async fn refresh(&self, refresh_token: &str) -> Result<pb::Tokens, ChatError> {
+        let req = ipb::RefreshRequest {
+            refresh_token: refresh_token.to_owned(),
+        };
+        // Retried elsewhere after a transport failure: if the first replica
+        // rotated the token before its answer was lost, the token it used
+        // up is still honoured within the grace period.
+        self.caller
+            .invoke(true, |mut c| {
+                let req = req.clone();
+                async move { c.refresh(req).await }
+            })
+            .await
     }
 
     async fn session_opened(

@@ -22,7 +22,8 @@ use parley_core::membership::{
 };
 use parley_core::store::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
-    MembershipChange, NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
+    MembershipChange, NewMessage, RefreshRecord, Store, UserRecord, direct_key, history_bound,
+    history_page,
 };
 
 use crate::Db;
@@ -724,6 +725,80 @@ impl Store for SqliteStore {
                 },
             )
             .collect())
+    }
+
+    async fn put_refresh(&self, record: &RefreshRecord) -> Result<(), ChatError> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens \
+             (user_id, device_id, digest, previous, created_at, rotated_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (user_id, device_id) DO UPDATE SET digest = excluded.digest, \
+             previous = excluded.previous, created_at = excluded.created_at, \
+             rotated_at = excluded.rotated_at, expires_at = excluded.expires_at",
+        )
+        .bind(&record.user)
+        .bind(&record.device)
+        .bind(&record.digest)
+        .bind(&record.previous)
+        .bind(record.created_at_ms)
+        .bind(record.rotated_at_ms)
+        .bind(record.expires_at_ms)
+        .execute(&self.writer)
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn get_refresh(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> Result<Option<RefreshRecord>, ChatError> {
+        let row: Option<(Vec<u8>, Vec<u8>, i64, i64, i64)> = sqlx::query_as(
+            "SELECT digest, previous, created_at, rotated_at, expires_at FROM refresh_tokens \
+             WHERE user_id = ?1 AND device_id = ?2",
+        )
+        .bind(user)
+        .bind(device)
+        .fetch_optional(&self.reader)
+        .await
+        .db()?;
+        Ok(row.map(
+            |(digest, previous, created_at_ms, rotated_at_ms, expires_at_ms)| RefreshRecord {
+                user: user.to_owned(),
+                device: device.to_owned(),
+                digest,
+                previous,
+                created_at_ms,
+                rotated_at_ms,
+                expires_at_ms,
+            },
+        ))
+    }
+
+    async fn rotate_refresh(
+        &self,
+        user: &str,
+        device: &str,
+        current: &[u8],
+        next: &[u8],
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, ChatError> {
+        let done = sqlx::query(
+            "UPDATE refresh_tokens SET previous = digest, digest = ?4, rotated_at = ?5, \
+             expires_at = ?6 WHERE user_id = ?1 AND device_id = ?2 AND digest = ?3",
+        )
+        .bind(user)
+        .bind(device)
+        .bind(current)
+        .bind(next)
+        .bind(now_ms)
+        .bind(expires_at_ms)
+        .execute(&self.writer)
+        .await
+        .db()?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn set_block(

@@ -592,3 +592,122 @@ async fn a_lingering_batch_gathers_sends_that_arrive_apart() {
         }
     }
 }
+
+/// A session's refresh token is traded for the next pair and then works no
+/// more: a copy that comes back within the grace period is honoured (its
+/// answer may have been lost), one that comes back later logs the device
+/// out. Log-outs and expiry end a session; anything else is refused
+/// without side effects.
+#[tokio::test]
+async fn refresh_tokens_rotate_and_a_stolen_copy_logs_the_device_out() {
+    let w = world(ChatConfig::default()).await;
+    let code = |r: Result<pb::Tokens, crate::ChatError>| r.unwrap_err().code();
+    let first = w
+        .chat
+        .create_session("alice", "phone", None, None)
+        .await
+        .unwrap();
+    let v = w
+        .chat
+        .authenticate(&first.access_token, "phone")
+        .await
+        .unwrap();
+    assert_eq!(v.device.as_deref(), Some("phone"));
+    let lifetime = first.access_expires_at_ms - crate::now_ms();
+    assert!(
+        (14 * 60_000..=15 * 60_000).contains(&lifetime),
+        "{lifetime}"
+    );
+    assert_eq!(
+        code(w.chat.create_session("ghost", "phone", None, None).await),
+        ErrorCode::NotFound
+    );
+
+    let second = w.chat.refresh(&first.refresh_token).await.unwrap();
+    assert_ne!(second.refresh_token, first.refresh_token);
+    assert!(
+        w.chat
+            .authenticate(&second.access_token, "phone")
+            .await
+            .is_ok()
+    );
+    // The first token again, at once: its answer may have been lost.
+    let third = w.chat.refresh(&first.refresh_token).await.unwrap();
+    assert!(
+        w.chat
+            .authenticate(&third.access_token, "phone")
+            .await
+            .is_ok()
+    );
+
+    // Garbage, or a token naming someone else's device, changes nothing.
+    assert_eq!(
+        code(w.chat.refresh("pr1.zz").await),
+        ErrorCode::Unauthenticated
+    );
+    let forged = crate::refresh::RefreshToken::new("alice", "phone").encode();
+    assert_eq!(
+        code(w.chat.refresh(&forged).await),
+        ErrorCode::Unauthenticated
+    );
+    let fourth = w.chat.refresh(&third.refresh_token).await.unwrap();
+
+    // A used-up token back after the grace period: two holders.
+    let mut record = w
+        .store
+        .get_refresh("alice", "phone")
+        .await
+        .unwrap()
+        .unwrap();
+    record.rotated_at_ms -= crate::service::REFRESH_GRACE.as_millis() as i64 + 1_000;
+    w.store.put_refresh(&record).await.unwrap();
+    let mut revocations = w.bus.revocations();
+    assert_eq!(
+        code(w.chat.refresh(&third.refresh_token).await),
+        ErrorCode::SessionRevoked
+    );
+    let r = revocations.try_recv().unwrap();
+    assert_eq!(
+        r.device.as_deref(),
+        Some("phone"),
+        "the device is logged out"
+    );
+    assert_eq!(
+        code(w.chat.refresh(&fourth.refresh_token).await),
+        ErrorCode::SessionRevoked
+    );
+    assert!(
+        w.chat
+            .authenticate(&fourth.access_token, "phone")
+            .await
+            .is_err()
+    );
+
+    // A new login; then a log-out of every device ends it too.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let again = w
+        .chat
+        .create_session("alice", "phone", None, None)
+        .await
+        .unwrap();
+    let next = w.chat.refresh(&again.refresh_token).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    w.chat.log_out("alice", None).await.unwrap();
+    assert_eq!(
+        code(w.chat.refresh(&next.refresh_token).await),
+        ErrorCode::SessionRevoked
+    );
+
+    // An expired refresh token.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let short = w
+        .chat
+        .create_session("bob", "tab", None, Some(Duration::from_millis(1)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        code(w.chat.refresh(&short.refresh_token).await),
+        ErrorCode::SessionRevoked
+    );
+}

@@ -475,6 +475,69 @@ pub async fn log_outs_only_move_forward_and_list_every_device(store: &dyn Store)
     assert!(store.list_devices("bob").await.unwrap().is_empty());
 }
 
+pub async fn refresh_tokens_move_on_only_from_the_current_one(store: &dyn Store) {
+    assert_eq!(store.get_refresh("alice", "phone").await.unwrap(), None);
+    assert!(
+        !store
+            .rotate_refresh("alice", "phone", b"a", b"b", 5, 9)
+            .await
+            .unwrap()
+    );
+    let record = RefreshRecord {
+        user: "alice".into(),
+        device: "phone".into(),
+        digest: b"one".to_vec(),
+        previous: Vec::new(),
+        created_at_ms: 1_000,
+        rotated_at_ms: 1_000,
+        expires_at_ms: 9_000,
+    };
+    store.put_refresh(&record).await.unwrap();
+    assert_eq!(
+        store.get_refresh("alice", "phone").await.unwrap(),
+        Some(record.clone())
+    );
+    assert_eq!(store.get_refresh("alice", "laptop").await.unwrap(), None);
+    assert!(
+        store
+            .rotate_refresh("alice", "phone", b"one", b"two", 2_000, 10_000)
+            .await
+            .unwrap()
+    );
+    // Another refresh from the same token lost the race.
+    assert!(
+        !store
+            .rotate_refresh("alice", "phone", b"one", b"three", 2_001, 10_001)
+            .await
+            .unwrap()
+    );
+    let moved = store.get_refresh("alice", "phone").await.unwrap().unwrap();
+    assert_eq!(
+        (moved.digest.as_slice(), moved.previous.as_slice()),
+        (&b"two"[..], &b"one"[..])
+    );
+    assert_eq!(
+        (
+            moved.created_at_ms,
+            moved.rotated_at_ms,
+            moved.expires_at_ms
+        ),
+        (1_000, 2_000, 10_000)
+    );
+    // A new login replaces the device's record whole.
+    let fresh = RefreshRecord {
+        digest: b"new".to_vec(),
+        created_at_ms: 3_000,
+        rotated_at_ms: 3_000,
+        ..record
+    };
+    store.put_refresh(&fresh).await.unwrap();
+    assert_eq!(
+        store.get_refresh("alice", "phone").await.unwrap(),
+        Some(fresh)
+    );
+}
+
 /// Turns every check of the suite into a `#[tokio::test]`. `$open` is an
 /// async fn returning `(guard, store)`: the guard lives as long as the test
 /// (a temporary directory, a schema dropped afterwards) and the store gets
@@ -495,6 +558,7 @@ macro_rules! store_conformance {
             numbering_survives_pruning_everything,
             cursors_only_move_forward,
             log_outs_only_move_forward_and_list_every_device,
+            refresh_tokens_move_on_only_from_the_current_one,
         );
     };
     (@each $open:path: $($name:ident),* $(,)?) => {

@@ -14,7 +14,8 @@ use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use super::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
-    MembershipChange, NewMessage, Store, UserRecord, direct_key, history_bound, history_page,
+    MembershipChange, NewMessage, RefreshRecord, Store, UserRecord, direct_key, history_bound,
+    history_page,
 };
 use crate::error::ChatError;
 use crate::membership::{
@@ -81,6 +82,8 @@ struct Inner {
     devices: BTreeMap<(String, String), Device>,
     /// (user, device) → its log-out (`log_outs`).
     log_outs: BTreeMap<(String, String), i64>,
+    /// (user, device) → its refresh token (`refresh_tokens`).
+    refresh: HashMap<(String, String), RefreshRecord>,
     /// (user, blocked).
     blocks: HashSet<(String, String)>,
 }
@@ -554,6 +557,46 @@ impl Store for MemoryStore {
                 }
             })
             .collect())
+    }
+
+    async fn put_refresh(&self, record: &RefreshRecord) -> Result<(), ChatError> {
+        let key = (record.user.clone(), record.device.clone());
+        self.lock().refresh.insert(key, record.clone());
+        Ok(())
+    }
+
+    async fn get_refresh(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> Result<Option<RefreshRecord>, ChatError> {
+        Ok(self
+            .lock()
+            .refresh
+            .get(&(user.to_owned(), device.to_owned()))
+            .cloned())
+    }
+
+    async fn rotate_refresh(
+        &self,
+        user: &str,
+        device: &str,
+        current: &[u8],
+        next: &[u8],
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, ChatError> {
+        let mut s = self.lock();
+        let Some(r) = s.refresh.get_mut(&(user.to_owned(), device.to_owned())) else {
+            return Ok(false);
+        };
+        if r.digest != current {
+            return Ok(false);
+        }
+        r.previous = std::mem::replace(&mut r.digest, next.to_vec());
+        r.rotated_at_ms = now_ms;
+        r.expires_at_ms = expires_at_ms;
+        Ok(true)
     }
 
     async fn set_block(
