@@ -148,6 +148,8 @@ struct UpArgs {
     /// 127.0.0.1).
     #[arg(long, env = "PARLEY_ADVERTISE")]
     advertise: Option<String>,
+    #[command(flatten)]
+    limits: parley_gateway::cli::LimitArgs,
 }
 
 #[derive(Args, Clone)]
@@ -405,6 +407,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.gateway.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
     cfg.gateway.max_connections = args.max_connections;
     cfg.gateway.send_rate = args.send_rate;
+    cfg.gateway.limits = args.limits.limits();
     cfg.gateway.send_burst = args.send_burst.max(1);
     cfg.gateway.pong_timeout = Duration::from_millis(args.pong_timeout_ms.max(1));
     cfg.ops_listen = match args.ops_listen.as_str() {

@@ -1482,3 +1482,152 @@ async fn an_expired_access_token_is_refreshed_by_the_sdk() {
     put(&mut s, 2, Req::Refresh(garbage)).await;
     expect_fatal(&mut s, &mut buf, ErrorCode::Unauthenticated, 2).await;
 }
+
+/// The answer to request `rid` (deliveries and the like skipped).
+async fn answer(s: &mut TcpStream, buf: &mut BytesMut, rid: u64) -> Resp {
+    loop {
+        let frame = get(s, buf).await.expect("an answer before the close");
+        if frame.request_id == rid
+            && let Some(body) = frame.body
+        {
+            return body;
+        }
+    }
+}
+
+/// RATE_LIMITED with a retry-after, not fatal.
+fn limited(resp: Resp, what: &str) {
+    match resp {
+        Resp::Error(e) => {
+            assert_eq!(e.code(), ErrorCode::RateLimited, "{what}: {}", e.message);
+            assert!(!e.fatal, "{what}");
+            assert!(
+                e.retry_after_ms > 0 && e.retry_after_ms <= 60_000,
+                "{what}: {}",
+                e.retry_after_ms
+            );
+        }
+        other => panic!("{what}: expected RATE_LIMITED, got {other:?}"),
+    }
+}
+
+/// Each limit holds for a user across all its devices (sends, reads,
+/// group operations, logins) or for an address across users (logins):
+/// past it a request gets RATE_LIMITED with when to retry, a login a fatal
+/// one; other users are not held back by it.
+#[tokio::test]
+async fn rate_limits_hold_per_user_across_devices_and_per_address() {
+    use parley_core::limits::{Limits, Rate};
+    let mut w = World::with(|c| {
+        c.gateway.limits = Limits {
+            logins_per_ip: Some(Rate::per_minute(6)),
+            logins_per_user: Some(Rate::per_minute(4)),
+            sends_per_user: Some(Rate::per_minute(5)),
+            reads_per_user: Some(Rate::per_minute(3)),
+            group_ops_per_user: Some(Rate::per_minute(2)),
+        }
+    })
+    .await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (mut phone, mut pbuf) = raw_login(&w, &ta, "phone").await;
+    let (mut laptop, mut lbuf) = raw_login(&w, &ta, "laptop").await;
+
+    // Group operations: two, whichever device.
+    put(
+        &mut phone,
+        3,
+        Req::OpenDirect(pb::OpenDirect { peer: "bob".into() }),
+    )
+    .await;
+    let Resp::Conversation(conv) = answer(&mut phone, &mut pbuf, 3).await else {
+        panic!("a conversation");
+    };
+    put(&mut laptop, 3, Req::Block(pb::Block { user: "bob".into() })).await;
+    assert!(matches!(
+        answer(&mut laptop, &mut lbuf, 3).await,
+        Resp::Done(_)
+    ));
+    put(
+        &mut phone,
+        4,
+        Req::Unblock(pb::Unblock { user: "bob".into() }),
+    )
+    .await;
+    limited(
+        answer(&mut phone, &mut pbuf, 4).await,
+        "a third group operation",
+    );
+
+    // Sends: five across both devices, the sixth refused.
+    for i in 0..6u64 {
+        let (s, b) = if i % 2 == 0 {
+            (&mut phone, &mut pbuf)
+        } else {
+            (&mut laptop, &mut lbuf)
+        };
+        let send = Req::Send(pb::Send {
+            client_msg_id: format!("m{i}"),
+            conversation_id: conv.id,
+            content: Some(pb::Content::text("hi")),
+        });
+        put(s, 10 + i, send).await;
+        let resp = answer(s, b, 10 + i).await;
+        if i < 5 {
+            assert!(matches!(resp, Resp::SendAck(_)), "send {i}: {resp:?}");
+        } else {
+            limited(resp, "a sixth send");
+        }
+    }
+
+    // Reads: three.
+    for i in 0..4u64 {
+        let history = Req::History(pb::HistoryRequest {
+            conversation_id: conv.id,
+            from_seq: 0,
+            direction: pb::Direction::Backward as i32,
+            limit: 10,
+        });
+        put(&mut laptop, 20 + i, history).await;
+        let resp = answer(&mut laptop, &mut lbuf, 20 + i).await;
+        if i < 3 {
+            assert!(matches!(resp, Resp::HistoryPage(_)), "read {i}: {resp:?}");
+        } else {
+            limited(resp, "a fourth read");
+        }
+    }
+
+    // Bob is held back by none of alice's limits.
+    let (mut bob, mut bbuf) = raw_login(&w, &tb, "phone").await;
+    put(
+        &mut bob,
+        3,
+        Req::ListConversations(pb::ListConversations {}),
+    )
+    .await;
+    assert!(matches!(
+        answer(&mut bob, &mut bbuf, 3).await,
+        Resp::Conversations(_)
+    ));
+
+    // Logins: alice has used two of four, the address three of six.
+    raw_login(&w, &ta, "tablet").await;
+    raw_login(&w, &ta, "watch").await;
+    let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+    put(&mut s, 1, hello()).await;
+    put(&mut s, 2, auth(&ta, "tv")).await;
+    match answer(&mut s, &mut buf, 2).await {
+        Resp::Error(e) => {
+            assert_eq!(e.code(), ErrorCode::RateLimited, "{}", e.message);
+            assert!(e.fatal && e.retry_after_ms > 0, "{e:?}");
+        }
+        other => panic!("a fifth login of alice: {other:?}"),
+    }
+    // That refused login counted against the address too: six in all.
+    let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+    put(&mut s, 1, hello()).await;
+    put(&mut s, 2, auth(&tb, "laptop")).await;
+    match answer(&mut s, &mut buf, 2).await {
+        Resp::Error(e) => assert_eq!(e.code(), ErrorCode::RateLimited, "{}", e.message),
+        other => panic!("a seventh login from one address: {other:?}"),
+    }
+}

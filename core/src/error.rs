@@ -3,7 +3,7 @@
 //! here and answered as INTERNAL. (Their mapping to gRPC statuses lives
 //! with the gRPC stubs, in `parley_proto::grpc`.)
 
-use parley_proto::pb::ErrorCode;
+use parley_proto::pb::{self, ErrorCode};
 
 /// What went wrong with a chat request.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,12 @@ pub enum ChatError {
     TokenExpired,
     #[error("this device was logged out: its tokens are revoked; log in again for a new one")]
     SessionRevoked,
+    /// Past a rate limit: try again after `retry_after_ms`.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_ms: u32,
+    },
     #[error("the service is unavailable: {0}")]
     Unavailable(String),
     /// The database failed; the store adapter's own error is the source.
@@ -54,6 +60,7 @@ impl ChatError {
             Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
             Self::TokenExpired => ErrorCode::TokenExpired,
             Self::SessionRevoked => ErrorCode::SessionRevoked,
+            Self::RateLimited { .. } => ErrorCode::RateLimited,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Storage(_) | Self::Corrupt(_) => ErrorCode::Internal,
             Self::Remote(code, _) => *code,
@@ -73,6 +80,28 @@ impl ChatError {
             }
             other => other.to_string(),
         }
+    }
+
+    /// How long until a retry can pass (RATE_LIMITED), in ms; 0 otherwise.
+    pub fn retry_after_ms(&self) -> u32 {
+        match self {
+            Self::RateLimited { retry_after_ms, .. } => *retry_after_ms,
+            _ => 0,
+        }
+    }
+
+    /// The Error frame for this error, answering request `request_id`.
+    pub fn frame(&self, request_id: u64) -> pb::ServerFrame {
+        let code = self.code();
+        pb::ServerFrame::new(
+            request_id,
+            pb::server_frame::Body::Error(pb::Error {
+                code: code as i32,
+                message: self.client_message(),
+                fatal: code.is_fatal(),
+                retry_after_ms: self.retry_after_ms(),
+            }),
+        )
     }
 
     /// An INVALID_ARGUMENT error.

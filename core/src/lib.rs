@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod bus;
 pub mod error;
+pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod presence;

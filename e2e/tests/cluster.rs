@@ -1211,6 +1211,63 @@ async fn a_log_out_closes_the_device_on_every_gateway_within_a_second() {
     again.open_direct("bob").await.unwrap();
 }
 
+/// A user's rate limit holds across gateways: its devices on two gateways
+/// share one count, kept in Redis (each gateway pushes its counts every
+/// 100 ms), and the one past it is answered RATE_LIMITED with a retry-after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_rate_limit_holds_across_gateways() {
+    let spec = Spec {
+        env: vec![("PARLEY_LIMIT_READS_PER_USER".to_owned(), "5/60".to_owned())],
+        ..spec()
+    };
+    let c = Cluster::start(spec).await.unwrap();
+    let t = c.users(&["ann", "bob"]).await.unwrap();
+    let (phone, _e1) = Client::connect(c.at_gateway(0, &t[0], "phone"))
+        .await
+        .unwrap();
+    let (laptop, _e2) = Client::connect(c.at_gateway(1, &t[0], "laptop"))
+        .await
+        .unwrap();
+    let (bob, _e3) = Client::connect(c.at_gateway(1, &t[1], "phone"))
+        .await
+        .unwrap();
+    let conv = phone.open_direct("bob").await.unwrap().id;
+    let read = |client: &Client| {
+        let client = client.clone();
+        async move { client.history(conv, 0, pb::Direction::Backward, 10).await }
+    };
+    for _ in 0..3 {
+        read(&phone).await.unwrap();
+    }
+    // Each gateway learns the others' counts of a key at its syncs, the
+    // first after it first sees the key: the laptop's first read is
+    // judged on gateway 1's own count.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    read(&laptop).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    read(&laptop).await.unwrap();
+    let refused = read(&laptop).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(pb::ErrorCode::RateLimited),
+        "{refused}"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let refused = read(&phone).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(pb::ErrorCode::RateLimited),
+        "{refused}"
+    );
+    // Bob, on the same gateway, reads on.
+    bob.history(conv, 0, pb::Direction::Backward, 10)
+        .await
+        .unwrap();
+    println!(
+        "rate limit: 5 reads a minute for ann over 2 gateways: 5 admitted, then refused on both"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_connect_over_tls() {
     let dir = tempfile::tempdir().unwrap();

@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
             StreamIo::new(server, MAX_FRAME),
             shared.clone(),
             1,
+            Some(std::net::IpAddr::from([192, 0, 2, 1])),
             shutdown,
         );
         let (answer, ()) =

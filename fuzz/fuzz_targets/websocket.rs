@@ -29,7 +29,13 @@ fuzz_target!(|data: &[u8]| {
             .max_frame_size(Some(MAX_FRAME * 2));
         let ws = WebSocketStream::from_raw_socket(server, Role::Server, Some(config)).await;
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let served = serve(WsIo::new(ws, MAX_FRAME), shared.clone(), 1, shutdown);
+        let served = serve(
+            WsIo::new(ws, MAX_FRAME),
+            shared.clone(),
+            1,
+            Some(std::net::IpAddr::from([192, 0, 2, 1])),
+            shutdown,
+        );
         let client_side = async {
             if control & 2 == 0 {
                 let mut raw = Vec::new();

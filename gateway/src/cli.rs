@@ -12,6 +12,7 @@ use crate::cluster::{self, ClusterConfig};
 use crate::remote::RemoteConfig;
 use anyhow::Context;
 use clap::Parser;
+use parley_core::limits::{Limits, Rate};
 use parley_ops::args::BackendArgs;
 use tokio::sync::watch;
 
@@ -107,6 +108,8 @@ struct Args {
     /// acks that arrive meanwhile go in the next one.
     #[arg(long, env = "PARLEY_BATCHES_IN_FLIGHT", default_value_t = 1)]
     batches_in_flight: usize,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 fn listener(value: &str, what: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -165,6 +168,7 @@ where
             max_frame_bytes: a.max_frame_bytes,
             max_connections: a.max_connections,
             shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
+            limits: a.limits.limits(),
             ..GatewayConfig::default()
         },
         listen,
@@ -196,4 +200,86 @@ where
 
 fn rand_id() -> u32 {
     std::process::id() ^ (parley_core::now_ms() as u32)
+}
+
+/// The rate limits, as flags `parley up` and `parley-gateway` share: each
+/// `N/SECONDS` (at most N in any SECONDS), or `off`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Logins (Auth) from one IP address, all users together.
+    #[arg(long, env = "PARLEY_LIMIT_LOGINS_PER_IP", default_value = "600/60", value_parser = rate)]
+    limit_logins_per_ip: Limit,
+    /// Logins of one user, all devices together.
+    #[arg(long, env = "PARLEY_LIMIT_LOGINS_PER_USER", default_value = "60/60", value_parser = rate)]
+    limit_logins_per_user: Limit,
+    /// Sends of one user, all devices together.
+    #[arg(long, env = "PARLEY_LIMIT_SENDS_PER_USER", default_value = "1000/10", value_parser = rate)]
+    limit_sends_per_user: Limit,
+    /// History pages, catch-up requests and lists of one user.
+    #[arg(long, env = "PARLEY_LIMIT_READS_PER_USER", default_value = "300/10", value_parser = rate)]
+    limit_reads_per_user: Limit,
+    /// Group operations, direct conversations opened, blocks and log-outs of one user.
+    #[arg(long, env = "PARLEY_LIMIT_GROUP_OPS_PER_USER", default_value = "120/60", value_parser = rate)]
+    limit_group_ops_per_user: Limit,
+}
+
+/// One parsed limit flag (None: off).
+#[derive(Debug, Clone, Copy)]
+pub struct Limit(Option<Rate>);
+
+fn rate(value: &str) -> Result<Limit, String> {
+    if value == "off" {
+        return Ok(Limit(None));
+    }
+    let parsed = value.split_once('/').and_then(|(n, s)| {
+        let limit = n.trim().parse::<u32>().ok().filter(|n| *n > 0)?;
+        let secs = s.trim().parse::<u64>().ok().filter(|s| *s > 0)?;
+        Some(Rate {
+            limit,
+            window: Duration::from_secs(secs),
+        })
+    });
+    parsed
+        .map(|r| Limit(Some(r)))
+        .ok_or_else(|| format!("{value:?} is not N/SECONDS (both above 0) or off"))
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            logins_per_ip: self.limit_logins_per_ip.0,
+            logins_per_user: self.limit_logins_per_user.0,
+            sends_per_user: self.limit_sends_per_user.0,
+            reads_per_user: self.limit_reads_per_user.0,
+            group_ops_per_user: self.limit_group_ops_per_user.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn limits_read_as_n_per_seconds_or_off() {
+        let r = rate("1000/10").unwrap().0.unwrap();
+        assert_eq!((r.limit, r.window), (1000, Duration::from_secs(10)));
+        assert!(rate("off").unwrap().0.is_none());
+        for bad in ["", "10", "0/10", "10/0", "ten/10", "10/s"] {
+            assert!(rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            rate(
+                Limits::default()
+                    .sends_per_user
+                    .map(|r| format!("{}/{}", r.limit, r.window.as_secs()))
+                    .unwrap()
+                    .as_str()
+            )
+            .unwrap()
+            .0,
+            Limits::default().sends_per_user,
+            "the flags' defaults are the code's"
+        );
+    }
 }

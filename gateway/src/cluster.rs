@@ -360,11 +360,14 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     };
     let feed = parley_amqp::consume(amqp.clone(), &cfg.gateway.gateway_id, 4096);
     let notices = AmqpBus::start_named(amqp, &format!("parley-gateway {}", cfg.gateway.gateway_id));
-    let shared = Shared::new(
+    // Rate limits count across every gateway of the cluster, in Redis.
+    let limiter = parley_core::limits::Limiter::start(Arc::new(redis.clone()));
+    let shared = Shared::with_limiter(
         cfg.gateway.clone(),
         chat.clone(),
         Arc::new(redis.clone()),
         Some(Arc::new(notices)),
+        limiter,
     );
     let mut metrics = MetricsRegistry::with_prefix("parley");
     shared.metrics.register(&mut metrics);

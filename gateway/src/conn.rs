@@ -2,10 +2,12 @@
 //! requests forwarded to the chat service, catch-up from the cursor, live
 //! pushes with gap detection, heartbeat, flood control and goodbye.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use parley_core::limits::limited;
 use parley_core::{ChatError, Session};
 use parley_proto::codec::{DecodeError, Outgoing};
 use parley_proto::pb::{self, ErrorCode, client_frame::Body as Req, server_frame::Body as Resp};
@@ -83,6 +85,7 @@ struct Live {
     session: Session,
     /// When the token it logged in with was issued (ms since the epoch).
     issued_at_ms: i64,
+    limits: LimitKeys,
     sub: Subscription,
     /// The newest inbox sequence number written to the device.
     delivered: u64,
@@ -97,6 +100,8 @@ struct Live {
 
 /// Why the connection ends.
 enum End {
+    /// A fatal error frame, as built (a refusal with a retry-after).
+    Refused(Box<pb::ServerFrame>),
     Closed,
     /// An Error frame ends it; it answers the request with this id (0: none).
     Fatal(u64, ErrorCode, String),
@@ -144,6 +149,7 @@ pub async fn serve<IO: FrameIo>(
     mut io: IO,
     shared: Arc<Shared>,
     conn_id: u64,
+    peer: Option<IpAddr>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = &shared.config;
@@ -197,7 +203,7 @@ pub async fn serve<IO: FrameIo>(
                         last_frame = Instant::now();
                         // Boxed, as every large step here: an idle connection's
                         // state is only what waits in this select.
-                        let handled = heap(on_frame(&shared, conn_id, frame, &mut phase, &mut live, &mut bucket, &mut out));
+                        let handled = heap(on_frame(&shared, conn_id, peer, frame, &mut phase, &mut live, &mut bucket, &mut out));
                         handled.await
                     }
                     Ok(None) => Err(End::Closed),
@@ -261,6 +267,13 @@ pub async fn serve<IO: FrameIo>(
     };
 
     let farewell = match end {
+        End::Refused(mut frame) => {
+            if let Some(Resp::Error(e)) = &mut frame.body {
+                tracing::debug!(conn_id, code = e.code, message = %e.message, "closing connection");
+                e.fatal = true;
+            }
+            Some(*frame)
+        }
         End::Fatal(rid, code, message) => {
             tracing::debug!(conn_id, ?code, %message, "closing connection");
             let mut frame = pb::ServerFrame::error(rid, code, message);
@@ -469,6 +482,51 @@ async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) -> Result<(), En
     Ok(())
 }
 
+/// A user's keys in the rate limiter, made once per login so that a check
+/// on the send path allocates nothing.
+struct LimitKeys {
+    send: String,
+    read: String,
+    group: String,
+}
+
+impl LimitKeys {
+    fn of(user: &str) -> Self {
+        Self {
+            send: format!("send:{user}"),
+            read: format!("read:{user}"),
+            group: format!("group:{user}"),
+        }
+    }
+}
+
+/// Counts a request against its user's limit for its kind, if any.
+fn limit(shared: &Shared, keys: &LimitKeys, req: &Req) -> Result<(), ChatError> {
+    let limits = &shared.config.limits;
+    let (rate, key, what) = match req {
+        Req::Send(_) => (limits.sends_per_user, &keys.send, "sends"),
+        Req::Sync(_) | Req::History(_) | Req::ListConversations(_) | Req::ListDevices(_) => {
+            (limits.reads_per_user, &keys.read, "reads")
+        }
+        Req::OpenDirect(_)
+        | Req::CreateGroup(_)
+        | Req::AddMembers(_)
+        | Req::RemoveMembers(_)
+        | Req::LeaveGroup(_)
+        | Req::Block(_)
+        | Req::Unblock(_)
+        | Req::LogOut(_) => (limits.group_ops_per_user, &keys.group, "group operations"),
+        _ => return Ok(()),
+    };
+    let Some(rate) = rate else {
+        return Ok(());
+    };
+    shared
+        .limiter
+        .check(key, rate)
+        .map_err(|wait| limited(what, rate, wait))
+}
+
 /// RATE_LIMITED for a request past the connection's send bucket.
 fn rate_limited(rid: u64, wait: Duration, rate: u32, burst: u32) -> pb::ServerFrame {
     let retry_after_ms = wait.as_millis().clamp(1, u32::MAX as u128) as u32;
@@ -500,9 +558,11 @@ fn sync_done(request_id: u64, cursor: u64, missing: Option<(u64, u64)>) -> pb::S
     pb::ServerFrame::new(request_id, Resp::SyncDone(done))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn on_frame(
     shared: &Shared,
     conn_id: u64,
+    peer: Option<IpAddr>,
     frame: pb::ClientFrame,
     phase: &mut Phase,
     live: &mut Option<Live>,
@@ -549,6 +609,16 @@ async fn on_frame(
         Req::Auth(auth) => {
             ids::check_device_id(&auth.device_id)
                 .map_err(|m| End::Fatal(rid, ErrorCode::Unauthenticated, m))?;
+            if let (Some(rate), Some(ip)) = (cfg.limits.logins_per_ip, peer) {
+                shared
+                    .limiter
+                    .check(&format!("login-ip:{ip}"), rate)
+                    .map_err(|wait| {
+                        End::Refused(Box::new(
+                            limited("logins from your address", rate, wait).frame(rid),
+                        ))
+                    })?;
+            }
             // A chat service that cannot be reached is not a bad token: the
             // client must try again later, not give up on its token.
             let login = shared
@@ -564,6 +634,16 @@ async fn on_frame(
                     };
                     End::Fatal(rid, code, e.client_message())
                 })?;
+            if let Some(rate) = cfg.limits.logins_per_user {
+                shared
+                    .limiter
+                    .check(&format!("login:{}", login.user), rate)
+                    .map_err(|wait| {
+                        End::Refused(Box::new(
+                            limited("logins of this user", rate, wait).frame(rid),
+                        ))
+                    })?;
+            }
             let user = login.user;
             let token_expires_at_ms = login.expires_at_ms;
             let session = Session {
@@ -580,6 +660,7 @@ async fn on_frame(
                     .registry
                     .register(&session, login.issued_at_ms, conn_id, cfg.push_queue);
             let mut l = Live {
+                limits: LimitKeys::of(&session.user),
                 session,
                 issued_at_ms: login.issued_at_ms,
                 sub,
@@ -654,6 +735,10 @@ async fn on_frame(
         }
         Req::Sync(sync) => {
             let l = live.as_mut().expect("admitted only when ready");
+            if let Err(e) = limit(shared, &l.limits, &Req::Sync(pb::SyncRequest::default())) {
+                out.push(e.frame(rid).into());
+                return Ok(());
+            }
             l.delivered = sync.after;
             start_sync(shared, l, rid, out).await?;
         }
@@ -666,6 +751,13 @@ async fn on_frame(
                 return Ok(());
             }
             let l = live.as_ref().expect("admitted only when ready");
+            if let Err(e) = limit(shared, &l.limits, &req) {
+                if matches!(req, Req::Send(_)) {
+                    shared.metrics.messages_in.inc();
+                }
+                out.push(e.frame(rid).into());
+                return Ok(());
+            }
             let send = matches!(req, Req::Send(_));
             let started = std::time::Instant::now();
             let result = shared

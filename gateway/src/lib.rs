@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use parley_core::limits::{Limiter, Limits, MemoryCounters};
 use parley_core::{ChatBackend, Delivery, DeliveryBus, Presence};
 use parley_ops::stopped;
 use tokio::net::{TcpListener, TcpStream};
@@ -51,6 +52,9 @@ pub struct GatewayConfig {
     pub shutdown_grace: Duration,
     /// Told to clients in GoAway: when to reconnect.
     pub reconnect_hint: Duration,
+    /// Rate limits per IP and per user, across every gateway that shares
+    /// the limiter's counters.
+    pub limits: Limits,
 }
 
 impl Default for GatewayConfig {
@@ -67,6 +71,7 @@ impl Default for GatewayConfig {
             send_burst: 200,
             shutdown_grace: Duration::from_secs(10),
             reconnect_hint: Duration::from_millis(500),
+            limits: Limits::default(),
         }
     }
 }
@@ -87,6 +92,8 @@ pub struct Shared {
     /// Carries replacement notices to other gateways (cluster mode; in one
     /// process the registry sees every connection itself).
     pub notices: Option<Arc<dyn DeliveryBus>>,
+    /// Counts what the limits in `config` limit.
+    pub limiter: Arc<Limiter>,
     epoch: AtomicU64,
     /// Below 1000, from the gateway's id (see [`Shared::next_epoch`]).
     epoch_offset: u64,
@@ -101,11 +108,25 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// A gateway whose rate limits count in this process alone.
     pub fn new(
         config: GatewayConfig,
         chat: Arc<dyn ChatBackend>,
         presence: Arc<dyn Presence>,
         notices: Option<Arc<dyn DeliveryBus>>,
+    ) -> Arc<Self> {
+        let limiter = Limiter::start(Arc::new(MemoryCounters::default()));
+        Self::with_limiter(config, chat, presence, notices, limiter)
+    }
+
+    /// A gateway counting its rate limits with `limiter` (shared counters
+    /// in a cluster).
+    pub fn with_limiter(
+        config: GatewayConfig,
+        chat: Arc<dyn ChatBackend>,
+        presence: Arc<dyn Presence>,
+        notices: Option<Arc<dyn DeliveryBus>>,
+        limiter: Arc<Limiter>,
     ) -> Arc<Self> {
         let epoch_offset = {
             use std::hash::{Hash, Hasher};
@@ -123,6 +144,7 @@ impl Shared {
             metrics: metrics::GatewayMetrics::default(),
             epoch_offset,
             notices,
+            limiter,
             epoch: AtomicU64::new(0),
         })
     }
@@ -242,6 +264,7 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
+        let peer = stream.peer_addr().ok().map(|a| a.ip());
         shared.metrics.accepted.inc();
         next_id += 1;
         let id = next_id;
@@ -251,7 +274,7 @@ pub async fn run(
         let acceptor = acceptor.clone();
         conns.spawn(async move {
             let Some(acceptor) = acceptor.filter(|_| matches!(kind, Kind::Tls | Kind::Wss)) else {
-                return session(stream, kind, permit.ok(), shared, id, stop).await;
+                return session(stream, kind, permit.ok(), shared, id, peer, stop).await;
             };
             // Boxed: a TLS handshake's state is large, and a plain
             // connection's task should not be sized for it.
@@ -262,7 +285,7 @@ pub async fn run(
                 tracing::debug!("TLS handshake failed");
                 return;
             };
-            let served = heap(session(tls, kind, permit.ok(), shared, id, stop));
+            let served = heap(session(tls, kind, permit.ok(), shared, id, peer, stop));
             served.await;
         });
     }
@@ -297,6 +320,7 @@ async fn session<S>(
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     shared: Arc<Shared>,
     id: u64,
+    peer: Option<std::net::IpAddr>,
     stop: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -319,10 +343,16 @@ async fn session<S>(
             tracing::debug!("websocket handshake failed");
             return;
         };
-        let served = heap(conn::serve(WsIo::new(ws, max), shared, id, stop));
+        let served = heap(conn::serve(WsIo::new(ws, max), shared, id, peer, stop));
         served.await;
     } else {
-        let served = heap(conn::serve(StreamIo::new(stream, max), shared, id, stop));
+        let served = heap(conn::serve(
+            StreamIo::new(stream, max),
+            shared,
+            id,
+            peer,
+            stop,
+        ));
         served.await;
     }
 }

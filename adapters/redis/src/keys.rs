@@ -13,6 +13,7 @@
 //! | `P:routes` | sorted set | advertised address scored by connections |
 //! | `P:routes:seen` | hash | address → when its entry was last written (ms) |
 //! | `P:routes:via` | hash | public address → the gateway's own (advertised) address, when the operator publishes gateways |
+//! | `P:rl:<window ms>:<index>:<key>` | string | a rate limit's count in one fixed window (`key` is e.g. `send:<user>`, `login-ip:<address>`); expires two windows on |
 
 /// The key names under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,11 @@ impl Keys {
 
     fn of(&self, kind: &str, id: &str) -> String {
         format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    /// A rate limit's counter for window `index` of `window_ms`.
+    pub fn rate(&self, key: &str, window_ms: u64, index: u64) -> String {
+        format!("{}:rl:{window_ms}:{index}:{key}", self.prefix)
     }
 
     /// A user's devices and the gateways holding them.

@@ -189,3 +189,38 @@ pub async fn delete_prefix(url: &str, prefix: &str) -> Result<u64, ChatError> {
 
 #[cfg(test)]
 mod tests;
+
+/// The rate limits' shared counters: one pipeline per sync, whatever the
+/// number of keys (`INCRBY` and `PEXPIRE` of the current window's counter,
+/// `GET` of the previous one's).
+#[async_trait::async_trait]
+impl parley_core::limits::Counters for RedisState {
+    async fn add(
+        &self,
+        adds: &[parley_core::limits::CounterAdd],
+    ) -> Result<Vec<(u64, u64)>, ChatError> {
+        let mut out = Vec::with_capacity(adds.len());
+        for chunk in adds.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for a in chunk {
+                let current = self.keys.rate(&a.key, a.window_ms, a.index);
+                pipe.incr(&current, a.by)
+                    .pexpire(&current, (2 * a.window_ms) as i64)
+                    .ignore();
+                match a.index.checked_sub(1) {
+                    Some(prev) => pipe.get(self.keys.rate(&a.key, a.window_ms, prev)),
+                    None => pipe.cmd("ECHO").arg(0),
+                };
+            }
+            let mut c = self.conn.clone();
+            let answers: Vec<(u64, Option<u64>)> =
+                pipe.query_async(&mut c).await.map_err(redis_err)?;
+            out.extend(
+                answers
+                    .into_iter()
+                    .map(|(current, prev)| (prev.unwrap_or(0), current)),
+            );
+        }
+        Ok(out)
+    }
+}

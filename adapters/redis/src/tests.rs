@@ -367,3 +367,53 @@ async fn the_route_lookup_spreads_clients_over_the_least_loaded() {
     assert!(r.routes().await.unwrap().is_empty());
     assert_eq!(r.via("203.0.113.2:7400").await.unwrap(), None);
 }
+
+/// Two processes' limiters over one Redis see each other's counts after a
+/// sync, in one round trip for all their keys; counters expire.
+#[tokio::test]
+async fn rate_limit_counters_are_shared_through_redis() {
+    use parley_core::limits::{CounterAdd, Counters, Limiter, Rate};
+    let t = TestRedis::new();
+    let r = Arc::new(state(&t));
+    let add = |key: &str, index, by| CounterAdd {
+        key: key.into(),
+        window_ms: 10_000,
+        index,
+        by,
+    };
+    let counts = r
+        .add(&[add("send:a", 7, 3), add("send:b", 7, 1)])
+        .await
+        .unwrap();
+    assert_eq!(counts, vec![(0, 3), (0, 1)]);
+    let counts = r
+        .add(&[add("send:a", 7, 2), add("send:a", 8, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        counts,
+        vec![(0, 5), (5, 1)],
+        "the previous window is read back"
+    );
+    let mut c = redis::Client::open(t.url.as_str()).unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{}:rl:10000:8:send:a", t.prefix))
+        .query(&mut c)
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 20_000, "{ttl}");
+
+    // Through two limiters, as two gateways: a limit of 10 holds in sum.
+    let rate = Rate::per_minute(10);
+    let (g1, g2) = (Limiter::start(r.clone()), Limiter::start(r.clone()));
+    for _ in 0..6 {
+        g1.check("login:x", rate).unwrap();
+    }
+    g1.sync().await;
+    g2.sync().await;
+    g2.check("login:x", rate).unwrap();
+    g2.sync().await;
+    let admitted = (0..10)
+        .filter(|_| g2.check("login:x", rate).is_ok())
+        .count();
+    assert_eq!(admitted, 3, "6 on g1 and 1 + 3 on g2");
+}
