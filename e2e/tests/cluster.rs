@@ -12,6 +12,8 @@ use parley_e2e::services::{PrivatePostgres, PrivateRabbit, PrivateRedis};
 use parley_e2e::{Cluster, Ledger, Recorder, Spec, connect, http_get};
 use parley_proto::pb;
 
+#[path = "cluster/chaos.rs"]
+mod chaos;
 #[path = "cluster/kubernetes.rs"]
 mod kubernetes;
 
