@@ -145,7 +145,7 @@ impl DeliveryBus for LocalBus {
     }
 
     async fn revoked(&self, revocation: Revocation) -> Result<(), ChatError> {
-        // No gateway in this process: nothing is connected to close.
+        // No receiver (no gateway in this process) means nothing to close.
         let _ = self.revocations.send(revocation);
         Ok(())
     }

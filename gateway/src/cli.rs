@@ -233,7 +233,11 @@ fn rate(value: &str) -> Result<Limit, String> {
     }
     let parsed = value.split_once('/').and_then(|(n, s)| {
         let limit = n.trim().parse::<u32>().ok().filter(|n| *n > 0)?;
-        let secs = s.trim().parse::<u64>().ok().filter(|s| *s > 0)?;
+        let secs = s
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=86_400).contains(s))?;
         Some(Rate {
             limit,
             window: Duration::from_secs(secs),
@@ -241,7 +245,7 @@ fn rate(value: &str) -> Result<Limit, String> {
     });
     parsed
         .map(|r| Limit(Some(r)))
-        .ok_or_else(|| format!("{value:?} is not N/SECONDS (both above 0) or off"))
+        .ok_or_else(|| format!("{value:?} is not N/SECONDS (N above 0, SECONDS 1 to 86400) or off"))
 }
 
 impl LimitArgs {
@@ -265,7 +269,7 @@ mod limit_tests {
         let r = rate("1000/10").unwrap().0.unwrap();
         assert_eq!((r.limit, r.window), (1000, Duration::from_secs(10)));
         assert!(rate("off").unwrap().0.is_none());
-        for bad in ["", "10", "0/10", "10/0", "ten/10", "10/s"] {
+        for bad in ["", "10", "0/10", "10/0", "10/86401", "ten/10", "10/s"] {
             assert!(rate(bad).is_err(), "{bad}");
         }
         assert_eq!(

@@ -482,6 +482,26 @@ async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) -> Result<(), En
     Ok(())
 }
 
+/// Counts a login (or a refresh before one) against its address's limit;
+/// past it the connection ends with a RATE_LIMITED that says when to retry.
+/// An IPv6 address counts by its /64, what one subscriber is given.
+fn per_address(shared: &Shared, peer: Option<IpAddr>, rid: u64) -> Result<(), End> {
+    let (Some(rate), Some(ip)) = (shared.config.limits.logins_per_ip, peer) else {
+        return Ok(());
+    };
+    let key = match ip {
+        IpAddr::V4(v4) => format!("login-ip:{v4}"),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("login-ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    };
+    shared.limiter.check(&key, rate).map_err(|wait| {
+        let refused = limited("logins from your address", rate, wait);
+        End::Refused(Box::new(refused.frame(rid)))
+    })
+}
+
 /// A user's keys in the rate limiter, made once per login so that a check
 /// on the send path allocates nothing.
 struct LimitKeys {
@@ -609,16 +629,7 @@ async fn on_frame(
         Req::Auth(auth) => {
             ids::check_device_id(&auth.device_id)
                 .map_err(|m| End::Fatal(rid, ErrorCode::Unauthenticated, m))?;
-            if let (Some(rate), Some(ip)) = (cfg.limits.logins_per_ip, peer) {
-                shared
-                    .limiter
-                    .check(&format!("login-ip:{ip}"), rate)
-                    .map_err(|wait| {
-                        End::Refused(Box::new(
-                            limited("logins from your address", rate, wait).frame(rid),
-                        ))
-                    })?;
-            }
+            per_address(shared, peer, rid)?;
             // A chat service that cannot be reached is not a bad token: the
             // client must try again later, not give up on its token.
             let login = shared
@@ -659,6 +670,15 @@ async fn on_frame(
                 shared
                     .registry
                     .register(&session, login.issued_at_ms, conn_id, cfg.push_queue);
+            // A log-out that came between the token's check and now.
+            if sub.revoked.load(Ordering::Acquire) {
+                shared.registry.unregister(&user, conn_id);
+                return Err(End::Fatal(
+                    rid,
+                    ErrorCode::SessionRevoked,
+                    ChatError::SessionRevoked.to_string(),
+                ));
+            }
             let mut l = Live {
                 limits: LimitKeys::of(&session.user),
                 session,
@@ -708,6 +728,9 @@ async fn on_frame(
         // connection cannot make the store rotate tokens as fast as it
         // writes. A refusal is fatal as at Auth, an outage is not.
         Req::Refresh(r) => {
+            if live.is_none() {
+                per_address(shared, peer, rid)?;
+            }
             if let Err(wait) = bucket.take() {
                 out.push(rate_limited(rid, wait, cfg.send_rate, cfg.send_burst).into());
                 return Ok(());

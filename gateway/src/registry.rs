@@ -48,6 +48,10 @@ struct Entry {
 /// Local sessions by user.
 pub struct Registry {
     users: Mutex<HashMap<String, Vec<Entry>>>,
+    /// Log-outs of the last [`LOG_OUTS_KEPT`]: a login whose token was
+    /// checked before a log-out reached the store, and that registers after
+    /// the log-out's notice came, is closed all the same.
+    log_outs: Mutex<Vec<(std::time::Instant, Revocation)>>,
     /// An empty push that wakes a connection to look at its lag flag.
     nudge: Arc<pb::Message>,
 }
@@ -56,6 +60,7 @@ impl Default for Registry {
     fn default() -> Self {
         Self {
             users: Mutex::default(),
+            log_outs: Mutex::default(),
             nudge: Arc::new(pb::Message::default()),
         }
     }
@@ -94,6 +99,16 @@ impl Registry {
             replaced: replaced.clone(),
             revoked: revoked.clone(),
         };
+        let late = self
+            .log_outs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(_, r)| revokes(r, &session.user, &session.device, issued_at_ms));
+        if late {
+            revoked.store(true, Ordering::Release);
+            replaced.notify_one();
+        }
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let list = users.entry(session.user.clone()).or_default();
         evict(list, &session.device, session.epoch);
@@ -110,14 +125,19 @@ impl Registry {
     /// device (any device when it names none), logged in with a token
     /// issued no later than the log-out. Returns how many were closed.
     pub fn revoke(&self, r: &Revocation) -> usize {
+        {
+            let mut log_outs = self.log_outs.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            log_outs.retain(|(at, _)| now.duration_since(*at) < LOG_OUTS_KEPT);
+            log_outs.push((now, r.clone()));
+        }
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let Some(list) = users.get_mut(&r.user) else {
             return 0;
         };
         let before = list.len();
         list.retain(|e| {
-            let hit = r.device.as_ref().is_none_or(|d| *d == e.session.device)
-                && e.issued_at_ms <= r.at_ms;
+            let hit = revokes(r, &e.session.user, &e.session.device, e.issued_at_ms);
             if hit {
                 e.revoked.store(true, Ordering::Release);
                 e.replaced.notify_one();
@@ -210,6 +230,15 @@ impl Registry {
             }
         }
     }
+}
+
+/// How long the registry remembers a log-out for logins still under way.
+const LOG_OUTS_KEPT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Whether `r` revokes a login of `user` on `device` with a token issued at
+/// `issued_at_ms`.
+fn revokes(r: &Revocation, user: &str, device: &str, issued_at_ms: i64) -> bool {
+    r.user == user && r.device.as_deref().is_none_or(|d| d == device) && issued_at_ms <= r.at_ms
 }
 
 /// Removes from `list` the entries of `device` older than `epoch`, and tells
@@ -365,5 +394,18 @@ mod tests {
         assert!(!laptop.revoked.load(Ordering::Acquire));
         assert!(!other.revoked.load(Ordering::Acquire));
         assert_eq!(reg.len(), 2, "the laptop and b's phone remain");
+
+        // A login whose token was checked before the log-out, registering
+        // after its notice: closed as it registers.
+        let late = reg.register(&s("phone", 9), 4_000, 9, 4);
+        assert!(late.revoked.load(Ordering::Acquire));
+        tokio::time::timeout(std::time::Duration::from_secs(1), late.replaced)
+            .await
+            .expect("told at once");
+        let fresh = reg.register(&s("phone", 10), 7_000, 10, 4);
+        assert!(
+            !fresh.revoked.load(Ordering::Acquire),
+            "a newer token is not"
+        );
     }
 }

@@ -112,6 +112,15 @@ impl AmqpBus {
             tracing::warn!("publish queue full; delivery dropped, devices will sync");
         }
     }
+
+    /// Queues what must not be dropped silently: UNAVAILABLE when the
+    /// publish queue is full, for the caller to try again.
+    fn enqueue_or_fail(&self, out: Outgoing) -> Result<(), ChatError> {
+        self.tx.try_send(out).map_err(|_| {
+            self.status.dropped.fetch_add(1, Ordering::Relaxed);
+            ChatError::Unavailable("the broker's publish queue is full; try again".into())
+        })
+    }
 }
 
 #[async_trait]
@@ -155,12 +164,11 @@ impl DeliveryBus for AmqpBus {
             revoked: vec![notice],
             ..Default::default()
         };
-        self.enqueue(Outgoing {
+        self.enqueue_or_fail(Outgoing {
             exchange: self.config.deliveries(),
             routing_key: EVERY_GATEWAY_KEY.to_owned(),
             body: batch.encode_to_vec(),
-        });
-        Ok(())
+        })
     }
 
     async fn events(&self, events: Vec<ChatEvent>) -> Result<(), ChatError> {

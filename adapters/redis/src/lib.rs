@@ -192,7 +192,8 @@ mod tests;
 
 /// The rate limits' shared counters: one pipeline per sync, whatever the
 /// number of keys (`INCRBY` and `PEXPIRE` of the current window's counter,
-/// `GET` of the previous one's).
+/// `GET` of the previous one's); one, so that it fails or succeeds whole
+/// and a failed sync's counts can be pushed again without counting twice.
 #[async_trait::async_trait]
 impl parley_core::limits::Counters for RedisState {
     async fn add(
@@ -200,9 +201,9 @@ impl parley_core::limits::Counters for RedisState {
         adds: &[parley_core::limits::CounterAdd],
     ) -> Result<Vec<(u64, u64)>, ChatError> {
         let mut out = Vec::with_capacity(adds.len());
-        for chunk in adds.chunks(1000) {
+        {
             let mut pipe = redis::pipe();
-            for a in chunk {
+            for a in adds {
                 let current = self.keys.rate(&a.key, a.window_ms, a.index);
                 pipe.incr(&current, a.by)
                     .pexpire(&current, (2 * a.window_ms) as i64)

@@ -155,43 +155,27 @@ async fn chaos_loses_nothing_and_holds_memory() {
     let started = Instant::now();
     let until = started + Duration::from_secs(secs);
     let pause = Duration::from_millis(200);
-    let streams = vec![
-        tokio::spawn(stream_until(
-            clients[0].clone(),
-            group,
-            until,
-            pause,
-            others(&devices, "ann/phone"),
-        )),
-        tokio::spawn(stream_until(
-            clients[3].clone(),
-            group,
-            until,
-            pause,
-            others(&devices, "cyd/phone"),
-        )),
-        tokio::spawn(stream_until(
-            clients[4].clone(),
-            group,
-            until,
-            pause,
-            others(&devices, "dan/phone"),
-        )),
-        tokio::spawn(stream_until(
-            clients[2].clone(),
-            direct,
-            until,
-            pause,
-            others(&in_direct, "bob/phone"),
-        )),
-        tokio::spawn(stream_until(
-            clients[1].clone(),
-            direct,
-            until,
-            pause,
-            others(&in_direct, "ann/laptop"),
-        )),
+    // (device index, conversation, the devices of that conversation)
+    let senders = [
+        (0, group, &devices[..]),
+        (3, group, &devices[..]),
+        (4, group, &devices[..]),
+        (2, direct, &in_direct[..]),
+        (1, direct, &in_direct[..]),
     ];
+    let streams = senders
+        .iter()
+        .map(|&(i, conv, members)| {
+            let receivers = others(members, devices[i]);
+            tokio::spawn(stream_until(
+                clients[i].clone(),
+                conv,
+                until,
+                pause,
+                receivers,
+            ))
+        })
+        .collect();
 
     let mut faults: Vec<String> = Vec::new();
     let log_dir = c.dir.path().to_path_buf();
@@ -200,37 +184,27 @@ async fn chaos_loses_nothing_and_holds_memory() {
         let down = Duration::from_millis(rng.random_range(300..2_000));
         let at = started.elapsed().as_secs_f64();
         let what = match rng.random_range(0..8) {
-            0 => {
-                let i = rng.random_range(0..c.gateways.len());
-                c.gateways[i].kill9().await;
+            n @ 0..4 => {
+                let (nodes, kind) = if n < 2 {
+                    (&mut c.gateways, "gateway")
+                } else {
+                    (&mut c.chats, "chat service")
+                };
+                let i = rng.random_range(0..nodes.len());
+                let node = &mut nodes[i];
+                let how = if n % 2 == 0 {
+                    node.kill9().await;
+                    "killed (SIGKILL)"
+                } else {
+                    if let Some(p) = node.proc.as_mut() {
+                        // A gateway drains its clients first.
+                        p.terminate(Duration::from_secs(25)).await;
+                    }
+                    "stopped (SIGTERM)"
+                };
                 tokio::time::sleep(down).await;
-                c.gateways[i].start(&log_dir).await.unwrap();
-                format!("gateway {i} killed (SIGKILL)")
-            }
-            1 => {
-                let i = rng.random_range(0..c.gateways.len());
-                if let Some(p) = c.gateways[i].proc.as_mut() {
-                    p.terminate(Duration::from_secs(25)).await;
-                }
-                tokio::time::sleep(down).await;
-                c.gateways[i].start(&log_dir).await.unwrap();
-                format!("gateway {i} stopped (SIGTERM)")
-            }
-            2 => {
-                let i = rng.random_range(0..c.chats.len());
-                c.chats[i].kill9().await;
-                tokio::time::sleep(down).await;
-                c.chats[i].start(&log_dir).await.unwrap();
-                format!("chat service {i} killed (SIGKILL)")
-            }
-            3 => {
-                let i = rng.random_range(0..c.chats.len());
-                if let Some(p) = c.chats[i].proc.as_mut() {
-                    p.terminate(Duration::from_secs(10)).await;
-                }
-                tokio::time::sleep(down).await;
-                c.chats[i].start(&log_dir).await.unwrap();
-                format!("chat service {i} stopped (SIGTERM)")
+                node.start(&log_dir).await.unwrap();
+                format!("{kind} {i} {how}")
             }
             4 => {
                 redis.restart(down).await.unwrap();
