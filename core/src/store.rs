@@ -275,8 +275,8 @@ pub trait Store: Send + Sync + 'static {
     /// the device's and the user's log-out; 0: never), or None when the
     /// user does not exist. One read, made at every login.
     async fn logged_out_at(&self, user: &str, device: &str) -> Result<Option<i64>, ChatError>;
-    /// The devices of `user` that acknowledged a delivery or were logged
-    /// out, by id.
+    /// The devices of `user` that acknowledged a delivery, hold a session
+    /// (a refresh token) or were logged out, by id.
     async fn list_devices(&self, user: &str) -> Result<Vec<DeviceRecord>, ChatError>;
     /// Stores a device's first refresh token, replacing any earlier one of
     /// the device (a new login).

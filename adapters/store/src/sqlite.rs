@@ -705,7 +705,8 @@ impl Store for SqliteStore {
         let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
             "SELECT k.device_id, COALESCE(d.cursor, 0), COALESCE(d.last_seen, 0), MAX(COALESCE(l.revoked_at, 0), u.revoked_at) \
              FROM (SELECT device_id FROM devices WHERE user_id = ?1 \
-             UNION SELECT device_id FROM log_outs WHERE user_id = ?1) k \
+             UNION SELECT device_id FROM log_outs WHERE user_id = ?1 \
+             UNION SELECT device_id FROM refresh_tokens WHERE user_id = ?1) k \
              JOIN users u ON u.id = ?1 LEFT JOIN devices d ON d.user_id = ?1 AND d.device_id = k.device_id \
              LEFT JOIN log_outs l ON l.user_id = ?1 AND l.device_id = k.device_id \
              ORDER BY k.device_id",

@@ -473,6 +473,27 @@ pub async fn log_outs_only_move_forward_and_list_every_device(store: &dyn Store)
         ]
     );
     assert!(store.list_devices("bob").await.unwrap().is_empty());
+    // A device logged in with a session lists before it acknowledges.
+    let session = RefreshRecord {
+        user: "bob".into(),
+        device: "tablet".into(),
+        digest: vec![1],
+        previous: Vec::new(),
+        created_at_ms: 3_000,
+        rotated_at_ms: 3_000,
+        expires_at_ms: 9_000,
+    };
+    store.put_refresh(&session).await.unwrap();
+    let devices = store.list_devices("bob").await.unwrap();
+    assert_eq!(
+        devices,
+        vec![DeviceRecord {
+            device: "tablet".into(),
+            cursor: 0,
+            last_seen_ms: 0,
+            logged_out_at_ms: 0,
+        }]
+    );
 }
 
 pub async fn refresh_tokens_move_on_only_from_the_current_one(store: &dyn Store) {

@@ -541,6 +541,7 @@ impl Store for MemoryStore {
             .devices
             .keys()
             .chain(s.log_outs.keys())
+            .chain(s.refresh.keys())
             .filter(of_user)
             .map(|(_, d)| d)
             .collect();
