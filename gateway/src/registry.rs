@@ -51,7 +51,7 @@ pub struct Registry {
     /// Log-outs of the last [`LOG_OUTS_KEPT`]: a login whose token was
     /// checked before a log-out reached the store, and that registers after
     /// the log-out's notice came, is closed all the same.
-    log_outs: Mutex<Vec<(std::time::Instant, Revocation)>>,
+    log_outs: Mutex<RecentLogOuts>,
     /// An empty push that wakes a connection to look at its lag flag.
     nudge: Arc<pb::Message>,
 }
@@ -103,8 +103,12 @@ impl Registry {
             .log_outs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|(_, r)| revokes(r, &session.user, &session.device, issued_at_ms));
+            .by_user
+            .get(&session.user)
+            .is_some_and(|list| {
+                list.iter()
+                    .any(|(_, r)| revokes(r, &session.user, &session.device, issued_at_ms))
+            });
         if late {
             revoked.store(true, Ordering::Release);
             replaced.notify_one();
@@ -125,12 +129,10 @@ impl Registry {
     /// device (any device when it names none), logged in with a token
     /// issued no later than the log-out. Returns how many were closed.
     pub fn revoke(&self, r: &Revocation) -> usize {
-        {
-            let mut log_outs = self.log_outs.lock().unwrap_or_else(|e| e.into_inner());
-            let now = std::time::Instant::now();
-            log_outs.retain(|(at, _)| now.duration_since(*at) < LOG_OUTS_KEPT);
-            log_outs.push((now, r.clone()));
-        }
+        self.log_outs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(r.clone());
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let Some(list) = users.get_mut(&r.user) else {
             return 0;
@@ -228,6 +230,32 @@ impl Registry {
                     entry.lagged.store(true, Ordering::Release);
                 }
             }
+        }
+    }
+}
+
+/// Log-outs of the last [`LOG_OUTS_KEPT`], by user: a login looks at its
+/// user's alone, and old ones are swept when the map has doubled since
+/// the last sweep (so a flood of log-outs costs amortized constant time).
+#[derive(Debug, Default)]
+struct RecentLogOuts {
+    by_user: HashMap<String, Vec<(std::time::Instant, Revocation)>>,
+    swept_at: usize,
+}
+
+impl RecentLogOuts {
+    fn add(&mut self, r: Revocation) {
+        let now = std::time::Instant::now();
+        let fresh = |at: &std::time::Instant| now.duration_since(*at) < LOG_OUTS_KEPT;
+        let list = self.by_user.entry(r.user.clone()).or_default();
+        list.retain(|(at, _)| fresh(at));
+        list.push((now, r));
+        if self.by_user.len() > 2 * self.swept_at + 64 {
+            self.by_user.retain(|_, list| {
+                list.retain(|(at, _)| fresh(at));
+                !list.is_empty()
+            });
+            self.swept_at = self.by_user.len();
         }
     }
 }
