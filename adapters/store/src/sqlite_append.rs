@@ -10,7 +10,8 @@
 //! the conversation's next seq and every member's next inbox number.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::Duration;
 
 use parley_proto::pb;
@@ -50,7 +51,7 @@ impl Appender {
             .busy_timeout(Duration::from_secs(10))
             .map_err(storage)?;
         let (jobs, rx) = mpsc::channel::<Job>();
-        let writing = Arc::new(Mutex::new(()));
+        let writing = Arc::new(Turns::default());
         let held = writing.clone();
         std::thread::Builder::new()
             .name("sqlite-append".into())
@@ -58,7 +59,7 @@ impl Appender {
                 let mut conn = conn;
                 while let Ok((batch, reply)) = rx.recv() {
                     let appended = {
-                        let _turn = held.lock().unwrap_or_else(PoisonError::into_inner);
+                        let _turn = held.writer();
                         append_batch(&mut conn, batch)
                     };
                     let _ = reply.send(appended);
@@ -123,13 +124,40 @@ fn open_writer(path: &Path, restart_at: i64) -> rusqlite::Result<Connection> {
 /// append thread between two batches (`writing`) and copies the little
 /// written since its first step; the next batch starts the WAL over. The
 /// pause is that catch-up, every 64 MiB of WAL.
-fn checkpoint(conn: &Connection, writing: &Mutex<()>, restart_at: i64) -> rusqlite::Result<()> {
+fn checkpoint(conn: &Connection, writing: &Turns, restart_at: i64) -> rusqlite::Result<()> {
     let pass = || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
     if pass()? >= restart_at {
-        let _pause = writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let _pause = writing.checkpoint();
         pass()?;
     }
     Ok(())
+}
+
+/// Turns between the append thread's batches and a checkpoint's pause. A
+/// plain mutex is not fair: under a steady stream of sends the append
+/// thread took it back between two batches before the waiting
+/// checkpointer woke, and the WAL grew on. A checkpoint that wants its turn
+/// says so first, and the append thread lets it go ahead.
+#[derive(Debug, Default)]
+struct Turns {
+    lock: Mutex<()>,
+    checkpoint_waiting: AtomicBool,
+}
+
+impl Turns {
+    fn writer(&self) -> MutexGuard<'_, ()> {
+        while self.checkpoint_waiting.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn checkpoint(&self) -> MutexGuard<'_, ()> {
+        self.checkpoint_waiting.store(true, Ordering::Release);
+        let turn = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.checkpoint_waiting.store(false, Ordering::Release);
+        turn
+    }
 }
 
 fn append_batch(conn: &mut Connection, batch: Vec<NewMessage>) -> Outcome {
@@ -279,7 +307,7 @@ mod tests {
         let conv = store.open_direct("alice", "bob", 0).await.unwrap().id;
         drop(store);
 
-        let writing = Arc::new(Mutex::new(()));
+        let writing = Arc::new(Turns::default());
         let stop = Arc::new(AtomicBool::new(false));
         let checkpointer = {
             let (writing, stop, path) = (writing.clone(), stop.clone(), path.clone());
@@ -307,7 +335,7 @@ mod tests {
                     now_ms: 0,
                 })
                 .collect();
-            let _turn = writing.lock().unwrap();
+            let _turn = writing.writer();
             for r in append_batch(&mut conn, batch).unwrap() {
                 assert!(!r.unwrap().duplicate);
                 written += 1;
