@@ -183,7 +183,36 @@ pub struct RefreshRecord {
     pub expires_at_ms: i64,
 }
 
+impl RefreshRecord {
+    /// A device's record from the SQL stores' row: (digest, previous,
+    /// created_at, rotated_at, expires_at).
+    pub fn from_row(user: &str, device: &str, row: (Vec<u8>, Vec<u8>, i64, i64, i64)) -> Self {
+        let (digest, previous, created_at_ms, rotated_at_ms, expires_at_ms) = row;
+        Self {
+            user: user.to_owned(),
+            device: device.to_owned(),
+            digest,
+            previous,
+            created_at_ms,
+            rotated_at_ms,
+            expires_at_ms,
+        }
+    }
+}
+
 impl DeviceRecord {
+    /// From the SQL stores' row: (device_id, cursor, last_seen, logged out at).
+    pub fn from_row(
+        (device, cursor, last_seen_ms, logged_out_at_ms): (String, i64, i64, i64),
+    ) -> Self {
+        Self {
+            device,
+            cursor: cursor as u64,
+            last_seen_ms,
+            logged_out_at_ms,
+        }
+    }
+
     /// As the wire shows it; `current`: the asking connection's device.
     pub fn into_pb(self, current: bool) -> pb::Device {
         pb::Device {

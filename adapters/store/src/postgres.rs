@@ -951,17 +951,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .db()?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(device, cursor, last_seen_ms, logged_out_at_ms)| DeviceRecord {
-                    device,
-                    cursor: cursor as u64,
-                    last_seen_ms,
-                    logged_out_at_ms,
-                },
-            )
-            .collect())
+        Ok(rows.into_iter().map(DeviceRecord::from_row).collect())
     }
 
     async fn put_refresh(&self, record: &RefreshRecord) -> Result<(), ChatError> {
@@ -1000,17 +990,7 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await
         .db()?;
-        Ok(row.map(
-            |(digest, previous, created_at_ms, rotated_at_ms, expires_at_ms)| RefreshRecord {
-                user: user.to_owned(),
-                device: device.to_owned(),
-                digest,
-                previous,
-                created_at_ms,
-                rotated_at_ms,
-                expires_at_ms,
-            },
-        ))
+        Ok(row.map(|row| RefreshRecord::from_row(user, device, row)))
     }
 
     async fn rotate_refresh(

@@ -715,17 +715,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .db()?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(device, cursor, last_seen_ms, logged_out_at_ms)| DeviceRecord {
-                    device,
-                    cursor: cursor as u64,
-                    last_seen_ms,
-                    logged_out_at_ms,
-                },
-            )
-            .collect())
+        Ok(rows.into_iter().map(DeviceRecord::from_row).collect())
     }
 
     async fn put_refresh(&self, record: &RefreshRecord) -> Result<(), ChatError> {
@@ -764,17 +754,7 @@ impl Store for SqliteStore {
         .fetch_optional(&self.reader)
         .await
         .db()?;
-        Ok(row.map(
-            |(digest, previous, created_at_ms, rotated_at_ms, expires_at_ms)| RefreshRecord {
-                user: user.to_owned(),
-                device: device.to_owned(),
-                digest,
-                previous,
-                created_at_ms,
-                rotated_at_ms,
-                expires_at_ms,
-            },
-        ))
+        Ok(row.map(|row| RefreshRecord::from_row(user, device, row)))
     }
 
     async fn rotate_refresh(
