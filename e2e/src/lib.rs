@@ -6,9 +6,10 @@
 //! says what was sent, acked, delivered, lost, duplicated and out of order.
 
 pub mod ledger;
+pub mod netns;
 pub mod services;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use parley_store::testing::TestDatabase;
 use tokio::process::{Child, Command};
 
 pub use ledger::{Ledger, Recorder};
+pub use netns::{Faults, Host, Relay};
 
 /// The default local services (see `scripts/services`).
 pub fn redis_url() -> String {
@@ -321,11 +323,60 @@ impl Cluster {
     /// Starts one more gateway, `gw<n>` for the next n (a scale-up);
     /// returns its index.
     pub async fn add_gateway(&mut self) -> anyhow::Result<usize> {
+        self.start_gateway(None).await
+    }
+
+    /// Starts one more gateway on `host`, across its link from everything
+    /// else: it reaches Redis, RabbitMQ and the chat services through the
+    /// returned relays, and clients reach it at the host's address.
+    pub async fn add_gateway_on(&mut self, host: &Host) -> anyhow::Result<(usize, Uplink)> {
+        let upstream = |url: &str| -> anyhow::Result<SocketAddr> {
+            let (host, port) = authority(url).context("a service URL")?;
+            let ip = if host == "localhost" {
+                "127.0.0.1"
+            } else {
+                host
+            };
+            Ok(SocketAddr::new(ip.parse()?, port.parse()?))
+        };
+        let uplink = Uplink {
+            redis: host.relay(upstream(&self.spec.redis_url)?).await?,
+            amqp: host.relay(upstream(&self.spec.amqp_url)?).await?,
+            chats: {
+                let mut relays = Vec::new();
+                for c in &self.chats {
+                    relays.push(host.relay(c.addr).await?);
+                }
+                relays
+            },
+        };
+        let i = self.start_gateway(Some((host, &uplink))).await?;
+        Ok((i, uplink))
+    }
+
+    async fn start_gateway(&mut self, remote: Option<(&Host, &Uplink)>) -> anyhow::Result<usize> {
         let i = self.gateways.len();
-        let chat_addrs: Vec<String> = self.chats.iter().map(|c| c.addr.to_string()).collect();
-        let (addr, ops) = (loopback(free_port()), loopback(free_port()));
-        let route = loopback(free_port());
+        let ip = remote.map_or(IpAddr::from([127, 0, 0, 1]), |(h, _)| h.far.into());
+        let at = |port| SocketAddr::new(ip, port);
+        let chat_addrs: Vec<String> = match remote {
+            Some((_, up)) => up.chats.iter().map(|r| r.addr.to_string()).collect(),
+            None => self.chats.iter().map(|c| c.addr.to_string()).collect(),
+        };
+        let (addr, ops) = (at(free_port()), at(free_port()));
+        let route = at(free_port());
         let mut env = self.common.clone();
+        if let Some((_, up)) = remote {
+            env.extend([
+                (
+                    "PARLEY_REDIS_URL".to_owned(),
+                    through(&self.spec.redis_url, up.redis.addr),
+                ),
+                (
+                    "PARLEY_AMQP_URL".to_owned(),
+                    through(&self.spec.amqp_url, up.amqp.addr),
+                ),
+            ]);
+        }
         env.extend([
             ("PARLEY_GATEWAY_ID".to_owned(), format!("gw{i}")),
             ("PARLEY_LISTEN".to_owned(), addr.to_string()),
@@ -350,14 +401,22 @@ impl Cluster {
                 ("PARLEY_TLS_KEY".to_owned(), key.display().to_string()),
             ]);
         }
+        let (program, args) = match remote {
+            Some((host, _)) => {
+                let mut args = host.exec();
+                args.extend([self.spec.node.display().to_string(), "gateway".to_owned()]);
+                (PathBuf::from("ip"), args)
+            }
+            None => (self.spec.node.clone(), vec!["gateway".to_owned()]),
+        };
         let mut node = Node {
             name: format!("gw{i}"),
             addr,
             ops,
             route: Some(route),
             proc: None,
-            program: self.spec.node.clone(),
-            args: vec!["gateway".to_owned()],
+            program,
+            args,
             env,
         };
         node.start(self.dir.path()).await?;
@@ -463,6 +522,51 @@ impl Drop for Cluster {
         })
         .join();
     }
+}
+
+/// How a gateway on another [`Host`] reaches the cluster's services: a
+/// relay on the near end of the link for each.
+#[derive(Debug)]
+pub struct Uplink {
+    pub redis: Relay,
+    pub amqp: Relay,
+    pub chats: Vec<Relay>,
+}
+
+impl Uplink {
+    /// The ports on the near end that reach the broker and the chat
+    /// services (what a partition from "the rest of the cluster" blocks,
+    /// Redis aside).
+    pub fn cluster_ports(&self) -> Vec<u16> {
+        std::iter::once(&self.amqp)
+            .chain(&self.chats)
+            .map(|r| r.addr.port())
+            .collect()
+    }
+
+    /// Every relay's delay each way from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        for r in std::iter::once(&self.redis)
+            .chain([&self.amqp])
+            .chain(&self.chats)
+        {
+            r.set_delay(delay);
+        }
+    }
+}
+
+/// The host and port of a URL (`scheme://[user[:password]@]host:port[/...]`).
+fn authority(url: &str) -> Option<(&str, &str)> {
+    let rest = url.split_once("://")?.1;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    rest[..end].rsplit_once(':')
+}
+
+/// `url` with its host and port replaced by `addr`.
+fn through(url: &str, addr: SocketAddr) -> String {
+    let (host, port) = authority(url).expect("a URL with a host and port");
+    url.replacen(&format!("{host}:{port}"), &addr.to_string(), 1)
 }
 
 /// Connects a client and starts recording what it receives.

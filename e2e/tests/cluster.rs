@@ -16,6 +16,8 @@ use parley_proto::pb;
 mod chaos;
 #[path = "cluster/kubernetes.rs"]
 mod kubernetes;
+#[path = "cluster/network.rs"]
+mod network;
 
 const SETTLE: Duration = Duration::from_secs(30);
 
