@@ -21,7 +21,7 @@ use parley_store::testing::TestDatabase;
 use tokio::process::{Child, Command};
 
 pub use ledger::{Ledger, Recorder};
-pub use netns::{Faults, Host, Relay};
+pub use netns::{Faults, Host, Relay, reset_connections};
 
 /// The default local services (see `scripts/services`).
 pub fn redis_url() -> String {

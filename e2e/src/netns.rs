@@ -191,6 +191,35 @@ fn sweep_orphans() {
     }
 }
 
+/// Resets every established TCP connection to `server` in this namespace
+/// (`ss -K`, the kernel's socket destroy): the side named loses its socket
+/// with an error at once and the other gets a reset, as when a NAT or load
+/// balancer on the path forgets them. `at_server` takes the server's sockets,
+/// otherwise its clients'. Answers how many were reset.
+pub fn reset_connections(server: SocketAddr, at_server: bool) -> anyhow::Result<usize> {
+    let (ip, port) = (server.ip().to_string(), format!(":{}", server.port()));
+    let filter: [&str; 4] = if at_server {
+        ["src", &ip, "sport", "="]
+    } else {
+        ["dst", &ip, "dport", "="]
+    };
+    let out = Command::new("ss")
+        .args(["-K", "-t", "-n", "state", "established"])
+        .args(filter)
+        .arg(&port)
+        .output()
+        .context("running ss (iproute2)")?;
+    if !out.status.success() {
+        bail!("ss -K: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    // A header line, then one line per socket destroyed.
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count())
+}
+
 /// A TCP relay that delays every chunk by the same, adjustable, time,
 /// keeping order: a link with latency but no limit on throughput.
 #[derive(Debug)]

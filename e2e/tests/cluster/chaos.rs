@@ -2,7 +2,8 @@
 //! Redis and RabbitMQ servers, with SDK clients sending 1:1 and group
 //! messages the whole time, while random faults hit it: processes killed
 //! (SIGKILL) or stopped (SIGTERM) and started again, Redis, RabbitMQ and
-//! PostgreSQL restarted or crashed. At the end: the ledger (nothing lost,
+//! PostgreSQL restarted or crashed, clients' connections to a gateway reset
+//! (from either end). At the end: the ledger (nothing lost,
 //! doubled or out of order) and each process's memory at start and end.
 //!
 //! `PARLEY_CHAOS_SECS` sets how long the faults go on (120 in the test
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use parley_client::{Client, ClientConfig};
 use parley_e2e::ledger::Expect;
 use parley_e2e::services::{PrivatePostgres, PrivateRabbit, PrivateRedis};
-use parley_e2e::{Cluster, Recorder, Spec, connect};
+use parley_e2e::{Cluster, Recorder, Spec, connect, reset_connections};
 use parley_proto::pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -181,9 +182,9 @@ async fn chaos_loses_nothing_and_holds_memory() {
     let log_dir = c.dir.path().to_path_buf();
     while Instant::now() + Duration::from_secs(4) < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(2_000..6_000))).await;
-        let down = Duration::from_millis(rng.random_range(300..2_000));
+        let mut down = Duration::from_millis(rng.random_range(300..2_000));
         let at = started.elapsed().as_secs_f64();
-        let what = match rng.random_range(0..8) {
+        let what = match rng.random_range(0..10) {
             n @ 0..4 => {
                 let (nodes, kind) = if n < 2 {
                     (&mut c.gateways, "gateway")
@@ -220,11 +221,25 @@ async fn chaos_loses_nothing_and_holds_memory() {
                 pg.start_again().await.unwrap();
                 "PostgreSQL crashed (immediate shutdown) and started".to_owned()
             }
-            _ => {
+            7 => {
                 pg.stop().await.unwrap();
                 tokio::time::sleep(down).await;
                 pg.start_again().await.unwrap();
                 "PostgreSQL stopped (fast shutdown) and started".to_owned()
+            }
+            n => {
+                let i = rng.random_range(0..c.gateways.len());
+                let at_server = n == 9;
+                let reset = reset_connections(c.gateways[i].addr, at_server).unwrap();
+                down = Duration::ZERO;
+                format!(
+                    "{reset} client connections to gateway {i} reset by the {}",
+                    if at_server {
+                        "gateway's end"
+                    } else {
+                        "clients' end"
+                    }
+                )
             }
         };
         println!("chaos: {at:6.1} s  {what}, down {} ms", down.as_millis());
