@@ -1513,6 +1513,42 @@ fn limited(resp: Resp, what: &str) {
     }
 }
 
+/// A user has at most so many devices online: one more is refused at Auth
+/// with TOO_MANY_DEVICES (the SDK gives up on it, as it must not retry in a
+/// loop), while a device already online logs in again, another user is not
+/// held back, and a device going offline makes room.
+#[tokio::test]
+async fn devices_online_are_capped_per_user() {
+    let mut w = World::with(|c| c.gateway.limits.devices_per_user = Some(2)).await;
+    let addr = w.server.tcp_addr.to_string();
+    let at = |token: &str| ClientConfig::new(addr.clone(), token, "tablet");
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (phone, _pbuf) = raw_login(&w, &ta, "phone").await;
+    let (_laptop, _lbuf) = raw_login(&w, &ta, "laptop").await;
+    let (mut s, mut buf) = raw(w.server.tcp_addr).await;
+    put(&mut s, 1, hello()).await;
+    put(&mut s, 2, auth(&ta, "tablet")).await;
+    expect_fatal(&mut s, &mut buf, ErrorCode::TooManyDevices, 2).await;
+    let refused = Client::connect(at(&ta)).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::TooManyDevices), "{refused}");
+    assert!(refused.to_string().contains("2 devices"), "{refused}");
+    // The phone logs in again (replacing its connection): not a new device.
+    let (_phone2, _p2buf) = raw_login(&w, &ta, "phone").await;
+    raw_login(&w, &tb, "tablet").await;
+    drop(phone);
+    drop(_laptop);
+    let mut admitted = false;
+    for _ in 0..50 {
+        if let Ok((c, _)) = Client::connect(at(&ta)).await {
+            c.close().await;
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "the laptop's going made room for the tablet");
+}
+
 /// Each limit holds for a user across all its devices (sends, reads,
 /// group operations, logins) or for an address across users (logins):
 /// past it a request gets RATE_LIMITED with when to retry, a login a fatal
@@ -1527,6 +1563,7 @@ async fn rate_limits_hold_per_user_across_devices_and_per_address() {
             sends_per_user: Some(Rate::per_minute(5)),
             reads_per_user: Some(Rate::per_minute(3)),
             group_ops_per_user: Some(Rate::per_minute(2)),
+            devices_per_user: None,
         }
     })
     .await;

@@ -650,7 +650,8 @@ impl Engine {
                             code:
                                 pb::ErrorCode::Unauthenticated
                                 | pb::ErrorCode::TokenExpired
-                                | pb::ErrorCode::SessionRevoked,
+                                | pb::ErrorCode::SessionRevoked
+                                | pb::ErrorCode::TooManyDevices,
                             ..
                         },
                     ) => {
@@ -829,7 +830,9 @@ impl Engine {
                                 | pb::ErrorCode::UnsupportedVersion
                                 | pb::ErrorCode::DeviceReplaced
                                 // A logged-out device's token works no more.
-                                | pb::ErrorCode::SessionRevoked => Disconnect::Fatal(err),
+                                | pb::ErrorCode::SessionRevoked
+                                // The user must free a place first.
+                                | pb::ErrorCode::TooManyDevices => Disconnect::Fatal(err),
                                 _ => Disconnect::Retry(err.to_string()),
                             };
                         }

@@ -28,6 +28,9 @@ pub enum ChatError {
     TokenExpired,
     #[error("this device was logged out: its tokens are revoked; log in again for a new one")]
     SessionRevoked,
+    /// A login of a new device when the user has this many online.
+    #[error("you have {0} devices online, the most allowed: log out or close one to log in here")]
+    TooManyDevices(u32),
     /// Past a rate limit: try again after `retry_after_ms`.
     #[error("{message}")]
     RateLimited {
@@ -60,6 +63,7 @@ impl ChatError {
             Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
             Self::TokenExpired => ErrorCode::TokenExpired,
             Self::SessionRevoked => ErrorCode::SessionRevoked,
+            Self::TooManyDevices(_) => ErrorCode::TooManyDevices,
             Self::RateLimited { .. } => ErrorCode::RateLimited,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Storage(_) | Self::Corrupt(_) => ErrorCode::Internal,

@@ -66,6 +66,9 @@ pub struct Limits {
     /// Group operations of one user: creating, adding, removing, leaving,
     /// opening direct conversations, blocks and log-outs.
     pub group_ops_per_user: Option<Rate>,
+    /// Devices of one user online at once, over every gateway. A device
+    /// online has one connection: a second login of it replaces the first.
+    pub devices_per_user: Option<u32>,
 }
 
 impl Default for Limits {
@@ -76,6 +79,7 @@ impl Default for Limits {
             sends_per_user: Some(Rate::per_10s(1_000)),
             reads_per_user: Some(Rate::per_10s(300)),
             group_ops_per_user: Some(Rate::per_minute(120)),
+            devices_per_user: Some(10),
         }
     }
 }
@@ -89,6 +93,7 @@ impl Limits {
             sends_per_user: None,
             reads_per_user: None,
             group_ops_per_user: None,
+            devices_per_user: None,
         }
     }
 }

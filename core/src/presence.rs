@@ -66,7 +66,17 @@ pub trait Presence: Send + Sync + 'static {
     /// one it replaced (a smaller epoch: that gateway must close it), or the
     /// newer one that kept it out (nothing written); None when there was
     /// none, or it was this very session.
-    async fn online(&self, session: &Session) -> Result<Option<Session>, ChatError>;
+    async fn online(&self, session: &Session) -> Result<Option<Session>, ChatError> {
+        self.online_within(session, None).await
+    }
+    /// As [`online`](Self::online), but a device that is not online yet is
+    /// refused with [`ChatError::TooManyDevices`] when its user has `cap`
+    /// devices online already (on gateways that are alive).
+    async fn online_within(
+        &self,
+        session: &Session,
+        cap: Option<u32>,
+    ) -> Result<Option<Session>, ChatError>;
     /// Removes the session if it is still the device's newest.
     async fn offline(&self, session: &Session) -> Result<(), ChatError>;
     /// For each gateway, the users among `users` with a device on it, and
@@ -85,9 +95,19 @@ pub struct MemoryPresence {
 
 #[async_trait]
 impl Presence for MemoryPresence {
-    async fn online(&self, s: &Session) -> Result<Option<Session>, ChatError> {
+    async fn online_within(
+        &self,
+        s: &Session,
+        cap: Option<u32>,
+    ) -> Result<Option<Session>, ChatError> {
         let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let devices = map.entry(s.user.clone()).or_default();
+        if let Some(cap) = cap
+            && !devices.contains_key(&s.device)
+            && devices.len() >= cap as usize
+        {
+            return Err(ChatError::TooManyDevices(cap));
+        }
         let other = devices
             .get(&s.device)
             .filter(|(gateway, epoch)| !(*gateway == s.gateway && *epoch == s.epoch))
@@ -168,6 +188,33 @@ mod tests {
         assert!(!located.contains_key("g1"));
         p.offline(&s("a", "phone", "g2", 2)).await.unwrap();
         assert!(p.locate(&["a"]).await.unwrap().gateways.is_empty());
+    }
+
+    /// A user's devices online are capped; one already online logging in
+    /// again (a reconnect, here or elsewhere) is not a new one; one going
+    /// offline makes room.
+    #[tokio::test]
+    async fn devices_online_are_capped_per_user() {
+        let p = MemoryPresence::default();
+        for d in ["phone", "desk"] {
+            p.online_within(&s("a", d, "g1", 1), Some(2)).await.unwrap();
+        }
+        let refused = p.online_within(&s("a", "tab", "g1", 2), Some(2)).await;
+        assert!(
+            matches!(refused, Err(ChatError::TooManyDevices(2))),
+            "{refused:?}"
+        );
+        p.online_within(&s("b", "tab", "g1", 2), Some(2))
+            .await
+            .expect("another user is counted apart");
+        p.online_within(&s("a", "phone", "g2", 3), Some(2))
+            .await
+            .expect("a device online logs in again");
+        p.offline(&s("a", "desk", "g1", 1)).await.unwrap();
+        p.online_within(&s("a", "tab", "g1", 4), Some(2))
+            .await
+            .expect("room once a device went");
+        assert!(p.online(&s("a", "laptop", "g1", 5)).await.is_ok(), "no cap");
     }
 
     /// Each gateway lists each user with a device on it once, however many

@@ -1218,10 +1218,14 @@ async fn a_log_out_closes_the_device_on_every_gateway_within_a_second() {
 /// A user's rate limit holds across gateways: its devices on two gateways
 /// share one count, kept in Redis (each gateway pushes its counts every
 /// 100 ms), and the one past it is answered RATE_LIMITED with a retry-after.
+/// So does the cap on a user's devices online, counted in presence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_users_rate_limit_holds_across_gateways() {
+async fn a_users_limits_hold_across_gateways() {
     let spec = Spec {
-        env: vec![("PARLEY_LIMIT_READS_PER_USER".to_owned(), "5/60".to_owned())],
+        env: vec![
+            ("PARLEY_LIMIT_READS_PER_USER".to_owned(), "5/60".to_owned()),
+            ("PARLEY_LIMIT_DEVICES_PER_USER".to_owned(), "2".to_owned()),
+        ],
         ..spec()
     };
     let c = Cluster::start(spec).await.unwrap();
@@ -1274,6 +1278,24 @@ async fn a_users_rate_limit_holds_across_gateways() {
         "rate limit: 5 reads a minute for ann over 2 gateways: {} admitted, then refused on both",
         5 + usize::from(stale)
     );
+    // Two devices online at most: ann's third is refused on the third gateway.
+    let third = Client::connect(c.at_gateway(2, &t[0], "tablet"))
+        .await
+        .unwrap_err();
+    assert_eq!(third.code(), Some(pb::ErrorCode::TooManyDevices), "{third}");
+    laptop.close().await;
+    let mut admitted = false;
+    for _ in 0..50 {
+        if Client::connect(c.at_gateway(2, &t[0], "tablet"))
+            .await
+            .is_ok()
+        {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "the laptop's going made room for the tablet");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

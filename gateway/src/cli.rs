@@ -221,6 +221,26 @@ pub struct LimitArgs {
     /// Group operations, direct conversations opened, blocks and log-outs of one user.
     #[arg(long, env = "PARLEY_LIMIT_GROUP_OPS_PER_USER", default_value = "120/60", value_parser = rate)]
     limit_group_ops_per_user: Limit,
+    /// Devices of one user online at once, over every gateway: a number, or off.
+    #[arg(long, env = "PARLEY_LIMIT_DEVICES_PER_USER", default_value = "10", value_parser = count)]
+    limit_devices_per_user: Count,
+}
+
+/// One parsed cap flag (None: off).
+#[derive(Debug, Clone, Copy)]
+pub struct Count(Option<u32>);
+
+fn count(value: &str) -> Result<Count, String> {
+    if value == "off" {
+        return Ok(Count(None));
+    }
+    value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(|n| Count(Some(n)))
+        .ok_or_else(|| format!("{value:?} is not a number above 0 or off"))
 }
 
 /// One parsed limit flag (None: off).
@@ -256,6 +276,7 @@ impl LimitArgs {
             sends_per_user: self.limit_sends_per_user.0,
             reads_per_user: self.limit_reads_per_user.0,
             group_ops_per_user: self.limit_group_ops_per_user.0,
+            devices_per_user: self.limit_devices_per_user.0,
         }
     }
 }
@@ -285,5 +306,15 @@ mod limit_tests {
             Limits::default().sends_per_user,
             "the flags' defaults are the code's"
         );
+        assert_eq!(
+            count(&Limits::default().devices_per_user.unwrap().to_string())
+                .unwrap()
+                .0,
+            Limits::default().devices_per_user,
+        );
+        assert!(count("off").unwrap().0.is_none());
+        for bad in ["", "0", "-1", "ten"] {
+            assert!(count(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -435,9 +435,11 @@ async fn start_sync(
 /// that one's epoch is from the future (a gateway whose clock runs ahead),
 /// which is overtaken with a larger epoch. The device's older connection,
 /// if another gateway holds it, is told to close (this gateway's own was
-/// closed when the login registered).
-async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) -> Result<(), End> {
-    let mut met = shared.presence.online(&l.session).await;
+/// closed when the login registered). A device that would be one too many
+/// for its user is refused (TOO_MANY_DEVICES, fatal).
+async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64, rid: u64) -> Result<(), End> {
+    let cap = shared.config.limits.devices_per_user;
+    let mut met = shared.presence.online_within(&l.session, cap).await;
     if let Ok(Some(newer)) = &met
         && newer.epoch > l.session.epoch
     {
@@ -462,9 +464,13 @@ async fn go_online(shared: &Shared, l: &mut Live, conn_id: u64) -> Result<(), En
             conn_id,
             shared.config.push_queue,
         );
-        met = shared.presence.online(&l.session).await;
+        met = shared.presence.online_within(&l.session, cap).await;
     }
     match met {
+        Err(e @ ChatError::TooManyDevices(_)) => {
+            shared.registry.unregister(&l.session.user, conn_id);
+            return Err(End::Fatal(rid, ErrorCode::TooManyDevices, e.to_string()));
+        }
         // The device still gets everything: the gateway registers its
         // sessions again and has them catch up once presence is back.
         Err(e) => {
@@ -689,7 +695,7 @@ async fn on_frame(
                 missing: None,
                 sync_done: None,
             };
-            go_online(shared, &mut l, conn_id).await?;
+            go_online(shared, &mut l, conn_id, rid).await?;
             let opened = shared
                 .chat
                 .session_opened(&user, &auth.device_id, auth.cursor)

@@ -74,6 +74,11 @@ pub struct ChatClusterSpec {
     /// The secret that signs client tokens (at least 32 bytes); your app's
     /// backend mints tokens with the admin API.
     pub token_secret: SecretKeyRef,
+    /// During a rotation of the signing secret, the previous one: tokens it
+    /// signed are still accepted, so nobody is logged out. Remove it once
+    /// every token it signed has expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_previous: Option<SecretKeyRef>,
     /// The key the admin API requires.
     pub admin_key: SecretKeyRef,
 }
@@ -271,6 +276,10 @@ pub struct GatewaySpec {
     pub tls_secret_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Limits against abuse, counted across all gateways; each left out
+    /// keeps the gateway's default.
+    #[serde(default, skip_serializing_if = "LimitsSpec::is_empty")]
+    pub limits: LimitsSpec,
     /// Time a gateway gets to drain when it is stopped.
     #[serde(default = "default_grace")]
     #[schemars(range(min = 5, max = 3600))]
@@ -327,6 +336,7 @@ impl Default for GatewaySpec {
             rebalance: None,
             tls_secret_name: None,
             resources: None,
+            limits: LimitsSpec::default(),
             termination_grace_period_seconds: default_grace(),
         }
     }
@@ -410,6 +420,59 @@ pub struct Backend {
     pub url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// The gateways' limits (see `docs/protocol.md`, "Limits a client should
+/// know"). Rates are `N/SECONDS` (at most N in any SECONDS) or `off`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Logins from one IP address, all users together (default 600/60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    pub logins_per_ip: Option<String>,
+    /// Logins of one user, all devices together (default 60/60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    pub logins_per_user: Option<String>,
+    /// Sends of one user (default 1000/10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    pub sends_per_user: Option<String>,
+    /// History pages, catch-up requests and lists of one user (default 300/10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    pub reads_per_user: Option<String>,
+    /// Group operations, direct conversations opened, blocks and log-outs
+    /// of one user (default 120/60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    pub group_ops_per_user: Option<String>,
+    /// Devices of one user online at once, a number or `off` (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9})$"))]
+    pub devices_per_user: Option<String>,
+}
+
+impl LimitsSpec {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Each limit set, as the gateway's environment variable and value.
+    pub fn env(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("PARLEY_LIMIT_LOGINS_PER_IP", &self.logins_per_ip),
+            ("PARLEY_LIMIT_LOGINS_PER_USER", &self.logins_per_user),
+            ("PARLEY_LIMIT_SENDS_PER_USER", &self.sends_per_user),
+            ("PARLEY_LIMIT_READS_PER_USER", &self.reads_per_user),
+            ("PARLEY_LIMIT_GROUP_OPS_PER_USER", &self.group_ops_per_user),
+            ("PARLEY_LIMIT_DEVICES_PER_USER", &self.devices_per_user),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| Some((name, v.as_deref()?)))
+        .collect()
+    }
 }
 
 /// A key of a Secret in the ChatCluster's namespace.

@@ -256,6 +256,7 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
         ),
         env("PARLEY_DRAIN_RATE", g.drain_rate_per_second.to_string()),
     ]);
+    vars.extend(g.limits.env().into_iter().map(|(name, v)| env(name, v)));
     let mut ports = vec![
         port("tcp", GATEWAY_TCP),
         port("ops", GATEWAY_OPS),
@@ -405,6 +406,13 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
             &cc.spec.admin_key.key,
         ),
     ]);
+    if let Some(previous) = &cc.spec.token_secret_previous {
+        vars.push(env_secret(
+            "PARLEY_TOKEN_SECRET_PREVIOUS",
+            &previous.name,
+            &previous.key,
+        ));
+    }
     let container = Container {
         name: "chat".to_owned(),
         image: Some(cc.spec.images.chat.clone()),
@@ -619,6 +627,57 @@ mod tests {
         assert!(
             env.iter()
                 .any(|e| e.name == "PARLEY_TOKEN_SECRET" && e.value.is_none())
+        );
+    }
+
+    /// The limits set in the spec reach the gateways, the rest keep their
+    /// defaults; the previous signing secret reaches the chat services from
+    /// its Secret during a rotation.
+    #[test]
+    fn limits_and_a_previous_signing_secret_reach_the_processes() {
+        let mut cc = cluster();
+        let names =
+            |env: &[EnvVar]| -> Vec<String> { env.iter().map(|e| e.name.clone()).collect() };
+        let before = env_of(&gateway_deployment(&cc, 2));
+        assert!(
+            !names(&before)
+                .iter()
+                .any(|n| n.starts_with("PARLEY_LIMIT_"))
+        );
+        assert!(
+            !names(&env_of(&chat_deployment(&cc)))
+                .contains(&"PARLEY_TOKEN_SECRET_PREVIOUS".to_owned())
+        );
+        let yaml = "sendsPerUser: 500/10\ndevicesPerUser: 'off'\n";
+        cc.spec.gateway.limits = serde_yaml::from_str(yaml).unwrap();
+        cc.spec.token_secret_previous = Some(crate::crd::SecretKeyRef {
+            name: "parley-token".into(),
+            key: "previous".into(),
+        });
+        let env = env_of(&gateway_deployment(&cc, 2));
+        let value = |n: &str| {
+            env.iter()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            value("PARLEY_LIMIT_SENDS_PER_USER").as_deref(),
+            Some("500/10")
+        );
+        assert_eq!(
+            value("PARLEY_LIMIT_DEVICES_PER_USER").as_deref(),
+            Some("off")
+        );
+        assert_eq!(value("PARLEY_LIMIT_READS_PER_USER"), None);
+        let chat = env_of(&chat_deployment(&cc));
+        let previous = chat
+            .iter()
+            .find(|e| e.name == "PARLEY_TOKEN_SECRET_PREVIOUS")
+            .and_then(|e| e.value_from.as_ref()?.secret_key_ref.clone())
+            .unwrap();
+        assert_eq!(
+            (previous.name.as_str(), previous.key.as_str()),
+            ("parley-token", "previous")
         );
     }
 

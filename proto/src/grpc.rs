@@ -19,7 +19,9 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
         ErrorCode::NotMember | ErrorCode::Blocked | ErrorCode::Forbidden => {
             tonic::Status::permission_denied(message)
         }
-        ErrorCode::GroupFull => tonic::Status::failed_precondition(message),
+        ErrorCode::GroupFull | ErrorCode::TooManyDevices => {
+            tonic::Status::failed_precondition(message)
+        }
         ErrorCode::Conflict => tonic::Status::already_exists(message),
         ErrorCode::Unauthenticated | ErrorCode::TokenExpired | ErrorCode::SessionRevoked => {
             tonic::Status::unauthenticated(message)

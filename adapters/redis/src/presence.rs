@@ -51,10 +51,15 @@ fn load(pipe: &mut redis::Pipeline, source: &str) -> String {
 /// Records a device's gateway unless a newer connection (a larger epoch)
 /// already did. Answers the device's other entry it met (`<gateway>|<epoch>`:
 /// the one it replaced, or the newer one that kept it out), nil for none or
-/// for this very entry.
+/// for this very entry. A device with no entry is refused when the user
+/// has ARGV[5] entries already (0: no cap): the answer is then `!FULL`.
 pub(crate) const ONLINE: &str = r"
 local mine = ARGV[2] .. '|' .. ARGV[3]
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local cap = tonumber(ARGV[5])
+if not cur and cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then
+  return '!FULL'
+end
 if cur and cur ~= mine then
   local e = tonumber(string.match(cur, '|(%d+)$'))
   if e and e > tonumber(ARGV[3]) then return cur end
@@ -64,6 +69,9 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if cur == mine then return false end
 return cur
 ";
+
+/// The ONLINE answer of a device refused by the cap.
+const FULL: &str = "!FULL";
 
 /// The session an ONLINE answer names, for the device of `s`.
 fn other_session(s: &Session, answer: Option<String>) -> Option<Session> {
@@ -106,7 +114,8 @@ impl RedisState {
                     .arg(&s.device)
                     .arg(&s.gateway)
                     .arg(s.epoch)
-                    .arg(ttl);
+                    .arg(ttl)
+                    .arg(0);
             }
             let mut c = self.conn.clone();
             let answers: Vec<Option<String>> = pipe.query_async(&mut c).await.map_err(redis_err)?;
@@ -121,20 +130,86 @@ impl RedisState {
     }
 }
 
-#[async_trait]
-impl Presence for RedisState {
-    async fn online(&self, s: &Session) -> Result<Option<Session>, ChatError> {
+impl RedisState {
+    async fn online_once(&self, s: &Session, cap: u32) -> Result<Option<String>, ChatError> {
         let mut c = self.conn.clone();
-        let answer: Option<String> = self
-            .online
+        self.online
             .key(self.keys.presence(&s.user))
             .arg(&s.device)
             .arg(&s.gateway)
             .arg(s.epoch)
             .arg(PRESENCE_TTL.as_millis() as u64)
+            .arg(cap)
             .invoke_async(&mut c)
             .await
+            .map_err(redis_err)
+    }
+
+    /// Removes a user's entries held by gateways whose lease is gone (they
+    /// died without a word): they must not count against the user's cap.
+    /// Answers how many went.
+    async fn forget_dead_devices(&self, user: &str) -> Result<usize, ChatError> {
+        let mut c = self.conn.clone();
+        let key = self.keys.presence(user);
+        let entries: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
             .map_err(redis_err)?;
+        let gateway = |v: &str| {
+            v.rsplit_once('|')
+                .map_or(String::new(), |(g, _)| g.to_owned())
+        };
+        let mut gateways: Vec<String> = entries.values().map(|v| gateway(v)).collect();
+        gateways.sort_unstable();
+        gateways.dedup();
+        let names: Vec<&str> = gateways.iter().map(String::as_str).collect();
+        let alive: HashSet<String> = self
+            .leases(&names)
+            .await?
+            .into_iter()
+            .map(|l| l.gateway)
+            .collect();
+        let dead: Vec<(&String, &String)> = entries
+            .iter()
+            .filter(|(_, v)| !alive.contains(&gateway(v)))
+            .collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        let offline = load(&mut pipe, OFFLINE);
+        for (device, value) in &dead {
+            pipe.cmd("EVALSHA")
+                .arg(&offline)
+                .arg(1)
+                .arg(&key)
+                .arg(*device)
+                .arg(*value)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut c).await.map_err(redis_err)?;
+        Ok(dead.len())
+    }
+}
+
+#[async_trait]
+impl Presence for RedisState {
+    async fn online_within(
+        &self,
+        s: &Session,
+        cap: Option<u32>,
+    ) -> Result<Option<Session>, ChatError> {
+        let cap = cap.unwrap_or(0);
+        let mut answer = self.online_once(s, cap).await?;
+        // Full, perhaps of devices whose gateway died: clear those and try
+        // once more (rare: only when a user is at the cap).
+        if answer.as_deref() == Some(FULL) && self.forget_dead_devices(&s.user).await? > 0 {
+            answer = self.online_once(s, cap).await?;
+        }
+        if answer.as_deref() == Some(FULL) {
+            return Err(ChatError::TooManyDevices(cap));
+        }
         Ok(other_session(s, answer))
     }
 

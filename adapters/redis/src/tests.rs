@@ -128,6 +128,61 @@ async fn presence_is_fenced_by_epoch_and_needs_a_live_gateway() {
     );
 }
 
+/// A user's devices online are capped over the cluster; a device already
+/// online logs in again whatever the count; devices of a gateway that died
+/// without a word do not count once its lease is gone.
+#[tokio::test]
+async fn devices_online_are_capped_per_user_across_gateways() {
+    let t = TestRedis::new();
+    let r = state(&t);
+    let ttl = Duration::from_secs(30);
+    r.announce("g1", "10.0.0.1:7400", 1, ttl, false, false)
+        .await
+        .unwrap();
+    r.announce(
+        "g2",
+        "10.0.0.2:7400",
+        1,
+        Duration::from_secs(1),
+        false,
+        false,
+    )
+    .await
+    .unwrap();
+    let cap = Some(2);
+    r.online_within(&s("ann", "phone", "g1", 1), cap)
+        .await
+        .unwrap();
+    r.online_within(&s("ann", "desk", "g2", 2), cap)
+        .await
+        .unwrap();
+    let refused = r.online_within(&s("ann", "tab", "g1", 3), cap).await;
+    assert!(
+        matches!(refused, Err(parley_core::ChatError::TooManyDevices(2))),
+        "{refused:?}"
+    );
+    r.online_within(&s("ann", "phone", "g1", 4), cap)
+        .await
+        .expect("a device online logs in again");
+    r.online_within(&s("bob", "tab", "g1", 5), cap)
+        .await
+        .expect("another user is counted apart");
+    // g2 dies: once its lease runs out, its device makes room.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    r.online_within(&s("ann", "tab", "g1", 6), cap)
+        .await
+        .expect("the dead gateway's device does not count");
+    let located = r.locate(&["ann"]).await.unwrap().gateways;
+    assert_eq!(located["g1"], vec!["ann".to_owned()]);
+    assert!(!located.contains_key("g2"));
+    // Bulk re-registration (after Redis lost its data) is never refused.
+    let back: Vec<Session> = ["a", "b", "c"]
+        .iter()
+        .map(|d| s("cyd", d, "g1", 7))
+        .collect();
+    assert!(r.online_many(&back).await.unwrap().is_empty());
+}
+
 /// After presence starts over (Redis lost its data), lookups call it
 /// unsettled for the settle time: a missing entry may be a device whose
 /// gateway has not written it back yet. Then it is settled again, and

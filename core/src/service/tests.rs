@@ -114,8 +114,12 @@ struct Flaky {
 
 #[async_trait::async_trait]
 impl Presence for Flaky {
-    async fn online(&self, s: &Session) -> Result<Option<Session>, crate::ChatError> {
-        self.inner.online(s).await
+    async fn online_within(
+        &self,
+        s: &Session,
+        cap: Option<u32>,
+    ) -> Result<Option<Session>, crate::ChatError> {
+        self.inner.online_within(s, cap).await
     }
     async fn offline(&self, s: &Session) -> Result<(), crate::ChatError> {
         self.inner.offline(s).await
