@@ -103,6 +103,22 @@ impl chat_internal_server::ChatInternal for InternalApi {
         }))
     }
 
+    async fn log_outs_since(
+        &self,
+        req: Request<ipb::LogOutsSinceRequest>,
+    ) -> Result<Response<ipb::LogOutsSinceReply>, Status> {
+        let since = req.into_inner().since_ms;
+        let revoked = self
+            .chat
+            .store()
+            .log_outs_since(since)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ipb::LogOutsSinceReply {
+            revoked: revoked.into_iter().map(Into::into).collect(),
+        }))
+    }
+
     async fn ack(&self, req: Request<ipb::AckRequest>) -> Result<Response<ipb::Empty>, Status> {
         let r = req.into_inner();
         self.chat

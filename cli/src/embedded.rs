@@ -141,7 +141,7 @@ impl Embedded {
         let (stop, stop_rx) = watch::channel(false);
         let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence, None);
         tokio::spawn(parley_gateway::registry::follow_log_outs(
-            shared.registry.clone(),
+            shared.clone(),
             bus.revocations(),
         ));
         let advertise = cfg

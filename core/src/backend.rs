@@ -5,6 +5,7 @@
 use async_trait::async_trait;
 use parley_proto::pb::{self, client_frame::Body as Req, server_frame::Body as Resp};
 
+use crate::bus::Revocation;
 use crate::error::ChatError;
 use crate::service::{ChatService, SyncPage};
 
@@ -41,6 +42,9 @@ pub trait ChatBackend: Send + Sync + 'static {
     async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError>;
     /// A request frame of an authenticated device.
     async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError>;
+    /// Every log-out made at or after `since_ms`, for a gateway that may
+    /// have missed their notices.
+    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError>;
 }
 
 #[async_trait]
@@ -77,5 +81,9 @@ impl ChatBackend for ChatService {
 
     async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
         ChatService::call(self, user, device, req).await
+    }
+
+    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError> {
+        self.store().log_outs_since(since_ms).await
     }
 }

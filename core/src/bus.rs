@@ -42,6 +42,37 @@ pub struct Revocation {
     pub at_ms: i64,
 }
 
+impl From<Revocation> for parley_proto::internal::DeviceRevoked {
+    fn from(r: Revocation) -> Self {
+        Self {
+            user_id: r.user,
+            device_id: r.device.unwrap_or_default(),
+            revoked_at_ms: r.at_ms,
+        }
+    }
+}
+
+impl From<parley_proto::internal::DeviceRevoked> for Revocation {
+    fn from(r: parley_proto::internal::DeviceRevoked) -> Self {
+        Self {
+            user: r.user_id,
+            device: (!r.device_id.is_empty()).then_some(r.device_id),
+            at_ms: r.revoked_at_ms,
+        }
+    }
+}
+
+impl Revocation {
+    /// From a SQL row of (user, device or NULL, time).
+    pub fn from_row((user, device, at_ms): (String, Option<String>, i64)) -> Self {
+        Self {
+            user,
+            device,
+            at_ms,
+        }
+    }
+}
+
 /// Carries deliveries to gateways and events to listeners.
 #[async_trait]
 pub trait DeliveryBus: Send + Sync + 'static {

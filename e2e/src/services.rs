@@ -180,9 +180,19 @@ impl PrivateRabbit {
     /// Kills the broker and starts it again on the same port and data;
     /// `down_for` is how long it stays away.
     pub async fn restart(&mut self, down_for: Duration) -> anyhow::Result<()> {
-        self.kill_node().await;
-        wait_port(self.port, false, Duration::from_secs(20)).await?;
+        self.crash().await?;
         tokio::time::sleep(down_for).await;
+        self.start_again().await
+    }
+
+    /// Kills the broker (SIGKILL) and waits for its port to close.
+    pub async fn crash(&mut self) -> anyhow::Result<()> {
+        self.kill_node().await;
+        wait_port(self.port, false, Duration::from_secs(20)).await
+    }
+
+    /// Starts the broker again on the same port and data.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(self.dir.path().join("pid"));
         self.up().await
     }

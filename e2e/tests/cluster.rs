@@ -1215,6 +1215,60 @@ async fn a_log_out_closes_the_device_on_every_gateway_within_a_second() {
     again.open_direct("bob").await.unwrap();
 }
 
+/// A log-out made while RabbitMQ is down cannot reach the gateways as a
+/// notice; when the broker is back, each gateway looks up the log-outs
+/// made since its link went, and the device is closed with SESSION_REVOKED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_out_while_the_broker_is_down_closes_the_device_when_it_is_back() {
+    let mut rabbit = PrivateRabbit::start().await.unwrap();
+    let spec = Spec {
+        amqp_url: rabbit.url(),
+        ..spec()
+    };
+    let c = Cluster::start(spec).await.unwrap();
+    c.users(&["ann"]).await.unwrap();
+    let mut admin = c.admin().await.unwrap();
+    let phone = admin
+        .device_token("ann", "phone", 3600)
+        .await
+        .unwrap()
+        .token;
+    let (_phone, mut events) = Client::connect(c.at_gateway(1, &phone, "phone"))
+        .await
+        .unwrap();
+    while !matches!(events.recv().await, Some(Event::Synced(_))) {}
+
+    rabbit.crash().await.unwrap();
+    // The chat service records the log-out (the token is refused from now
+    // on) and queues its notice for the broker, which has lost the
+    // gateways' queues by the time it is back: the notice reaches nobody.
+    // Without the gateways' lookup this test fails.
+    let answer = admin.log_out("ann", Some("phone")).await;
+    println!("log-out with the broker down: {answer:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing tells the gateway yet.
+    while let Ok(e) = events.try_recv() {
+        assert!(
+            !matches!(e, Event::Closed(_)),
+            "closed before the broker was back: {e:?}"
+        );
+    }
+    rabbit.start_again().await.unwrap();
+    let back = Instant::now();
+    revoked_by(
+        &mut events,
+        back + Duration::from_secs(20),
+        "the phone, once the broker is back",
+    )
+    .await;
+    println!(
+        "log-out while the broker was down: the phone closed {:?} after the broker was back",
+        back.elapsed()
+    );
+    drop(c);
+    rabbit.stop().await;
+}
+
 /// A user's rate limit holds across gateways: its devices on two gateways
 /// share one count, kept in Redis (each gateway pushes its counts every
 /// 100 ms), and the one past it is answered RATE_LIMITED with a retry-after.

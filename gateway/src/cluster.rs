@@ -391,12 +391,15 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
         "gateway starting"
     );
 
-    // A consumer that reconnected may have missed deliveries.
+    // A consumer that reconnected may have missed deliveries, and log-out
+    // notices: those are looked up from when the link went.
     let mut resync = feed.resync.clone();
-    let resync_registry = shared.registry.clone();
+    let resync_shared = shared.clone();
     let resyncer = AbortOnDropHandle::new(tokio::spawn(async move {
         while resync.changed().await.is_ok() {
-            resync_registry.resync_all();
+            let lost_at_ms = *resync.borrow_and_update();
+            resync_shared.registry.resync_all();
+            crate::registry::recheck_log_outs(&resync_shared, lost_at_ms).await;
         }
     }));
     // Devices of this gateway that logged in again on another.

@@ -13,6 +13,8 @@ use parley_proto::pb;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, broadcast, mpsc};
 
+use crate::Shared;
+
 /// One message for one device.
 #[derive(Debug, Clone)]
 pub struct Push {
@@ -294,19 +296,57 @@ pub fn revoke_logged(registry: &Registry, r: &Revocation) {
     );
 }
 
+/// How far before a lost link log-outs are looked up again: the chat
+/// service that stamped them may run a little ahead of this gateway's
+/// clock, and a notice published just before the link went may not have
+/// arrived.
+pub const RECHECK_MARGIN_MS: i64 = 10_000;
+
+/// Closes the connections of every log-out since `lost_at_ms` (less the
+/// margin), looked up in the store: for when their notices may have been
+/// missed (the broker link was down, a local channel overflowed). Tries
+/// until the chat service answers; a revocation applied twice closes
+/// nothing more.
+pub async fn recheck_log_outs(shared: &Shared, lost_at_ms: i64) {
+    let since = lost_at_ms - RECHECK_MARGIN_MS;
+    let mut wait = std::time::Duration::from_millis(100);
+    loop {
+        match shared.chat.log_outs_since(since).await {
+            Ok(found) => {
+                let closed: usize = found.iter().map(|r| shared.registry.revoke(r)).sum();
+                tracing::info!(
+                    log_outs = found.len(),
+                    closed,
+                    since,
+                    "log-outs looked up again after notices may have been missed"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "log-outs not looked up; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Closes the connections of each log-out of the bus in this process
-/// (`LocalBus::revocations`) until it closes.
-pub async fn follow_log_outs(
-    registry: Arc<Registry>,
-    mut log_outs: broadcast::Receiver<Revocation>,
-) {
+/// (`LocalBus::revocations`) until it closes. When some were missed (a
+/// flood of log-outs overflowed the channel), those since the last one
+/// heard are looked up in the store.
+pub async fn follow_log_outs(shared: Arc<Shared>, mut log_outs: broadcast::Receiver<Revocation>) {
+    let mut heard_at_ms = parley_core::now_ms();
     loop {
         match log_outs.recv().await {
-            Ok(r) => revoke_logged(&registry, &r),
-            // A thousand log-outs at once: those missed leave connections
-            // open (their tokens are refused at the next login).
+            Ok(r) => {
+                heard_at_ms = parley_core::now_ms();
+                revoke_logged(&shared.registry, &r)
+            }
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::error!(missed = n, "log-outs missed; their connections stay open")
+                tracing::warn!(missed = n, "log-out notices missed; looking them up");
+                recheck_log_outs(&shared, heard_at_ms).await;
+                heard_at_ms = parley_core::now_ms();
             }
             Err(broadcast::error::RecvError::Closed) => break,
         }

@@ -29,7 +29,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use parley_core::{ChatBackend, ChatError, Login, SyncPage};
+use parley_core::{ChatBackend, ChatError, Login, Revocation, SyncPage};
 
 mod batch;
 
@@ -561,6 +561,15 @@ impl ChatBackend for RemoteChat {
         r.frame
             .and_then(|f| f.body)
             .ok_or_else(|| ChatError::Unavailable("empty reply from the chat service".into()))
+    }
+
+    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError> {
+        let req = ipb::LogOutsSinceRequest { since_ms };
+        let r = self
+            .caller
+            .invoke(true, |mut c| async move { c.log_outs_since(req).await })
+            .await?;
+        Ok(r.revoked.into_iter().map(Revocation::from).collect())
     }
 }
 

@@ -1,7 +1,7 @@
 //! The consuming side, used by each gateway: its own queue, bound to the
 //! deliveries exchange with its name and the every-gateway key, declared on
-//! every connect; a tick on
-//! `resync` whenever the consumer had to reconnect.
+//! every connect; `resync` changes whenever the consumer had to reconnect,
+//! to when it lost its link.
 
 use std::sync::Arc;
 
@@ -26,9 +26,11 @@ pub struct GatewayFeed {
     pub replaced: mpsc::Receiver<Session>,
     /// Devices logged out, on any gateway.
     pub revoked: mpsc::Receiver<Revocation>,
-    /// Ticks every time the consumer reconnects: deliveries may have been
-    /// lost meanwhile, so connections should catch up from the database.
-    pub resync: watch::Receiver<u64>,
+    /// Changes every time the consumer reconnects, to when (ms since the
+    /// epoch) it lost its link: deliveries and log-out notices may have
+    /// been lost since, so connections should catch up from the database
+    /// and log-outs since then be looked up.
+    pub resync: watch::Receiver<i64>,
     pub status: Arc<LinkStatus>,
     pub task: AbortOnDropHandle<()>,
 }
@@ -101,15 +103,7 @@ fn decode_batch(body: &[u8]) -> Option<Decoded> {
         .into_iter()
         .map(|r| Session::new(&r.user_id, &r.device_id, &r.gateway, r.epoch))
         .collect();
-    let revoked = batch
-        .revoked
-        .into_iter()
-        .map(|r| Revocation {
-            user: r.user_id,
-            device: (!r.device_id.is_empty()).then_some(r.device_id),
-            at_ms: r.revoked_at_ms,
-        })
-        .collect();
+    let revoked = batch.revoked.into_iter().map(Revocation::from).collect();
     Some(Decoded {
         deliveries,
         replaced,
@@ -121,11 +115,13 @@ async fn consumer(
     config: AmqpConfig,
     gateway: String,
     out: Outputs,
-    resync: watch::Sender<u64>,
+    resync: watch::Sender<i64>,
     status: Arc<LinkStatus>,
 ) {
     let queue = config.gateway_queue(&gateway);
     let mut first = true;
+    // When the link was lost (reset once it is back).
+    let mut lost_at_ms = parley_core::now_ms();
     let mut attempt = 0;
     loop {
         let setup = async {
@@ -183,7 +179,7 @@ async fn consumer(
                 gateway,
                 "RabbitMQ consumer reconnected; connections catch up"
             );
-            resync.send_modify(|n| *n += 1);
+            resync.send_replace(lost_at_ms);
         }
         first = false;
         attempt = 0;
@@ -218,6 +214,7 @@ async fn consumer(
             }
         }
         status.down();
+        lost_at_ms = parley_core::now_ms();
         tracing::warn!(
             gateway,
             "RabbitMQ consumer lost its connection; reconnecting"

@@ -155,13 +155,8 @@ impl DeliveryBus for AmqpBus {
     }
 
     async fn revoked(&self, revocation: Revocation) -> Result<(), ChatError> {
-        let notice = ipb::DeviceRevoked {
-            user_id: revocation.user,
-            device_id: revocation.device.unwrap_or_default(),
-            revoked_at_ms: revocation.at_ms,
-        };
         let batch = ipb::DeliveryBatch {
-            revoked: vec![notice],
+            revoked: vec![revocation.into()],
             ..Default::default()
         };
         self.enqueue_or_fail(Outgoing {

@@ -16,7 +16,6 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::sqlite_append::Appender;
-use parley_core::ChatError;
 use parley_core::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
@@ -25,6 +24,7 @@ use parley_core::store::{
     MembershipChange, NewMessage, RefreshRecord, Store, UserRecord, direct_key, history_bound,
     history_page,
 };
+use parley_core::{ChatError, Revocation};
 
 use crate::Db;
 
@@ -687,6 +687,19 @@ impl Store for SqliteStore {
             return Err(ChatError::NotFound(format!("no user {user}")));
         }
         Ok(())
+    }
+
+    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError> {
+        let rows: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT id, NULL, revoked_at FROM users WHERE revoked_at > 0 AND revoked_at >= ?1 \
+             UNION ALL SELECT user_id, device_id, revoked_at FROM log_outs WHERE revoked_at >= ?1 \
+             ORDER BY 3",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.reader)
+        .await
+        .db()?;
+        Ok(rows.into_iter().map(Revocation::from_row).collect())
     }
 
     async fn logged_out_at(&self, user: &str, device: &str) -> Result<Option<i64>, ChatError> {

@@ -448,6 +448,28 @@ pub async fn log_outs_only_move_forward_and_list_every_device(store: &dyn Store)
         Some(800)
     );
     assert_eq!(store.logged_out_at("bob", "laptop").await.unwrap(), Some(0));
+    // What a gateway that missed notices asks for: the log-outs since.
+    let since = |at: i64| async move {
+        store
+            .log_outs_since(at)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.user, r.device, r.at_ms))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        since(0).await,
+        vec![
+            ("alice".to_owned(), None, 800),
+            ("alice".to_owned(), Some("phone".to_owned()), 1_000)
+        ]
+    );
+    assert_eq!(
+        since(900).await,
+        vec![("alice".to_owned(), Some("phone".to_owned()), 1_000)]
+    );
+    assert!(since(1_001).await.is_empty());
     let cursor = DeviceCursor {
         user: "alice".into(),
         device: "laptop".into(),

@@ -17,6 +17,7 @@ use super::{
     MembershipChange, NewMessage, RefreshRecord, Store, UserRecord, direct_key, history_bound,
     history_page,
 };
+use crate::bus::Revocation;
 use crate::error::ChatError;
 use crate::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
@@ -531,6 +532,23 @@ impl Store for MemoryStore {
             .copied()
             .unwrap_or(0);
         Ok(Some(u.logged_out_at_ms.max(own)))
+    }
+
+    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError> {
+        let s = self.lock();
+        let all = s.users.iter().map(|(u, r)| (u, None, r.logged_out_at_ms));
+        let one = s.log_outs.iter().map(|((u, d), at)| (u, Some(d), *at));
+        let mut out: Vec<Revocation> = all
+            .chain(one)
+            .filter(|(_, _, at)| *at > 0 && *at >= since_ms)
+            .map(|(u, d, at)| Revocation {
+                user: u.clone(),
+                device: d.cloned(),
+                at_ms: at,
+            })
+            .collect();
+        out.sort_by_key(|r| r.at_ms);
+        Ok(out)
     }
 
     async fn list_devices(&self, user: &str) -> Result<Vec<DeviceRecord>, ChatError> {
