@@ -107,11 +107,11 @@ impl chat_internal_server::ChatInternal for InternalApi {
         &self,
         req: Request<ipb::LogOutsSinceRequest>,
     ) -> Result<Response<ipb::LogOutsSinceReply>, Status> {
-        let since = req.into_inner().since_ms;
+        let r = req.into_inner();
         let revoked = self
             .chat
             .store()
-            .log_outs_since(since)
+            .log_outs_since(r.since_ms, r.limit.clamp(1, 10_000))
             .await
             .map_err(status)?;
         Ok(Response::new(ipb::LogOutsSinceReply {

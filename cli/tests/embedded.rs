@@ -1514,8 +1514,9 @@ fn limited(resp: Resp, what: &str) {
 }
 
 /// A user has at most so many devices online: one more is refused at Auth
-/// with TOO_MANY_DEVICES (the SDK gives up on it, as it must not retry in a
-/// loop), while a device already online logs in again, another user is not
+/// with TOO_MANY_DEVICES (the SDK's first connect returns it; a reconnect
+/// would try again every 30 s or so), while a device already online logs
+/// in again, another user is not
 /// held back, and a device going offline makes room.
 #[tokio::test]
 async fn devices_online_are_capped_per_user() {

@@ -379,6 +379,9 @@ const SEND_RETRIES: u32 = 30;
 /// A connection up this long counts as working: the reconnect backoff
 /// starts over after it.
 const STABLE: Duration = Duration::from_secs(10);
+/// How long a reconnect refused with TOO_MANY_DEVICES waits before trying
+/// again (plus up to 5 s of jitter).
+const TOO_MANY_DEVICES_RETRY: Duration = Duration::from_secs(30);
 /// How long a gateway has to answer Hello and Auth before the next is tried.
 const LOGIN_WITHIN: Duration = Duration::from_secs(5);
 /// How long a Ping waits for its Pong when the server does not say.
@@ -650,13 +653,27 @@ impl Engine {
                             code:
                                 pb::ErrorCode::Unauthenticated
                                 | pb::ErrorCode::TokenExpired
-                                | pb::ErrorCode::SessionRevoked
-                                | pb::ErrorCode::TooManyDevices,
+                                | pb::ErrorCode::SessionRevoked,
                             ..
                         },
                     ) => {
                         self.close_for_good(e).await;
                         return;
+                    }
+                    // The user's other devices took every place while this
+                    // one was away: one may leave, so try again, slowly.
+                    Err(
+                        e @ ClientError::Server {
+                            code: pb::ErrorCode::TooManyDevices,
+                            ..
+                        },
+                    ) => {
+                        tracing::info!(error = %e, "no place among the user's devices; retrying");
+                        let jitter = Duration::from_millis(rand::random::<u64>() % 5_000);
+                        if !self.wait_or_close(TOO_MANY_DEVICES_RETRY + jitter).await {
+                            return;
+                        }
+                        continue;
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "reconnect failed");

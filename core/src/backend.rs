@@ -42,9 +42,11 @@ pub trait ChatBackend: Send + Sync + 'static {
     async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError>;
     /// A request frame of an authenticated device.
     async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError>;
-    /// Every log-out made at or after `since_ms`, for a gateway that may
-    /// have missed their notices.
-    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError>;
+    /// A page of the log-outs made at or after `since_ms` (see
+    /// [`Store::log_outs_since`](crate::Store::log_outs_since)), for a
+    /// gateway that may have missed their notices.
+    async fn log_outs_since(&self, since_ms: i64, limit: u32)
+    -> Result<Vec<Revocation>, ChatError>;
 }
 
 #[async_trait]
@@ -83,7 +85,11 @@ impl ChatBackend for ChatService {
         ChatService::call(self, user, device, req).await
     }
 
-    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError> {
-        self.store().log_outs_since(since_ms).await
+    async fn log_outs_since(
+        &self,
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Revocation>, ChatError> {
+        self.store().log_outs_since(since_ms, limit).await
     }
 }

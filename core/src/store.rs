@@ -305,10 +305,12 @@ pub trait Store: Send + Sync + 'static {
     /// the device's and the user's log-out; 0: never), or None when the
     /// user does not exist. One read, made at every login.
     async fn logged_out_at(&self, user: &str, device: &str) -> Result<Option<i64>, ChatError>;
-    /// Every log-out made at or after `since_ms` (a device's, or all of a
-    /// user's devices' with `device` None), for a gateway that may have
-    /// missed their notices. Ordered by time; indexed, not a scan.
-    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError>;
+    /// The first `limit` log-outs made at or after `since_ms` (a device's,
+    /// or all of a user's devices' with `device` None), in time order, for
+    /// a gateway that may have missed their notices; the next page starts
+    /// at the last one's time. Indexed, not a scan.
+    async fn log_outs_since(&self, since_ms: i64, limit: u32)
+    -> Result<Vec<Revocation>, ChatError>;
     /// The devices of `user` that acknowledged a delivery, hold a session
     /// (a refresh token) or were logged out, by id.
     async fn list_devices(&self, user: &str) -> Result<Vec<DeviceRecord>, ChatError>;

@@ -456,7 +456,13 @@ async fn spread_until(c: &Cluster, check: impl Fn(&[i64]) -> bool) -> (bool, Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_spread_evenly_and_a_new_gateway_is_filled_by_rebalancing() {
-    let mut c = Cluster::start(Spec { chats: 1, ..spec() }).await.unwrap();
+    // Eleven devices per user (the default cap is ten).
+    let spec = Spec {
+        chats: 1,
+        env: vec![("PARLEY_LIMIT_DEVICES_PER_USER".to_owned(), "11".to_owned())],
+        ..spec()
+    };
+    let mut c = Cluster::start(spec).await.unwrap();
     let names: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();
     let mut ids: Vec<&str> = names.iter().map(String::as_str).collect();
     ids.extend(["ann", "bob"]);

@@ -271,6 +271,21 @@ async fn keep_lease(node: Arc<Node>, cfg: ClusterConfig, mut wake: watch::Receiv
                         }
                     }
                 }
+                let unclean = node.shared.take_unclean();
+                if !unclean.is_empty() {
+                    match node.redis.offline_many(&unclean).await {
+                        Ok(()) => tracing::info!(
+                            sessions = unclean.len(),
+                            "presence cleared of sessions that ended while it was away"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "presence not cleared; retrying");
+                            for s in unclean {
+                                node.shared.unclean_end(s);
+                            }
+                        }
+                    }
+                }
                 first = false;
             }
             Err(e) => {
@@ -374,7 +389,7 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     let node = Arc::new(Node {
         shared: shared.clone(),
         chat,
-        redis,
+        redis: redis.with_lease_since(shared.first_epoch()),
         amqp: feed.status.clone(),
         redis_up: AtomicBool::new(false),
         started: AtomicBool::new(false),
@@ -392,14 +407,17 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
     );
 
     // A consumer that reconnected may have missed deliveries, and log-out
-    // notices: those are looked up from when the link went.
+    // notices: those are looked up from the last it heard, on their own.
     let mut resync = feed.resync.clone();
     let resync_shared = shared.clone();
     let resyncer = AbortOnDropHandle::new(tokio::spawn(async move {
         while resync.changed().await.is_ok() {
-            let lost_at_ms = *resync.borrow_and_update();
+            let heard_at_ms = *resync.borrow_and_update();
             resync_shared.registry.resync_all();
-            crate::registry::recheck_log_outs(&resync_shared, lost_at_ms).await;
+            tokio::spawn(crate::registry::recheck_log_outs(
+                resync_shared.clone(),
+                heard_at_ms,
+            ));
         }
     }));
     // Devices of this gateway that logged in again on another.

@@ -313,7 +313,8 @@ pub async fn serve<IO: FrameIo>(
     if let Some(l) = live
         && let Err(e) = shared.presence.offline(&l.session).await
     {
-        tracing::warn!(error = %e, "presence not cleared; it expires with this gateway's lease");
+        tracing::warn!(error = %e, "presence not cleared; cleared when it answers again");
+        shared.unclean_end(l.session);
     }
 }
 
@@ -704,7 +705,9 @@ async fn on_frame(
                 Ok(r) => r,
                 Err(e) => {
                     shared.registry.unregister(&user, conn_id);
-                    let _ = shared.presence.offline(&l.session).await;
+                    if shared.presence.offline(&l.session).await.is_err() {
+                        shared.unclean_end(l.session);
+                    }
                     return Err(End::Fatal(rid, ErrorCode::Unavailable, e.client_message()));
                 }
             };

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parley_core::limits::{Limiter, Limits, MemoryCounters};
-use parley_core::{ChatBackend, Delivery, DeliveryBus, Presence};
+use parley_core::{ChatBackend, Delivery, DeliveryBus, Presence, Session};
 use parley_ops::stopped;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -77,6 +77,9 @@ impl Default for GatewayConfig {
 }
 
 /// What every connection of a gateway shares.
+/// How many ended sessions a gateway keeps for presence to hear of later.
+pub const UNCLEAN_MAX: usize = 100_000;
+
 pub struct Shared {
     /// Once the gateway drains: not ready, out of the routing table, and
     /// its clients moved away at a bounded rate.
@@ -97,6 +100,13 @@ pub struct Shared {
     epoch: AtomicU64,
     /// Below 1000, from the gateway's id (see [`Shared::next_epoch`]).
     epoch_offset: u64,
+    /// No epoch of this process is smaller: entries in presence under this
+    /// gateway's name with a smaller one are a former process's.
+    first_epoch: u64,
+    /// Sessions that ended while presence could not be told: cleared when
+    /// it answers again, or they would count against their user's cap of
+    /// devices for as long as this gateway lives.
+    unclean: std::sync::Mutex<std::collections::VecDeque<Session>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -134,6 +144,7 @@ impl Shared {
             config.gateway_id.hash(&mut h);
             h.finish() % 1000
         };
+        let first_epoch = parley_core::now_ms().max(0) as u64 * 1000;
         Arc::new(Self {
             drain: drain::Drain::default(),
             shed: drain::Shed::default(),
@@ -145,8 +156,34 @@ impl Shared {
             epoch_offset,
             notices,
             limiter,
-            epoch: AtomicU64::new(0),
+            epoch: AtomicU64::new(first_epoch.saturating_sub(1)),
+            first_epoch,
+            unclean: std::sync::Mutex::default(),
         })
+    }
+
+    /// Remembers a session whose end presence did not hear of (at most
+    /// [`UNCLEAN_MAX`]; beyond that the oldest are forgotten, and expire
+    /// with their user's presence).
+    pub fn unclean_end(&self, session: Session) {
+        let mut list = self.unclean.lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() >= UNCLEAN_MAX {
+            list.pop_front();
+        }
+        list.push_back(session);
+    }
+
+    /// The sessions whose end presence has yet to hear of, taken.
+    pub fn take_unclean(&self) -> Vec<Session> {
+        let mut list = self.unclean.lock().unwrap_or_else(|e| e.into_inner());
+        list.drain(..).collect()
+    }
+
+    /// No connection epoch of this process is smaller (written in the
+    /// gateway's lease, so that a former process's presence entries under
+    /// the same gateway name can be told apart).
+    pub fn first_epoch(&self) -> u64 {
+        self.first_epoch
     }
 
     /// Makes the next epochs larger than `seen` (one from another gateway,

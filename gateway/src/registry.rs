@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use parley_core::{Delivery, Revocation, Session};
+use parley_core::{ChatError, Delivery, Revocation, Session};
 use parley_proto::pb;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -296,39 +296,63 @@ pub fn revoke_logged(registry: &Registry, r: &Revocation) {
     );
 }
 
-/// How far before a lost link log-outs are looked up again: the chat
-/// service that stamped them may run a little ahead of this gateway's
-/// clock, and a notice published just before the link went may not have
-/// arrived.
+/// How far before the last notice heard log-outs are looked up again: the
+/// chat service that stamped them may run behind this gateway's clock.
 pub const RECHECK_MARGIN_MS: i64 = 10_000;
 
-/// Closes the connections of every log-out since `lost_at_ms` (less the
-/// margin), looked up in the store: for when their notices may have been
-/// missed (the broker link was down, a local channel overflowed). Tries
-/// until the chat service answers; a revocation applied twice closes
-/// nothing more.
-pub async fn recheck_log_outs(shared: &Shared, lost_at_ms: i64) {
-    let since = lost_at_ms - RECHECK_MARGIN_MS;
+/// Log-outs looked up per call.
+const RECHECK_PAGE: u32 = 5_000;
+
+/// Closes the connections of every log-out since `heard_at_ms` (less the
+/// margin), looked up in the store, page by page: for when their notices
+/// may have been missed (the broker link was down, a local channel
+/// overflowed). Tries for about two minutes while the chat service is
+/// unreachable, and gives up at once on any other answer (a chat service
+/// of an older version); a revocation applied twice closes nothing more.
+pub async fn recheck_log_outs(shared: Arc<Shared>, heard_at_ms: i64) {
+    let mut since = heard_at_ms - RECHECK_MARGIN_MS;
+    let (mut found, mut closed, mut failures) = (0, 0, 0);
     let mut wait = std::time::Duration::from_millis(100);
     loop {
-        match shared.chat.log_outs_since(since).await {
-            Ok(found) => {
-                let closed: usize = found.iter().map(|r| shared.registry.revoke(r)).sum();
-                tracing::info!(
-                    log_outs = found.len(),
-                    closed,
-                    since,
-                    "log-outs looked up again after notices may have been missed"
-                );
-                return;
+        match shared.chat.log_outs_since(since, RECHECK_PAGE).await {
+            Ok(page) => {
+                found += page.len();
+                closed += page
+                    .iter()
+                    .map(|r| shared.registry.revoke(r))
+                    .sum::<usize>();
+                let (Some(first), Some(last)) = (page.first(), page.last()) else {
+                    break;
+                };
+                if page.len() < RECHECK_PAGE as usize {
+                    break;
+                }
+                // The next page starts at the last one's time; a page of one
+                // millisecond alone moves past it.
+                since = if first.at_ms == last.at_ms {
+                    last.at_ms + 1
+                } else {
+                    last.at_ms
+                };
             }
-            Err(e) => {
+            Err(ChatError::Unavailable(e)) if failures < 25 => {
+                failures += 1;
                 tracing::warn!(error = %e, "log-outs not looked up; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(5));
             }
+            Err(e) => {
+                tracing::error!(error = %e, "log-outs not looked up; connections they revoke stay open");
+                return;
+            }
         }
     }
+    tracing::info!(
+        log_outs = found,
+        closed,
+        since = heard_at_ms - RECHECK_MARGIN_MS,
+        "log-outs looked up again after notices may have been missed"
+    );
 }
 
 /// Closes the connections of each log-out of the bus in this process
@@ -345,8 +369,9 @@ pub async fn follow_log_outs(shared: Arc<Shared>, mut log_outs: broadcast::Recei
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "log-out notices missed; looking them up");
-                recheck_log_outs(&shared, heard_at_ms).await;
-                heard_at_ms = parley_core::now_ms();
+                let now = parley_core::now_ms();
+                recheck_log_outs(shared.clone(), heard_at_ms).await;
+                heard_at_ms = now;
             }
             Err(broadcast::error::RecvError::Closed) => break,
         }

@@ -417,6 +417,17 @@ impl Caller {
                     if let Some(code) = parley_proto::grpc::error_code(&status) {
                         return Err(ChatError::Remote(code, status.message().to_owned()));
                     }
+                    // A replica of an older version, during an upgrade:
+                    // it is up, and another would answer the same.
+                    if status.code() == tonic::Code::Unimplemented {
+                        return Err(ChatError::Remote(
+                            pb::ErrorCode::Internal,
+                            format!(
+                                "the chat service at {} does not know this call",
+                                replica.addr
+                            ),
+                        ));
+                    }
                     tracing::warn!(replica = %replica.addr, error = %status.message(), "chat-service call failed; trying another replica");
                     last = status.message().to_owned();
                 }
@@ -563,8 +574,12 @@ impl ChatBackend for RemoteChat {
             .ok_or_else(|| ChatError::Unavailable("empty reply from the chat service".into()))
     }
 
-    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError> {
-        let req = ipb::LogOutsSinceRequest { since_ms };
+    async fn log_outs_since(
+        &self,
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Revocation>, ChatError> {
+        let req = ipb::LogOutsSinceRequest { since_ms, limit };
         let r = self
             .caller
             .invoke(true, |mut c| async move { c.log_outs_since(req).await })

@@ -423,34 +423,45 @@ pub struct Backend {
 }
 
 /// The gateways' limits (see `docs/protocol.md`, "Limits a client should
-/// know"). Rates are `N/SECONDS` (at most N in any SECONDS) or `off`.
+/// know"). Rates are `N/SECONDS` (at most N in any SECONDS, SECONDS up to
+/// 86400) or `off`.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LimitsSpec {
     /// Logins from one IP address, all users together (default 600/60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    #[schemars(regex(
+        pattern = r"^(off|[1-9][0-9]{0,8}/([1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-5][0-9]{3}|86[0-3][0-9]{2}|86400))$"
+    ))]
     pub logins_per_ip: Option<String>,
     /// Logins of one user, all devices together (default 60/60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    #[schemars(regex(
+        pattern = r"^(off|[1-9][0-9]{0,8}/([1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-5][0-9]{3}|86[0-3][0-9]{2}|86400))$"
+    ))]
     pub logins_per_user: Option<String>,
     /// Sends of one user (default 1000/10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    #[schemars(regex(
+        pattern = r"^(off|[1-9][0-9]{0,8}/([1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-5][0-9]{3}|86[0-3][0-9]{2}|86400))$"
+    ))]
     pub sends_per_user: Option<String>,
     /// History pages, catch-up requests and lists of one user (default 300/10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    #[schemars(regex(
+        pattern = r"^(off|[1-9][0-9]{0,8}/([1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-5][0-9]{3}|86[0-3][0-9]{2}|86400))$"
+    ))]
     pub reads_per_user: Option<String>,
     /// Group operations, direct conversations opened, blocks and log-outs
     /// of one user (default 120/60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9}/[1-9][0-9]{0,4})$"))]
+    #[schemars(regex(
+        pattern = r"^(off|[1-9][0-9]{0,8}/([1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-5][0-9]{3}|86[0-3][0-9]{2}|86400))$"
+    ))]
     pub group_ops_per_user: Option<String>,
     /// Devices of one user online at once, a number or `off` (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,9})$"))]
+    #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,8})$"))]
     pub devices_per_user: Option<String>,
 }
 

@@ -1,7 +1,7 @@
 //! The consuming side, used by each gateway: its own queue, bound to the
 //! deliveries exchange with its name and the every-gateway key, declared on
 //! every connect; `resync` changes whenever the consumer had to reconnect,
-//! to when it lost its link.
+//! to when it last heard from the broker.
 
 use std::sync::Arc;
 
@@ -27,9 +27,10 @@ pub struct GatewayFeed {
     /// Devices logged out, on any gateway.
     pub revoked: mpsc::Receiver<Revocation>,
     /// Changes every time the consumer reconnects, to when (ms since the
-    /// epoch) it lost its link: deliveries and log-out notices may have
-    /// been lost since, so connections should catch up from the database
-    /// and log-outs since then be looked up.
+    /// epoch) it last heard from the broker before the link went (a batch,
+    /// or the connect): what was published after that may be lost, so
+    /// connections should catch up from the database and log-outs since
+    /// then be looked up.
     pub resync: watch::Receiver<i64>,
     pub status: Arc<LinkStatus>,
     pub task: AbortOnDropHandle<()>,
@@ -120,8 +121,8 @@ async fn consumer(
 ) {
     let queue = config.gateway_queue(&gateway);
     let mut first = true;
-    // When the link was lost (reset once it is back).
-    let mut lost_at_ms = parley_core::now_ms();
+    // When the broker was last heard from: a batch, or the connect.
+    let mut heard_at_ms = parley_core::now_ms();
     let mut attempt = 0;
     loop {
         let setup = async {
@@ -179,34 +180,38 @@ async fn consumer(
                 gateway,
                 "RabbitMQ consumer reconnected; connections catch up"
             );
-            resync.send_replace(lost_at_ms);
+            resync.send_replace(heard_at_ms);
         }
+        heard_at_ms = parley_core::now_ms();
         first = false;
         attempt = 0;
         while let Some(delivery) = stream.next().await {
             match delivery {
-                Ok(d) => match decode_batch(&d.data) {
-                    Some(decoded) => {
-                        for newer in decoded.replaced {
-                            if out.replaced.try_send(newer).is_err() {
-                                tracing::warn!(
-                                    "replacement notice dropped; the presence refresh repeats it"
-                                );
+                Ok(d) => {
+                    heard_at_ms = parley_core::now_ms();
+                    match decode_batch(&d.data) {
+                        Some(decoded) => {
+                            for newer in decoded.replaced {
+                                if out.replaced.try_send(newer).is_err() {
+                                    tracing::warn!(
+                                        "replacement notice dropped; the presence refresh repeats it"
+                                    );
+                                }
+                            }
+                            for revocation in decoded.revoked {
+                                // Not dropped for lack of room: waits for the
+                                // registry (they are rare).
+                                let _ = out.revoked.send(revocation).await;
+                            }
+                            let batch = decoded.deliveries;
+                            if !batch.is_empty() && out.deliveries.send(batch).await.is_err() {
+                                let _ = conn.close(200, "bye".into()).await;
+                                return;
                             }
                         }
-                        for revocation in decoded.revoked {
-                            // Not dropped for lack of room: waits for the
-                            // registry (they are rare).
-                            let _ = out.revoked.send(revocation).await;
-                        }
-                        let batch = decoded.deliveries;
-                        if !batch.is_empty() && out.deliveries.send(batch).await.is_err() {
-                            let _ = conn.close(200, "bye".into()).await;
-                            return;
-                        }
+                        None => tracing::warn!("undecodable delivery batch skipped"),
                     }
-                    None => tracing::warn!("undecodable delivery batch skipped"),
-                },
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "RabbitMQ consumer failed");
                     break;
@@ -214,7 +219,6 @@ async fn consumer(
             }
         }
         status.down();
-        lost_at_ms = parley_core::now_ms();
         tracing::warn!(
             gateway,
             "RabbitMQ consumer lost its connection; reconnecting"

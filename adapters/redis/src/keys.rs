@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `P:presence:<user>` | hash | device → `<gateway>|<epoch>`; expires unless refreshed |
 //! | `P:presence-since` | string | when presence started over (ms, Redis's clock): set by the first lookup after Redis lost its data |
-//! | `P:gw:<gateway>` | string | `<address>|<connections>`, a lease with a short TTL |
+//! | `P:gw:<gateway>` | string | `<address>|<connections>|<first epoch>`, a lease with a short TTL; presence entries under the gateway with an epoch below the first are a former process's |
 //! | `P:drain:<gateway>` | string | the operator's drain request: clients per second; expires |
 //! | `P:shed:<gateway>` | string | the operator's rebalancing request: `<clients>|<per second>`, taken once; expires |
 //! | `P:routes` | sorted set | advertised address scored by connections |

@@ -34,6 +34,10 @@ pub struct RedisState {
     route: Script,
     /// How long presence counts as unsettled after it started over.
     settle: Duration,
+    /// The first connection epoch of the gateway writing leases through
+    /// this handle (see [`RedisState::with_lease_since`]).
+    lease_since: u64,
+    forget: Script,
     client: redis::Client,
 }
 
@@ -70,6 +74,8 @@ impl RedisState {
             announce: Script::new(routing::ANNOUNCE),
             route: Script::new(routing::ROUTE),
             settle: PRESENCE_SETTLE,
+            lease_since: 0,
+            forget: Script::new(presence::FORGET),
             client,
         })
     }
@@ -78,6 +84,14 @@ impl RedisState {
     /// started over (see [`PRESENCE_SETTLE`]).
     pub fn with_presence_settle(mut self, settle: Duration) -> Self {
         self.settle = settle;
+        self
+    }
+
+    /// Writes `first_epoch` in this gateway's lease: its presence entries
+    /// with a smaller epoch are a former process's (one that crashed and
+    /// came back under the same name, as a pod does) and count no more.
+    pub fn with_lease_since(mut self, first_epoch: u64) -> Self {
+        self.lease_since = first_epoch;
         self
     }
 

@@ -70,6 +70,33 @@ if cur == mine then return false end
 return cur
 ";
 
+/// Removes a user's entries whose gateway is gone: its lease has expired,
+/// or it names a later process (a first epoch above the entry's) that
+/// came back under the same name. KEYS[1] is the user's hash, KEYS[1 + i]
+/// the lease of entry i's gateway; ARGV[2i - 1] and ARGV[2i] entry i's
+/// device and value, removed only if the hash still holds that value.
+/// Answers how many went.
+pub(crate) const FORGET: &str = r"
+local gone = 0
+for i = 2, #KEYS do
+  local device, value = ARGV[2 * i - 3], ARGV[2 * i - 2]
+  if redis.call('HGET', KEYS[1], device) == value then
+    local lease = redis.call('GET', KEYS[i])
+    local dead = not lease
+    if lease then
+      local since = tonumber(string.match(lease, '^.*|%d+|(%d+)$') or '0')
+      local epoch = tonumber(string.match(value, '|(%d+)$') or '0')
+      dead = epoch < since
+    end
+    if dead then
+      redis.call('HDEL', KEYS[1], device)
+      gone = gone + 1
+    end
+  end
+end
+return gone
+";
+
 /// The ONLINE answer of a device refused by the cap.
 const FULL: &str = "!FULL";
 
@@ -131,6 +158,27 @@ impl RedisState {
 }
 
 impl RedisState {
+    /// Removes many sessions' entries at once, each only if it is still
+    /// that session's (sessions that ended while Redis was away).
+    pub async fn offline_many(&self, sessions: &[Session]) -> Result<(), ChatError> {
+        for chunk in sessions.chunks(1000) {
+            let mut pipe = redis::pipe();
+            let offline = load(&mut pipe, OFFLINE);
+            for s in chunk {
+                pipe.cmd("EVALSHA")
+                    .arg(&offline)
+                    .arg(1)
+                    .arg(self.keys.presence(&s.user))
+                    .arg(&s.device)
+                    .arg(format!("{}|{}", s.gateway, s.epoch))
+                    .ignore();
+            }
+            let mut c = self.conn.clone();
+            pipe.query_async::<()>(&mut c).await.map_err(redis_err)?;
+        }
+        Ok(())
+    }
+
     async fn online_once(&self, s: &Session, cap: u32) -> Result<Option<String>, ChatError> {
         let mut c = self.conn.clone();
         self.online
@@ -145,9 +193,11 @@ impl RedisState {
             .map_err(redis_err)
     }
 
-    /// Removes a user's entries held by gateways whose lease is gone (they
-    /// died without a word): they must not count against the user's cap.
-    /// Answers how many went.
+    /// Removes a user's entries held by gateways that are gone (died
+    /// without a word, or came back as a new process under the same
+    /// name): they must not count against the user's cap. The check and
+    /// the removal are one script, so an entry written again meanwhile
+    /// stays. Answers how many went.
     async fn forget_dead_devices(&self, user: &str) -> Result<usize, ChatError> {
         let mut c = self.conn.clone();
         let key = self.keys.presence(user);
@@ -156,40 +206,12 @@ impl RedisState {
             .query_async(&mut c)
             .await
             .map_err(redis_err)?;
-        let gateway = |v: &str| {
-            v.rsplit_once('|')
-                .map_or(String::new(), |(g, _)| g.to_owned())
-        };
-        let mut gateways: Vec<String> = entries.values().map(|v| gateway(v)).collect();
-        gateways.sort_unstable();
-        gateways.dedup();
-        let names: Vec<&str> = gateways.iter().map(String::as_str).collect();
-        let alive: HashSet<String> = self
-            .leases(&names)
-            .await?
-            .into_iter()
-            .map(|l| l.gateway)
-            .collect();
-        let dead: Vec<(&String, &String)> = entries
-            .iter()
-            .filter(|(_, v)| !alive.contains(&gateway(v)))
-            .collect();
-        if dead.is_empty() {
-            return Ok(0);
+        let mut call = self.forget.key(&key);
+        for (device, value) in &entries {
+            let gateway = value.rsplit_once('|').map_or("", |(g, _)| g);
+            call.key(self.keys.lease(gateway)).arg(device).arg(value);
         }
-        let mut pipe = redis::pipe();
-        let offline = load(&mut pipe, OFFLINE);
-        for (device, value) in &dead {
-            pipe.cmd("EVALSHA")
-                .arg(&offline)
-                .arg(1)
-                .arg(&key)
-                .arg(*device)
-                .arg(*value)
-                .ignore();
-        }
-        pipe.query_async::<()>(&mut c).await.map_err(redis_err)?;
-        Ok(dead.len())
+        call.invoke_async(&mut c).await.map_err(redis_err)
     }
 }
 
@@ -204,7 +226,11 @@ impl Presence for RedisState {
         let mut answer = self.online_once(s, cap).await?;
         // Full, perhaps of devices whose gateway died: clear those and try
         // once more (rare: only when a user is at the cap).
-        if answer.as_deref() == Some(FULL) && self.forget_dead_devices(&s.user).await? > 0 {
+        // Redis answered a moment ago: if it fails now, the user is still
+        // at the cap.
+        if answer.as_deref() == Some(FULL)
+            && self.forget_dead_devices(&s.user).await.unwrap_or(0) > 0
+        {
             answer = self.online_once(s, cap).await?;
         }
         if answer.as_deref() == Some(FULL) {

@@ -27,7 +27,7 @@ local had = redis.call('EXISTS', KEYS[1])
 local drain = redis.call('GET', KEYS[4])
 local shed = redis.call('GET', KEYS[5])
 if shed then redis.call('DEL', KEYS[5]) end
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ttl)
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[6], 'PX', ttl)
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
@@ -97,6 +97,28 @@ pub struct Lease {
     pub gateway: String,
     pub address: String,
     pub connections: u64,
+    /// The gateway process's first connection epoch (0 when unknown):
+    /// presence entries under its name with a smaller one are a former
+    /// process's.
+    pub since: u64,
+}
+
+impl Lease {
+    /// A lease's value, `<address>|<connections>|<first epoch>` (or, as
+    /// written before the epoch was added, `<address>|<connections>`).
+    pub(crate) fn parse(gateway: &str, value: &str) -> Option<Self> {
+        let (rest, last) = value.rsplit_once('|')?;
+        let (address, connections, since) = match rest.rsplit_once('|') {
+            Some((address, n)) if n.parse::<u64>().is_ok() => (address, n, last),
+            _ => (rest, last, "0"),
+        };
+        Some(Self {
+            gateway: gateway.to_owned(),
+            address: address.to_owned(),
+            connections: connections.parse().unwrap_or(0),
+            since: since.parse().unwrap_or(0),
+        })
+    }
 }
 
 impl RedisState {
@@ -126,6 +148,7 @@ impl RedisState {
             .arg(ttl.as_millis() as u64)
             .arg(if draining { "1" } else { "0" })
             .arg(if managed { "1" } else { "0" })
+            .arg(self.lease_since)
             .invoke_async(&mut c)
             .await
             .map_err(redis_err)?;
@@ -286,15 +309,7 @@ impl RedisState {
         Ok(gateways
             .iter()
             .zip(values)
-            .filter_map(|(g, v)| {
-                let v = v?;
-                let (address, n) = v.rsplit_once('|')?;
-                Some(Lease {
-                    gateway: (*g).to_owned(),
-                    address: address.to_owned(),
-                    connections: n.parse().unwrap_or(0),
-                })
-            })
+            .filter_map(|(g, v)| Lease::parse(g, &v?))
             .collect())
     }
 }

@@ -925,13 +925,18 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError> {
+    async fn log_outs_since(
+        &self,
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Revocation>, ChatError> {
         let rows: Vec<(String, Option<String>, i64)> = sqlx::query_as(
             "SELECT id, NULL, revoked_at FROM users WHERE revoked_at > 0 AND revoked_at >= $1 \
              UNION ALL SELECT user_id, device_id, revoked_at FROM log_outs WHERE revoked_at >= $1 \
-             ORDER BY 3",
+             ORDER BY 3 LIMIT $2",
         )
         .bind(since_ms)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .db()?;

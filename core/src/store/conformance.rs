@@ -451,7 +451,7 @@ pub async fn log_outs_only_move_forward_and_list_every_device(store: &dyn Store)
     // What a gateway that missed notices asks for: the log-outs since.
     let since = |at: i64| async move {
         store
-            .log_outs_since(at)
+            .log_outs_since(at, 100)
             .await
             .unwrap()
             .into_iter()
@@ -470,6 +470,7 @@ pub async fn log_outs_only_move_forward_and_list_every_device(store: &dyn Store)
         vec![("alice".to_owned(), Some("phone".to_owned()), 1_000)]
     );
     assert!(since(1_001).await.is_empty());
+    assert_eq!(store.log_outs_since(0, 1).await.unwrap().len(), 1, "a page");
     let cursor = DeviceCursor {
         user: "alice".into(),
         device: "laptop".into(),

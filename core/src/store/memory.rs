@@ -534,7 +534,11 @@ impl Store for MemoryStore {
         Ok(Some(u.logged_out_at_ms.max(own)))
     }
 
-    async fn log_outs_since(&self, since_ms: i64) -> Result<Vec<Revocation>, ChatError> {
+    async fn log_outs_since(
+        &self,
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Revocation>, ChatError> {
         let s = self.lock();
         let all = s.users.iter().map(|(u, r)| (u, None, r.logged_out_at_ms));
         let one = s.log_outs.iter().map(|((u, d), at)| (u, Some(d), *at));
@@ -548,6 +552,7 @@ impl Store for MemoryStore {
             })
             .collect();
         out.sort_by_key(|r| r.at_ms);
+        out.truncate(limit as usize);
         Ok(out)
     }
 

@@ -136,3 +136,32 @@ async fn a_gateway_across_a_slow_lossy_partitioned_and_dead_link_loses_nothing()
     let delays = super::delivery_delays(&rec, &done.acked, began);
     println!("network-faults: {}", super::percentiles(&delays));
 }
+
+/// The chaos run's connection resets work on this kernel (`ss -K` needs
+/// its socket-destroy support): both ends of a reset connection see it.
+#[tokio::test]
+async fn a_connection_reset_reaches_both_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    for at_server in [false, true] {
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let reset = parley_e2e::reset_connections(addr, at_server).unwrap();
+        assert_eq!(reset, 1, "at the server's end: {at_server}");
+        let mut buf = [0u8; 1];
+        let (mine, theirs) = if at_server {
+            (&mut server, &mut client)
+        } else {
+            (&mut client, &mut server)
+        };
+        assert!(
+            mine.write_all(b"x").await.is_err() || mine.read(&mut buf).await.is_err(),
+            "the destroyed socket fails"
+        );
+        assert!(
+            !matches!(theirs.read(&mut buf).await, Ok(n) if n > 0),
+            "the other end sees the connection gone"
+        );
+    }
+}
