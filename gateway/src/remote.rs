@@ -491,9 +491,12 @@ impl ChatBackend for RemoteChat {
             device_id: device.to_owned(),
             cursor,
         };
+        // The replica that takes this user's acks holds the cursors not yet
+        // written: it answers where the device resumes.
+        let owner = self.caller.pool.pick_for(fnv(user.as_bytes()));
         let r = self
             .caller
-            .invoke(true, |mut c| {
+            .invoke_on(owner, true, |mut c| {
                 let req = req.clone();
                 async move { c.open_session(req).await }
             })
@@ -637,6 +640,42 @@ mod tests {
             conversation_id: conv,
             content: Some(pb::Content::text("hi")),
         })
+    }
+
+    /// A device that logs in again with no cursor of its own resumes where
+    /// it acked, whichever replica the gateway would otherwise have asked:
+    /// the replica that took its acks (and holds them until the next
+    /// cursor write) answers.
+    #[tokio::test]
+    async fn a_login_resumes_from_the_acks_not_yet_written() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        for u in ["alice", "bob"] {
+            store.create_user(u, "", 0).await.unwrap();
+        }
+        let conv = store.open_direct("alice", "bob", 0).await.unwrap();
+        let tokens = TokenKeys::new(b"0123456789abcdef0123456789abcdef").unwrap();
+        let replicas = [
+            replica(store.clone(), &tokens).await,
+            replica(store.clone(), &tokens).await,
+        ];
+        let addrs = replicas.iter().map(|r| r.addr.to_string()).collect();
+        let mut config = RemoteConfig::new(addrs);
+        config.key = Some("k3y".into());
+        let remote = RemoteChat::connect(config).await.unwrap();
+        for i in 0..6 {
+            remote
+                .call("alice", "d", send(conv.id, &format!("m{i}")))
+                .await
+                .unwrap();
+        }
+        remote.ack("bob", "phone", 4).await.unwrap();
+        // Within the cursor-write period (500 ms), several logins in a row:
+        // round robin would have sent every other one to the replica that
+        // knows nothing of the ack.
+        for _ in 0..4 {
+            let (resume, head) = remote.session_opened("bob", "phone", None).await.unwrap();
+            assert_eq!((resume, head), (4, 6));
+        }
     }
 
     #[tokio::test]
