@@ -36,8 +36,13 @@ pub trait ChatBackend: Send + Sync + 'static {
         device: &str,
         cursor: Option<u64>,
     ) -> Result<(u64, u64), ChatError>;
-    /// A device acknowledged its timeline up to `cursor`.
-    async fn ack(&self, user: &str, device: &str, cursor: u64) -> Result<(), ChatError>;
+    /// A device acknowledged its timeline up to `cursor`: recorded without
+    /// waiting for an answer, so that a connection never stalls on its
+    /// acks (in a cluster they ride with the next batch to the chat
+    /// service, which may be waiting for a commit). One that is lost on
+    /// the way is made good by the device's next: cursors only move
+    /// forward.
+    fn ack(&self, user: &str, device: &str, cursor: u64);
     /// One page of the user's timeline after `after`.
     async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError>;
     /// A request frame of an authenticated device.
@@ -73,8 +78,8 @@ impl ChatBackend for ChatService {
         ChatService::session_opened(self, user, device, cursor).await
     }
 
-    async fn ack(&self, user: &str, device: &str, cursor: u64) -> Result<(), ChatError> {
-        ChatService::ack(self, user, device, cursor).await
+    fn ack(&self, user: &str, device: &str, cursor: u64) {
+        self.record_ack(user, device, cursor);
     }
 
     async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError> {

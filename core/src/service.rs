@@ -344,12 +344,17 @@ impl ChatService {
     /// Records what a device has received. The cursor is written with the
     /// others acked in the same `cursor_flush` period, in one transaction.
     pub async fn ack(&self, user: &str, device: &str, cursor: u64) -> Result<(), ChatError> {
+        self.record_ack(user, device, cursor);
+        Ok(())
+    }
+
+    /// [`ack`](Self::ack), which never waits.
+    pub fn record_ack(&self, user: &str, device: &str, cursor: u64) {
         let mut pending = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
         let c = pending
             .entry((user.to_owned(), device.to_owned()))
             .or_default();
         *c = (*c).max(cursor);
-        Ok(())
     }
 
     fn pending_cursor(&self, user: &str, device: &str) -> Option<u64> {

@@ -757,13 +757,7 @@ async fn on_frame(
         Req::Ack(ack) => {
             let l = live.as_ref().expect("admitted only when ready");
             let cursor = ack.cursor.min(l.delivered);
-            if let Err(e) = shared
-                .chat
-                .ack(&l.session.user, &l.session.device, cursor)
-                .await
-            {
-                out.push(pb::ServerFrame::error(rid, e.code(), e.client_message()).into());
-            }
+            shared.chat.ack(&l.session.user, &l.session.device, cursor);
         }
         Req::Sync(sync) => {
             let l = live.as_mut().expect("admitted only when ready");

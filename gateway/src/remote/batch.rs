@@ -87,6 +87,29 @@ impl Batches {
         device: &str,
         item: Item,
     ) -> Result<Answer, ChatError> {
+        let answer = self.queue(user, device, item)?;
+        match answer.await {
+            Ok(Ok(Answer::Error(e))) => Err(refused(e)),
+            Ok(answer) => answer,
+            Err(_) => Err(ChatError::Unavailable("the gateway is stopping".into())),
+        }
+    }
+
+    /// Sends `item` with the next batch without waiting for its answer (an
+    /// ack: a lost one is made good by the next).
+    pub(super) fn enqueue(&self, user: &str, device: &str, item: Item) {
+        if let Err(e) = self.queue(user, device, item) {
+            tracing::debug!(error = %e, "item not sent");
+        }
+    }
+
+    /// Puts `item` in the queue; the answer comes on the returned channel.
+    fn queue(
+        &self,
+        user: &str,
+        device: &str,
+        item: Item,
+    ) -> Result<oneshot::Receiver<Result<Answer, ChatError>>, ChatError> {
         let (reply, answer) = oneshot::channel();
         let key = match &item {
             Item::Send(send) => send.conversation_id,
@@ -109,11 +132,7 @@ impl Batches {
                 ChatError::Unavailable("the gateway is stopping".into())
             }
         })?;
-        match answer.await {
-            Ok(Ok(Answer::Error(e))) => Err(refused(e)),
-            Ok(answer) => answer,
-            Err(_) => Err(ChatError::Unavailable("the gateway is stopping".into())),
-        }
+        Ok(answer)
     }
 }
 
