@@ -111,7 +111,15 @@ impl chat_internal_server::ChatInternal for InternalApi {
         let revoked = self
             .chat
             .store()
-            .log_outs_since(r.since_ms, r.limit.clamp(1, 10_000))
+            // An older gateway sends no limit (0) and does not page.
+            .log_outs_since(
+                r.since_ms,
+                if r.limit == 0 {
+                    u32::MAX
+                } else {
+                    r.limit.min(10_000)
+                },
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(ipb::LogOutsSinceReply {

@@ -76,10 +76,10 @@ impl Default for GatewayConfig {
     }
 }
 
-/// What every connection of a gateway shares.
 /// How many ended sessions a gateway keeps for presence to hear of later.
 pub const UNCLEAN_MAX: usize = 100_000;
 
+/// What every connection of a gateway shares.
 pub struct Shared {
     /// Once the gateway drains: not ready, out of the routing table, and
     /// its clients moved away at a bounded rate.

@@ -327,9 +327,14 @@ pub async fn recheck_log_outs(shared: Arc<Shared>, heard_at_ms: i64) {
                 if page.len() < RECHECK_PAGE as usize {
                     break;
                 }
-                // The next page starts at the last one's time; a page of one
-                // millisecond alone moves past it.
+                // The next page starts at the last one's time. A full page of
+                // one millisecond moves past it, and what else was stamped
+                // in that millisecond is not looked at: said, not hidden.
                 since = if first.at_ms == last.at_ms {
+                    tracing::warn!(
+                        at_ms = last.at_ms,
+                        "over a page of log-outs in one millisecond; the rest of it is skipped"
+                    );
                     last.at_ms + 1
                 } else {
                     last.at_ms

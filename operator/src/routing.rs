@@ -190,7 +190,6 @@ mod tests {
             gateway: "a".into(),
             address: "x:1".into(),
             connections: 7,
-            since: 0,
         }];
         let l = loads(&[pod("a"), pod("b")], &leases);
         assert_eq!(l[0].0.connections, Some(7));

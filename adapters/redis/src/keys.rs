@@ -7,7 +7,8 @@
 //! |---|---|---|
 //! | `P:presence:<user>` | hash | device → `<gateway>|<epoch>`; expires unless refreshed |
 //! | `P:presence-since` | string | when presence started over (ms, Redis's clock): set by the first lookup after Redis lost its data |
-//! | `P:gw:<gateway>` | string | `<address>|<connections>|<first epoch>`, a lease with a short TTL; presence entries under the gateway with an epoch below the first are a former process's |
+//! | `P:gw:<gateway>` | string | `<address>|<connections>`, a lease with a short TTL |
+//! | `P:gw-since:<gateway>` | string | the gateway process's first connection epoch, written with the lease and with its TTL: presence entries under the gateway with a smaller epoch are a former process's |
 //! | `P:drain:<gateway>` | string | the operator's drain request: clients per second; expires |
 //! | `P:shed:<gateway>` | string | the operator's rebalancing request: `<clients>|<per second>`, taken once; expires |
 //! | `P:routes` | sorted set | advertised address scored by connections |
@@ -55,6 +56,11 @@ impl Keys {
     /// A gateway's lease: its address and online count.
     pub fn lease(&self, gateway: &str) -> String {
         self.of("gw", gateway)
+    }
+
+    /// The first connection epoch of the process holding a gateway's lease.
+    pub fn lease_since(&self, gateway: &str) -> String {
+        self.of("gw-since", gateway)
     }
 
     /// The operator's request that a gateway drain.

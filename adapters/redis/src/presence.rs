@@ -71,21 +71,20 @@ return cur
 ";
 
 /// Removes a user's entries whose gateway is gone: its lease has expired,
-/// or it names a later process (a first epoch above the entry's) that
-/// came back under the same name. KEYS[1] is the user's hash, KEYS[1 + i]
-/// the lease of entry i's gateway; ARGV[2i - 1] and ARGV[2i] entry i's
-/// device and value, removed only if the hash still holds that value.
-/// Answers how many went.
+/// or a later process holds it (a first epoch above the entry's) that came
+/// back under the same name. KEYS[1] is the user's hash; for entry i,
+/// KEYS[2i] is its gateway's lease and KEYS[2i + 1] that lease's first
+/// epoch, ARGV[2i - 1] and ARGV[2i] the entry's device and value, removed
+/// only if the hash still holds that value. Answers how many went.
 pub(crate) const FORGET: &str = r"
 local gone = 0
-for i = 2, #KEYS do
-  local device, value = ARGV[2 * i - 3], ARGV[2 * i - 2]
+for i = 1, (#KEYS - 1) / 2 do
+  local device, value = ARGV[2 * i - 1], ARGV[2 * i]
   if redis.call('HGET', KEYS[1], device) == value then
-    local lease = redis.call('GET', KEYS[i])
-    local dead = not lease
-    if lease then
-      local since = tonumber(string.match(lease, '^.*|%d+|(%d+)$') or '0')
-      local epoch = tonumber(string.match(value, '|(%d+)$') or '0')
+    local dead = redis.call('EXISTS', KEYS[2 * i]) == 0
+    if not dead then
+      local since = tonumber(redis.call('GET', KEYS[2 * i + 1]) or '0') or 0
+      local epoch = tonumber(string.match(value, '|(%d+)$') or '0') or 0
       dead = epoch < since
     end
     if dead then
@@ -209,7 +208,10 @@ impl RedisState {
         let mut call = self.forget.key(&key);
         for (device, value) in &entries {
             let gateway = value.rsplit_once('|').map_or("", |(g, _)| g);
-            call.key(self.keys.lease(gateway)).arg(device).arg(value);
+            call.key(self.keys.lease(gateway))
+                .key(self.keys.lease_since(gateway))
+                .arg(device)
+                .arg(value);
         }
         call.invoke_async(&mut c).await.map_err(redis_err)
     }

@@ -27,7 +27,8 @@ local had = redis.call('EXISTS', KEYS[1])
 local drain = redis.call('GET', KEYS[4])
 local shed = redis.call('GET', KEYS[5])
 if shed then redis.call('DEL', KEYS[5]) end
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[6], 'PX', ttl)
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ttl)
+redis.call('SET', KEYS[7], ARGV[6], 'PX', ttl)
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
@@ -97,26 +98,16 @@ pub struct Lease {
     pub gateway: String,
     pub address: String,
     pub connections: u64,
-    /// The gateway process's first connection epoch (0 when unknown):
-    /// presence entries under its name with a smaller one are a former
-    /// process's.
-    pub since: u64,
 }
 
 impl Lease {
-    /// A lease's value, `<address>|<connections>|<first epoch>` (or, as
-    /// written before the epoch was added, `<address>|<connections>`).
-    pub(crate) fn parse(gateway: &str, value: &str) -> Option<Self> {
-        let (rest, last) = value.rsplit_once('|')?;
-        let (address, connections, since) = match rest.rsplit_once('|') {
-            Some((address, n)) if n.parse::<u64>().is_ok() => (address, n, last),
-            _ => (rest, last, "0"),
-        };
+    /// A lease's value, `<address>|<connections>`.
+    fn parse(gateway: &str, value: &str) -> Option<Self> {
+        let (address, n) = value.rsplit_once('|')?;
         Some(Self {
             gateway: gateway.to_owned(),
             address: address.to_owned(),
-            connections: connections.parse().unwrap_or(0),
-            since: since.parse().unwrap_or(0),
+            connections: n.parse().unwrap_or(0),
         })
     }
 }
@@ -143,6 +134,7 @@ impl RedisState {
             .key(self.keys.drain(gateway))
             .key(self.keys.shed(gateway))
             .key(self.keys.routes_via())
+            .key(self.keys.lease_since(gateway))
             .arg(address)
             .arg(connections)
             .arg(ttl.as_millis() as u64)
@@ -207,6 +199,7 @@ impl RedisState {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .del(self.keys.lease(gateway))
+            .del(self.keys.lease_since(gateway))
             .zrem(self.keys.routes(), address)
             .hdel(self.keys.routes_seen(), address);
         for (public, own) in &via {
