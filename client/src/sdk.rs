@@ -111,7 +111,10 @@ pub enum Event {
     },
     /// A catch-up ended; `complete = false` means retention removed part of it.
     Synced(pb::SyncDone),
-    /// The connection dropped; the SDK is reconnecting.
+    /// The connection dropped, or a reconnect was refused for now (the
+    /// user has the most devices online the server allows: the reason says
+    /// so, and it comes again at each refused try, about every 30 s); the
+    /// SDK is reconnecting.
     Disconnected { reason: String },
     /// New credentials after a refresh: store them in place of the old ones
     /// (the refresh token used for it works no more).
@@ -669,6 +672,9 @@ impl Engine {
                         },
                     ) => {
                         tracing::info!(error = %e, "no place among the user's devices; retrying");
+                        // The app learns why it stays offline.
+                        let reason = e.to_string();
+                        let _ = self.events.send(Event::Disconnected { reason }).await;
                         let jitter = Duration::from_millis(rand::random::<u64>() % 5_000);
                         if !self.wait_or_close(TOO_MANY_DEVICES_RETRY + jitter).await {
                             return;
