@@ -606,12 +606,20 @@ mod tests {
     }
 
     async fn replica(store: Arc<dyn Store>, tokens: &TokenKeys) -> Replica {
+        replica_with(store, tokens, ChatConfig::default()).await
+    }
+
+    async fn replica_with(
+        store: Arc<dyn Store>,
+        tokens: &TokenKeys,
+        config: ChatConfig,
+    ) -> Replica {
         let chat = ChatService::start(
             store,
             Arc::new(MemoryPresence::default()),
             Arc::new(LocalBus::default()),
             tokens.clone(),
-            ChatConfig::default(),
+            config,
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -647,9 +655,15 @@ mod tests {
         }
         let conv = store.open_direct("alice", "bob", 0).await.unwrap();
         let tokens = TokenKeys::new(b"0123456789abcdef0123456789abcdef").unwrap();
+        // Acked cursors stay unwritten for the whole test: only the replica
+        // that took the ack knows it.
+        let unwritten = ChatConfig {
+            cursor_flush: std::time::Duration::from_secs(3600),
+            ..ChatConfig::default()
+        };
         let replicas = [
-            replica(store.clone(), &tokens).await,
-            replica(store.clone(), &tokens).await,
+            replica_with(store.clone(), &tokens, unwritten.clone()).await,
+            replica_with(store.clone(), &tokens, unwritten).await,
         ];
         let addrs = replicas.iter().map(|r| r.addr.to_string()).collect();
         let mut config = RemoteConfig::new(addrs);
