@@ -310,11 +310,8 @@ pub async fn serve<IO: FrameIo>(
         bye.await;
     }
     shared.metrics.connections.dec();
-    if let Some(l) = live
-        && let Err(e) = shared.presence.offline(&l.session).await
-    {
-        tracing::warn!(error = %e, "presence not cleared; cleared when it answers again");
-        shared.unclean_end(l.session);
+    if let Some(l) = live {
+        shared.go_offline(l.session).await;
     }
 }
 
@@ -705,9 +702,7 @@ async fn on_frame(
                 Ok(r) => r,
                 Err(e) => {
                     shared.registry.unregister(&user, conn_id);
-                    if shared.presence.offline(&l.session).await.is_err() {
-                        shared.unclean_end(l.session);
-                    }
+                    shared.go_offline(l.session).await;
                     return Err(End::Fatal(rid, ErrorCode::Unavailable, e.client_message()));
                 }
             };

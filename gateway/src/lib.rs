@@ -162,6 +162,15 @@ impl Shared {
         })
     }
 
+    /// Tells presence a session ended; when it cannot be told, the session
+    /// is remembered and cleared when it answers again.
+    pub async fn go_offline(&self, session: Session) {
+        if let Err(e) = self.presence.offline(&session).await {
+            tracing::warn!(error = %e, "presence not cleared; cleared when it answers again");
+            self.unclean_end(session);
+        }
+    }
+
     /// Remembers a session whose end presence did not hear of (at most
     /// [`UNCLEAN_MAX`]; beyond that the oldest are forgotten, and expire
     /// with their user's presence).

@@ -99,6 +99,11 @@ return gone
 /// The ONLINE answer of a device refused by the cap.
 const FULL: &str = "!FULL";
 
+/// A session's entry in its user's hash: `<gateway>|<epoch>`.
+fn entry(s: &Session) -> String {
+    format!("{}|{}", s.gateway, s.epoch)
+}
+
 /// The session an ONLINE answer names, for the device of `s`.
 fn other_session(s: &Session, answer: Option<String>) -> Option<Session> {
     let answer = answer?;
@@ -154,9 +159,7 @@ impl RedisState {
         }
         Ok(newer)
     }
-}
 
-impl RedisState {
     /// Removes many sessions' entries at once, each only if it is still
     /// that session's (sessions that ended while Redis was away).
     pub async fn offline_many(&self, sessions: &[Session]) -> Result<(), ChatError> {
@@ -169,7 +172,7 @@ impl RedisState {
                     .arg(1)
                     .arg(self.keys.presence(&s.user))
                     .arg(&s.device)
-                    .arg(format!("{}|{}", s.gateway, s.epoch))
+                    .arg(entry(s))
                     .ignore();
             }
             let mut c = self.conn.clone();
@@ -227,9 +230,8 @@ impl Presence for RedisState {
         let cap = cap.unwrap_or(0);
         let mut answer = self.online_once(s, cap).await?;
         // Full, perhaps of devices whose gateway died: clear those and try
-        // once more (rare: only when a user is at the cap).
-        // Redis answered a moment ago: if it fails now, the user is still
-        // at the cap.
+        // once more (rare: only when a user is at the cap). Redis answered
+        // a moment ago: if clearing fails now, the user is still at the cap.
         if answer.as_deref() == Some(FULL)
             && self.forget_dead_devices(&s.user).await.unwrap_or(0) > 0
         {
@@ -246,7 +248,7 @@ impl Presence for RedisState {
         self.offline
             .key(self.keys.presence(&s.user))
             .arg(&s.device)
-            .arg(format!("{}|{}", s.gateway, s.epoch))
+            .arg(entry(s))
             .invoke_async::<i64>(&mut c)
             .await
             .map_err(redis_err)?;
