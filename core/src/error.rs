@@ -39,6 +39,21 @@ pub enum ChatError {
     },
     #[error("the service is unavailable: {0}")]
     Unavailable(String),
+    /// An upload declared larger than its kind allows.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// A MIME type its kind does not allow, or bytes not of the type declared.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Uploaded bytes that differ from their declaration.
+    #[error("{0}")]
+    UploadMismatch(String),
+    /// The user's uploads reached the quota.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// An upload whose bytes have not (all) arrived.
+    #[error("{0}")]
+    UploadIncomplete(String),
     /// The database failed; the store adapter's own error is the source.
     #[error("storage failed")]
     Storage(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -66,6 +81,11 @@ impl ChatError {
             Self::TooManyDevices(_) => ErrorCode::TooManyDevices,
             Self::RateLimited { .. } => ErrorCode::RateLimited,
             Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            Self::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            Self::UploadMismatch(_) => ErrorCode::UploadMismatch,
+            Self::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+            Self::UploadIncomplete(_) => ErrorCode::UploadIncomplete,
             Self::Storage(_) | Self::Corrupt(_) => ErrorCode::Internal,
             Self::Remote(code, _) => *code,
         }

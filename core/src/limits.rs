@@ -66,6 +66,8 @@ pub struct Limits {
     /// Group operations of one user: creating, adding, removing, leaving,
     /// opening direct conversations, blocks and log-outs.
     pub group_ops_per_user: Option<Rate>,
+    /// Upload slots asked for by one user (UploadRequest).
+    pub uploads_per_user: Option<Rate>,
     /// Devices of one user online at once, over every gateway. A device
     /// online has one connection: a second login of it replaces the first.
     pub devices_per_user: Option<u32>,
@@ -79,6 +81,7 @@ impl Default for Limits {
             sends_per_user: Some(Rate::per_10s(1_000)),
             reads_per_user: Some(Rate::per_10s(300)),
             group_ops_per_user: Some(Rate::per_minute(120)),
+            uploads_per_user: Some(Rate::per_minute(60)),
             devices_per_user: Some(10),
         }
     }
@@ -93,6 +96,7 @@ impl Limits {
             sends_per_user: None,
             reads_per_user: None,
             group_ops_per_user: None,
+            uploads_per_user: None,
             devices_per_user: None,
         }
     }

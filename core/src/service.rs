@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::bus::{DeliveryBus, Revocation};
 use crate::error::ChatError;
+use crate::media::{BlobStorage, MediaLimits};
 use crate::metrics::{ChatMetrics, code_label};
 use crate::presence::Presence;
 use crate::refresh::{RefreshToken, same_secret};
@@ -46,6 +47,10 @@ pub struct ChatConfig {
     /// A cursor is advisory (a device resumes from its own), so a crash
     /// costs at most this much re-delivery, which clients drop as duplicates.
     pub cursor_flush: Duration,
+    /// Upload rules.
+    pub media: MediaLimits,
+    /// Where uploads' bytes live; None: this server stores no media.
+    pub blobs: Option<Arc<dyn BlobStorage>>,
 }
 
 impl Default for ChatConfig {
@@ -60,6 +65,8 @@ impl Default for ChatConfig {
             batch_linger: Duration::ZERO,
             max_queue: 4096,
             cursor_flush: Duration::from_millis(500),
+            media: MediaLimits::default(),
+            blobs: None,
         }
     }
 }
@@ -134,6 +141,9 @@ impl ChatService {
         });
         tokio::spawn(send::batch_writer(Arc::downgrade(&svc), rx));
         tokio::spawn(cursor_writer(Arc::downgrade(&svc)));
+        if svc.config.blobs.is_some() {
+            tokio::spawn(media::blob_collector(Arc::downgrade(&svc)));
+        }
         if let Some(retention) = svc.config.retention {
             tokio::spawn(retention_task(Arc::downgrade(&svc), retention));
         }
@@ -510,6 +520,9 @@ impl ChatService {
                 Ok(Resp::Done(pb::Done {}))
             }
             Req::Refresh(r) => self.refresh(&r.refresh_token).await.map(Resp::Tokens),
+            Req::Upload(u) => self.upload(user, u).await.map(Resp::UploadSlot),
+            Req::UploadComplete(c) => self.upload_complete(user, &c.blob_id).await.map(Resp::Blob),
+            Req::Download(d) => self.download(user, d).await.map(Resp::DownloadUrl),
             Req::Hello(_) | Req::Auth(_) | Req::Ack(_) | Req::Ping(_) | Req::Sync(_) => {
                 Err(ChatError::invalid("this frame is handled by the gateway"))
             }
@@ -646,6 +659,7 @@ async fn retention_task(svc: std::sync::Weak<ChatService>, retention: Duration) 
 }
 
 mod fanout;
+mod media;
 mod send;
 #[cfg(test)]
 mod tests;

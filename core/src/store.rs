@@ -16,6 +16,7 @@ use parley_proto::pb;
 
 use crate::bus::Revocation;
 use crate::error::ChatError;
+use crate::media::BlobRecord;
 
 /// A user as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -346,6 +347,41 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes messages created before `cutoff_ms`, and their inbox entries.
     async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError>;
+
+    /// Records a new upload (pending). Its id is new.
+    async fn create_blob(&self, blob: &BlobRecord) -> Result<(), ChatError>;
+    async fn get_blob(&self, id: &str) -> Result<Option<BlobRecord>, ChatError>;
+    /// Makes a pending upload ready with what its bytes showed (`blob`'s
+    /// sha256, dimensions and thumbnail); false when it was not pending.
+    async fn complete_blob(&self, blob: &BlobRecord) -> Result<bool, ChatError>;
+    /// The ready uploads among `(owner, id)` pairs, each marked used at
+    /// `now_ms` (so garbage collection keeps it as long as a message
+    /// referencing it is retained). Pairs that are not a ready upload of
+    /// that owner are left out. One statement for a whole batch of sends.
+    async fn use_blobs(
+        &self,
+        uses: &[(String, String)],
+        now_ms: i64,
+    ) -> Result<Vec<BlobRecord>, ChatError>;
+    /// How many uploads `owner` asked for at or after `since_ms`, and the
+    /// bytes they declared (the daily quota).
+    async fn uploads_since(&self, owner: &str, since_ms: i64) -> Result<(u64, u64), ChatError>;
+    /// Marks for deletion, atomically, uploads still pending whose slot
+    /// expired before `pending_before_ms`, ready ones never used and made
+    /// before `unused_before_ms`, and used ones last used before
+    /// `used_before_ms` (None: those are kept), and answers at most `limit`
+    /// ids marked so far (this pass's and any an earlier pass left). A
+    /// marked upload is no longer usable, so a send racing the collection
+    /// either marks it used first or is refused.
+    async fn doom_blobs(
+        &self,
+        pending_before_ms: i64,
+        unused_before_ms: i64,
+        used_before_ms: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<String>, ChatError>;
+    /// Removes the records of uploads (once their bytes are deleted).
+    async fn delete_blobs(&self, ids: &[String]) -> Result<(), ChatError>;
 }
 
 /// The key that makes a direct conversation unique per pair of users.

@@ -221,6 +221,9 @@ pub struct LimitArgs {
     /// Group operations, direct conversations opened, blocks and log-outs of one user.
     #[arg(long, env = "PARLEY_LIMIT_GROUP_OPS_PER_USER", default_value = "120/60", value_parser = rate)]
     limit_group_ops_per_user: Limit,
+    /// Upload slots asked for by one user.
+    #[arg(long, env = "PARLEY_LIMIT_UPLOADS_PER_USER", default_value = "60/60", value_parser = rate)]
+    limit_uploads_per_user: Limit,
     /// Devices of one user online at once, over every gateway: a number, or off.
     #[arg(long, env = "PARLEY_LIMIT_DEVICES_PER_USER", default_value = "10", value_parser = count)]
     limit_devices_per_user: Count,
@@ -276,6 +279,7 @@ impl LimitArgs {
             sends_per_user: self.limit_sends_per_user.0,
             reads_per_user: self.limit_reads_per_user.0,
             group_ops_per_user: self.limit_group_ops_per_user.0,
+            uploads_per_user: self.limit_uploads_per_user.0,
             devices_per_user: self.limit_devices_per_user.0,
         }
     }

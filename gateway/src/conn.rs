@@ -512,6 +512,7 @@ struct LimitKeys {
     send: String,
     read: String,
     group: String,
+    upload: String,
 }
 
 impl LimitKeys {
@@ -520,6 +521,7 @@ impl LimitKeys {
             send: format!("send:{user}"),
             read: format!("read:{user}"),
             group: format!("group:{user}"),
+            upload: format!("upload:{user}"),
         }
     }
 }
@@ -529,9 +531,12 @@ fn limit(shared: &Shared, keys: &LimitKeys, req: &Req) -> Result<(), ChatError> 
     let limits = &shared.config.limits;
     let (rate, key, what) = match req {
         Req::Send(_) => (limits.sends_per_user, &keys.send, "sends"),
-        Req::Sync(_) | Req::History(_) | Req::ListConversations(_) | Req::ListDevices(_) => {
-            (limits.reads_per_user, &keys.read, "reads")
-        }
+        Req::Sync(_)
+        | Req::History(_)
+        | Req::ListConversations(_)
+        | Req::ListDevices(_)
+        | Req::Download(_) => (limits.reads_per_user, &keys.read, "reads"),
+        Req::Upload(_) => (limits.uploads_per_user, &keys.upload, "uploads"),
         Req::OpenDirect(_)
         | Req::CreateGroup(_)
         | Req::AddMembers(_)

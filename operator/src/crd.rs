@@ -459,6 +459,12 @@ pub struct LimitsSpec {
         pattern = r"^(off|[1-9][0-9]{0,8}/([1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-5][0-9]{3}|86[0-3][0-9]{2}|86400))$"
     ))]
     pub group_ops_per_user: Option<String>,
+    /// Upload slots asked for by one user (default 60/60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^(off|[1-9][0-9]{0,8}/([1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-5][0-9]{3}|86[0-3][0-9]{2}|86400))$"
+    ))]
+    pub uploads_per_user: Option<String>,
     /// Devices of one user online at once, a number or `off` (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(off|[1-9][0-9]{0,8})$"))]
@@ -478,6 +484,7 @@ impl LimitsSpec {
             ("PARLEY_LIMIT_SENDS_PER_USER", &self.sends_per_user),
             ("PARLEY_LIMIT_READS_PER_USER", &self.reads_per_user),
             ("PARLEY_LIMIT_GROUP_OPS_PER_USER", &self.group_ops_per_user),
+            ("PARLEY_LIMIT_UPLOADS_PER_USER", &self.uploads_per_user),
             ("PARLEY_LIMIT_DEVICES_PER_USER", &self.devices_per_user),
         ]
         .into_iter()

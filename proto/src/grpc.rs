@@ -19,9 +19,14 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
         ErrorCode::NotMember | ErrorCode::Blocked | ErrorCode::Forbidden => {
             tonic::Status::permission_denied(message)
         }
-        ErrorCode::GroupFull | ErrorCode::TooManyDevices => {
-            tonic::Status::failed_precondition(message)
+        ErrorCode::GroupFull
+        | ErrorCode::TooManyDevices
+        | ErrorCode::UploadIncomplete
+        | ErrorCode::UploadMismatch => tonic::Status::failed_precondition(message),
+        ErrorCode::PayloadTooLarge | ErrorCode::UnsupportedMediaType => {
+            tonic::Status::invalid_argument(message)
         }
+        ErrorCode::QuotaExceeded => tonic::Status::resource_exhausted(message),
         ErrorCode::Conflict => tonic::Status::already_exists(message),
         ErrorCode::Unauthenticated | ErrorCode::TokenExpired | ErrorCode::SessionRevoked => {
             tonic::Status::unauthenticated(message)

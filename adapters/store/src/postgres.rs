@@ -17,6 +17,8 @@ use prost::Message as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
+use parley_core::blob_columns;
+use parley_core::media::{BlobRecord, BlobRow};
 use parley_core::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
@@ -1076,6 +1078,128 @@ impl Store for PgStore {
 
     async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError> {
         in_transaction!(self.pool, tx => prune_in(&mut tx, cutoff_ms))
+    }
+
+    async fn create_blob(&self, blob: &BlobRecord) -> Result<(), ChatError> {
+        sqlx::query(
+            "INSERT INTO blobs (id, owner, kind, mime, size, sha256, name, state, created_at, \
+             upload_expires_at, width, height, thumbnail, last_used) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&blob.id)
+        .bind(&blob.owner)
+        .bind(blob.kind as i64)
+        .bind(&blob.mime_type)
+        .bind(blob.size_bytes as i64)
+        .bind(&blob.sha256)
+        .bind(&blob.name)
+        .bind(blob.state as i64)
+        .bind(blob.created_at_ms)
+        .bind(blob.upload_expires_at_ms)
+        .bind(i64::from(blob.width))
+        .bind(i64::from(blob.height))
+        .bind(blob.thumbnail_column())
+        .bind(blob.last_used_ms)
+        .execute(&self.pool)
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn get_blob(&self, id: &str) -> Result<Option<BlobRecord>, ChatError> {
+        let row: Option<BlobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            blob_columns!(),
+            " FROM blobs WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .db()?;
+        row.map(BlobRecord::from_row).transpose()
+    }
+
+    async fn complete_blob(&self, blob: &BlobRecord) -> Result<bool, ChatError> {
+        let done = sqlx::query(
+            "UPDATE blobs SET state = 1, sha256 = $2, width = $3, height = $4, thumbnail = $5 \
+             WHERE id = $1 AND state = 0",
+        )
+        .bind(&blob.id)
+        .bind(&blob.sha256)
+        .bind(i64::from(blob.width))
+        .bind(i64::from(blob.height))
+        .bind(blob.thumbnail_column())
+        .execute(&self.pool)
+        .await
+        .db()?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn use_blobs(
+        &self,
+        uses: &[(String, String)],
+        now_ms: i64,
+    ) -> Result<Vec<BlobRecord>, ChatError> {
+        let (owners, ids): (Vec<&str>, Vec<&str>) =
+            uses.iter().map(|(o, i)| (o.as_str(), i.as_str())).unzip();
+        let rows: Vec<BlobRow> = sqlx::query_as(concat!(
+            "UPDATE blobs b SET last_used = GREATEST(b.last_used, $3) \
+             FROM UNNEST($1::text[], $2::text[]) AS u(owner, id) \
+             WHERE b.id = u.id AND b.owner = u.owner AND b.state = 1 RETURNING ",
+            blob_columns!(b.)
+        ))
+        .bind(&owners)
+        .bind(&ids)
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await
+        .db()?;
+        rows.into_iter().map(BlobRecord::from_row).collect()
+    }
+
+    async fn uploads_since(&self, owner: &str, since_ms: i64) -> Result<(u64, u64), ChatError> {
+        let (count, bytes): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0)::BIGINT FROM blobs \
+             WHERE owner = $1 AND created_at >= $2",
+        )
+        .bind(owner)
+        .bind(since_ms)
+        .fetch_one(&self.pool)
+        .await
+        .db()?;
+        Ok((count as u64, bytes as u64))
+    }
+
+    async fn doom_blobs(
+        &self,
+        pending_before_ms: i64,
+        unused_before_ms: i64,
+        used_before_ms: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<String>, ChatError> {
+        sqlx::query_scalar(
+            "UPDATE blobs SET state = 2 WHERE id IN (SELECT id FROM blobs WHERE \
+             (state = 0 AND upload_expires_at < $1) \
+             OR (state = 1 AND last_used = 0 AND created_at < $2) \
+             OR (state = 1 AND last_used > 0 AND last_used < $3) \
+             OR state = 2 LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING id",
+        )
+        .bind(pending_before_ms)
+        .bind(unused_before_ms)
+        .bind(used_before_ms.unwrap_or(i64::MIN))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .db()
+    }
+
+    async fn delete_blobs(&self, ids: &[String]) -> Result<(), ChatError> {
+        sqlx::query("DELETE FROM blobs WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .db()?;
+        Ok(())
     }
 }
 

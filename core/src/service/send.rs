@@ -13,7 +13,7 @@ use parley_proto::pb;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{ChatService, now_ms};
+use super::{ChatService, media, now_ms};
 use crate::error::ChatError;
 use crate::metrics::code_label;
 use crate::store::{Appended, NewMessage};
@@ -61,8 +61,12 @@ impl ChatService {
             Vec::with_capacity(requests.len());
         let mut jobs = Vec::with_capacity(requests.len());
         let mut waiting = Vec::with_capacity(requests.len());
-        for (i, r) in requests.into_iter().enumerate() {
-            match check_send(&r.send) {
+        let mut requests = requests;
+        let mut checked: Vec<Result<(), ChatError>> =
+            requests.iter().map(|r| check_send(&r.send)).collect();
+        self.resolve_sends_blobs(&mut requests, &mut checked).await;
+        for (i, (r, check)) in requests.into_iter().zip(checked).enumerate() {
+            match check {
                 Ok(()) => {
                     let (tx, rx) = oneshot::channel();
                     jobs.push((
@@ -124,6 +128,45 @@ impl ChatService {
             .collect()
     }
 
+    /// Fills in the media of the sends (those that passed their checks so
+    /// far) that reference uploads, and fails those whose upload is not
+    /// theirs or not complete: one store call for the batch, none when no
+    /// send references an upload.
+    async fn resolve_sends_blobs(
+        &self,
+        requests: &mut [SendRequest],
+        checked: &mut [Result<(), ChatError>],
+    ) {
+        let mut sends = Vec::new();
+        let mut index = Vec::new();
+        for (i, (r, check)) in requests.iter_mut().zip(checked.iter()).enumerate() {
+            if let (Ok(()), Some(content)) = (check, r.send.content.as_mut())
+                && media::blob_of(content).is_some()
+            {
+                sends.push((r.user.clone(), content));
+                index.push(i);
+            }
+        }
+        if sends.is_empty() {
+            return;
+        }
+        match self.resolve_blobs(&mut sends).await {
+            Ok(errors) => {
+                for (i, e) in index.into_iter().zip(errors) {
+                    if let Some(e) = e {
+                        checked[i] = Err(e);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "uploads of a batch not read; its media sends retry");
+                for i in index {
+                    checked[i] = Err(ChatError::Unavailable("storage failed; retry".into()));
+                }
+            }
+        }
+    }
+
     /// One device's send.
     pub(super) async fn send(
         &self,
@@ -165,7 +208,15 @@ fn check_content(content: Option<&pb::Content>) -> Result<(), ChatError> {
     match content.and_then(|c| c.body.as_ref()) {
         None => Err(ChatError::invalid("a message needs content")),
         Some(Body::Text(t)) if t.is_empty() => Err(ChatError::invalid("text must not be empty")),
-        Some(Body::Media(m)) if m.url.is_empty() => Err(ChatError::invalid("media needs a url")),
+        Some(Body::Media(m)) if m.url.is_empty() == m.blob_id.is_empty() => Err(
+            ChatError::invalid("media needs either a blob_id (an upload) or a url, not both"),
+        ),
+        Some(Body::Media(m)) if !m.blob_id.is_empty() && !crate::media::is_blob_id(&m.blob_id) => {
+            Err(ChatError::invalid(format!(
+                "{:?} is not a blob id",
+                m.blob_id
+            )))
+        }
         Some(Body::Custom(c)) if c.r#type.is_empty() => {
             Err(ChatError::invalid("custom content needs a type"))
         }

@@ -582,6 +582,125 @@ pub async fn refresh_tokens_move_on_only_from_the_current_one(store: &dyn Store)
     );
 }
 
+/// A pending upload of `owner` made at `at_ms`, its slot good for 100 ms.
+pub fn blob(id: &str, owner: &str, at_ms: i64) -> crate::media::BlobRecord {
+    crate::media::BlobRecord {
+        id: id.into(),
+        owner: owner.into(),
+        kind: pb::MediaKind::Image,
+        mime_type: "image/png".into(),
+        size_bytes: 1234,
+        sha256: vec![],
+        name: "cat.png".into(),
+        state: crate::media::BlobState::Pending,
+        created_at_ms: at_ms,
+        upload_expires_at_ms: at_ms + 100,
+        width: 0,
+        height: 0,
+        thumbnail: None,
+        last_used_ms: 0,
+    }
+}
+
+pub async fn uploads_complete_once_are_used_by_their_owner_and_collected(store: &dyn Store) {
+    use crate::media::BlobState;
+    let ids: Vec<String> = (0..5).map(|i| format!("{i:032x}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        store
+            .create_blob(&blob(id, "alice", 1_000 + i as i64))
+            .await
+            .unwrap();
+    }
+    assert!(store.create_blob(&blob(&ids[0], "bob", 0)).await.is_err());
+    store
+        .create_blob(&blob(&format!("{:032x}", 99), "bob", 1_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.uploads_since("alice", 1_001).await.unwrap(),
+        (4, 4 * 1234)
+    );
+    assert_eq!(store.uploads_since("carol", 0).await.unwrap(), (0, 0));
+
+    // Complete: details stored, once.
+    let mut done = blob(&ids[0], "alice", 1_000);
+    done.sha256 = vec![7; 32];
+    done.width = 640;
+    done.height = 480;
+    done.thumbnail = Some(pb::Thumbnail {
+        mime_type: "image/jpeg".into(),
+        width: 320,
+        height: 240,
+        size_bytes: 99,
+    });
+    assert!(store.complete_blob(&done).await.unwrap());
+    assert!(!store.complete_blob(&done).await.unwrap(), "already ready");
+    let got = store.get_blob(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(got.state, BlobState::Ready);
+    assert_eq!(
+        (got.width, got.height, got.sha256.clone()),
+        (640, 480, vec![7; 32])
+    );
+    assert_eq!(got.thumbnail, done.thumbnail);
+    assert_eq!(got.name, "cat.png");
+    assert!(store.get_blob(&"f".repeat(32)).await.unwrap().is_none());
+    for id in &ids[1..3] {
+        let mut b = blob(id, "alice", 0);
+        b.sha256 = vec![1; 32];
+        assert!(store.complete_blob(&b).await.unwrap());
+    }
+
+    // Used: only a ready upload, only by its owner.
+    let uses = vec![
+        ("alice".to_owned(), ids[0].clone()),
+        ("bob".to_owned(), ids[1].clone()),
+        ("alice".to_owned(), ids[3].clone()),
+        ("alice".to_owned(), "e".repeat(32)),
+    ];
+    let used = store.use_blobs(&uses, 5_000).await.unwrap();
+    assert_eq!(used.len(), 1, "{used:?}");
+    assert_eq!(
+        (used[0].id.as_str(), used[0].last_used_ms),
+        (ids[0].as_str(), 5_000)
+    );
+
+    // Collected: pending past its slot, ready and never used past the
+    // grace, used past the retention; not what a message still uses.
+    let doomed = store.doom_blobs(1_104, 1_002, None, 100).await.unwrap();
+    let mut want = vec![ids[1].clone(), ids[3].clone(), format!("{:032x}", 99)];
+    want.sort();
+    let mut got = doomed.clone();
+    got.sort();
+    assert_eq!(
+        got, want,
+        "ids[2] is ready and newer than the grace, ids[4] pending in time"
+    );
+    assert!(
+        store
+            .use_blobs(&[("alice".into(), ids[1].clone())], 6_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a doomed upload is not usable"
+    );
+    let again = store.doom_blobs(0, 0, None, 100).await.unwrap();
+    assert_eq!(again.len(), 3, "what a pass left is answered again");
+    store.delete_blobs(&doomed).await.unwrap();
+    assert!(store.get_blob(&ids[1]).await.unwrap().is_none());
+    assert!(
+        store
+            .doom_blobs(0, 0, Some(4_999), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.doom_blobs(0, 0, Some(5_001), 100).await.unwrap(),
+        vec![ids[0].clone()],
+        "used before the retention cut"
+    );
+}
+
 /// Turns every check of the suite into a `#[tokio::test]`. `$open` is an
 /// async fn returning `(guard, store)`: the guard lives as long as the test
 /// (a temporary directory, a schema dropped afterwards) and the store gets
@@ -603,6 +722,7 @@ macro_rules! store_conformance {
             cursors_only_move_forward,
             log_outs_only_move_forward_and_list_every_device,
             refresh_tokens_move_on_only_from_the_current_one,
+            uploads_complete_once_are_used_by_their_owner_and_collected,
         );
     };
     (@each $open:path: $($name:ident),* $(,)?) => {

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::bus::Revocation;
 use crate::error::ChatError;
+use crate::media::{BlobRecord, BlobState};
 use crate::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
@@ -87,6 +88,8 @@ struct Inner {
     refresh: HashMap<(String, String), RefreshRecord>,
     /// (user, blocked).
     blocks: HashSet<(String, String)>,
+    /// id → upload (`blobs`).
+    blobs: BTreeMap<String, BlobRecord>,
 }
 
 impl MemoryStore {
@@ -681,6 +684,96 @@ impl Store for MemoryStore {
                 .remove(&(m.sender_id.clone(), m.client_msg_id.clone()));
         }
         Ok(gone.len() as u64)
+    }
+
+    async fn create_blob(&self, blob: &BlobRecord) -> Result<(), ChatError> {
+        let mut s = self.lock();
+        if s.blobs.contains_key(&blob.id) {
+            return Err(ChatError::Conflict(format!("blob {} exists", blob.id)));
+        }
+        s.blobs.insert(blob.id.clone(), blob.clone());
+        Ok(())
+    }
+
+    async fn get_blob(&self, id: &str) -> Result<Option<BlobRecord>, ChatError> {
+        Ok(self.lock().blobs.get(id).cloned())
+    }
+
+    async fn complete_blob(&self, blob: &BlobRecord) -> Result<bool, ChatError> {
+        let mut s = self.lock();
+        match s.blobs.get_mut(&blob.id) {
+            Some(b) if b.state == BlobState::Pending => {
+                b.state = BlobState::Ready;
+                b.sha256.clone_from(&blob.sha256);
+                b.width = blob.width;
+                b.height = blob.height;
+                b.thumbnail.clone_from(&blob.thumbnail);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn use_blobs(
+        &self,
+        uses: &[(String, String)],
+        now_ms: i64,
+    ) -> Result<Vec<BlobRecord>, ChatError> {
+        let mut s = self.lock();
+        let mut used = Vec::new();
+        for (owner, id) in uses {
+            if let Some(b) = s.blobs.get_mut(id)
+                && b.owner == *owner
+                && b.state == BlobState::Ready
+            {
+                b.last_used_ms = b.last_used_ms.max(now_ms);
+                used.push(b.clone());
+            }
+        }
+        Ok(used)
+    }
+
+    async fn uploads_since(&self, owner: &str, since_ms: i64) -> Result<(u64, u64), ChatError> {
+        let s = self.lock();
+        Ok(s.blobs
+            .values()
+            .filter(|b| b.owner == owner && b.created_at_ms >= since_ms)
+            .fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.size_bytes)))
+    }
+
+    async fn doom_blobs(
+        &self,
+        pending_before_ms: i64,
+        unused_before_ms: i64,
+        used_before_ms: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<String>, ChatError> {
+        let mut s = self.lock();
+        let mut doomed = Vec::new();
+        for b in s.blobs.values_mut() {
+            if doomed.len() >= limit as usize {
+                break;
+            }
+            let stale = match b.state {
+                BlobState::Pending => b.upload_expires_at_ms < pending_before_ms,
+                BlobState::Ready if b.last_used_ms == 0 => b.created_at_ms < unused_before_ms,
+                BlobState::Ready => used_before_ms.is_some_and(|t| b.last_used_ms < t),
+                BlobState::Deleting => true,
+            };
+            if stale {
+                b.state = BlobState::Deleting;
+                doomed.push(b.id.clone());
+            }
+        }
+        Ok(doomed)
+    }
+
+    async fn delete_blobs(&self, ids: &[String]) -> Result<(), ChatError> {
+        let mut s = self.lock();
+        for id in ids {
+            s.blobs.remove(id);
+        }
+        Ok(())
     }
 }
 
