@@ -20,6 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(&protoc);
+    // A media message is the largest content by far: boxed, it does not
+    // size every Message (and every value that holds one) after it.
+    config.boxed(".parley.v1.Content.body.media");
     builder()
         .file_descriptor_set_path(out.join("parley_descriptor.bin"))
         .compile_with_config(

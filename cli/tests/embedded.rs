@@ -245,12 +245,12 @@ async fn direct_chat_reaches_every_device_of_both_users() {
         assert_eq!((text_of(&m), m.seq), ("hi alice", 2));
     }
     let media = pb::Content {
-        body: Some(pb::content::Body::Media(pb::Media {
+        body: Some(pb::content::Body::Media(Box::new(pb::Media {
             kind: pb::MediaKind::Image as i32,
             url: "https://cdn.example/cat.png".into(),
             mime_type: "image/png".into(),
             ..Default::default()
-        })),
+        }))),
     };
     phone.send(conv.id, media.clone()).await.unwrap();
     loop {
@@ -1564,6 +1564,7 @@ async fn rate_limits_hold_per_user_across_devices_and_per_address() {
             sends_per_user: Some(Rate::per_minute(5)),
             reads_per_user: Some(Rate::per_minute(3)),
             group_ops_per_user: Some(Rate::per_minute(2)),
+            uploads_per_user: None,
             devices_per_user: None,
         }
     })
