@@ -283,3 +283,82 @@ where
     tracing::info!("chat service stopped");
     Ok(())
 }
+
+/// The upload rules: per-kind limits, the daily quota, garbage collection.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MediaArgs {
+    /// Largest image upload, in MiB.
+    #[arg(long, env = "PARLEY_MEDIA_MAX_IMAGE_MB", default_value_t = 20)]
+    media_max_image_mb: u64,
+    /// Largest voice upload, in MiB.
+    #[arg(long, env = "PARLEY_MEDIA_MAX_VOICE_MB", default_value_t = 20)]
+    media_max_voice_mb: u64,
+    /// Largest video upload, in MiB.
+    #[arg(long, env = "PARLEY_MEDIA_MAX_VIDEO_MB", default_value_t = 500)]
+    media_max_video_mb: u64,
+    /// Largest file upload, in MiB.
+    #[arg(long, env = "PARLEY_MEDIA_MAX_FILE_MB", default_value_t = 1024)]
+    media_max_file_mb: u64,
+    /// MIME types allowed for images, comma-separated ("type/*" and "*/*"
+    /// match any subtype).
+    #[arg(
+        long,
+        env = "PARLEY_MEDIA_IMAGE_TYPES",
+        default_value = "image/jpeg,image/png,image/gif,image/webp,image/heic,image/heif,image/avif"
+    )]
+    media_image_types: String,
+    /// MIME types allowed for voice.
+    #[arg(long, env = "PARLEY_MEDIA_VOICE_TYPES", default_value = "audio/*")]
+    media_voice_types: String,
+    /// MIME types allowed for video.
+    #[arg(long, env = "PARLEY_MEDIA_VIDEO_TYPES", default_value = "video/*")]
+    media_video_types: String,
+    /// MIME types allowed for files.
+    #[arg(long, env = "PARLEY_MEDIA_FILE_TYPES", default_value = "*/*")]
+    media_file_types: String,
+    /// Uploads one user may start in 24 hours (0: no quota).
+    #[arg(long, env = "PARLEY_MEDIA_DAILY_UPLOADS", default_value_t = 1000)]
+    media_daily_uploads: u64,
+    /// MiB one user may upload in 24 hours (0: no quota).
+    #[arg(long, env = "PARLEY_MEDIA_DAILY_MB", default_value_t = 5120)]
+    media_daily_mb: u64,
+    /// Hours a completed upload no message uses is kept.
+    #[arg(long, env = "PARLEY_MEDIA_UNUSED_GRACE_HOURS", default_value_t = 24)]
+    media_unused_grace_hours: u64,
+}
+
+impl MediaArgs {
+    /// The rules these flags set.
+    pub fn limits(&self) -> anyhow::Result<parley_core::MediaLimits> {
+        use parley_core::media::{KindLimits, check_mime};
+        const MIB: u64 = 1024 * 1024;
+        let kind = |mb: u64, types: &str, flag: &str| -> anyhow::Result<KindLimits> {
+            let mime_types: Vec<String> = types
+                .split(',')
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect();
+            for t in &mime_types {
+                let concrete = t.replace('*', "x");
+                check_mime(&concrete)
+                    .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))?;
+            }
+            anyhow::ensure!(!mime_types.is_empty(), "--{flag} names no MIME type");
+            anyhow::ensure!(mb > 0, "a size limit is at least 1 MiB");
+            Ok(KindLimits {
+                max_bytes: mb.saturating_mul(MIB),
+                mime_types,
+            })
+        };
+        Ok(parley_core::MediaLimits {
+            image: kind(self.media_max_image_mb, &self.media_image_types, "media-image-types")?,
+            voice: kind(self.media_max_voice_mb, &self.media_voice_types, "media-voice-types")?,
+            video: kind(self.media_max_video_mb, &self.media_video_types, "media-video-types")?,
+            file: kind(self.media_max_file_mb, &self.media_file_types, "media-file-types")?,
+            daily_uploads: self.media_daily_uploads,
+            daily_bytes: self.media_daily_mb.saturating_mul(MIB),
+            unused_grace: Duration::from_secs(self.media_unused_grace_hours.max(1) * 3600),
+            ..parley_core::MediaLimits::default()
+        })
+    }
+}

@@ -36,6 +36,12 @@ pub struct EmbeddedConfig {
     pub ops_listen: Option<SocketAddr>,
     /// The address the route lookup answers (default: the TCP listener's).
     pub advertise: Option<String>,
+    /// The public HTTP endpoint: uploads' and downloads' signed URLs. None:
+    /// no media (uploads are refused).
+    pub http_listen: Option<SocketAddr>,
+    /// The base URL clients reach that endpoint at (default:
+    /// `http://<its address>`, an unspecified IP as 127.0.0.1).
+    pub public_url: Option<String>,
 }
 
 impl EmbeddedConfig {
@@ -55,6 +61,8 @@ impl EmbeddedConfig {
             gateway: GatewayConfig::default(),
             ops_listen: Some(any),
             advertise: None,
+            http_listen: Some(any),
+            public_url: None,
         }
     }
 }
@@ -67,6 +75,9 @@ pub struct Embedded {
     pub admin_addr: SocketAddr,
     /// Health, metrics and the route lookup.
     pub ops_addr: Option<SocketAddr>,
+    /// The public HTTP endpoint (media), and the base URL it is reached at.
+    pub http_addr: Option<SocketAddr>,
+    pub public_url: Option<String>,
     pub admin_key: String,
     pub chat: Arc<ChatService>,
     pub bus: Arc<LocalBus>,
@@ -74,6 +85,7 @@ pub struct Embedded {
     gateway: JoinHandle<()>,
     admin: JoinHandle<()>,
     ops: Option<JoinHandle<()>>,
+    http: Option<JoinHandle<()>>,
 }
 
 /// Reads a secret from `path`, creating a random one (mode 0600) if absent.
@@ -107,6 +119,30 @@ impl Embedded {
             None => secret_file(&cfg.data_dir.join("token.key"))?,
         };
         let store = SqliteStore::open(&cfg.data_dir.join("parley.db")).await?;
+        let mut chat_config = cfg.chat;
+        let http = match cfg.http_listen {
+            Some(a) => Some(parley_ops::bind(a, "HTTP").await?),
+            None => None,
+        };
+        let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
+        let public_url = http_addr.map(|a| {
+            cfg.public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", parley_gateway::cli::advertised(a)))
+        });
+        let media = match &public_url {
+            Some(url) => {
+                let key = secret_file(&cfg.data_dir.join("media.key"))?;
+                let media = parley_media::MediaStorage::local(
+                    &cfg.data_dir.join("media"),
+                    url,
+                    key.as_bytes(),
+                )?;
+                chat_config.blobs = Some(Arc::new(media.clone()));
+                Some(media)
+            }
+            None => None,
+        };
         let bus = Arc::new(LocalBus::default());
         let deliveries = bus.subscribe(&cfg.gateway.gateway_id, 1024);
         let presence = Arc::new(MemoryPresence::default());
@@ -120,7 +156,7 @@ impl Embedded {
             presence.clone(),
             bus.clone(),
             tokens,
-            cfg.chat,
+            chat_config,
         );
 
         let tcp = TcpListener::bind(cfg.listen).await?;
@@ -159,6 +195,16 @@ impl Embedded {
                 }
             })
         });
+        let http = http.zip(media).map(|(listener, media)| {
+            let mut http_stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let shutdown = async move { parley_ops::stopped(&mut http_stop).await };
+                let router = parley_media::router(media);
+                if let Err(e) = parley_ops::serve(listener, router, shutdown).await {
+                    tracing::error!(error = %e, "HTTP endpoint failed");
+                }
+            })
+        });
         let listeners = Listeners {
             tcp: Some(tcp),
             ws,
@@ -184,6 +230,8 @@ impl Embedded {
             ws_addr,
             admin_addr,
             ops_addr,
+            http_addr,
+            public_url,
             admin_key,
             chat,
             bus,
@@ -191,6 +239,7 @@ impl Embedded {
             gateway,
             admin,
             ops,
+            http,
         })
     }
 
@@ -200,8 +249,8 @@ impl Embedded {
         let _ = self.stop.send(true);
         let _ = self.gateway.await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.admin).await;
-        if let Some(ops) = self.ops {
-            let _ = tokio::time::timeout(Duration::from_secs(5), ops).await;
+        for task in [self.ops, self.http].into_iter().flatten() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
         if let Err(e) = self.chat.flush_cursors().await {
             tracing::warn!(error = %e, "acked cursors not written at exit");

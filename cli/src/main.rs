@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run Parley in one process (SQLite, in-process delivery) until Ctrl-C.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Manage users.
     User {
         #[command(subcommand)]
@@ -71,12 +71,17 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
-    /// Send one message and exit.
+    /// Send one message (text, or a file with an optional caption) and exit.
     Send {
         #[command(flatten)]
         who: ChatArgs,
-        /// The text to send.
-        text: String,
+        /// The text to send (with --file: the file's caption).
+        #[arg(required_unless_present = "file")]
+        text: Option<String>,
+        /// Upload this file and send it (an image, voice, video or any file;
+        /// the kind follows its type, read from its name).
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Chat interactively: type a line to send it; incoming messages print as they come.
     Chat {
@@ -148,6 +153,16 @@ struct UpArgs {
     /// 127.0.0.1).
     #[arg(long, env = "PARLEY_ADVERTISE")]
     advertise: Option<String>,
+    /// The public HTTP endpoint: media uploads and downloads, by signed
+    /// URL ("off" disables it, and with it media).
+    #[arg(long, env = "PARLEY_HTTP_LISTEN", default_value = "127.0.0.1:7404")]
+    http_listen: String,
+    /// The base URL clients reach the HTTP endpoint at, as the signed URLs
+    /// name it (default: http://<--http-listen>; behind a proxy, its URL).
+    #[arg(long, env = "PARLEY_PUBLIC_URL")]
+    public_url: Option<String>,
+    #[command(flatten)]
+    media: parley_chat::cli::MediaArgs,
     #[command(flatten)]
     limits: parley_gateway::cli::LimitArgs,
 }
@@ -334,7 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => {
             parley_ops::init_logging();
-            up(args).await
+            up(*args).await
         }
         Command::User {
             command: UserCommand::Add { id, name, admin },
@@ -374,9 +389,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Group { command } => group(command).await,
-        Command::Send { who, text } => {
+        Command::Send { who, text, file } => {
             let (client, _events, conv) = who.open().await?;
-            let ack = client.send(conv, pb::Content::text(text)).await?;
+            let ack = match file {
+                Some(path) => {
+                    let caption = text.unwrap_or_default();
+                    let progress = progress_printer("upload", &path);
+                    let (ack, blob) = client
+                        .send_file(conv, &path, &caption, Some(progress))
+                        .await?;
+                    eprintln!();
+                    println!("uploaded: {}", describe_blob(&blob));
+                    ack
+                }
+                None => {
+                    client
+                        .send(conv, pb::Content::text(text.unwrap_or_default()))
+                        .await?
+                }
+            };
             println!(
                 "sent: conversation {} seq {} msg_id {}",
                 ack.conversation_id, ack.seq, ack.msg_id
@@ -415,12 +446,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         a => Some(a.parse().context("--ops-listen")?),
     };
     cfg.advertise = args.advertise;
+    cfg.http_listen = match args.http_listen.as_str() {
+        "off" | "" => None,
+        a => Some(a.parse().context("--http-listen")?),
+    };
+    cfg.public_url = args.public_url;
+    cfg.chat.media = args.media.limits()?;
     let server = Embedded::start(cfg).await?;
     tracing::info!(
         tcp = %server.tcp_addr,
         websocket = ?server.ws_addr,
         admin = %server.admin_url(),
         ops = ?server.ops_addr,
+        media = ?server.public_url,
         data_dir = %args.data_dir.display(),
         "Parley is up; the admin key is in {}/admin.key. Ctrl-C stops it.",
         args.data_dir.display()
@@ -517,12 +555,135 @@ fn render(m: &pb::Message) -> String {
     );
     let body = match m.content.as_ref().and_then(|c| c.body.as_ref()) {
         Some(Body::Text(t)) => t.clone(),
+        Some(Body::Media(media)) if !media.blob_id.is_empty() => {
+            let size = human_bytes(media.size_bytes);
+            let dims = if media.width > 0 {
+                format!(" {}x{}", media.width, media.height)
+            } else {
+                String::new()
+            };
+            let caption = if media.caption.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", media.caption)
+            };
+            format!(
+                "[{:?} {}{dims}, {size}]{caption} (/save {} to keep it)",
+                media.kind(),
+                media.name,
+                m.seq
+            )
+        }
         Some(Body::Media(media)) => format!("[{:?}] {}", media.kind(), media.url),
         Some(Body::Custom(c)) => format!("[{}: {} bytes]", c.r#type, c.data.len()),
         Some(Body::System(e)) => format!("* {} {:?} {}", e.actor, e.kind(), e.users.join(", ")),
         None => String::new(),
     };
     format!("[{clock} UTC] {}: {body}", m.sender_id)
+}
+
+/// "1.5 MB" for a byte count.
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} KB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+fn describe_blob(b: &pb::Blob) -> String {
+    let dims = if b.width > 0 {
+        format!(", {}x{}", b.width, b.height)
+    } else {
+        String::new()
+    };
+    let thumb = if b.thumbnail.is_some() {
+        ", with a thumbnail"
+    } else {
+        ""
+    };
+    format!(
+        "{} ({}, {}{dims}{thumb})",
+        b.name,
+        b.mime_type,
+        human_bytes(b.size_bytes)
+    )
+}
+
+/// Prints a transfer's progress on stderr, a line rewritten in place at
+/// each whole percent.
+fn progress_printer(what: &'static str, path: &std::path::Path) -> parley_client::Progress {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let last = std::sync::atomic::AtomicU64::new(u64::MAX);
+    std::sync::Arc::new(move |done: u64, total: u64| {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
+            eprint!(
+                "\r{what} {name}: {pct:>3}% ({} of {})",
+                human_bytes(done),
+                human_bytes(total)
+            );
+        }
+    })
+}
+
+/// `/file` and `/save` in `parley chat`.
+async fn chat_command(
+    client: &parley_client::Client,
+    conv: u64,
+    line: &str,
+) -> anyhow::Result<()> {
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some("/file") => {
+            let path = PathBuf::from(words.next().context("/file PATH [caption]")?);
+            let caption = words.collect::<Vec<_>>().join(" ");
+            let progress = progress_printer("upload", &path);
+            let (_, blob) = client
+                .send_file(conv, &path, &caption, Some(progress))
+                .await?;
+            eprintln!();
+            println!("-- sent {}", describe_blob(&blob));
+        }
+        Some("/save") => {
+            let seq: u64 = words
+                .next()
+                .and_then(|w| w.parse().ok())
+                .context("/save SEQ [PATH]")?;
+            let page = client
+                .history(conv, seq + 1, pb::Direction::Backward, 1)
+                .await?;
+            let message = page
+                .messages
+                .into_iter()
+                .find(|m| m.seq == seq)
+                .with_context(|| format!("no message {seq} here"))?;
+            let name = match message.content.as_ref().and_then(|c| c.body.as_ref()) {
+                Some(pb::content::Body::Media(m)) if !m.blob_id.is_empty() => {
+                    // Only the file's own name, never a path it claims.
+                    std::path::Path::new(&m.name)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| format!("parley-{conv}-{seq}"))
+                }
+                _ => bail!("message {seq} holds no file"),
+            };
+            let dest = words.next().map(PathBuf::from).unwrap_or_else(|| name.into());
+            let progress = progress_printer("download", &dest);
+            let n = client
+                .download(&message, false, &dest, Some(progress))
+                .await?;
+            eprintln!();
+            println!("-- saved {} ({})", dest.display(), human_bytes(n));
+        }
+        _ => println!("commands: /file PATH [caption], /save SEQ [PATH]; other lines are sent as text"),
+    }
+    Ok(())
 }
 
 async fn chat(who: ChatArgs) -> anyhow::Result<()> {
@@ -539,7 +700,8 @@ async fn chat(who: ChatArgs) -> anyhow::Result<()> {
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         println!(
-            "-- conversation {conv} as {}; type and press Enter, Ctrl-D to leave --",
+            "-- conversation {conv} as {}; type and press Enter, /file PATH to send a file, \
+             Ctrl-D to leave --",
             client.user_id()
         );
     }
@@ -548,6 +710,11 @@ async fn chat(who: ChatArgs) -> anyhow::Result<()> {
         tokio::select! {
             line = lines.next_line() => match line? {
                 Some(text) if text.trim().is_empty() => {}
+                Some(text) if text.starts_with('/') => {
+                    if let Err(e) = chat_command(&client, conv, &text).await {
+                        eprintln!("! {e:#}");
+                    }
+                }
                 Some(text) => match client.send(conv, pb::Content::text(text)).await {
                     Ok(_) => {}
                     Err(e) => eprintln!("! not sent: {e}"),

@@ -18,6 +18,9 @@ use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+#[path = "embedded/media.rs"]
+mod media;
+
 struct World {
     _dir: tempfile::TempDir,
     server: Embedded,

@@ -8,10 +8,12 @@
 
 #[cfg(feature = "admin")]
 pub mod admin_client;
+pub mod media;
 pub mod sdk;
 pub mod transport;
 
 #[cfg(feature = "admin")]
 pub use admin_client::{Admin, AdminError};
+pub use media::Progress;
 pub use sdk::{Client, ClientConfig, ClientError, Event};
 pub use transport::TlsOptions;

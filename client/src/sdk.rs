@@ -5,6 +5,7 @@
 //! pings, and reconnects with backoff.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use parley_proto::{PROTOCOL_VERSION, codec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
+use crate::media::{self, Progress};
 use crate::transport::{self, BoxStream, TlsOptions};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, timeout};
@@ -83,6 +85,9 @@ pub enum ClientError {
     Closed,
     #[error("disconnected before the answer came; the request may or may not have been applied")]
     Disconnected,
+    /// Moving an upload's or a download's bytes over HTTP failed.
+    #[error("transfer failed: {0}")]
+    Transfer(String),
     /// The gateway sent us elsewhere (GoAway) before the login finished.
     #[error("sent elsewhere before the login finished: {0:?}")]
     Redirected(Option<String>),
@@ -141,6 +146,9 @@ pub struct Client {
     cursor: Arc<AtomicU64>,
     user_id: Arc<str>,
     request_timeout: Duration,
+    /// Trusted for https upload and download URLs (the gateways' CA, if
+    /// one is set; the public web's otherwise).
+    media_tls: Option<TlsOptions>,
 }
 
 impl Client {
@@ -184,6 +192,7 @@ impl Client {
                 cursor,
                 user_id: user_id.into(),
                 request_timeout,
+                media_tls: config.tls.clone(),
             },
             events,
         ))
@@ -291,6 +300,145 @@ impl Client {
             Req::Unblock(pb::Unblock { user: user.into() })
         };
         self.request(req).await.map(drop)
+    }
+
+    /// Uploads the file at `path` (its MIME type from its name unless
+    /// `mime` is given, its kind from the type): asks for a slot, sends
+    /// the bytes to the slot's URL (again, up to three more times, after a
+    /// transfer that broke off), and completes the upload. The blob is
+    /// then ready to send ([`Client::send_file`] does both).
+    pub async fn upload(
+        &self,
+        path: &Path,
+        mime: Option<&str>,
+        progress: Option<Progress>,
+    ) -> Result<pb::Blob, ClientError> {
+        let (size, sha256) = media::digest_file(path)
+            .await
+            .map_err(|e| ClientError::Transfer(format!("{}: {e}", path.display())))?;
+        let mime = mime.unwrap_or_else(|| media::mime_for(path)).to_owned();
+        let req = pb::UploadRequest {
+            kind: media::kind_for(&mime) as i32,
+            mime_type: mime,
+            size_bytes: size,
+            sha256,
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        let slot = match self.request(Req::Upload(req)).await? {
+            Resp::UploadSlot(s) => s,
+            other => return Err(unexpected(other)),
+        };
+        let headers: Vec<(String, String)> = slot
+            .headers
+            .iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect();
+        let mut attempt = 0;
+        loop {
+            let sent = media::put_file(
+                &slot.url,
+                &headers,
+                path,
+                size,
+                self.media_tls.as_ref(),
+                progress.clone(),
+            )
+            .await;
+            match sent {
+                Ok(()) => break,
+                Err(e) if e.retry && attempt < 3 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e.message, attempt, "upload broke off; again");
+                    sleep(Duration::from_millis(250 << attempt)).await;
+                }
+                Err(e) => return Err(ClientError::Transfer(e.message)),
+            }
+        }
+        let done = pb::UploadComplete {
+            blob_id: slot.blob_id,
+        };
+        match self.request(Req::UploadComplete(done)).await? {
+            Resp::Blob(b) => Ok(b),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Uploads the file at `path` and sends it to a conversation as a
+    /// media message with `caption`: the ack and the upload as stored.
+    pub async fn send_file(
+        &self,
+        conversation_id: u64,
+        path: &Path,
+        caption: &str,
+        progress: Option<Progress>,
+    ) -> Result<(pb::SendAck, pb::Blob), ClientError> {
+        let blob = self.upload(path, None, progress).await?;
+        let media = pb::Media {
+            kind: blob.kind,
+            blob_id: blob.blob_id.clone(),
+            name: blob.name.clone(),
+            caption: caption.to_owned(),
+            ..Default::default()
+        };
+        let content = pb::Content {
+            body: Some(pb::content::Body::Media(Box::new(media))),
+        };
+        let ack = self.send(conversation_id, content).await?;
+        Ok((ack, blob))
+    }
+
+    /// Downloads the upload of a media message (or its thumbnail) to
+    /// `dest`, resuming a download of it that broke off (`<dest>.part`),
+    /// and checks the bytes against the message's SHA-256. The bytes
+    /// written.
+    pub async fn download(
+        &self,
+        message: &pb::Message,
+        thumbnail: bool,
+        dest: &Path,
+        progress: Option<Progress>,
+    ) -> Result<u64, ClientError> {
+        let media = match message.content.as_ref().and_then(|c| c.body.as_ref()) {
+            Some(pb::content::Body::Media(m)) if !m.blob_id.is_empty() => m,
+            _ => {
+                return Err(ClientError::Transfer(format!(
+                    "message {} of conversation {} holds no upload",
+                    message.seq, message.conversation_id
+                )));
+            }
+        };
+        let req = pb::DownloadRequest {
+            conversation_id: message.conversation_id,
+            seq: message.seq,
+            thumbnail,
+        };
+        let mut attempt = 0;
+        let (size, sha256) = loop {
+            // A new URL each time: the last may have expired meanwhile.
+            let url = match self.request(Req::Download(req)).await? {
+                Resp::DownloadUrl(u) => u.url,
+                other => return Err(unexpected(other)),
+            };
+            match media::get_file(&url, dest, self.media_tls.as_ref(), progress.clone()).await {
+                Ok(got) => break got,
+                Err(e) if e.retry && attempt < 3 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e.message, attempt, "download broke off; resuming");
+                    sleep(Duration::from_millis(250 << attempt)).await;
+                }
+                Err(e) => return Err(ClientError::Transfer(e.message)),
+            }
+        };
+        if !thumbnail && !media.sha256.is_empty() && sha256 != media.sha256 {
+            let _ = tokio::fs::remove_file(dest).await;
+            return Err(ClientError::Transfer(format!(
+                "the {size} bytes downloaded are not the ones sent (SHA-256 differs)"
+            )));
+        }
+        Ok(size)
     }
 
     /// The user's devices, this one marked `current`.

@@ -11,9 +11,8 @@ use super::{ChatService, now_ms};
 use crate::error::ChatError;
 use crate::media::{BlobRecord, BlobState, BlobStorage, new_blob_id};
 
-/// An upload's slot outlives its URL by this much before garbage collection
-/// takes it: a client that started sending just before the URL expired
-/// may still be sending.
+/// An unfinished upload outlives its slot's URL by this much at most (see
+/// `slot_grace_ms`).
 const SLOT_GRACE_MS: i64 = 60 * 60 * 1000;
 
 /// Uploads collected per store call.
@@ -97,7 +96,7 @@ impl ChatService {
             BlobState::Deleting => return Err(not_found()),
             BlobState::Pending => {}
         }
-        if now_ms() > blob.upload_expires_at_ms + SLOT_GRACE_MS {
+        if now_ms() > blob.upload_expires_at_ms + self.slot_grace_ms() {
             return Err(ChatError::UploadIncomplete(format!(
                 "upload {blob_id} expired unfinished; ask for a new slot"
             )));
@@ -130,6 +129,13 @@ impl ChatService {
             };
         }
         Ok(done.to_pb())
+    }
+
+    /// How long an unfinished upload outlives its slot's URL: a client that
+    /// started sending just before it expired may still be sending (never
+    /// longer than an unused upload is kept).
+    fn slot_grace_ms(&self) -> i64 {
+        SLOT_GRACE_MS.min(self.config.media.unused_grace.as_millis() as i64)
     }
 
     /// Fills in the media of sends that reference uploads, from one store
@@ -252,7 +258,7 @@ impl ChatService {
         loop {
             let ids = self
                 .store
-                .doom_blobs(now - SLOT_GRACE_MS, now - grace, used_before, GC_PAGE)
+                .doom_blobs(now - self.slot_grace_ms(), now - grace, used_before, GC_PAGE)
                 .await?;
             if ids.is_empty() {
                 return Ok(deleted);

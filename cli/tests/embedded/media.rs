@@ -1,0 +1,381 @@
+//! Uploads on the one-process default: files through the SDK and the
+//! signed HTTP endpoint, refusals of what does not match, members-only
+//! downloads, and garbage collection.
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use parley_core::limits::Rate;
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+/// A `w` × `h` picture encoded as `format`.
+fn picture(w: u32, h: u32, format: image::ImageFormat) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x * y) % 239) as u8])
+    });
+    let mut out = Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut out, format)
+        .unwrap();
+    out.into_inner()
+}
+
+/// One HTTP/1.1 request to an `http://` URL: (status, body). `length`
+/// overrides the Content-Length sent (the body is sent as given).
+async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    length: Option<usize>,
+) -> (u16, Vec<u8>) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let mut s = TcpStream::connect(authority).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        length.unwrap_or(body.len())
+    );
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer");
+    let head = String::from_utf8_lossy(&raw[..at]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[at + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = unchunk(&body);
+    }
+    (status, body)
+}
+
+fn unchunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..line_end]).unwrap().trim(), 16)
+            .unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[line_end + 2..line_end + 2 + size]);
+        raw = &raw[line_end + 2 + size + 2..];
+    }
+}
+
+fn code_of<T: std::fmt::Debug>(r: Result<T, parley_client::ClientError>) -> ErrorCode {
+    match r {
+        Err(e) => e.code().unwrap_or_else(|| panic!("not a server error: {e}")),
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+    }
+}
+
+async fn slot(client: &Client, req: pb::UploadRequest) -> Result<pb::UploadSlot, parley_client::ClientError> {
+    match client.request(Req::Upload(req)).await? {
+        Resp::UploadSlot(s) => Ok(s),
+        other => panic!("expected an UploadSlot, got {other:?}"),
+    }
+}
+
+async fn complete(client: &Client, blob_id: &str) -> Result<pb::Blob, parley_client::ClientError> {
+    let req = Req::UploadComplete(pb::UploadComplete {
+        blob_id: blob_id.into(),
+    });
+    match client.request(req).await? {
+        Resp::Blob(b) => Ok(b),
+        other => panic!("expected a Blob, got {other:?}"),
+    }
+}
+
+fn upload(kind: pb::MediaKind, mime: &str, size: u64, sha256: Vec<u8>) -> pb::UploadRequest {
+    pb::UploadRequest {
+        kind: kind as i32,
+        mime_type: mime.into(),
+        size_bytes: size,
+        sha256,
+        name: "x".into(),
+    }
+}
+
+async fn put_bytes(slot: &pb::UploadSlot, bytes: &[u8], length: Option<usize>) -> u16 {
+    let headers: Vec<(&str, &str)> = slot
+        .headers
+        .iter()
+        .map(|h| (h.name.as_str(), h.value.as_str()))
+        .collect();
+    http("PUT", &slot.url, &headers, bytes, length).await.0
+}
+
+fn media_of(m: &pb::Message) -> &pb::Media {
+    match m.content.as_ref().and_then(|c| c.body.as_ref()) {
+        Some(pb::content::Body::Media(media)) => media,
+        other => panic!("not media: {other:?}"),
+    }
+}
+
+async fn next_media(events: &mut Receiver<Event>) -> pb::Message {
+    loop {
+        match timeout(WAIT, events.recv())
+            .await
+            .expect("no message in time")
+            .expect("events closed")
+        {
+            Event::Message { message, .. }
+                if matches!(
+                    message.content.as_ref().and_then(|c| c.body.as_ref()),
+                    Some(pb::content::Body::Media(_))
+                ) =>
+            {
+                return message;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Files under `dir`, by name.
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    n.sort();
+    n
+}
+
+/// A member uploads an image and a photo and sends them; the other member
+/// gets them filled in by the server (type, size, dimensions, SHA-256,
+/// thumbnail) and downloads them byte for byte; a non-member, an expired
+/// or forged URL, bytes that are not what was declared, an upload cut off
+/// half way and an upload still pending are each refused with their code;
+/// garbage collection deletes what no message uses and keeps what one
+/// does; the daily quota and the upload rate hold.
+#[tokio::test]
+async fn files_go_up_once_whole_and_come_down_only_to_members() {
+    let mut w = World::with(|c| {
+        c.chat.media.upload_ttl = Duration::from_secs(1);
+        c.chat.media.download_ttl = Duration::from_secs(1);
+        c.chat.media.unused_grace = Duration::from_secs(1);
+        c.chat.media.daily_bytes = 14 * 1024 * 1024;
+        c.gateway.limits.uploads_per_user = Some(Rate::per_minute(15));
+    })
+    .await;
+    let (ta, tb, tc) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
+    let (alice, _aev) = w.connect(&ta, "phone").await;
+    let (bob, mut bev) = w.connect(&tb, "laptop").await;
+    let (carol, _cev) = w.connect(&tc, "tablet").await;
+    let conv = alice.open_direct("bob").await.unwrap().id;
+    let files = tempfile::tempdir().unwrap();
+
+    // An image, with progress, arrives filled in and whole.
+    let png = picture(640, 480, image::ImageFormat::Png);
+    let cat = files.path().join("cat.png");
+    std::fs::write(&cat, &png).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let progress: parley_client::Progress =
+        Arc::new(move |done, total| log.lock().unwrap().push((done, total)));
+    let (ack, blob) = alice
+        .send_file(conv, &cat, "a cat", Some(progress))
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.lock().unwrap().last(),
+        Some(&(png.len() as u64, png.len() as u64))
+    );
+    assert_eq!((blob.width, blob.height), (640, 480));
+    assert_eq!(blob.mime_type, "image/png");
+    assert_eq!(blob.sha256, Sha256::digest(&png).to_vec());
+    let thumb = blob.thumbnail.clone().expect("a thumbnail of an image");
+    assert_eq!((thumb.width, thumb.height, thumb.mime_type.as_str()), (320, 240, "image/jpeg"));
+    let got = next_media(&mut bev).await;
+    assert_eq!(got.seq, ack.seq);
+    let m = media_of(&got);
+    assert_eq!(m.blob_id, blob.blob_id);
+    assert_eq!((m.width, m.height, m.size_bytes), (640, 480, png.len() as u64));
+    assert_eq!((m.caption.as_str(), m.name.as_str()), ("a cat", "cat.png"));
+    assert_eq!(m.thumbnail, blob.thumbnail);
+    assert!(m.url.is_empty());
+    let saved = files.path().join("bob-cat.png");
+    let n = bob.download(&got, false, &saved, None).await.unwrap();
+    assert_eq!(n, png.len() as u64);
+    assert_eq!(std::fs::read(&saved).unwrap(), png, "byte for byte");
+    let small = files.path().join("bob-cat-small.jpg");
+    bob.download(&got, true, &small, None).await.unwrap();
+    let small = std::fs::read(&small).unwrap();
+    assert_eq!(&small[..2], &[0xFF, 0xD8], "a JPEG thumbnail");
+    assert_eq!(small.len() as u64, thumb.size_bytes);
+
+    // A JPEG too; and history shows what the live delivery showed.
+    let jpeg = picture(300, 200, image::ImageFormat::Jpeg);
+    let dog = files.path().join("dog.jpg");
+    std::fs::write(&dog, &jpeg).unwrap();
+    let (dog_ack, dog_blob) = alice.send_file(conv, &dog, "", None).await.unwrap();
+    assert_eq!((dog_blob.width, dog_blob.height), (300, 200));
+    assert!(dog_blob.thumbnail.is_some());
+    let page = bob
+        .history(conv, 0, pb::Direction::Backward, 10)
+        .await
+        .unwrap();
+    let stored = page.messages.iter().find(|m| m.seq == dog_ack.seq).unwrap();
+    assert_eq!(media_of(stored).sha256, Sha256::digest(&jpeg).to_vec());
+
+    // Only members download; nobody sends another's upload.
+    let ask = Req::Download(pb::DownloadRequest {
+        conversation_id: conv,
+        seq: ack.seq,
+        thumbnail: false,
+    });
+    assert_eq!(code_of(carol.request(ask.clone()).await), ErrorCode::NotMember);
+    let carol_bob = carol.open_direct("bob").await.unwrap().id;
+    let stolen = pb::Content {
+        body: Some(pb::content::Body::Media(Box::new(pb::Media {
+            blob_id: blob.blob_id.clone(),
+            ..Default::default()
+        }))),
+    };
+    assert_eq!(code_of(carol.send(carol_bob, stolen).await), ErrorCode::NotFound);
+    let text_seq = alice
+        .send(conv, pb::Content::text("no file here"))
+        .await
+        .unwrap()
+        .seq;
+    let no_file = Req::Download(pb::DownloadRequest {
+        conversation_id: conv,
+        seq: text_seq,
+        thumbnail: false,
+    });
+    assert_eq!(code_of(bob.request(no_file).await), ErrorCode::NotFound);
+
+    // A URL is good for what it names until it expires, and only that.
+    let Resp::DownloadUrl(url) = bob.request(ask.clone()).await.unwrap() else {
+        panic!("a download URL")
+    };
+    let (status, part) = http("GET", &url.url, &[("Range", "bytes=0-9")], b"", None).await;
+    assert_eq!((status, part.as_slice()), (206, &png[..10]));
+    let forged = url.url.replace("type=image%2Fpng", "type=text%2Fhtml");
+    assert_eq!(http("GET", &forged, &[], b"", None).await.0, 403);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(http("GET", &url.url, &[], b"", None).await.0, 403, "expired");
+
+    // Refused at the slot: too large, a type the kind does not allow.
+    let big = upload(pb::MediaKind::Image, "image/png", 21 * 1024 * 1024, vec![]);
+    assert_eq!(code_of(slot(&alice, big).await), ErrorCode::PayloadTooLarge);
+    let pdf = upload(pb::MediaKind::Image, "application/pdf", 10, vec![]);
+    assert_eq!(code_of(slot(&alice, pdf).await), ErrorCode::UnsupportedMediaType);
+
+    // Fewer bytes than declared: refused by the endpoint, so incomplete;
+    // then whole, it completes (and stays unused).
+    let notes = vec![b'n'; 100];
+    let s = slot(&alice, upload(pb::MediaKind::File, "text/plain", 100, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(put_bytes(&s, &notes[..50], None).await, 400);
+    assert_eq!(code_of(complete(&alice, &s.blob_id).await), ErrorCode::UploadIncomplete);
+    assert_eq!(put_bytes(&s, &notes, None).await, 200);
+    assert_eq!(put_bytes(&s, &notes, None).await, 409, "complete bytes stay as they are");
+    let orphan = complete(&alice, &s.blob_id).await.unwrap();
+    assert_eq!(orphan.size_bytes, 100);
+
+    // Another checksum: refused at completion, and the upload is gone.
+    let s = slot(&alice, upload(pb::MediaKind::File, "text/plain", 100, vec![0; 32]))
+        .await
+        .unwrap();
+    assert_eq!(put_bytes(&s, &notes, None).await, 200);
+    assert_eq!(code_of(complete(&alice, &s.blob_id).await), ErrorCode::UploadMismatch);
+    assert_eq!(code_of(complete(&alice, &s.blob_id).await), ErrorCode::NotFound);
+
+    // A PNG declared as a JPEG.
+    let s = slot(&alice, upload(pb::MediaKind::Image, "image/jpeg", png.len() as u64, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(put_bytes(&s, &png, None).await, 200);
+    assert_eq!(
+        code_of(complete(&alice, &s.blob_id).await),
+        ErrorCode::UnsupportedMediaType
+    );
+
+    // Cut off half way: nothing is kept, the upload is incomplete, and a
+    // message cannot use it.
+    let s = slot(&alice, upload(pb::MediaKind::File, "text/plain", 1000, vec![]))
+        .await
+        .unwrap();
+    {
+        let rest = s.url.strip_prefix("http://").unwrap();
+        let (authority, path) = rest.split_at(rest.find('/').unwrap());
+        let mut tcp = TcpStream::connect(authority).await.unwrap();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tcp.write_all(&[b'x'; 400]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let media_dir = w._dir.path().join("media");
+    assert!(!names(&media_dir.join("blobs")).contains(&s.blob_id));
+    assert_eq!(code_of(complete(&alice, &s.blob_id).await), ErrorCode::UploadIncomplete);
+    let pending = pb::Content {
+        body: Some(pb::content::Body::Media(Box::new(pb::Media {
+            blob_id: s.blob_id.clone(),
+            ..Default::default()
+        }))),
+    };
+    assert_eq!(code_of(alice.send(conv, pending).await), ErrorCode::UploadIncomplete);
+
+    // Garbage collection, once the grace has passed: the unused and the
+    // unfinished go, what messages use stays.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let deleted = w.server.chat.collect_blobs().await.unwrap();
+    assert_eq!(deleted, 2, "the orphan and the cut-off upload");
+    let mut kept = vec![
+        blob.blob_id.clone(),
+        format!("{}.thumb", blob.blob_id),
+        dog_blob.blob_id.clone(),
+        format!("{}.thumb", dog_blob.blob_id),
+    ];
+    kept.sort();
+    assert_eq!(names(&media_dir.join("blobs")), kept);
+    assert!(names(&media_dir.join("staging")).is_empty());
+    assert_eq!(code_of(complete(&alice, &orphan.blob_id).await), ErrorCode::NotFound);
+    let again = files.path().join("bob-cat-again.png");
+    bob.download(&got, false, &again, None).await.unwrap();
+    assert_eq!(std::fs::read(&again).unwrap(), png);
+
+    // The daily quota (14 MiB, of which the two pictures use some), then
+    // the rate.
+    let file = |mb: u64| upload(pb::MediaKind::File, "application/zip", mb * 1024 * 1024, vec![]);
+    slot(&alice, file(12)).await.unwrap();
+    assert_eq!(code_of(slot(&alice, file(2)).await), ErrorCode::QuotaExceeded);
+    let mut limited = false;
+    for _ in 0..15 {
+        match slot(&alice, file(1)).await {
+            Err(e) if e.code() == Some(ErrorCode::RateLimited) => {
+                limited = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(limited, "15 upload requests a minute, then RATE_LIMITED");
+}
