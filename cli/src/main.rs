@@ -631,6 +631,24 @@ fn progress_printer(what: &'static str, path: &std::path::Path) -> parley_client
     })
 }
 
+/// `name` in the current directory, or `name (1)`, `name (2)`, ... (before
+/// its extension) when that is taken: a save never replaces a file.
+fn unused_name(name: &str) -> PathBuf {
+    let path = std::path::Path::new(name);
+    if !path.exists() {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    (1..)
+        .map(|i| PathBuf::from(format!("{stem} ({i}){ext}")))
+        .find(|p| !p.exists())
+        .expect("some name is free")
+}
+
 /// `/file` and `/save` in `parley chat`.
 async fn chat_command(
     client: &parley_client::Client,
@@ -673,7 +691,10 @@ async fn chat_command(
                 }
                 _ => bail!("message {seq} holds no file"),
             };
-            let dest = words.next().map(PathBuf::from).unwrap_or_else(|| name.into());
+            let dest = match words.next() {
+                Some(p) => PathBuf::from(p),
+                None => unused_name(&name),
+            };
             let progress = progress_printer("download", &dest);
             let n = client
                 .download(&message, false, &dest, Some(progress))
