@@ -100,6 +100,10 @@ struct ServeArgs {
     /// interval.
     #[arg(long, env = "PARLEY_PRESENCE_SETTLE_MS", default_value_t = parley_redis::PRESENCE_SETTLE.as_millis() as u64)]
     presence_settle_ms: u64,
+    #[command(flatten)]
+    s3: S3Args,
+    #[command(flatten)]
+    media: MediaArgs,
 }
 
 /// Connects, retrying while the database is not up yet.
@@ -201,10 +205,16 @@ where
         url: a.backends.amqp_url.clone(),
         prefix: a.backends.prefix.clone(),
     }));
+    let blobs = a.s3.storage()?;
+    if blobs.is_none() {
+        tracing::info!("no --media-s3-bucket: this replica stores no media");
+    }
     let config = ChatConfig {
         retention: (a.retention_days > 0)
             .then(|| Duration::from_secs(a.retention_days * 24 * 3600)),
         batch_linger: Duration::from_micros(a.batch_linger_us),
+        media: a.media.limits()?,
+        blobs,
         ..ChatConfig::default()
     };
     let chat = ChatService::start(
@@ -340,8 +350,7 @@ impl MediaArgs {
                 .collect();
             for t in &mime_types {
                 let concrete = t.replace('*', "x");
-                check_mime(&concrete)
-                    .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))?;
+                check_mime(&concrete).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))?;
             }
             anyhow::ensure!(!mime_types.is_empty(), "--{flag} names no MIME type");
             anyhow::ensure!(mb > 0, "a size limit is at least 1 MiB");
@@ -351,14 +360,85 @@ impl MediaArgs {
             })
         };
         Ok(parley_core::MediaLimits {
-            image: kind(self.media_max_image_mb, &self.media_image_types, "media-image-types")?,
-            voice: kind(self.media_max_voice_mb, &self.media_voice_types, "media-voice-types")?,
-            video: kind(self.media_max_video_mb, &self.media_video_types, "media-video-types")?,
-            file: kind(self.media_max_file_mb, &self.media_file_types, "media-file-types")?,
+            image: kind(
+                self.media_max_image_mb,
+                &self.media_image_types,
+                "media-image-types",
+            )?,
+            voice: kind(
+                self.media_max_voice_mb,
+                &self.media_voice_types,
+                "media-voice-types",
+            )?,
+            video: kind(
+                self.media_max_video_mb,
+                &self.media_video_types,
+                "media-video-types",
+            )?,
+            file: kind(
+                self.media_max_file_mb,
+                &self.media_file_types,
+                "media-file-types",
+            )?,
             daily_uploads: self.media_daily_uploads,
             daily_bytes: self.media_daily_mb.saturating_mul(MIB),
             unused_grace: Duration::from_secs(self.media_unused_grace_hours.max(1) * 3600),
             ..parley_core::MediaLimits::default()
         })
+    }
+}
+
+/// The S3-compatible store uploads live in (MinIO, AWS S3, ...).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct S3Args {
+    /// The bucket (it must exist); without it, this server stores no media.
+    #[arg(long, env = "PARLEY_MEDIA_S3_BUCKET")]
+    pub media_s3_bucket: Option<String>,
+    /// The store's endpoint as Parley reaches it, e.g. http://minio.minio:9000
+    /// (default: AWS S3).
+    #[arg(long, env = "PARLEY_MEDIA_S3_ENDPOINT")]
+    pub media_s3_endpoint: Option<String>,
+    /// The endpoint clients reach the store at, as presigned URLs name it
+    /// (default: --media-s3-endpoint).
+    #[arg(long, env = "PARLEY_MEDIA_S3_PUBLIC_ENDPOINT")]
+    pub media_s3_public_endpoint: Option<String>,
+    #[arg(long, env = "PARLEY_MEDIA_S3_REGION", default_value = "us-east-1")]
+    pub media_s3_region: String,
+    #[arg(long, env = "PARLEY_MEDIA_S3_ACCESS_KEY", hide_env_values = true)]
+    pub media_s3_access_key: Option<String>,
+    #[arg(long, env = "PARLEY_MEDIA_S3_SECRET_KEY", hide_env_values = true)]
+    pub media_s3_secret_key: Option<String>,
+}
+
+impl S3Args {
+    /// The store these flags name, if any.
+    pub fn config(&self) -> anyhow::Result<Option<parley_media::S3Config>> {
+        let Some(bucket) = &self.media_s3_bucket else {
+            return Ok(None);
+        };
+        Ok(Some(parley_media::S3Config {
+            bucket: bucket.clone(),
+            endpoint: self.media_s3_endpoint.clone(),
+            public_endpoint: self.media_s3_public_endpoint.clone(),
+            region: self.media_s3_region.clone(),
+            access_key: self
+                .media_s3_access_key
+                .clone()
+                .context("--media-s3-access-key (PARLEY_MEDIA_S3_ACCESS_KEY) is required")?,
+            secret_key: self
+                .media_s3_secret_key
+                .clone()
+                .context("--media-s3-secret-key (PARLEY_MEDIA_S3_SECRET_KEY) is required")?,
+        }))
+    }
+
+    /// The storage of the store these flags name, if any.
+    pub fn storage(&self) -> anyhow::Result<Option<Arc<dyn parley_core::BlobStorage>>> {
+        let Some(config) = self.config()? else {
+            return Ok(None);
+        };
+        let storage = parley_media::MediaStorage::s3(&config)
+            .with_context(|| format!("the media store {config:?}"))?;
+        Ok(Some(Arc::new(storage)))
     }
 }

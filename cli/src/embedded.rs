@@ -42,6 +42,8 @@ pub struct EmbeddedConfig {
     /// The base URL clients reach that endpoint at (default:
     /// `http://<its address>`, an unspecified IP as 127.0.0.1).
     pub public_url: Option<String>,
+    /// Uploads in an S3-compatible store instead of `<data_dir>/media`.
+    pub s3: Option<parley_media::S3Config>,
 }
 
 impl EmbeddedConfig {
@@ -63,6 +65,7 @@ impl EmbeddedConfig {
             advertise: None,
             http_listen: Some(any),
             public_url: None,
+            s3: None,
         }
     }
 }
@@ -130,8 +133,12 @@ impl Embedded {
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", parley_gateway::cli::advertised(a)))
         });
-        let media = match &public_url {
-            Some(url) => {
+        let media = match (&cfg.s3, &public_url) {
+            (Some(s3), _) => {
+                chat_config.blobs = Some(Arc::new(parley_media::MediaStorage::s3(s3)?));
+                None
+            }
+            (None, Some(url)) => {
                 let key = secret_file(&cfg.data_dir.join("media.key"))?;
                 let media = parley_media::MediaStorage::local(
                     &cfg.data_dir.join("media"),
@@ -141,7 +148,7 @@ impl Embedded {
                 chat_config.blobs = Some(Arc::new(media.clone()));
                 Some(media)
             }
-            None => None,
+            (None, None) => None,
         };
         let bus = Arc::new(LocalBus::default());
         let deliveries = bus.subscribe(&cfg.gateway.gateway_id, 1024);

@@ -163,6 +163,9 @@ struct UpArgs {
     public_url: Option<String>,
     #[command(flatten)]
     media: parley_chat::cli::MediaArgs,
+    /// Uploads in an S3-compatible store instead of <data-dir>/media.
+    #[command(flatten)]
+    s3: parley_chat::cli::S3Args,
     #[command(flatten)]
     limits: parley_gateway::cli::LimitArgs,
 }
@@ -452,6 +455,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     cfg.public_url = args.public_url;
     cfg.chat.media = args.media.limits()?;
+    cfg.s3 = args.s3.config()?;
     let server = Embedded::start(cfg).await?;
     tracing::info!(
         tcp = %server.tcp_addr,
@@ -650,11 +654,7 @@ fn unused_name(name: &str) -> PathBuf {
 }
 
 /// `/file` and `/save` in `parley chat`.
-async fn chat_command(
-    client: &parley_client::Client,
-    conv: u64,
-    line: &str,
-) -> anyhow::Result<()> {
+async fn chat_command(client: &parley_client::Client, conv: u64, line: &str) -> anyhow::Result<()> {
     let mut words = line.split_whitespace();
     match words.next() {
         Some("/file") => {
@@ -702,7 +702,9 @@ async fn chat_command(
             eprintln!();
             println!("-- saved {} ({})", dest.display(), human_bytes(n));
         }
-        _ => println!("commands: /file PATH [caption], /save SEQ [PATH]; other lines are sent as text"),
+        _ => println!(
+            "commands: /file PATH [caption], /save SEQ [PATH]; other lines are sent as text"
+        ),
     }
     Ok(())
 }

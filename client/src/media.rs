@@ -212,7 +212,10 @@ pub(crate) async fn get_file(
         message: format!("{}: {e}", part.display()),
         retry: false,
     };
-    let have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
+    let have = tokio::fs::metadata(&part)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
     let mut req = hyper::Request::get(&t.path).header(hyper::header::HOST, &t.host);
     if have > 0 {
         req = req.header(hyper::header::RANGE, format!("bytes={have}-"));
@@ -292,10 +295,12 @@ pub(crate) async fn get_file(
             t.authority
         )));
     }
-    tokio::fs::rename(&part, dest).await.map_err(|e| TransferError {
-        message: format!("{}: {e}", dest.display()),
-        retry: false,
-    })?;
+    tokio::fs::rename(&part, dest)
+        .await
+        .map_err(|e| TransferError {
+            message: format!("{}: {e}", dest.display()),
+            retry: false,
+        })?;
     Ok((done, hasher.finalize().to_vec()))
 }
 
@@ -367,8 +372,18 @@ mod tests {
     fn urls_split_as_requests_need_them() {
         let t = target("http://127.0.0.1:7404/media/v1/blobs/ab?x=1").unwrap();
         assert_eq!(
-            (t.https, t.authority.as_str(), t.host.as_str(), t.path.as_str()),
-            (false, "127.0.0.1:7404", "127.0.0.1:7404", "/media/v1/blobs/ab?x=1")
+            (
+                t.https,
+                t.authority.as_str(),
+                t.host.as_str(),
+                t.path.as_str()
+            ),
+            (
+                false,
+                "127.0.0.1:7404",
+                "127.0.0.1:7404",
+                "/media/v1/blobs/ab?x=1"
+            )
         );
         let t = target("https://bucket.s3.example.com/k?X-Amz-Signature=1").unwrap();
         assert_eq!(t.authority, "bucket.s3.example.com:443");
@@ -385,11 +400,11 @@ mod tests {
     fn file_types_come_off_their_names() {
         assert_eq!(mime_for(Path::new("a/Cat.JPG")), "image/jpeg");
         assert_eq!(mime_for(Path::new("notes")), "application/octet-stream");
+        assert_eq!(kind_for("audio/ogg"), parley_proto::pb::MediaKind::Voice);
         assert_eq!(
-            kind_for("audio/ogg"),
-            parley_proto::pb::MediaKind::Voice
+            kind_for("application/pdf"),
+            parley_proto::pb::MediaKind::File
         );
-        assert_eq!(kind_for("application/pdf"), parley_proto::pb::MediaKind::File);
         assert_eq!(
             partial(Path::new("/tmp/x.png")),
             PathBuf::from("/tmp/x.png.part")

@@ -1,6 +1,6 @@
 //! Where uploads' bytes live: any [`object_store`] backend behind Parley's
-//! [`BlobStorage`]. Objects are `blobs/<id>` and, for an image, its
-//! thumbnail `blobs/<id>.thumb`.
+//! [`BlobStorage`]. Completed objects are `blobs/<id>` and, for an image,
+//! its thumbnail `blobs/<id>.thumb`.
 //!
 //! With a directory (the one-process default), Parley signs the URLs
 //! itself (HMAC-SHA256 over what each permits) and serves them with
@@ -9,12 +9,19 @@
 //! when it is whole, so an interrupted upload leaves nothing behind and a
 //! completed one can never be replaced.
 //!
+//! With an S3-compatible store (a cluster: MinIO, AWS S3, ...), clients
+//! PUT and GET through presigned URLs, straight to the store. An upload
+//! goes to `uploads/<id>` (its Content-Type bound to the signature);
+//! completing it copies the checked bytes to `blobs/<id>` and deletes the
+//! upload, so the slot's URL, still valid for a while, can no longer
+//! change what messages reference.
+//!
 //! Completing an upload ([`BlobStorage::inspect`]) reads the bytes back:
 //! their size and SHA-256 against the declaration, and for an image its
 //! format (from the bytes, not the name), its dimensions and a JPEG
 //! thumbnail, on a blocking thread.
 
-mod http;
+mod endpoint;
 mod image_info;
 mod sign;
 
@@ -23,15 +30,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
+use object_store::signer::{SignedUrlOptions, Signer};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parley_core::ChatError;
 use parley_core::media::{BlobRecord, BlobStorage, Inspected, is_blob_id, thumbnail_key};
 use parley_proto::pb;
 use sha2::{Digest, Sha256};
 
-pub use http::router;
+pub use endpoint::router;
 pub use sign::UrlSigner;
 
 /// The path the local endpoint serves, before a blob's key.
@@ -41,7 +50,58 @@ pub const HTTP_PREFIX: &str = "/media/v1/blobs";
 #[derive(Debug, Clone)]
 pub struct MediaStorage {
     store: Arc<dyn ObjectStore>,
-    signer: UrlSigner,
+    urls: Urls,
+}
+
+/// Who signs the URLs clients use.
+#[derive(Debug, Clone)]
+enum Urls {
+    /// Parley, for its own endpoint ([`router`]).
+    Local(UrlSigner),
+    /// The S3 store's presigning, with the endpoint clients reach.
+    Presigned(Arc<AmazonS3>),
+}
+
+/// An S3-compatible store.
+#[derive(Clone, Default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// The endpoint Parley reaches the store at (`http://minio.minio:9000`);
+    /// None: AWS S3 itself.
+    pub endpoint: Option<String>,
+    /// The endpoint clients reach it at, as presigned URLs name it (the
+    /// public name of the same store); None: `endpoint`.
+    pub public_endpoint: Option<String>,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("public_endpoint", &self.public_endpoint)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Config {
+    fn builder(&self, endpoint: Option<&str>) -> AmazonS3Builder {
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&self.bucket)
+            .with_region(&self.region)
+            .with_access_key_id(&self.access_key)
+            .with_secret_access_key(&self.secret_key)
+            .with_virtual_hosted_style_request(false);
+        if let Some(e) = endpoint {
+            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+        }
+        b
+    }
 }
 
 /// The object of a blob (or of a blob's thumbnail) by its key.
@@ -52,6 +112,11 @@ fn object(key: &str) -> Path {
 /// Where a local upload is written until it is whole.
 fn staging(id: &str) -> Path {
     Path::from(format!("staging/{id}"))
+}
+
+/// Where a presigned upload lands, until its completion copies it.
+fn incoming(id: &str) -> Path {
+    Path::from(format!("uploads/{id}"))
 }
 
 /// A storage failure, logged with its detail and answered as UNAVAILABLE
@@ -70,13 +135,59 @@ impl MediaStorage {
         let store = LocalFileSystem::new_with_prefix(dir)?.with_automatic_cleanup(true);
         Ok(Self {
             store: Arc::new(store),
-            signer: UrlSigner::new(public_url, key)?,
+            urls: Urls::Local(UrlSigner::new(public_url, key)?),
         })
     }
 
-    /// The signer of this storage's local URLs.
-    pub fn signer(&self) -> &UrlSigner {
-        &self.signer
+    /// Blobs in an S3-compatible bucket, with presigned URLs.
+    pub fn s3(config: &S3Config) -> anyhow::Result<Self> {
+        anyhow::ensure!(!config.bucket.is_empty(), "an S3 store needs a bucket");
+        // reqwest's rustls takes the process's provider: ring, as everywhere
+        // in Parley (already installed is fine).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store = config.builder(config.endpoint.as_deref()).build()?;
+        let public = config
+            .public_endpoint
+            .as_deref()
+            .or(config.endpoint.as_deref());
+        let signer = config.builder(public).build()?;
+        Ok(Self {
+            store: Arc::new(store),
+            urls: Urls::Presigned(Arc::new(signer)),
+        })
+    }
+
+    /// The signer of this storage's own URLs: None when the store presigns
+    /// them (then [`router`] serves nothing).
+    pub fn local_signer(&self) -> Option<&UrlSigner> {
+        match &self.urls {
+            Urls::Local(s) => Some(s),
+            Urls::Presigned(_) => None,
+        }
+    }
+
+    /// Where an upload's bytes are before it completes.
+    fn arrived(&self, id: &str) -> Path {
+        match self.urls {
+            Urls::Local(_) => object(id),
+            Urls::Presigned(_) => incoming(id),
+        }
+    }
+
+    /// A presigned URL for `method` on `path`, good until `expires_at_ms`.
+    async fn presign(
+        signer: &AmazonS3,
+        method: object_store::signer::Method,
+        path: &Path,
+        expires_at_ms: i64,
+        options: &SignedUrlOptions,
+    ) -> Result<String, ChatError> {
+        let ttl = (expires_at_ms - parley_core::now_ms()).max(1_000) as u64;
+        signer
+            .signed_url_opts(method, path, std::time::Duration::from_millis(ttl), options)
+            .await
+            .map(|u| u.to_string())
+            .map_err(|e| unavailable("sign a URL", e))
     }
 
     pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -84,13 +195,13 @@ impl MediaStorage {
     }
 
     /// Reads a whole object, hashing it, keeping its bytes when `keep`.
-    async fn read(&self, key: &str, keep: bool) -> Result<(u64, Vec<u8>, Vec<u8>), ChatError> {
-        let got = match self.store.get(&object(key)).await {
+    async fn read(&self, path: &Path, keep: bool) -> Result<(u64, Vec<u8>, Vec<u8>), ChatError> {
+        let got = match self.store.get(path).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => {
-                return Err(ChatError::UploadIncomplete(format!(
-                    "no bytes of upload {key} have arrived: send them to the slot's URL first"
-                )));
+                return Err(ChatError::UploadIncomplete(
+                    "the upload's bytes have not arrived: send them to the slot's URL first".into(),
+                ));
             }
             Err(e) => return Err(unavailable("read an upload", e)),
         };
@@ -117,14 +228,24 @@ impl BlobStorage for MediaStorage {
         blob: &BlobRecord,
         expires_at_ms: i64,
     ) -> Result<pb::UploadSlot, ChatError> {
+        let url = match &self.urls {
+            Urls::Local(signer) => {
+                signer.upload_url(&blob.id, blob.size_bytes, &blob.mime_type, expires_at_ms)
+            }
+            Urls::Presigned(signer) => {
+                let content_type = blob
+                    .mime_type
+                    .parse()
+                    .map_err(|_| ChatError::invalid("a MIME type fit for a header"))?;
+                let options = SignedUrlOptions::new()
+                    .with_signed_header(http::header::CONTENT_TYPE, content_type);
+                let method = object_store::signer::Method::PUT;
+                Self::presign(signer, method, &incoming(&blob.id), expires_at_ms, &options).await?
+            }
+        };
         Ok(pb::UploadSlot {
             blob_id: blob.id.clone(),
-            url: self.signer.upload_url(
-                &blob.id,
-                blob.size_bytes,
-                &blob.mime_type,
-                expires_at_ms,
-            ),
+            url,
             method: "PUT".into(),
             headers: vec![pb::HttpHeader {
                 name: "Content-Type".into(),
@@ -136,7 +257,8 @@ impl BlobStorage for MediaStorage {
 
     async fn inspect(&self, blob: &BlobRecord) -> Result<Inspected, ChatError> {
         let image = blob.kind == pb::MediaKind::Image;
-        let (size, sha256, bytes) = self.read(&blob.id, image).await?;
+        let arrived = self.arrived(&blob.id);
+        let (size, sha256, bytes) = self.read(&arrived, image).await?;
         if size != blob.size_bytes {
             return Err(ChatError::UploadMismatch(format!(
                 "{size} bytes arrived where {} were declared",
@@ -154,6 +276,16 @@ impl BlobStorage for MediaStorage {
             sha256,
             ..Inspected::default()
         };
+        if let Urls::Presigned(_) = self.urls {
+            // Checked: what messages reference moves out of the slot's reach.
+            self.store
+                .copy(&arrived, &object(&blob.id))
+                .await
+                .map_err(|e| unavailable("keep an upload", e))?;
+            if let Err(e) = self.store.delete(&arrived).await {
+                tracing::warn!(error = %e, blob = %blob.id, "an upload's slot copy stays until collected");
+            }
+        }
         if !image {
             return Ok(inspected);
         }
@@ -194,14 +326,32 @@ impl BlobStorage for MediaStorage {
             (Some(t), true) => (thumbnail_key(&blob.id), t.mime_type.as_str()),
             _ => (blob.id.clone(), blob.mime_type.as_str()),
         };
-        Ok(self.signer.download_url(&key, mime, expires_at_ms))
+        match &self.urls {
+            Urls::Local(signer) => Ok(signer.download_url(&key, mime, expires_at_ms)),
+            Urls::Presigned(signer) => {
+                // Served as its type, never run as a page; anything but
+                // pictures and sound saved, not shown.
+                let mut query = vec![("response-content-type", mime.to_owned())];
+                if !endpoint::serves_inline(mime) {
+                    query.push(("response-content-disposition", "attachment".to_owned()));
+                }
+                let options = SignedUrlOptions::new().with_query(query);
+                let method = object_store::signer::Method::GET;
+                Self::presign(signer, method, &object(&key), expires_at_ms, &options).await
+            }
+        }
     }
 
     async fn delete(&self, id: &str) -> Result<(), ChatError> {
         if !is_blob_id(id) {
             return Err(ChatError::invalid(format!("{id:?} is not a blob id")));
         }
-        for path in [object(id), object(&thumbnail_key(id)), staging(id)] {
+        for path in [
+            object(id),
+            object(&thumbnail_key(id)),
+            staging(id),
+            incoming(id),
+        ] {
             match self.store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(unavailable("delete an upload", e)),
@@ -210,4 +360,3 @@ impl BlobStorage for MediaStorage {
         Ok(())
     }
 }
-

@@ -167,11 +167,13 @@ mod tests {
         assert_eq!(s.check(&up, 1_000, "zz", 0), Err(Refusal::BadSignature));
         let other = UrlSigner::new("http://h:1", &[8; 32]).unwrap();
         assert_eq!(other.check(&up, 1_000, &sig, 0), Err(Refusal::BadSignature));
+        assert!(s.upload_url("ab", 10, "image/svg+xml", 5).starts_with(
+            "http://h:1/media/v1/blobs/ab?size=10&type=image%2Fsvg%2Bxml&expires=5&sig="
+        ));
         assert!(
-            s.upload_url("ab", 10, "image/svg+xml", 5)
-                .starts_with("http://h:1/media/v1/blobs/ab?size=10&type=image%2Fsvg%2Bxml&expires=5&sig=")
+            !format!("{s:?}").contains("7, 7"),
+            "the key stays out of logs"
         );
-        assert!(!format!("{s:?}").contains("7, 7"), "the key stays out of logs");
         assert!(UrlSigner::new("http://h", &[1; 31]).is_err());
         assert!(UrlSigner::new("ftp://h", &[1; 32]).is_err());
     }

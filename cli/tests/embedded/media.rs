@@ -57,7 +57,10 @@ async fn http(
     let head = String::from_utf8_lossy(&raw[..at]).to_string();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut body = raw[at + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = unchunk(&body);
     }
     (status, body)
@@ -79,12 +82,17 @@ fn unchunk(mut raw: &[u8]) -> Vec<u8> {
 
 fn code_of<T: std::fmt::Debug>(r: Result<T, parley_client::ClientError>) -> ErrorCode {
     match r {
-        Err(e) => e.code().unwrap_or_else(|| panic!("not a server error: {e}")),
+        Err(e) => e
+            .code()
+            .unwrap_or_else(|| panic!("not a server error: {e}")),
         Ok(v) => panic!("expected a refusal, got {v:?}"),
     }
 }
 
-async fn slot(client: &Client, req: pb::UploadRequest) -> Result<pb::UploadSlot, parley_client::ClientError> {
+async fn slot(
+    client: &Client,
+    req: pb::UploadRequest,
+) -> Result<pb::UploadSlot, parley_client::ClientError> {
     match client.request(Req::Upload(req)).await? {
         Resp::UploadSlot(s) => Ok(s),
         other => panic!("expected an UploadSlot, got {other:?}"),
@@ -207,12 +215,18 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
     assert_eq!(blob.mime_type, "image/png");
     assert_eq!(blob.sha256, Sha256::digest(&png).to_vec());
     let thumb = blob.thumbnail.clone().expect("a thumbnail of an image");
-    assert_eq!((thumb.width, thumb.height, thumb.mime_type.as_str()), (320, 240, "image/jpeg"));
+    assert_eq!(
+        (thumb.width, thumb.height, thumb.mime_type.as_str()),
+        (320, 240, "image/jpeg")
+    );
     let got = next_media(&mut bev).await;
     assert_eq!(got.seq, ack.seq);
     let m = media_of(&got);
     assert_eq!(m.blob_id, blob.blob_id);
-    assert_eq!((m.width, m.height, m.size_bytes), (640, 480, png.len() as u64));
+    assert_eq!(
+        (m.width, m.height, m.size_bytes),
+        (640, 480, png.len() as u64)
+    );
     assert_eq!((m.caption.as_str(), m.name.as_str()), ("a cat", "cat.png"));
     assert_eq!(m.thumbnail, blob.thumbnail);
     assert!(m.url.is_empty());
@@ -246,7 +260,10 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
         seq: ack.seq,
         thumbnail: false,
     });
-    assert_eq!(code_of(carol.request(ask.clone()).await), ErrorCode::NotMember);
+    assert_eq!(
+        code_of(carol.request(ask.clone()).await),
+        ErrorCode::NotMember
+    );
     let carol_bob = carol.open_direct("bob").await.unwrap().id;
     let stolen = pb::Content {
         body: Some(pb::content::Body::Media(Box::new(pb::Media {
@@ -254,7 +271,10 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
             ..Default::default()
         }))),
     };
-    assert_eq!(code_of(carol.send(carol_bob, stolen).await), ErrorCode::NotFound);
+    assert_eq!(
+        code_of(carol.send(carol_bob, stolen).await),
+        ErrorCode::NotFound
+    );
     let text_seq = alice
         .send(conv, pb::Content::text("no file here"))
         .await
@@ -276,39 +296,68 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
     let forged = url.url.replace("type=image%2Fpng", "type=text%2Fhtml");
     assert_eq!(http("GET", &forged, &[], b"", None).await.0, 403);
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert_eq!(http("GET", &url.url, &[], b"", None).await.0, 403, "expired");
+    assert_eq!(
+        http("GET", &url.url, &[], b"", None).await.0,
+        403,
+        "expired"
+    );
 
     // Refused at the slot: too large, a type the kind does not allow.
     let big = upload(pb::MediaKind::Image, "image/png", 21 * 1024 * 1024, vec![]);
     assert_eq!(code_of(slot(&alice, big).await), ErrorCode::PayloadTooLarge);
     let pdf = upload(pb::MediaKind::Image, "application/pdf", 10, vec![]);
-    assert_eq!(code_of(slot(&alice, pdf).await), ErrorCode::UnsupportedMediaType);
+    assert_eq!(
+        code_of(slot(&alice, pdf).await),
+        ErrorCode::UnsupportedMediaType
+    );
 
     // Fewer bytes than declared: refused by the endpoint, so incomplete;
     // then whole, it completes (and stays unused).
     let notes = vec![b'n'; 100];
-    let s = slot(&alice, upload(pb::MediaKind::File, "text/plain", 100, vec![]))
-        .await
-        .unwrap();
+    let s = slot(
+        &alice,
+        upload(pb::MediaKind::File, "text/plain", 100, vec![]),
+    )
+    .await
+    .unwrap();
     assert_eq!(put_bytes(&s, &notes[..50], None).await, 400);
-    assert_eq!(code_of(complete(&alice, &s.blob_id).await), ErrorCode::UploadIncomplete);
+    assert_eq!(
+        code_of(complete(&alice, &s.blob_id).await),
+        ErrorCode::UploadIncomplete
+    );
     assert_eq!(put_bytes(&s, &notes, None).await, 200);
-    assert_eq!(put_bytes(&s, &notes, None).await, 409, "complete bytes stay as they are");
+    assert_eq!(
+        put_bytes(&s, &notes, None).await,
+        409,
+        "complete bytes stay as they are"
+    );
     let orphan = complete(&alice, &s.blob_id).await.unwrap();
     assert_eq!(orphan.size_bytes, 100);
 
     // Another checksum: refused at completion, and the upload is gone.
-    let s = slot(&alice, upload(pb::MediaKind::File, "text/plain", 100, vec![0; 32]))
-        .await
-        .unwrap();
+    let s = slot(
+        &alice,
+        upload(pb::MediaKind::File, "text/plain", 100, vec![0; 32]),
+    )
+    .await
+    .unwrap();
     assert_eq!(put_bytes(&s, &notes, None).await, 200);
-    assert_eq!(code_of(complete(&alice, &s.blob_id).await), ErrorCode::UploadMismatch);
-    assert_eq!(code_of(complete(&alice, &s.blob_id).await), ErrorCode::NotFound);
+    assert_eq!(
+        code_of(complete(&alice, &s.blob_id).await),
+        ErrorCode::UploadMismatch
+    );
+    assert_eq!(
+        code_of(complete(&alice, &s.blob_id).await),
+        ErrorCode::NotFound
+    );
 
     // A PNG declared as a JPEG.
-    let s = slot(&alice, upload(pb::MediaKind::Image, "image/jpeg", png.len() as u64, vec![]))
-        .await
-        .unwrap();
+    let s = slot(
+        &alice,
+        upload(pb::MediaKind::Image, "image/jpeg", png.len() as u64, vec![]),
+    )
+    .await
+    .unwrap();
     assert_eq!(put_bytes(&s, &png, None).await, 200);
     assert_eq!(
         code_of(complete(&alice, &s.blob_id).await),
@@ -317,9 +366,12 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
 
     // Cut off half way: nothing is kept, the upload is incomplete, and a
     // message cannot use it.
-    let s = slot(&alice, upload(pb::MediaKind::File, "text/plain", 1000, vec![]))
-        .await
-        .unwrap();
+    let s = slot(
+        &alice,
+        upload(pb::MediaKind::File, "text/plain", 1000, vec![]),
+    )
+    .await
+    .unwrap();
     {
         let rest = s.url.strip_prefix("http://").unwrap();
         let (authority, path) = rest.split_at(rest.find('/').unwrap());
@@ -334,14 +386,20 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let media_dir = w._dir.path().join("media");
     assert!(!names(&media_dir.join("blobs")).contains(&s.blob_id));
-    assert_eq!(code_of(complete(&alice, &s.blob_id).await), ErrorCode::UploadIncomplete);
+    assert_eq!(
+        code_of(complete(&alice, &s.blob_id).await),
+        ErrorCode::UploadIncomplete
+    );
     let pending = pb::Content {
         body: Some(pb::content::Body::Media(Box::new(pb::Media {
             blob_id: s.blob_id.clone(),
             ..Default::default()
         }))),
     };
-    assert_eq!(code_of(alice.send(conv, pending).await), ErrorCode::UploadIncomplete);
+    assert_eq!(
+        code_of(alice.send(conv, pending).await),
+        ErrorCode::UploadIncomplete
+    );
 
     // Garbage collection, once the grace has passed: the unused and the
     // unfinished go, what messages use stays.
@@ -357,16 +415,29 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
     kept.sort();
     assert_eq!(names(&media_dir.join("blobs")), kept);
     assert!(names(&media_dir.join("staging")).is_empty());
-    assert_eq!(code_of(complete(&alice, &orphan.blob_id).await), ErrorCode::NotFound);
+    assert_eq!(
+        code_of(complete(&alice, &orphan.blob_id).await),
+        ErrorCode::NotFound
+    );
     let again = files.path().join("bob-cat-again.png");
     bob.download(&got, false, &again, None).await.unwrap();
     assert_eq!(std::fs::read(&again).unwrap(), png);
 
     // The daily quota (14 MiB, of which the two pictures use some), then
     // the rate.
-    let file = |mb: u64| upload(pb::MediaKind::File, "application/zip", mb * 1024 * 1024, vec![]);
+    let file = |mb: u64| {
+        upload(
+            pb::MediaKind::File,
+            "application/zip",
+            mb * 1024 * 1024,
+            vec![],
+        )
+    };
     slot(&alice, file(12)).await.unwrap();
-    assert_eq!(code_of(slot(&alice, file(2)).await), ErrorCode::QuotaExceeded);
+    assert_eq!(
+        code_of(slot(&alice, file(2)).await),
+        ErrorCode::QuotaExceeded
+    );
     let mut limited = false;
     for _ in 0..15 {
         match slot(&alice, file(1)).await {

@@ -258,7 +258,12 @@ impl ChatService {
         loop {
             let ids = self
                 .store
-                .doom_blobs(now - self.slot_grace_ms(), now - grace, used_before, GC_PAGE)
+                .doom_blobs(
+                    now - self.slot_grace_ms(),
+                    now - grace,
+                    used_before,
+                    GC_PAGE,
+                )
                 .await?;
             if ids.is_empty() {
                 return Ok(deleted);

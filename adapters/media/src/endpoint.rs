@@ -77,10 +77,10 @@ async fn upload(
         size: q.size,
         mime: &q.mime,
     };
-    if let Err(r) = media
-        .signer
-        .check(&grant, q.expires, &q.sig, parley_core::now_ms())
-    {
+    let Some(signer) = media.local_signer() else {
+        return refuse(StatusCode::NOT_FOUND, "uploads go to the object store");
+    };
+    if let Err(r) = signer.check(&grant, q.expires, &q.sig, parley_core::now_ms()) {
         return refused(r);
     }
     let content_type = headers
@@ -173,6 +173,14 @@ async fn upload(
     }
 }
 
+/// Whether a download of `mime` may show in a browser (pictures, sound,
+/// video); anything else is sent as an attachment to save.
+pub(crate) fn serves_inline(mime: &str) -> bool {
+    ["image/", "audio/", "video/"]
+        .iter()
+        .any(|p| mime.starts_with(p))
+}
+
 /// A single `bytes=` range of a Range header; None for anything else
 /// (served whole, as RFC 9110 allows).
 fn range_of(headers: &HeaderMap) -> Option<GetRange> {
@@ -207,10 +215,13 @@ async fn download(
         key: &key,
         mime: &q.mime,
     };
-    if let Err(r) = media
-        .signer
-        .check(&grant, q.expires, &q.sig, parley_core::now_ms())
-    {
+    let Some(signer) = media.local_signer() else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "downloads come from the object store",
+        );
+    };
+    if let Err(r) = signer.check(&grant, q.expires, &q.sig, parley_core::now_ms()) {
         return refused(r);
     }
     let range = range_of(&headers);
@@ -226,7 +237,10 @@ async fn download(
         }
         Err(e @ object_store::Error::Generic { .. }) if partial => {
             tracing::debug!(error = %e, "unsatisfiable range");
-            return refuse(StatusCode::RANGE_NOT_SATISFIABLE, "the range is past the end");
+            return refuse(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "the range is past the end",
+            );
         }
         Err(e) => return storage_failed(e),
     };
@@ -254,10 +268,7 @@ async fn download(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("sandbox"),
     );
-    let inline = ["image/", "audio/", "video/"]
-        .iter()
-        .any(|p| q.mime.starts_with(p));
-    if !inline {
+    if !serves_inline(&q.mime) {
         h.insert(
             header::CONTENT_DISPOSITION,
             HeaderValue::from_static("attachment"),
