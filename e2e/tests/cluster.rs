@@ -16,6 +16,8 @@ use parley_proto::pb;
 mod chaos;
 #[path = "cluster/kubernetes.rs"]
 mod kubernetes;
+#[path = "cluster/media.rs"]
+mod media;
 #[path = "cluster/network.rs"]
 mod network;
 

@@ -24,6 +24,7 @@
 mod endpoint;
 mod image_info;
 mod sign;
+pub mod testing;
 
 use std::path::Path as FsPath;
 use std::sync::Arc;

@@ -1,92 +1,14 @@
-//! The storage against a real S3 implementation on loopback: s3s-fs (the
-//! `s3s` project's filesystem-backed S3 server, from crates.io;
-//! `scripts/services` installs it). It checks SigV4 signatures, presigned
-//! URLs' expiry and every signed header, as AWS S3 and MinIO do, so a URL
-//! it takes is one they take.
+//! The storage against a real S3 implementation on loopback (s3s-fs, see
+//! `parley_media::testing`).
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use parley_core::media::{BlobRecord, BlobState, BlobStorage, new_blob_id};
 use parley_core::{ChatError, now_ms};
-use parley_media::{MediaStorage, S3Config};
+use parley_media::MediaStorage;
+use parley_media::testing::S3Server;
 use parley_proto::pb;
 use sha2::{Digest, Sha256};
-
-/// An s3s-fs server on a port of its own, over a temporary directory,
-/// stopped when dropped.
-struct S3Server {
-    child: Child,
-    _root: tempfile::TempDir,
-    endpoint: String,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn s3s_fs() -> PathBuf {
-    let home = std::env::var("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
-    let installed = home.join("bin/s3s-fs");
-    if installed.exists() {
-        return installed;
-    }
-    PathBuf::from("s3s-fs")
-}
-
-const ACCESS: &str = "parley-test";
-const SECRET: &str = "parley-test-secret-key-0123456789";
-
-async fn s3_server() -> S3Server {
-    let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir(root.path().join("media")).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(s3s_fs())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--access-key", ACCESS, "--secret-key", SECRET])
-        .arg(root.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("s3s-fs: run ./scripts/services, which installs it (cargo install s3s-fs)");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    S3Server {
-        child,
-        _root: root,
-        endpoint: format!("http://127.0.0.1:{port}"),
-    }
-}
-
-fn storage(server: &S3Server) -> MediaStorage {
-    MediaStorage::s3(&S3Config {
-        bucket: "media".into(),
-        endpoint: Some(server.endpoint.clone()),
-        public_endpoint: None,
-        region: "us-east-1".into(),
-        access_key: ACCESS.into(),
-        secret_key: SECRET.into(),
-    })
-    .unwrap()
-}
 
 fn blob(kind: pb::MediaKind, mime: &str, bytes: &[u8], sha256: bool) -> BlobRecord {
     BlobRecord {
@@ -151,8 +73,8 @@ async fn get(url: &str) -> (u16, Vec<u8>, Option<String>) {
 /// reach; deletion takes everything.
 #[tokio::test]
 async fn presigned_uploads_and_downloads_on_a_real_s3() {
-    let server = s3_server().await;
-    let media = storage(&server);
+    let server = S3Server::start().await.unwrap();
+    let media = MediaStorage::s3(&server.config()).unwrap();
 
     for (format, mime) in [
         (image::ImageFormat::Png, "image/png"),
@@ -180,6 +102,12 @@ async fn presigned_uploads_and_downloads_on_a_real_s3() {
         assert_eq!(seen.sha256, b.sha256);
         let thumb = seen.thumbnail.expect("a thumbnail");
         assert_eq!((thumb.width, thumb.height), (320, 240));
+        let id = &b.id;
+        assert_eq!(
+            server.keys(),
+            vec![format!("blobs/{id}"), format!("blobs/{id}.thumb")],
+            "checked bytes moved out of the slot"
+        );
 
         // The slot's URL, still good, can no longer touch what was checked.
         assert_eq!(put(&slot, b"replaced", None).await, 200);
@@ -201,6 +129,7 @@ async fn presigned_uploads_and_downloads_on_a_real_s3() {
         assert_eq!(&got[..2], &[0xFF, 0xD8]);
 
         media.delete(&b.id).await.unwrap();
+        assert!(server.keys().is_empty(), "{:?}", server.keys());
         let url = media
             .download_url(&b, false, now_ms() + 60_000)
             .await
