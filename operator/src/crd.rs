@@ -81,6 +81,115 @@ pub struct ChatClusterSpec {
     pub token_secret_previous: Option<SecretKeyRef>,
     /// The key the admin API requires.
     pub admin_key: SecretKeyRef,
+    /// Where photos, voice, video and files live: an S3-compatible bucket
+    /// (MinIO, AWS S3, ...) that clients reach through presigned URLs.
+    /// Without it the chat services store no media and refuse uploads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<MediaSpec>,
+}
+
+/// An S3-compatible store for uploads, and the upload rules.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaSpec {
+    /// The bucket; it must exist.
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+    /// The store's endpoint as the chat services reach it, e.g.
+    /// `http://minio.minio.svc:9000`; omitted: AWS S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s/]+(/.*)?$"))]
+    pub endpoint: Option<String>,
+    /// The endpoint clients on the internet reach the same store at, as
+    /// presigned URLs name it; omitted: `endpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s/]+(/.*)?$"))]
+    pub public_endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// The Secret holding the store's credentials, under the keys
+    /// `accessKey` and `secretKey` (or those named here).
+    pub credentials: S3Credentials,
+    /// Upload rules; each omitted one keeps its default (see
+    /// `docs/protocol.md`, "Media").
+    #[serde(default, skip_serializing_if = "MediaLimitsSpec::is_empty")]
+    pub limits: MediaLimitsSpec,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+
+/// Where an S3 store's credentials are.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Credentials {
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
+    #[serde(default = "default_access_key_key")]
+    pub access_key_key: String,
+    #[serde(default = "default_secret_key_key")]
+    pub secret_key_key: String,
+}
+
+fn default_access_key_key() -> String {
+    "accessKey".to_owned()
+}
+
+fn default_secret_key_key() -> String {
+    "secretKey".to_owned()
+}
+
+/// The upload rules, each as the chat service's flag of the same name.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaLimitsSpec {
+    /// Largest image, voice, video and file upload, in MiB (defaults 20,
+    /// 20, 500, 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_image_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_voice_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_video_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_file_mb: Option<u64>,
+    /// Uploads one user may start in 24 hours, and their MiB (0: no
+    /// quota; defaults 1000 and 5120).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_uploads: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_mb: Option<u64>,
+    /// Hours an upload no message uses is kept (default 24).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub unused_grace_hours: Option<u64>,
+}
+
+impl MediaLimitsSpec {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Each rule set, as the chat service's environment variable and value.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        [
+            ("PARLEY_MEDIA_MAX_IMAGE_MB", self.max_image_mb),
+            ("PARLEY_MEDIA_MAX_VOICE_MB", self.max_voice_mb),
+            ("PARLEY_MEDIA_MAX_VIDEO_MB", self.max_video_mb),
+            ("PARLEY_MEDIA_MAX_FILE_MB", self.max_file_mb),
+            ("PARLEY_MEDIA_DAILY_UPLOADS", self.daily_uploads),
+            ("PARLEY_MEDIA_DAILY_MB", self.daily_mb),
+            ("PARLEY_MEDIA_UNUSED_GRACE_HOURS", self.unused_grace_hours),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| Some((name, v?.to_string())))
+        .collect()
+    }
 }
 
 /// Container images and how to pull them.

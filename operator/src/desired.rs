@@ -413,6 +413,9 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
             &previous.key,
         ));
     }
+    if let Some(media) = &cc.spec.media {
+        vars.extend(media_env(media));
+    }
     let container = Container {
         name: "chat".to_owned(),
         image: Some(cc.spec.images.chat.clone()),
@@ -449,6 +452,32 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
         }),
         ..Deployment::default()
     }
+}
+
+/// The chat service's media store and rules; credentials from their Secret.
+fn media_env(media: &crate::crd::MediaSpec) -> Vec<EnvVar> {
+    let mut vars = vec![
+        env("PARLEY_MEDIA_S3_BUCKET", media.bucket.clone()),
+        env("PARLEY_MEDIA_S3_REGION", media.region.clone()),
+        env_secret(
+            "PARLEY_MEDIA_S3_ACCESS_KEY",
+            &media.credentials.secret_name,
+            &media.credentials.access_key_key,
+        ),
+        env_secret(
+            "PARLEY_MEDIA_S3_SECRET_KEY",
+            &media.credentials.secret_name,
+            &media.credentials.secret_key_key,
+        ),
+    ];
+    if let Some(e) = &media.endpoint {
+        vars.push(env("PARLEY_MEDIA_S3_ENDPOINT", e.clone()));
+    }
+    if let Some(e) = &media.public_endpoint {
+        vars.push(env("PARLEY_MEDIA_S3_PUBLIC_ENDPOINT", e.clone()));
+    }
+    vars.extend(media.limits.env().into_iter().map(|(n, v)| env(n, v)));
+    vars
 }
 
 /// A Service in front of the chat pods with one port.
@@ -679,6 +708,45 @@ mod tests {
             (previous.name.as_str(), previous.key.as_str()),
             ("parley-token", "previous")
         );
+    }
+
+    /// The media store reaches the chat services, its credentials from
+    /// their Secret (never as values), its rules as set.
+    #[test]
+    fn the_media_store_reaches_the_chat_services() {
+        let mut cc = cluster();
+        let env = env_of(&chat_deployment(&cc));
+        assert!(!env.iter().any(|e| e.name.starts_with("PARLEY_MEDIA_")));
+        let yaml = "bucket: chat-media\nendpoint: http://minio.minio:9000\n\
+                    publicEndpoint: https://media.example.com\n\
+                    credentials: {secretName: minio}\nlimits: {maxVideoMb: 100, dailyMb: 0}\n";
+        cc.spec.media = Some(serde_yaml::from_str(yaml).unwrap());
+        let env = env_of(&chat_deployment(&cc));
+        let value = |n: &str| {
+            env.iter()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(value("PARLEY_MEDIA_S3_BUCKET").as_deref(), Some("chat-media"));
+        assert_eq!(value("PARLEY_MEDIA_S3_REGION").as_deref(), Some("us-east-1"));
+        assert_eq!(
+            value("PARLEY_MEDIA_S3_PUBLIC_ENDPOINT").as_deref(),
+            Some("https://media.example.com")
+        );
+        assert_eq!(value("PARLEY_MEDIA_MAX_VIDEO_MB").as_deref(), Some("100"));
+        assert_eq!(value("PARLEY_MEDIA_DAILY_MB").as_deref(), Some("0"));
+        assert_eq!(value("PARLEY_MEDIA_MAX_IMAGE_MB"), None);
+        for (name, key) in [
+            ("PARLEY_MEDIA_S3_ACCESS_KEY", "accessKey"),
+            ("PARLEY_MEDIA_S3_SECRET_KEY", "secretKey"),
+        ] {
+            let var = env.iter().find(|e| e.name == name).unwrap();
+            assert!(var.value.is_none(), "{name} comes from the Secret");
+            let from = var.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+            assert_eq!((from.name.as_str(), from.key.as_str()), ("minio", key));
+        }
+        let gateway = env_of(&gateway_deployment(&cc, 2));
+        assert!(!gateway.iter().any(|e| e.name.starts_with("PARLEY_MEDIA_S3_")));
     }
 
     #[test]
