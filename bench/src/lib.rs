@@ -7,6 +7,7 @@
 
 pub mod floor;
 pub mod load;
+pub mod media;
 pub mod mqtt;
 pub mod nats;
 pub mod parley;

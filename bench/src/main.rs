@@ -99,6 +99,27 @@ enum Command {
         #[arg(long, default_value_t = 10_000.0)]
         rate: f64,
     },
+    /// Uploads and downloads of a large file, through the embedded
+    /// default's own endpoint and through an S3 server (s3s-fs), and the
+    /// 1:1 message latency alone and while files move (Parley only).
+    Media {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: Load,
+        /// Messages per second offered during the latency runs.
+        #[arg(long, default_value_t = 1_000.0)]
+        rate: f64,
+        /// The file's size, in MiB.
+        #[arg(long, default_value_t = 10)]
+        mb: u64,
+        /// Uploads and downloads timed, each.
+        #[arg(long, default_value_t = 5)]
+        files: usize,
+        /// Stores measured: `local` (the data directory) and `s3`.
+        #[arg(long, value_delimiter = ',', default_value = "local,s3")]
+        stores: Vec<String>,
+    },
     /// Runs Parley on the embedded default (what `parley up` runs); used by the benchmark.
     #[command(hide = true)]
     Serve {
@@ -201,6 +222,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             listen,
             admin_listen,
         } => serve(data_dir, listen, admin_listen).await,
+        Command::Media {
+            common,
+            load,
+            rate,
+            mb,
+            files,
+            stores,
+        } => {
+            let env = env(&common)?;
+            let mut rows = Vec::new();
+            for store in &stores {
+                let r =
+                    parley_bench::media::run(&env, store, mb, files, load.workload(rate)).await?;
+                eprintln!("{}", parley_bench::media::table(std::slice::from_ref(&r)));
+                rows.push(r);
+            }
+            print!("{}", parley_bench::media::table(&rows));
+            save(&common, &rows)
+        }
         Command::Idle {
             common,
             counts,
@@ -356,6 +396,18 @@ async fn serve(
     cfg.admin_listen = admin_listen;
     cfg.admin_key = std::env::var("PARLEY_ADMIN_KEY").ok();
     cfg.token_secret = std::env::var("PARLEY_TOKEN_SECRET").ok();
+    // Uploads in an S3 store when the environment names one (`media`).
+    let var = |n: &str| std::env::var(n).ok();
+    if let Some(bucket) = var("PARLEY_MEDIA_S3_BUCKET") {
+        cfg.s3 = Some(parley_media::S3Config {
+            bucket,
+            endpoint: var("PARLEY_MEDIA_S3_ENDPOINT"),
+            public_endpoint: None,
+            region: var("PARLEY_MEDIA_S3_REGION").unwrap_or_else(|| "us-east-1".into()),
+            access_key: var("PARLEY_MEDIA_S3_ACCESS_KEY").unwrap_or_default(),
+            secret_key: var("PARLEY_MEDIA_S3_SECRET_KEY").unwrap_or_default(),
+        });
+    }
     let server = parley::Embedded::start(cfg).await?;
     parley_ops::terminated().await;
     server.shutdown().await;

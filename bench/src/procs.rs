@@ -213,6 +213,15 @@ enum Keep {
 impl ParleyServer {
     /// Parley on the embedded default (SQLite, one process): `exe serve`.
     pub async fn embedded(exe: &Path) -> anyhow::Result<Self> {
+        Self::embedded_with(exe, Vec::new()).await
+    }
+
+    /// [`ParleyServer::embedded`] with more environment (e.g. an S3 store
+    /// for its uploads: `PARLEY_MEDIA_S3_*`).
+    pub async fn embedded_with(
+        exe: &Path,
+        extra_env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("parley-bench-").tempdir()?;
         let (tcp, admin) = (loopback(free_port()), loopback(free_port()));
         let admin_key = format!("{:032x}", rand::random::<u128>());
@@ -230,7 +239,10 @@ impl ParleyServer {
             ("PARLEY_ADMIN_KEY".to_owned(), admin_key.clone()),
             ("PARLEY_TOKEN_SECRET".to_owned(), token_secret.clone()),
             ("PARLEY_LOG".to_owned(), "warn".to_owned()),
-        ];
+        ]
+        .into_iter()
+        .chain(extra_env)
+        .collect::<Vec<_>>();
         // PARLEY_BENCH_WRAP runs the server under a profiler, e.g.
         // "valgrind --tool=dhat --dhat-out-file=/tmp/dhat.out" or
         // "strace -c -f -o /tmp/strace.txt" (see docs/benchmarks.md).

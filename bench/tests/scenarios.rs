@@ -139,6 +139,26 @@ async fn a_returning_device_catches_up_on_everything() {
     print!("{}", parley_bench::table::catch_up(&c));
 }
 
+/// A file goes up and down through each store while messages flow, and
+/// the messages' ledger stays clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_move_through_both_stores_while_messages_flow() {
+    for store in ["local", "s3"] {
+        let r = parley_bench::media::run(&env(), store, 1, 2, tiny(Shape::Direct { peers: 2 }))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.upload_mb_s.len(), r.download_mb_s.len()),
+            (2, 2),
+            "{store}"
+        );
+        assert_eq!(r.file_bytes, 1024 * 1024);
+        assert_clean(&r.alone);
+        assert_clean(&r.during);
+        print!("{}", parley_bench::media::table(std::slice::from_ref(&r)));
+    }
+}
+
 /// The PostgreSQL floor drives the store's batch call at every batch size
 /// and writer count, and reads the cluster's rate as a share of its best.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

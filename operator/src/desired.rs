@@ -727,8 +727,14 @@ mod tests {
                 .find(|e| e.name == n)
                 .and_then(|e| e.value.clone())
         };
-        assert_eq!(value("PARLEY_MEDIA_S3_BUCKET").as_deref(), Some("chat-media"));
-        assert_eq!(value("PARLEY_MEDIA_S3_REGION").as_deref(), Some("us-east-1"));
+        assert_eq!(
+            value("PARLEY_MEDIA_S3_BUCKET").as_deref(),
+            Some("chat-media")
+        );
+        assert_eq!(
+            value("PARLEY_MEDIA_S3_REGION").as_deref(),
+            Some("us-east-1")
+        );
         assert_eq!(
             value("PARLEY_MEDIA_S3_PUBLIC_ENDPOINT").as_deref(),
             Some("https://media.example.com")
@@ -742,11 +748,21 @@ mod tests {
         ] {
             let var = env.iter().find(|e| e.name == name).unwrap();
             assert!(var.value.is_none(), "{name} comes from the Secret");
-            let from = var.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+            let from = var
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap();
             assert_eq!((from.name.as_str(), from.key.as_str()), ("minio", key));
         }
         let gateway = env_of(&gateway_deployment(&cc, 2));
-        assert!(!gateway.iter().any(|e| e.name.starts_with("PARLEY_MEDIA_S3_")));
+        assert!(
+            !gateway
+                .iter()
+                .any(|e| e.name.starts_with("PARLEY_MEDIA_S3_"))
+        );
     }
 
     #[test]
