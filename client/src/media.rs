@@ -122,12 +122,39 @@ fn transient(message: String) -> TransferError {
     }
 }
 
-/// PUTs the `size` bytes of the file at `path` to `url` with `headers`.
+/// How many bytes of an upload the server holds, for an upload URL that
+/// resumes (Parley's own endpoint answers `HEAD` with `Upload-Offset`);
+/// None when it does not say (a presigned S3 URL: send it all again).
+pub(crate) async fn upload_offset(url: &str, tls: Option<&TlsOptions>) -> Option<u64> {
+    let t = target(url).ok()?;
+    let req = hyper::Request::head(&t.path)
+        .header(hyper::header::HOST, &t.host)
+        .body(BodyExt::boxed(Empty::new().map_err(|never| match never {})))
+        .ok()?;
+    let mut sender = open(&t, tls).await.ok()?;
+    let resp = tokio::time::timeout(STALL, sender.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.headers()
+        .get("upload-offset")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// PUTs the `size` bytes of the file at `path` to `url` with `headers`,
+/// from byte `from` on (with `Content-Range` when that is not 0: the rest
+/// of an upload that broke off).
 pub(crate) async fn put_file(
     url: &str,
     headers: &[(String, String)],
     path: &Path,
-    size: u64,
+    (from, size): (u64, u64),
     tls: Option<&TlsOptions>,
     progress: Option<Progress>,
 ) -> Result<(), TransferError> {
@@ -135,13 +162,16 @@ pub(crate) async fn put_file(
         message,
         retry: false,
     })?;
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| TransferError {
-            message: format!("{}: {e}", path.display()),
-            retry: false,
-        })?;
-    let frames = futures_util::stream::unfold((file, 0u64), move |(mut file, sent)| {
+    let opened = async {
+        let mut file = tokio::fs::File::open(path).await?;
+        tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(from)).await?;
+        Ok::<_, std::io::Error>(file)
+    };
+    let file = opened.await.map_err(|e| TransferError {
+        message: format!("{}: {e}", path.display()),
+        retry: false,
+    })?;
+    let frames = futures_util::stream::unfold((file, from), move |(mut file, sent)| {
         let progress = progress.clone();
         async move {
             let mut buf = vec![0; CHUNK];
@@ -161,7 +191,13 @@ pub(crate) async fn put_file(
     });
     let mut req = hyper::Request::put(&t.path)
         .header(hyper::header::HOST, &t.host)
-        .header(hyper::header::CONTENT_LENGTH, size);
+        .header(hyper::header::CONTENT_LENGTH, size - from);
+    if from > 0 {
+        req = req.header(
+            hyper::header::CONTENT_RANGE,
+            format!("bytes {from}-{}/{size}", size - 1),
+        );
+    }
     for (name, value) in headers {
         req = req.header(name.as_str(), value.as_str());
     }

@@ -304,8 +304,10 @@ impl Client {
 
     /// Uploads the file at `path` (its MIME type from its name unless
     /// `mime` is given, its kind from the type): asks for a slot, sends
-    /// the bytes to the slot's URL (again, up to three more times, after a
-    /// transfer that broke off), and completes the upload. The blob is
+    /// the bytes to the slot's URL (up to three more times after a
+    /// transfer that broke off: the rest, from where the server says it
+    /// ended, on Parley's own endpoint; all of it again on a presigned
+    /// S3 URL), and completes the upload. The blob is
     /// then ready to send ([`Client::send_file`] does both).
     pub async fn upload(
         &self,
@@ -337,12 +339,13 @@ impl Client {
             .map(|h| (h.name.clone(), h.value.clone()))
             .collect();
         let mut attempt = 0;
+        let mut from = 0;
         loop {
             let sent = media::put_file(
                 &slot.url,
                 &headers,
                 path,
-                size,
+                (from, size),
                 self.media_tls.as_ref(),
                 progress.clone(),
             )
@@ -351,8 +354,17 @@ impl Client {
                 Ok(()) => break,
                 Err(e) if e.retry && attempt < 3 => {
                     attempt += 1;
-                    tracing::debug!(error = %e.message, attempt, "upload broke off; again");
                     sleep(Duration::from_millis(250 << attempt)).await;
+                    // Where the server's own endpoint says the upload
+                    // stands; from the start for a store that cannot say.
+                    from = media::upload_offset(&slot.url, self.media_tls.as_ref())
+                        .await
+                        .filter(|n| *n <= size)
+                        .unwrap_or(0);
+                    tracing::debug!(error = %e.message, attempt, from, "upload broke off; resuming");
+                    if from == size {
+                        break;
+                    }
                 }
                 Err(e) => return Err(ClientError::Transfer(e.message)),
             }

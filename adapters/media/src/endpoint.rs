@@ -4,22 +4,28 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, Query, State};
+use std::path::{Path, PathBuf};
+
+use axum::extract::{Path as UrlPath, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use futures_util::StreamExt;
-use object_store::{GetOptions, GetRange, ObjectStoreExt, WriteMultipart};
+use object_store::{GetOptions, GetRange, ObjectStore};
 use parley_core::media::is_blob_id;
 use serde::Deserialize;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::sign::{Grant, Refusal};
-use crate::{HTTP_PREFIX, MediaStorage, object, staging};
+use crate::{HTTP_PREFIX, MediaStorage, object};
 
 /// Serves the signed URLs of `media` at [`HTTP_PREFIX`].
 pub fn router(media: MediaStorage) -> Router {
     Router::new()
-        .route(&format!("{HTTP_PREFIX}/{{key}}"), put(upload).get(download))
+        .route(
+            &format!("{HTTP_PREFIX}/{{key}}"),
+            put(upload).get(download).head(head),
+        )
         .with_state(media)
 }
 
@@ -62,6 +68,109 @@ fn storage_failed(e: object_store::Error) -> Response {
     refuse(StatusCode::SERVICE_UNAVAILABLE, "storage failed; retry")
 }
 
+/// Where the local endpoint keeps an upload's bytes until they are whole.
+pub(crate) fn partial(dir: &Path, id: &str) -> PathBuf {
+    dir.join("partial").join(id)
+}
+
+/// The `Upload-Offset` header: how many bytes of an upload have arrived.
+const UPLOAD_OFFSET: &str = "upload-offset";
+
+/// A checked upload URL: the blob id, its declaration and the store's
+/// directory, or the refusal to answer.
+fn upload_grant(media: &MediaStorage, id: &str, q: &UploadQuery) -> Result<PathBuf, Box<Response>> {
+    if !is_blob_id(id) {
+        return Err(Box::new(refuse(StatusCode::NOT_FOUND, "no such upload")));
+    }
+    let (Some(signer), Some(dir)) = (media.local_signer(), media.local_dir()) else {
+        return Err(Box::new(refuse(
+            StatusCode::NOT_FOUND,
+            "uploads go to the object store",
+        )));
+    };
+    let grant = Grant::Upload {
+        id,
+        size: q.size,
+        mime: &q.mime,
+    };
+    signer
+        .check(&grant, q.expires, &q.sig, parley_core::now_ms())
+        .map_err(|r| Box::new(refused(r)))?;
+    Ok(dir.to_path_buf())
+}
+
+/// How many bytes of upload `id` are here: all of them once it is whole.
+async fn received(dir: &Path, id: &str, size: u64) -> std::io::Result<u64> {
+    if tokio::fs::try_exists(dir.join("blobs").join(id)).await? {
+        return Ok(size);
+    }
+    match tokio::fs::metadata(partial(dir, id)).await {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn offset_header(response: &mut Response, offset: u64) {
+    if let Ok(v) = HeaderValue::from_str(&offset.to_string()) {
+        response.headers_mut().insert(UPLOAD_OFFSET, v);
+    }
+}
+
+fn io_failed(e: std::io::Error) -> Response {
+    tracing::warn!(error = %e, "media endpoint: storage failed");
+    refuse(StatusCode::SERVICE_UNAVAILABLE, "storage failed; retry")
+}
+
+/// `HEAD` of an upload URL: where the upload stands (`Upload-Offset`);
+/// of a download URL, the download's headers.
+async fn head(
+    State(media): State<MediaStorage>,
+    UrlPath(key): UrlPath<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let query = query.unwrap_or_default();
+    if let Ok(Query(q)) =
+        Query::<UploadQuery>::try_from_uri(&format!("/?{query}").parse().unwrap_or_default())
+    {
+        let dir = match upload_grant(&media, &key, &q) {
+            Ok(dir) => dir,
+            Err(r) => return *r,
+        };
+        return match received(&dir, &key, q.size).await {
+            Ok(n) => {
+                let mut r = StatusCode::OK.into_response();
+                offset_header(&mut r, n);
+                r
+            }
+            Err(e) => io_failed(e),
+        };
+    }
+    match Query::<DownloadQuery>::try_from_uri(&format!("/?{query}").parse().unwrap_or_default()) {
+        Ok(q) => download(State(media), UrlPath(key), q, headers).await,
+        Err(_) => refuse(
+            StatusCode::FORBIDDEN,
+            "the URL's signature does not permit this",
+        ),
+    }
+}
+
+/// `bytes START-END/TOTAL` of a Content-Range header.
+fn content_range(headers: &HeaderMap) -> Option<Result<(u64, u64, u64), ()>> {
+    let v = headers.get(header::CONTENT_RANGE)?;
+    let parsed = (|| {
+        let spec = v.to_str().ok()?.trim().strip_prefix("bytes ")?;
+        let (range, total) = spec.split_once('/')?;
+        let (start, end) = range.split_once('-')?;
+        let (start, end, total) = (start.parse().ok()?, end.parse().ok()?, total.parse().ok()?);
+        (start <= end && end < total).then_some((start, end, total))
+    })();
+    Some(parsed.ok_or(()))
+}
+
+/// `PUT` of an upload URL: the whole upload, or with `Content-Range` the
+/// rest of one that broke off, from where it ended.
 async fn upload(
     State(media): State<MediaStorage>,
     UrlPath(id): UrlPath<String>,
@@ -69,20 +178,10 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if !is_blob_id(&id) {
-        return refuse(StatusCode::NOT_FOUND, "no such upload");
-    }
-    let grant = Grant::Upload {
-        id: &id,
-        size: q.size,
-        mime: &q.mime,
+    let dir = match upload_grant(&media, &id, &q) {
+        Ok(dir) => dir,
+        Err(r) => return *r,
     };
-    let Some(signer) = media.local_signer() else {
-        return refuse(StatusCode::NOT_FOUND, "uploads go to the object store");
-    };
-    if let Err(r) = signer.check(&grant, q.expires, &q.sig, parley_core::now_ms()) {
-        return refused(r);
-    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -97,80 +196,120 @@ async fn upload(
             ),
         );
     }
+    let (start, len) = match content_range(&headers) {
+        None => (0, q.size),
+        Some(Ok((start, end, total))) if total == q.size => (start, end - start + 1),
+        Some(_) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("Content-Range is bytes START-END/{}", q.size),
+            );
+        }
+    };
     let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = length
-        && n != q.size
+        && n != len
     {
-        let status = if n > q.size {
+        let status = if n > len {
             StatusCode::PAYLOAD_TOO_LARGE
         } else {
             StatusCode::BAD_REQUEST
         };
-        return refuse(status, format!("this upload is {} bytes, not {n}", q.size));
+        return refuse(status, format!("this request carries {len} bytes, not {n}"));
     }
-    let store = media.store();
-    let target = object(&id);
-    match store.head(&target).await {
-        Ok(_) => return refuse(StatusCode::CONFLICT, "this upload is complete already"),
-        Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => return storage_failed(e),
-    }
-    let staged = staging(&id);
-    let mut writer = match store.put_multipart(&staged).await {
-        Ok(u) => WriteMultipart::new(u),
-        Err(e) => return storage_failed(e),
+    let have = match received(&dir, &id, q.size).await {
+        Ok(n) => n,
+        Err(e) => return io_failed(e),
     };
-    let mut received = 0u64;
+    if have == q.size {
+        return refuse(StatusCode::CONFLICT, "this upload is complete already");
+    }
+    if start > 0 && start != have {
+        let mut r = refuse(
+            StatusCode::CONFLICT,
+            format!("{have} bytes of this upload are here: go on from there"),
+        );
+        offset_header(&mut r, have);
+        return r;
+    }
+    let path = partial(&dir, &id);
+    let opened = async {
+        tokio::fs::create_dir_all(dir.join("partial")).await?;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(start == 0)
+            .open(&path)
+            .await?;
+        Ok::<_, std::io::Error>(file)
+    };
+    let mut file = match opened.await {
+        Ok(f) => f,
+        Err(e) => return io_failed(e),
+    };
+    if let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await {
+        return io_failed(e);
+    }
+    let mut got = 0u64;
     let mut stream = body.into_data_stream();
+    let mut broke = None;
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(c) => c,
             Err(e) => {
-                // The client went away or sent a broken body: nothing kept.
-                let _ = writer.abort().await;
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    format!("the upload broke off after {received} bytes: {e}"),
-                );
+                broke = Some(e.to_string());
+                break;
             }
         };
-        received += chunk.len() as u64;
-        if received > q.size {
-            let _ = writer.abort().await;
+        if got + chunk.len() as u64 > len {
+            // What this request added goes; what came before stays.
+            let _ = file.set_len(start).await;
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("this upload is {} bytes; more arrived", q.size),
+                format!("this request carries {len} bytes; more arrived"),
             );
         }
-        if let Err(e) = writer.wait_for_capacity(4).await {
-            return storage_failed(e);
+        if let Err(e) = file.write_all(&chunk).await {
+            return io_failed(e);
         }
-        writer.put(chunk);
+        got += chunk.len() as u64;
     }
-    if received != q.size {
-        let _ = writer.abort().await;
-        return refuse(
+    if let Err(e) = file.sync_all().await {
+        return io_failed(e);
+    }
+    drop(file);
+    let now = start + got;
+    if now < q.size {
+        // Kept: the client resumes from here (HEAD says so too).
+        let why = broke.unwrap_or_else(|| "the body ended".to_owned());
+        let mut r = refuse(
             StatusCode::BAD_REQUEST,
             format!(
-                "the upload ended after {received} of {} bytes: send it again whole",
+                "{now} of {} bytes are here ({why}): send the rest with Content-Range",
                 q.size
             ),
         );
+        offset_header(&mut r, now);
+        return r;
     }
-    if let Err(e) = writer.finish().await {
-        return storage_failed(e);
-    }
-    match store.rename_if_not_exists(&staged, &target).await {
+    // Whole: into place, unless another request got there first.
+    let target = dir.join("blobs").join(&id);
+    let placed = async {
+        tokio::fs::create_dir_all(dir.join("blobs")).await?;
+        tokio::fs::hard_link(&path, &target).await
+    };
+    let answer = match placed.await {
         Ok(()) => (StatusCode::OK, "stored\n").into_response(),
-        Err(object_store::Error::AlreadyExists { .. }) => {
-            let _ = store.delete(&staged).await;
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             refuse(StatusCode::CONFLICT, "this upload is complete already")
         }
-        Err(e) => storage_failed(e),
-    }
+        Err(e) => return io_failed(e),
+    };
+    let _ = tokio::fs::remove_file(&path).await;
+    answer
 }
 
 /// Whether a download of `mime` may show in a browser (pictures, sound,

@@ -4,10 +4,11 @@
 //!
 //! With a directory (the one-process default), Parley signs the URLs
 //! itself (HMAC-SHA256 over what each permits) and serves them with
-//! [`router`]: a PUT streams the body to a staging object, checked against
+//! [`router`]: a PUT streams the body to a partial file, checked against
 //! the declared size and type as it arrives, and moves it in place only
-//! when it is whole, so an interrupted upload leaves nothing behind and a
-//! completed one can never be replaced.
+//! when it is whole, so a completed upload can never be replaced. An
+//! upload that broke off resumes where it ended (`HEAD` says where,
+//! `Content-Range` goes on from there), as the SDK does.
 //!
 //! With an S3-compatible store (a cluster: MinIO, AWS S3, ...), clients
 //! PUT and GET through presigned URLs, straight to the store. An upload
@@ -57,8 +58,8 @@ pub struct MediaStorage {
 /// Who signs the URLs clients use.
 #[derive(Debug, Clone)]
 enum Urls {
-    /// Parley, for its own endpoint ([`router`]).
-    Local(UrlSigner),
+    /// Parley, for its own endpoint ([`router`]), over this directory.
+    Local(UrlSigner, std::path::PathBuf),
     /// The S3 store's presigning, with the endpoint clients reach.
     Presigned(Arc<AmazonS3>),
 }
@@ -110,11 +111,6 @@ fn object(key: &str) -> Path {
     Path::from(format!("blobs/{key}"))
 }
 
-/// Where a local upload is written until it is whole.
-fn staging(id: &str) -> Path {
-    Path::from(format!("staging/{id}"))
-}
-
 /// Where a presigned upload lands, until its completion copies it.
 fn incoming(id: &str) -> Path {
     Path::from(format!("uploads/{id}"))
@@ -133,10 +129,11 @@ impl MediaStorage {
     /// URL clients reach the [`router`] at, e.g. `http://host:7404`).
     pub fn local(dir: &FsPath, public_url: &str, key: &[u8]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let store = LocalFileSystem::new_with_prefix(dir)?.with_automatic_cleanup(true);
+        let dir = dir.canonicalize()?;
+        let store = LocalFileSystem::new_with_prefix(&dir)?.with_automatic_cleanup(true);
         Ok(Self {
             store: Arc::new(store),
-            urls: Urls::Local(UrlSigner::new(public_url, key)?),
+            urls: Urls::Local(UrlSigner::new(public_url, key)?, dir),
         })
     }
 
@@ -162,7 +159,15 @@ impl MediaStorage {
     /// them (then [`router`] serves nothing).
     pub fn local_signer(&self) -> Option<&UrlSigner> {
         match &self.urls {
-            Urls::Local(s) => Some(s),
+            Urls::Local(s, _) => Some(s),
+            Urls::Presigned(_) => None,
+        }
+    }
+
+    /// The directory of a local store, where the endpoint writes uploads.
+    pub(crate) fn local_dir(&self) -> Option<&std::path::Path> {
+        match &self.urls {
+            Urls::Local(_, dir) => Some(dir),
             Urls::Presigned(_) => None,
         }
     }
@@ -170,7 +175,7 @@ impl MediaStorage {
     /// Where an upload's bytes are before it completes.
     fn arrived(&self, id: &str) -> Path {
         match self.urls {
-            Urls::Local(_) => object(id),
+            Urls::Local(..) => object(id),
             Urls::Presigned(_) => incoming(id),
         }
     }
@@ -230,7 +235,7 @@ impl BlobStorage for MediaStorage {
         expires_at_ms: i64,
     ) -> Result<pb::UploadSlot, ChatError> {
         let url = match &self.urls {
-            Urls::Local(signer) => {
+            Urls::Local(signer, _) => {
                 signer.upload_url(&blob.id, blob.size_bytes, &blob.mime_type, expires_at_ms)
             }
             Urls::Presigned(signer) => {
@@ -328,7 +333,7 @@ impl BlobStorage for MediaStorage {
             _ => (blob.id.clone(), blob.mime_type.as_str()),
         };
         match &self.urls {
-            Urls::Local(signer) => Ok(signer.download_url(&key, mime, expires_at_ms)),
+            Urls::Local(signer, _) => Ok(signer.download_url(&key, mime, expires_at_ms)),
             Urls::Presigned(signer) => {
                 // Served as its type, never run as a page; anything but
                 // pictures and sound saved, not shown.
@@ -347,15 +352,17 @@ impl BlobStorage for MediaStorage {
         if !is_blob_id(id) {
             return Err(ChatError::invalid(format!("{id:?} is not a blob id")));
         }
-        for path in [
-            object(id),
-            object(&thumbnail_key(id)),
-            staging(id),
-            incoming(id),
-        ] {
+        for path in [object(id), object(&thumbnail_key(id)), incoming(id)] {
             match self.store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(unavailable("delete an upload", e)),
+            }
+        }
+        if let Some(dir) = self.local_dir() {
+            match tokio::fs::remove_file(endpoint::partial(dir, id)).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(unavailable("delete a partial upload", e)),
             }
         }
         Ok(())

@@ -128,6 +128,40 @@ async fn put_bytes(slot: &pb::UploadSlot, bytes: &[u8], length: Option<usize>) -
     http("PUT", &slot.url, &headers, bytes, length).await.0
 }
 
+/// Starts a PUT of 1000 bytes to an upload URL and drops the connection
+/// after `n`.
+async fn cut_off(url: &str, n: usize) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let mut tcp = TcpStream::connect(authority).await.unwrap();
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&vec![b'x'; n]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(tcp);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// What a HEAD of an upload URL says of it (`Upload-Offset`).
+async fn upload_offset(url: &str) -> Option<u64> {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let mut tcp = TcpStream::connect(authority).await.unwrap();
+    let req = format!("HEAD {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    timeout(WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    head.lines()
+        .find_map(|l| l.strip_prefix("upload-offset: "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn media_of(m: &pb::Message) -> &pb::Media {
     match m.content.as_ref().and_then(|c| c.body.as_ref()) {
         Some(pb::content::Body::Media(media)) => media,
@@ -364,31 +398,51 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
         ErrorCode::UnsupportedMediaType
     );
 
-    // Cut off half way: nothing is kept, the upload is incomplete, and a
-    // message cannot use it.
+    // Cut off part way: the upload is incomplete, a message cannot use
+    // it, and what arrived waits for the rest (HEAD says how much).
     let s = slot(
         &alice,
         upload(pb::MediaKind::File, "text/plain", 1000, vec![]),
     )
     .await
     .unwrap();
-    {
-        let rest = s.url.strip_prefix("http://").unwrap();
-        let (authority, path) = rest.split_at(rest.find('/').unwrap());
-        let mut tcp = TcpStream::connect(authority).await.unwrap();
-        let head = format!(
-            "PUT {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n"
-        );
-        tcp.write_all(head.as_bytes()).await.unwrap();
-        tcp.write_all(&[b'x'; 400]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    cut_off(&s.url, 400).await;
     let media_dir = w._dir.path().join("media");
     assert!(!names(&media_dir.join("blobs")).contains(&s.blob_id));
+    assert_eq!(upload_offset(&s.url).await, Some(400));
     assert_eq!(
         code_of(complete(&alice, &s.blob_id).await),
         ErrorCode::UploadIncomplete
+    );
+
+    // Another, resumed with Content-Range from where it ended: whole.
+    let tail = slot(
+        &alice,
+        upload(pb::MediaKind::File, "text/plain", 1000, vec![]),
+    )
+    .await
+    .unwrap();
+    cut_off(&tail.url, 300).await;
+    assert_eq!(upload_offset(&tail.url).await, Some(300));
+    let rest = |from: usize| {
+        let range = format!("bytes {from}-999/1000");
+        let url = tail.url.clone();
+        async move {
+            let headers = [
+                ("Content-Type", "text/plain"),
+                ("Content-Range", range.as_str()),
+            ];
+            http("PUT", &url, &headers, &vec![b'x'; 1000 - from], None)
+                .await
+                .0
+        }
+    };
+    assert_eq!(rest(200).await, 409, "not from where it ended");
+    assert_eq!(rest(300).await, 200);
+    assert_eq!(upload_offset(&tail.url).await, Some(1000));
+    assert_eq!(
+        complete(&alice, &tail.blob_id).await.unwrap().size_bytes,
+        1000
     );
     let pending = pb::Content {
         body: Some(pb::content::Body::Media(Box::new(pb::Media {
@@ -405,7 +459,10 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
     // unfinished go, what messages use stays.
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     let deleted = w.server.chat.collect_blobs().await.unwrap();
-    assert_eq!(deleted, 2, "the orphan and the cut-off upload");
+    assert_eq!(
+        deleted, 3,
+        "the orphan, the resumed one and the cut-off upload"
+    );
     let mut kept = vec![
         blob.blob_id.clone(),
         format!("{}.thumb", blob.blob_id),
@@ -414,7 +471,10 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
     ];
     kept.sort();
     assert_eq!(names(&media_dir.join("blobs")), kept);
-    assert!(names(&media_dir.join("staging")).is_empty());
+    assert!(
+        names(&media_dir.join("partial")).is_empty(),
+        "the cut-off bytes too"
+    );
     assert_eq!(
         code_of(complete(&alice, &orphan.blob_id).await),
         ErrorCode::NotFound
@@ -449,4 +509,79 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
         }
     }
     assert!(limited, "15 upload requests a minute, then RATE_LIMITED");
+}
+
+/// The SDK's upload through a connection that breaks after `cut` bytes the
+/// first time: it asks where the upload stands and sends only the rest,
+/// and the file arrives whole. The HTTP endpoint is reached through a
+/// relay that cuts the first connection (`public_url` names the relay).
+#[tokio::test]
+async fn an_upload_that_breaks_off_resumes_where_it_ended() {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let mut w = World::with(|c| c.public_url = Some(format!("http://{relay_addr}"))).await;
+    let target = w.server.http_addr.unwrap();
+    let cut = 300_000u64;
+    let connections = Arc::new(AtomicUsize::new(0));
+    let carried = Arc::new(AtomicU64::new(0));
+    let (conns, bytes) = (connections.clone(), carried.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = relay.accept().await else {
+                return;
+            };
+            let first = conns.fetch_add(1, Ordering::SeqCst) == 0;
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                let mut server = TcpStream::connect(target).await.unwrap();
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let up = async {
+                    let mut buf = vec![0; 16 * 1024];
+                    let mut sent = 0u64;
+                    loop {
+                        let n = cr.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 || (first && sent >= cut) {
+                            return;
+                        }
+                        sent += n as u64;
+                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut sr, &mut cw);
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (alice, _aev) = w.connect(&ta, "phone").await;
+    let (bob, mut bev) = w.connect(&tb, "laptop").await;
+    let conv = alice.open_direct("bob").await.unwrap().id;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("talk.ogg");
+    let bytes: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let (_, blob) = alice.send_file(conv, &path, "", None).await.unwrap();
+    assert_eq!(blob.size_bytes, 1_000_000);
+    assert_eq!(blob.kind, pb::MediaKind::Voice as i32);
+    assert!(
+        connections.load(Ordering::SeqCst) >= 3,
+        "cut, HEAD, the rest"
+    );
+    let moved = carried.load(Ordering::Relaxed);
+    assert!(
+        moved < 1_100_000,
+        "only the rest went again, not the {cut} bytes before the cut: {moved} bytes carried"
+    );
+    let got = next_media(&mut bev).await;
+    let saved = dir.path().join("bob.ogg");
+    bob.download(&got, false, &saved, None).await.unwrap();
+    assert_eq!(std::fs::read(&saved).unwrap(), bytes);
 }
