@@ -100,6 +100,7 @@ struct ServeArgs {
     /// interval.
     #[arg(long, env = "PARLEY_PRESENCE_SETTLE_MS", default_value_t = parley_redis::PRESENCE_SETTLE.as_millis() as u64)]
     presence_settle_ms: u64,
+    #[cfg(feature = "media")]
     #[command(flatten)]
     s3: S3Args,
     #[command(flatten)]
@@ -205,7 +206,10 @@ where
         url: a.backends.amqp_url.clone(),
         prefix: a.backends.prefix.clone(),
     }));
+    #[cfg(feature = "media")]
     let blobs = a.s3.storage()?;
+    #[cfg(not(feature = "media"))]
+    let blobs: Option<Arc<dyn parley_core::BlobStorage>> = None;
     if blobs.is_none() {
         tracing::info!("no --media-s3-bucket: this replica stores no media");
     }
@@ -389,7 +393,8 @@ impl MediaArgs {
 }
 
 /// The S3-compatible store uploads live in (MinIO, AWS S3, ...).
-#[derive(clap::Args, Debug, Clone, Default)]
+#[cfg(feature = "media")]
+#[derive(clap::Args, Clone, Default)]
 pub struct S3Args {
     /// The bucket (it must exist); without it, this server stores no media.
     #[arg(long, env = "PARLEY_MEDIA_S3_BUCKET")]
@@ -410,6 +415,20 @@ pub struct S3Args {
     pub media_s3_secret_key: Option<String>,
 }
 
+#[cfg(feature = "media")]
+impl std::fmt::Debug for S3Args {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the credentials.
+        f.debug_struct("S3Args")
+            .field("bucket", &self.media_s3_bucket)
+            .field("endpoint", &self.media_s3_endpoint)
+            .field("public_endpoint", &self.media_s3_public_endpoint)
+            .field("region", &self.media_s3_region)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "media")]
 impl S3Args {
     /// The store these flags name, if any.
     pub fn config(&self) -> anyhow::Result<Option<parley_media::S3Config>> {

@@ -212,10 +212,23 @@ pub(crate) async fn put_file(
         .send_request(req)
         .await
         .map_err(|e| transient(format!("upload to {}: {e}", t.authority)))?;
-    // 409: the bytes are there already (an earlier try got through and
-    // its answer was lost); completing the upload checks them.
-    if resp.status().is_success() || resp.status() == hyper::StatusCode::CONFLICT {
+    if resp.status().is_success() {
         return Ok(());
+    }
+    if resp.status() == hyper::StatusCode::CONFLICT {
+        // With Upload-Offset short of the size: not from where the upload
+        // stands (or another request is sending it): resume. Without: the
+        // bytes are all there (an earlier try got through and its answer
+        // was lost); completing the upload checks them.
+        let offset = resp
+            .headers()
+            .get("upload-offset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        return match offset {
+            Some(n) if n < size => Err(transient(error_text(resp).await)),
+            _ => Ok(()),
+        };
     }
     let retry = resp.status().is_server_error();
     Err(TransferError {
@@ -268,6 +281,14 @@ pub(crate) async fn get_file(
         .await
         .map_err(|e| transient(format!("download from {}: {e}", t.authority)))?;
     let status = resp.status();
+    if status == hyper::StatusCode::RANGE_NOT_SATISFIABLE && have > 0 {
+        // The partial file is not a start of this download: start over.
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(transient(format!(
+            "{} is not part of this download; starting over",
+            part.display()
+        )));
+    }
     let resumed = status == hyper::StatusCode::PARTIAL_CONTENT && have > 0;
     if !status.is_success() {
         let retry = status.is_server_error();

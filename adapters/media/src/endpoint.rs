@@ -99,9 +99,30 @@ fn upload_grant(media: &MediaStorage, id: &str, q: &UploadQuery) -> Result<PathB
     Ok(dir.to_path_buf())
 }
 
-/// How many bytes of upload `id` are here: all of them once it is whole.
+/// Moves the whole partial file of upload `id` into place as its blob.
+/// The blob is never replaced (a link fails on an existing name), and the
+/// partial's name goes once the blob has the file.
+pub(crate) async fn place(dir: &Path, id: &str) -> std::io::Result<()> {
+    let target = dir.join("blobs").join(id);
+    tokio::fs::create_dir_all(dir.join("blobs")).await?;
+    match tokio::fs::hard_link(partial(dir, id), &target).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    tokio::fs::remove_file(partial(dir, id)).await
+}
+
+/// How many bytes of upload `id` are here: all of them once it is whole
+/// (a whole partial that a crash left unplaced is placed now).
 async fn received(dir: &Path, id: &str, size: u64) -> std::io::Result<u64> {
     if tokio::fs::try_exists(dir.join("blobs").join(id)).await? {
+        return Ok(size);
+    }
+    if let Ok(m) = tokio::fs::metadata(partial(dir, id)).await
+        && m.len() == size
+    {
+        place(dir, id).await?;
         return Ok(size);
     }
     match tokio::fs::metadata(partial(dir, id)).await {
@@ -220,6 +241,17 @@ async fn upload(
         };
         return refuse(status, format!("this request carries {len} bytes, not {n}"));
     }
+    // One writer per upload: a second PUT of the same one while the first
+    // is still going is refused, so no file is written by two, and none
+    // once it is in place.
+    let Some(_writing) = media.writing(&id) else {
+        let mut r = refuse(
+            StatusCode::CONFLICT,
+            "another request is sending this upload",
+        );
+        offset_header(&mut r, 0);
+        return r;
+    };
     let have = match received(&dir, &id, q.size).await {
         Ok(n) => n,
         Err(e) => return io_failed(e),
@@ -295,29 +327,27 @@ async fn upload(
         offset_header(&mut r, now);
         return r;
     }
-    // Whole: into place, unless another request got there first.
-    let target = dir.join("blobs").join(&id);
-    let placed = async {
-        tokio::fs::create_dir_all(dir.join("blobs")).await?;
-        tokio::fs::hard_link(&path, &target).await
-    };
-    let answer = match placed.await {
+    // Whole: into place (while this request still holds the upload).
+    match place(&dir, &id).await {
         Ok(()) => (StatusCode::OK, "stored\n").into_response(),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            refuse(StatusCode::CONFLICT, "this upload is complete already")
-        }
-        Err(e) => return io_failed(e),
-    };
-    let _ = tokio::fs::remove_file(&path).await;
-    answer
+        Err(e) => io_failed(e),
+    }
 }
 
-/// Whether a download of `mime` may show in a browser (pictures, sound,
-/// video); anything else is sent as an attachment to save.
+/// Whether a download of `mime` may show in a browser: raster pictures,
+/// sound and video, which run no script. Anything else (SVG, HTML, PDF,
+/// ...) is sent as an attachment to save.
 pub(crate) fn serves_inline(mime: &str) -> bool {
-    ["image/", "audio/", "video/"]
-        .iter()
-        .any(|p| mime.starts_with(p))
+    matches!(
+        mime,
+        "image/jpeg"
+            | "image/png"
+            | "image/gif"
+            | "image/webp"
+            | "image/avif"
+            | "image/heic"
+            | "image/heif"
+    ) || ((mime.starts_with("audio/") || mime.starts_with("video/")) && !mime.contains("xml"))
 }
 
 /// A single `bytes=` range of a Range header; None for anything else

@@ -70,7 +70,19 @@ pub fn analyze(bytes: &[u8], mime: &str) -> Result<Option<ImageInfo>, ChatError>
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_EDGE);
     limits.max_image_height = Some(MAX_EDGE);
-    let image = reader(limits).decode().map_err(bad)?;
+    let image = match reader(limits).decode() {
+        Ok(image) => image,
+        // Too large to decode here (the decoder's memory cap): kept as it
+        // is, with its dimensions and no thumbnail.
+        Err(image::ImageError::Limits(_)) => {
+            return Ok(Some(ImageInfo {
+                width,
+                height,
+                thumbnail: None,
+            }));
+        }
+        Err(e) => return Err(bad(e)),
+    };
     let thumb = image.thumbnail(THUMBNAIL_EDGE, THUMBNAIL_EDGE).into_rgb8();
     let mut out = Cursor::new(Vec::new());
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, THUMBNAIL_QUALITY)

@@ -53,6 +53,26 @@ pub const HTTP_PREFIX: &str = "/media/v1/blobs";
 pub struct MediaStorage {
     store: Arc<dyn ObjectStore>,
     urls: Urls,
+    /// Uploads a request is writing to the local endpoint now.
+    writing: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Images decoded at once (a decode takes a core and up to hundreds
+    /// of MiB).
+    decoding: Arc<tokio::sync::Semaphore>,
+}
+
+/// Holds an upload for one writer; released when dropped.
+pub(crate) struct Writing {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
 
 /// Who signs the URLs clients use.
@@ -130,11 +150,13 @@ impl MediaStorage {
     pub fn local(dir: &FsPath, public_url: &str, key: &[u8]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
-        let store = LocalFileSystem::new_with_prefix(&dir)?.with_automatic_cleanup(true);
-        Ok(Self {
-            store: Arc::new(store),
-            urls: Urls::Local(UrlSigner::new(public_url, key)?, dir),
-        })
+        // No automatic clean-up of emptied folders: the endpoint writes
+        // into `blobs/` and `partial/` beside the store.
+        let store = LocalFileSystem::new_with_prefix(&dir)?;
+        Ok(Self::new(
+            Arc::new(store),
+            Urls::Local(UrlSigner::new(public_url, key)?, dir),
+        ))
     }
 
     /// Blobs in an S3-compatible bucket, with presigned URLs.
@@ -149,9 +171,28 @@ impl MediaStorage {
             .as_deref()
             .or(config.endpoint.as_deref());
         let signer = config.builder(public).build()?;
-        Ok(Self {
-            store: Arc::new(store),
-            urls: Urls::Presigned(Arc::new(signer)),
+        Ok(Self::new(
+            Arc::new(store),
+            Urls::Presigned(Arc::new(signer)),
+        ))
+    }
+
+    fn new(store: Arc<dyn ObjectStore>, urls: Urls) -> Self {
+        Self {
+            store,
+            urls,
+            writing: Arc::default(),
+            decoding: Arc::new(tokio::sync::Semaphore::new(2)),
+        }
+    }
+
+    /// The upload `id` for one writer, or None while another request
+    /// writes it.
+    pub(crate) fn writing(&self, id: &str) -> Option<Writing> {
+        let mut set = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(id.to_owned()).then(|| Writing {
+            set: self.writing.clone(),
+            id: id.to_owned(),
         })
     }
 
@@ -172,12 +213,20 @@ impl MediaStorage {
         }
     }
 
-    /// Where an upload's bytes are before it completes.
-    fn arrived(&self, id: &str) -> Path {
-        match self.urls {
-            Urls::Local(..) => object(id),
-            Urls::Presigned(_) => incoming(id),
-        }
+    /// Deletes a presigned upload's slot object again once its URL has
+    /// expired (a PUT meanwhile would put it back: bytes nothing
+    /// references). A restart forgets it: a lifecycle rule on `uploads/`
+    /// is the backstop (docs/operations.md).
+    fn forget_slot(&self, id: &str, expires_at_ms: i64) {
+        let (store, path) = (self.store.clone(), incoming(id));
+        tokio::spawn(async move {
+            let wait = (expires_at_ms - parley_core::now_ms()).max(0) as u64 + 5_000;
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            match store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(error = %e, "an upload's slot object stays"),
+            }
+        });
     }
 
     /// A presigned URL for `method` on `path`, good until `expires_at_ms`.
@@ -263,8 +312,43 @@ impl BlobStorage for MediaStorage {
 
     async fn inspect(&self, blob: &BlobRecord) -> Result<Inspected, ChatError> {
         let image = blob.kind == pb::MediaKind::Image;
-        let arrived = self.arrived(&blob.id);
-        let (size, sha256, bytes) = self.read(&arrived, image).await?;
+        match &self.urls {
+            Urls::Presigned(_) => {
+                // Out of the slot's reach first, then checked: the bytes
+                // checked are the bytes kept, whatever the slot's URL (good
+                // a while longer) is used for meanwhile.
+                match self
+                    .store
+                    .copy(&incoming(&blob.id), &object(&blob.id))
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(object_store::Error::NotFound { .. }) => {
+                        return Err(ChatError::UploadIncomplete(
+                            "the upload's bytes have not arrived: send them to the slot's URL first"
+                                .into(),
+                        ));
+                    }
+                    Err(e) => return Err(unavailable("keep an upload", e)),
+                }
+                match self.store.delete(&incoming(&blob.id)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => tracing::warn!(error = %e, "an upload's slot object stays"),
+                }
+                self.forget_slot(&blob.id, blob.upload_expires_at_ms);
+            }
+            Urls::Local(_, dir) => {
+                // A whole upload a crash left unplaced is placed now.
+                if let Ok(m) = tokio::fs::metadata(endpoint::partial(dir, &blob.id)).await
+                    && m.len() == blob.size_bytes
+                {
+                    endpoint::place(dir, &blob.id)
+                        .await
+                        .map_err(|e| unavailable("place an upload", e))?;
+                }
+            }
+        }
+        let (size, sha256, bytes) = self.read(&object(&blob.id), image).await?;
         if size != blob.size_bytes {
             return Err(ChatError::UploadMismatch(format!(
                 "{size} bytes arrived where {} were declared",
@@ -282,20 +366,15 @@ impl BlobStorage for MediaStorage {
             sha256,
             ..Inspected::default()
         };
-        if let Urls::Presigned(_) = self.urls {
-            // Checked: what messages reference moves out of the slot's reach.
-            self.store
-                .copy(&arrived, &object(&blob.id))
-                .await
-                .map_err(|e| unavailable("keep an upload", e))?;
-            if let Err(e) = self.store.delete(&arrived).await {
-                tracing::warn!(error = %e, blob = %blob.id, "an upload's slot copy stays until collected");
-            }
-        }
         if !image {
             return Ok(inspected);
         }
         let mime = blob.mime_type.clone();
+        let _decoding = self
+            .decoding
+            .acquire()
+            .await
+            .map_err(|e| unavailable("analyse an image", e))?;
         let info = tokio::task::spawn_blocking(move || image_info::analyze(&bytes, &mime))
             .await
             .map_err(|e| unavailable("analyse an image", e))??;

@@ -415,6 +415,34 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
         ErrorCode::UploadIncomplete
     );
 
+    // One writer at a time: a PUT while another is still sending the same
+    // upload is refused (409, Upload-Offset 0: ask again later).
+    {
+        let rest = s.url.strip_prefix("http://").unwrap();
+        let (authority, path) = rest.split_at(rest.find('/').unwrap());
+        let mut first = TcpStream::connect(authority).await.unwrap();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: text/plain\r\n\
+             Content-Range: bytes 400-999/1000\r\nContent-Length: 600\r\n\r\n"
+        );
+        first.write_all(head.as_bytes()).await.unwrap();
+        first.write_all(&[b'x'; 100]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let range = [
+            ("Content-Type", "text/plain"),
+            ("Content-Range", "bytes 400-999/1000"),
+        ];
+        let (status, _) = http("PUT", &s.url, &range, &[b'y'; 600], None).await;
+        assert_eq!(status, 409, "a second writer");
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            upload_offset(&s.url).await,
+            Some(500),
+            "the first writer's bytes stay"
+        );
+    }
+
     // Another, resumed with Content-Range from where it ended: whole.
     let tail = slot(
         &alice,

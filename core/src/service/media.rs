@@ -47,7 +47,7 @@ impl ChatService {
                     "you made {count} uploads in the last 24 hours, the most allowed"
                 )));
             }
-            if limits.daily_bytes > 0 && bytes + req.size_bytes > limits.daily_bytes {
+            if limits.daily_bytes > 0 && bytes.saturating_add(req.size_bytes) > limits.daily_bytes {
                 return Err(ChatError::QuotaExceeded(format!(
                     "{} more bytes would pass your quota of {} bytes in 24 hours ({bytes} used)",
                     req.size_bytes, limits.daily_bytes
@@ -104,11 +104,19 @@ impl ChatService {
         let inspected = match storage.inspect(&blob).await {
             Ok(i) => i,
             Err(e @ (ChatError::UploadMismatch(_) | ChatError::UnsupportedMediaType(_))) => {
-                // A new slot is needed: the bytes and the record go now.
-                storage.delete(&blob.id).await?;
-                self.store
-                    .delete_blobs(std::slice::from_ref(&blob.id))
-                    .await?;
+                // A new slot is needed: the bytes and the record go now,
+                // unless a completion of its own made it ready meanwhile.
+                let still_pending = self
+                    .store
+                    .get_blob(&blob.id)
+                    .await?
+                    .is_some_and(|b| b.state == BlobState::Pending);
+                if still_pending {
+                    storage.delete(&blob.id).await?;
+                    self.store
+                        .delete_blobs(std::slice::from_ref(&blob.id))
+                        .await?;
+                }
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -155,6 +163,10 @@ impl ChatService {
         if uses.is_empty() {
             return Ok(errors);
         }
+        // One order for every batch's row locks (no two replicas' batches
+        // wait on each other), and each upload once.
+        uses.sort();
+        uses.dedup();
         let used: HashMap<(String, String), BlobRecord> = self
             .store
             .use_blobs(&uses, now_ms())

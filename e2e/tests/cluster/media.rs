@@ -13,7 +13,8 @@ use super::*;
 /// A user on one gateway sends a picture; a member on another gateway
 /// gets it filled in and downloads it byte for byte, thumbnail too; a
 /// user outside the conversation gets NOT_MEMBER, and the object's key
-/// alone, unsigned, gets nothing from the store.
+/// alone, unsigned, gets nothing from the store. No process logs the
+/// store's secret or a presigned URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_picture_crosses_gateways_to_members_only() {
     let s3 = S3Server::start().await.unwrap();
@@ -96,6 +97,17 @@ async fn a_picture_crosses_gateways_to_members_only() {
     .await
     .unwrap();
     assert_eq!(status, 403, "the key alone, unsigned");
+    // Neither the store's secret nor a presigned URL's signature (a
+    // credential of its own) reaches a log, at debug.
+    let logs = c.full_logs();
+    assert!(
+        !logs.contains(&s3.config().secret_key),
+        "the S3 secret key in a log"
+    );
+    assert!(
+        !logs.contains("X-Amz-Signature"),
+        "a presigned URL in a log"
+    );
     println!(
         "media across gateways: {} bytes up and sent in {:.0} ms, down in {:.0} ms ({n} bytes); \
          non-member refused, unsigned GET {status}",
