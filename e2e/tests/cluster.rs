@@ -1286,6 +1286,10 @@ async fn a_users_limits_hold_across_gateways() {
     let spec = Spec {
         env: vec![
             ("PARLEY_LIMIT_READS_PER_USER".to_owned(), "5/60".to_owned()),
+            (
+                "PARLEY_LIMIT_UPLOADS_PER_USER".to_owned(),
+                "3/60".to_owned(),
+            ),
             ("PARLEY_LIMIT_DEVICES_PER_USER".to_owned(), "2".to_owned()),
         ],
         ..spec()
@@ -1340,6 +1344,28 @@ async fn a_users_limits_hold_across_gateways() {
         "rate limit: 5 reads a minute for ann over 2 gateways: {} admitted, then refused on both",
         5 + usize::from(stale)
     );
+    // Upload slots likewise (this cluster stores no media: an admitted
+    // request is answered FORBIDDEN, one past the limit RATE_LIMITED).
+    let ask = |client: &Client| {
+        let client = client.clone();
+        async move {
+            let req = pb::client_frame::Body::Upload(pb::UploadRequest {
+                kind: pb::MediaKind::File as i32,
+                mime_type: "text/plain".into(),
+                size_bytes: 10,
+                ..Default::default()
+            });
+            client.request(req).await.unwrap_err().code()
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(ask(&phone).await, Some(pb::ErrorCode::Forbidden));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(ask(&laptop).await, Some(pb::ErrorCode::Forbidden));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(ask(&laptop).await, Some(pb::ErrorCode::RateLimited));
+    println!("rate limit: 3 upload slots a minute for ann over 2 gateways, then refused");
     // Two devices online at most: ann's third is refused on the third gateway.
     let third = Client::connect(c.at_gateway(2, &t[0], "tablet"))
         .await
