@@ -1155,18 +1155,8 @@ fn lines_of(
 
 /// One HTTP/1.1 GET: (status, body).
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    timeout(WAIT, s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    let (status, body) = media::http("GET", &format!("http://{addr}{path}"), &[], b"", None).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test]

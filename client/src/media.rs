@@ -147,6 +147,26 @@ pub(crate) async fn upload_offset(url: &str, tls: Option<&TlsOptions>) -> Option
         .ok()
 }
 
+/// Sends one request to `t`'s server on a connection of its own; `what`
+/// names it in errors ("upload to").
+async fn send(
+    t: &Target,
+    tls: Option<&TlsOptions>,
+    req: hyper::http::request::Builder,
+    body: Body,
+    what: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, TransferError> {
+    let req = req.body(body).map_err(|e| TransferError {
+        message: e.to_string(),
+        retry: false,
+    })?;
+    let mut sender = open(t, tls).await.map_err(transient)?;
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| transient(format!("{what} {}: {e}", t.authority)))
+}
+
 /// PUTs the `size` bytes of the file at `path` to `url` with `headers`,
 /// from byte `from` on (with `Content-Range` when that is not 0: the rest
 /// of an upload that broke off).
@@ -201,17 +221,14 @@ pub(crate) async fn put_file(
     for (name, value) in headers {
         req = req.header(name.as_str(), value.as_str());
     }
-    let req = req
-        .body(BodyExt::boxed(StreamBody::new(frames)))
-        .map_err(|e| TransferError {
-            message: e.to_string(),
-            retry: false,
-        })?;
-    let mut sender = open(&t, tls).await.map_err(transient)?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| transient(format!("upload to {}: {e}", t.authority)))?;
+    let resp = send(
+        &t,
+        tls,
+        req,
+        BodyExt::boxed(StreamBody::new(frames)),
+        "upload to",
+    )
+    .await?;
     if resp.status().is_success() {
         return Ok(());
     }
@@ -269,17 +286,8 @@ pub(crate) async fn get_file(
     if have > 0 {
         req = req.header(hyper::header::RANGE, format!("bytes={have}-"));
     }
-    let req = req
-        .body(BodyExt::boxed(Empty::new().map_err(|never| match never {})))
-        .map_err(|e| TransferError {
-            message: e.to_string(),
-            retry: false,
-        })?;
-    let mut sender = open(&t, tls).await.map_err(transient)?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| transient(format!("download from {}: {e}", t.authority)))?;
+    let empty = BodyExt::boxed(Empty::new().map_err(|never| match never {}));
+    let resp = send(&t, tls, req, empty, "download from").await?;
     let status = resp.status();
     if status == hyper::StatusCode::RANGE_NOT_SATISFIABLE && have > 0 {
         // The partial file is not a start of this download: start over.

@@ -25,7 +25,7 @@ fn picture(w: u32, h: u32, format: image::ImageFormat) -> Vec<u8> {
 
 /// One HTTP/1.1 request to an `http://` URL: (status, body). `length`
 /// overrides the Content-Length sent (the body is sent as given).
-async fn http(
+pub(super) async fn http(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
