@@ -191,9 +191,19 @@ pub(crate) async fn put_file(
         message: format!("{}: {e}", path.display()),
         retry: false,
     })?;
+    // When the body last moved: a connection that takes nothing for
+    // `STALL` is given up (and the upload resumed), not waited on forever.
+    let began = std::time::Instant::now();
+    let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let moved_by_body = moved.clone();
     let frames = futures_util::stream::unfold((file, from), move |(mut file, sent)| {
         let progress = progress.clone();
+        let moved = moved_by_body.clone();
         async move {
+            moved.store(
+                began.elapsed().as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let mut buf = vec![0; CHUNK];
             match file.read(&mut buf).await {
                 Ok(0) => None,
@@ -221,14 +231,32 @@ pub(crate) async fn put_file(
     for (name, value) in headers {
         req = req.header(name.as_str(), value.as_str());
     }
-    let resp = send(
+    let sending = send(
         &t,
         tls,
         req,
         BodyExt::boxed(StreamBody::new(frames)),
         "upload to",
-    )
-    .await?;
+    );
+    let stalled = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let last = moved.load(std::sync::atomic::Ordering::Relaxed);
+            if began.elapsed().as_millis() as u64 > last + STALL.as_millis() as u64 {
+                return;
+            }
+        }
+    };
+    let resp = tokio::select! {
+        resp = sending => resp?,
+        () = stalled => {
+            return Err(transient(format!(
+                "upload to {} stalled: nothing moved for {} s",
+                t.authority,
+                STALL.as_secs()
+            )));
+        }
+    };
     if resp.status().is_success() {
         return Ok(());
     }
