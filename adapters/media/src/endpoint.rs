@@ -108,9 +108,19 @@ pub(crate) async fn place(dir: &Path, id: &str) -> std::io::Result<()> {
     match tokio::fs::hard_link(partial(dir, id), &target).await {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        // Placed meanwhile (a HEAD found it whole first).
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && tokio::fs::try_exists(&target).await? =>
+        {
+            return Ok(());
+        }
         Err(e) => return Err(e),
     }
-    tokio::fs::remove_file(partial(dir, id)).await
+    match tokio::fs::remove_file(partial(dir, id)).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// How many bytes of upload `id` are here: all of them once it is whole
