@@ -178,6 +178,61 @@ pub(crate) async fn put_file(
     tls: Option<&TlsOptions>,
     progress: Option<Progress>,
 ) -> Result<(), TransferError> {
+    let span = Span {
+        from,
+        to: size,
+        total: size,
+        content_range: from > 0,
+    };
+    put_span(url, headers, path, span, tls, progress)
+        .await
+        .map(drop)
+}
+
+/// PUTs one part of an upload in parts (bytes `offset..offset + len` of a
+/// file of `total`): the ETag the store answered.
+pub(crate) async fn put_part(
+    url: &str,
+    path: &Path,
+    (offset, len, total): (u64, u64, u64),
+    tls: Option<&TlsOptions>,
+    progress: Option<Progress>,
+) -> Result<String, TransferError> {
+    let span = Span {
+        from: offset,
+        to: offset + len,
+        total,
+        content_range: false,
+    };
+    put_span(url, &[], path, span, tls, progress)
+        .await?
+        .ok_or_else(|| transient("the store answered a part without an ETag".into()))
+}
+
+/// Which bytes of a file a PUT carries.
+struct Span {
+    from: u64,
+    to: u64,
+    total: u64,
+    /// Say so with `Content-Range` (Parley's own endpoint resuming).
+    content_range: bool,
+}
+
+/// PUTs `span` of the file at `path`: the answer's ETag, if any.
+async fn put_span(
+    url: &str,
+    headers: &[(String, String)],
+    path: &Path,
+    span: Span,
+    tls: Option<&TlsOptions>,
+    progress: Option<Progress>,
+) -> Result<Option<String>, TransferError> {
+    let Span {
+        from,
+        to,
+        total: size,
+        content_range,
+    } = span;
     let t = target(url).map_err(|message| TransferError {
         message,
         retry: false,
@@ -204,7 +259,10 @@ pub(crate) async fn put_file(
                 began.elapsed().as_millis() as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
-            let mut buf = vec![0; CHUNK];
+            let mut buf = vec![0; CHUNK.min((to - sent) as usize)];
+            if buf.is_empty() {
+                return None;
+            }
             match file.read(&mut buf).await {
                 Ok(0) => None,
                 Ok(n) => {
@@ -221,11 +279,11 @@ pub(crate) async fn put_file(
     });
     let mut req = hyper::Request::put(&t.path)
         .header(hyper::header::HOST, &t.host)
-        .header(hyper::header::CONTENT_LENGTH, size - from);
-    if from > 0 {
+        .header(hyper::header::CONTENT_LENGTH, to - from);
+    if content_range {
         req = req.header(
             hyper::header::CONTENT_RANGE,
-            format!("bytes {from}-{}/{size}", size - 1),
+            format!("bytes {from}-{}/{size}", to - 1),
         );
     }
     for (name, value) in headers {
@@ -258,7 +316,12 @@ pub(crate) async fn put_file(
         }
     };
     if resp.status().is_success() {
-        return Ok(());
+        let etag = resp
+            .headers()
+            .get(hyper::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        return Ok(etag);
     }
     if resp.status() == hyper::StatusCode::CONFLICT {
         // With Upload-Offset short of the size: not from where the upload
@@ -272,7 +335,7 @@ pub(crate) async fn put_file(
             .and_then(|v| v.parse::<u64>().ok());
         return match offset {
             Some(n) if n < size => Err(transient(error_text(resp).await)),
-            _ => Ok(()),
+            _ => Ok(None),
         };
     }
     let retry = resp.status().is_server_error();

@@ -333,6 +333,9 @@ impl Client {
             Resp::UploadSlot(s) => s,
             other => return Err(unexpected(other)),
         };
+        if !slot.parts.is_empty() {
+            return self.upload_parts(path, size, slot, progress).await;
+        }
         let headers: Vec<(String, String)> = slot
             .headers
             .iter()
@@ -371,8 +374,57 @@ impl Client {
         }
         let done = pb::UploadComplete {
             blob_id: slot.blob_id,
+            ..Default::default()
         };
         match self.request(Req::UploadComplete(done)).await? {
+            Resp::Blob(b) => Ok(b),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// An upload in parts (a large file to an S3-compatible store): each
+    /// part up on its own, again up to three more times when it fails
+    /// (only that part), then the completion with every part's ETag.
+    async fn upload_parts(
+        &self,
+        path: &Path,
+        size: u64,
+        slot: pb::UploadSlot,
+        progress: Option<Progress>,
+    ) -> Result<pb::Blob, ClientError> {
+        let mut done = Vec::with_capacity(slot.parts.len());
+        for part in &slot.parts {
+            let mut attempt = 0;
+            let etag = loop {
+                let sent = media::put_part(
+                    &part.url,
+                    path,
+                    (part.offset, part.size, size),
+                    self.media_tls.as_ref(),
+                    progress.clone(),
+                )
+                .await;
+                match sent {
+                    Ok(etag) => break etag,
+                    Err(e) if e.retry && attempt < 3 => {
+                        attempt += 1;
+                        tracing::debug!(error = %e.message, part = part.number, attempt, "part again");
+                        sleep(Duration::from_millis(250 << attempt)).await;
+                    }
+                    Err(e) => return Err(ClientError::Transfer(e.message)),
+                }
+            };
+            done.push(pb::CompletedPart {
+                number: part.number,
+                etag,
+            });
+        }
+        let complete = pb::UploadComplete {
+            blob_id: slot.blob_id,
+            upload_id: slot.upload_id,
+            parts: done,
+        };
+        match self.request(Req::UploadComplete(complete)).await? {
             Resp::Blob(b) => Ok(b),
             other => Err(unexpected(other)),
         }

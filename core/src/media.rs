@@ -272,6 +272,19 @@ pub trait BlobStorage: std::fmt::Debug + Send + Sync + 'static {
     ) -> Result<String, ChatError>;
     /// Deletes a blob's bytes and its thumbnail's; gone already is fine.
     async fn delete(&self, id: &str) -> Result<(), ChatError>;
+    /// Joins the parts of an upload that went up in parts (its slot had
+    /// `parts`) into one object, before [`BlobStorage::inspect`].
+    async fn join_parts(
+        &self,
+        blob: &BlobRecord,
+        upload_id: &str,
+        parts: &[pb::CompletedPart],
+    ) -> Result<(), ChatError> {
+        let _ = (blob, upload_id, parts);
+        Err(ChatError::invalid(
+            "this store takes uploads whole, not in parts",
+        ))
+    }
 }
 
 /// A kind's limits: the largest upload and the MIME types it allows

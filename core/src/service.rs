@@ -521,7 +521,7 @@ impl ChatService {
             }
             Req::Refresh(r) => self.refresh(&r.refresh_token).await.map(Resp::Tokens),
             Req::Upload(u) => self.upload(user, u).await.map(Resp::UploadSlot),
-            Req::UploadComplete(c) => self.upload_complete(user, &c.blob_id).await.map(Resp::Blob),
+            Req::UploadComplete(c) => self.upload_complete(user, c).await.map(Resp::Blob),
             Req::Download(d) => self.download(user, d).await.map(Resp::DownloadUrl),
             Req::Hello(_) | Req::Auth(_) | Req::Ack(_) | Req::Ping(_) | Req::Sync(_) => {
                 Err(ChatError::invalid("this frame is handled by the gateway"))

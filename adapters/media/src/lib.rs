@@ -34,6 +34,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::signer::{SignedUrlOptions, Signer};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -44,6 +45,11 @@ use sha2::{Digest, Sha256};
 
 pub use endpoint::router;
 pub use sign::UrlSigner;
+
+/// Uploads to an S3-compatible store larger than this go up in parts of
+/// this size (the last one smaller): a part that fails is sent again on
+/// its own, not the whole file.
+pub const PART_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The path the local endpoint serves, before a blob's key.
 pub const HTTP_PREFIX: &str = "/media/v1/blobs";
@@ -80,8 +86,9 @@ impl Drop for Writing {
 enum Urls {
     /// Parley, for its own endpoint ([`router`]), over this directory.
     Local(UrlSigner, std::path::PathBuf),
-    /// The S3 store's presigning, with the endpoint clients reach.
-    Presigned(Arc<AmazonS3>),
+    /// The S3 store's presigning, with the endpoint clients reach; and
+    /// the store itself, for multipart uploads.
+    Presigned(Arc<AmazonS3>, Arc<AmazonS3>),
 }
 
 /// An S3-compatible store.
@@ -165,15 +172,15 @@ impl MediaStorage {
         // reqwest's rustls takes the process's provider: ring, as everywhere
         // in Parley (already installed is fine).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let store = config.builder(config.endpoint.as_deref()).build()?;
+        let store = Arc::new(config.builder(config.endpoint.as_deref()).build()?);
         let public = config
             .public_endpoint
             .as_deref()
             .or(config.endpoint.as_deref());
         let signer = config.builder(public).build()?;
         Ok(Self::new(
-            Arc::new(store),
-            Urls::Presigned(Arc::new(signer)),
+            store.clone(),
+            Urls::Presigned(Arc::new(signer), store),
         ))
     }
 
@@ -201,7 +208,7 @@ impl MediaStorage {
     pub fn local_signer(&self) -> Option<&UrlSigner> {
         match &self.urls {
             Urls::Local(s, _) => Some(s),
-            Urls::Presigned(_) => None,
+            Urls::Presigned(..) => None,
         }
     }
 
@@ -209,7 +216,7 @@ impl MediaStorage {
     pub(crate) fn local_dir(&self) -> Option<&std::path::Path> {
         match &self.urls {
             Urls::Local(_, dir) => Some(dir),
-            Urls::Presigned(_) => None,
+            Urls::Presigned(..) => None,
         }
     }
 
@@ -227,6 +234,59 @@ impl MediaStorage {
                 Err(e) => tracing::warn!(error = %e, "an upload's slot object stays"),
             }
         });
+    }
+
+    /// A slot in parts for a large presigned upload: a multipart upload
+    /// of `uploads/<id>` (its Content-Type set), and a presigned PUT per
+    /// part. A part that fails goes again on its own.
+    async fn parts_slot(
+        signer: &AmazonS3,
+        store: &AmazonS3,
+        blob: &BlobRecord,
+        expires_at_ms: i64,
+    ) -> Result<pb::UploadSlot, ChatError> {
+        let mut attributes = object_store::Attributes::new();
+        attributes.insert(
+            object_store::Attribute::ContentType,
+            blob.mime_type.clone().into(),
+        );
+        let options = object_store::PutMultipartOptions {
+            attributes,
+            ..Default::default()
+        };
+        let path = incoming(&blob.id);
+        let upload_id = store
+            .create_multipart_opts(&path, options)
+            .await
+            .map_err(|e| unavailable("start an upload in parts", e))?;
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        let mut number = 1u32;
+        while offset < blob.size_bytes {
+            let size = PART_BYTES.min(blob.size_bytes - offset);
+            let query = SignedUrlOptions::new().with_query([
+                ("partNumber", number.to_string()),
+                ("uploadId", upload_id.clone()),
+            ]);
+            let method = object_store::signer::Method::PUT;
+            let url = Self::presign(signer, method, &path, expires_at_ms, &query).await?;
+            parts.push(pb::UploadPart {
+                number,
+                offset,
+                size,
+                url,
+            });
+            offset += size;
+            number += 1;
+        }
+        Ok(pb::UploadSlot {
+            blob_id: blob.id.clone(),
+            method: "PUT".into(),
+            expires_at_ms,
+            parts,
+            upload_id,
+            ..pb::UploadSlot::default()
+        })
     }
 
     /// A presigned URL for `method` on `path`, good until `expires_at_ms`.
@@ -287,7 +347,10 @@ impl BlobStorage for MediaStorage {
             Urls::Local(signer, _) => {
                 signer.upload_url(&blob.id, blob.size_bytes, &blob.mime_type, expires_at_ms)
             }
-            Urls::Presigned(signer) => {
+            Urls::Presigned(signer, store) if blob.size_bytes > PART_BYTES => {
+                return Self::parts_slot(signer, store, blob, expires_at_ms).await;
+            }
+            Urls::Presigned(signer, _) => {
                 let content_type = blob
                     .mime_type
                     .parse()
@@ -307,13 +370,64 @@ impl BlobStorage for MediaStorage {
                 value: blob.mime_type.clone(),
             }],
             expires_at_ms,
+            ..pb::UploadSlot::default()
         })
+    }
+
+    async fn join_parts(
+        &self,
+        blob: &BlobRecord,
+        upload_id: &str,
+        parts: &[pb::CompletedPart],
+    ) -> Result<(), ChatError> {
+        let Urls::Presigned(_, store) = &self.urls else {
+            return Err(ChatError::invalid(
+                "this store takes uploads whole, not in parts",
+            ));
+        };
+        let count = blob.size_bytes.div_ceil(PART_BYTES);
+        let mut sorted: Vec<&pb::CompletedPart> = parts.iter().collect();
+        sorted.sort_by_key(|p| p.number);
+        let numbered = sorted
+            .iter()
+            .enumerate()
+            .all(|(i, p)| u64::from(p.number) == i as u64 + 1 && !p.etag.is_empty());
+        if sorted.len() as u64 != count || !numbered {
+            return Err(ChatError::UploadIncomplete(format!(
+                "an upload in {count} parts completes with every part's number and ETag"
+            )));
+        }
+        let ids = sorted
+            .iter()
+            .map(|p| object_store::multipart::PartId {
+                content_id: p.etag.clone(),
+            })
+            .collect();
+        let upload_id = upload_id.to_owned();
+        match store
+            .complete_multipart(&incoming(&blob.id), &upload_id, ids)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Joined already by an earlier completion whose answer was
+                // lost: the object is there.
+                if store.head(&incoming(&blob.id)).await.is_ok() {
+                    return Ok(());
+                }
+                tracing::info!(error = %e, blob = %blob.id, "parts not joined");
+                Err(ChatError::UploadIncomplete(
+                    "the parts do not make the upload: send every part, then complete with their ETags"
+                        .into(),
+                ))
+            }
+        }
     }
 
     async fn inspect(&self, blob: &BlobRecord) -> Result<Inspected, ChatError> {
         let image = blob.kind == pb::MediaKind::Image;
         match &self.urls {
-            Urls::Presigned(_) => {
+            Urls::Presigned(..) => {
                 // Out of the slot's reach first, then checked: the bytes
                 // checked are the bytes kept, whatever the slot's URL (good
                 // a while longer) is used for meanwhile.
@@ -413,7 +527,7 @@ impl BlobStorage for MediaStorage {
         };
         match &self.urls {
             Urls::Local(signer, _) => Ok(signer.download_url(&key, mime, expires_at_ms)),
-            Urls::Presigned(signer) => {
+            Urls::Presigned(signer, _) => {
                 // Served as its type, never run as a page; anything but
                 // pictures and sound saved, not shown.
                 let mut query = vec![("response-content-type", mime.to_owned())];

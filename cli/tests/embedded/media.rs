@@ -102,6 +102,7 @@ async fn slot(
 async fn complete(client: &Client, blob_id: &str) -> Result<pb::Blob, parley_client::ClientError> {
     let req = Req::UploadComplete(pb::UploadComplete {
         blob_id: blob_id.into(),
+        ..Default::default()
     });
     match client.request(req).await? {
         Resp::Blob(b) => Ok(b),
@@ -539,55 +540,87 @@ async fn files_go_up_once_whole_and_come_down_only_to_members() {
     assert!(limited, "15 upload requests a minute, then RATE_LIMITED");
 }
 
+/// A TCP relay in front of an HTTP server that cuts its `nth` connection
+/// (counting from 1) once `cut` bytes went through it towards the server,
+/// and counts every byte it carried that way.
+struct Relay {
+    addr: std::net::SocketAddr,
+    listener: Option<tokio::net::TcpListener>,
+    carried: Arc<std::sync::atomic::AtomicU64>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    async fn bind() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self {
+            addr: listener.local_addr().unwrap(),
+            listener: Some(listener),
+            carried: Arc::default(),
+            connections: Arc::default(),
+        }
+    }
+
+    fn run(&mut self, target: std::net::SocketAddr, nth: usize, cut: u64) {
+        use std::sync::atomic::Ordering;
+        let listener = self.listener.take().expect("runs once");
+        let (conns, bytes) = (self.connections.clone(), self.carried.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let doomed = conns.fetch_add(1, Ordering::SeqCst) + 1 == nth;
+                let bytes = bytes.clone();
+                tokio::spawn(async move {
+                    let mut server = TcpStream::connect(target).await.unwrap();
+                    let (mut cr, mut cw) = client.split();
+                    let (mut sr, mut sw) = server.split();
+                    let up = async {
+                        let mut buf = vec![0; 16 * 1024];
+                        let mut sent = 0u64;
+                        loop {
+                            let n = cr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 || (doomed && sent >= cut) {
+                                return;
+                            }
+                            sent += n as u64;
+                            bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let down = tokio::io::copy(&mut sr, &mut cw);
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+    }
+
+    fn carried(&self) -> u64 {
+        self.carried.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// The SDK's upload through a connection that breaks after `cut` bytes the
 /// first time: it asks where the upload stands and sends only the rest,
 /// and the file arrives whole. The HTTP endpoint is reached through a
 /// relay that cuts the first connection (`public_url` names the relay).
 #[tokio::test]
 async fn an_upload_that_breaks_off_resumes_where_it_ended() {
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay_addr = relay.local_addr().unwrap();
+    let mut relay = Relay::bind().await;
+    let relay_addr = relay.addr;
     let mut w = World::with(|c| c.public_url = Some(format!("http://{relay_addr}"))).await;
-    let target = w.server.http_addr.unwrap();
     let cut = 300_000u64;
-    let connections = Arc::new(AtomicUsize::new(0));
-    let carried = Arc::new(AtomicU64::new(0));
-    let (conns, bytes) = (connections.clone(), carried.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut client, _)) = relay.accept().await else {
-                return;
-            };
-            let first = conns.fetch_add(1, Ordering::SeqCst) == 0;
-            let bytes = bytes.clone();
-            tokio::spawn(async move {
-                let mut server = TcpStream::connect(target).await.unwrap();
-                let (mut cr, mut cw) = client.split();
-                let (mut sr, mut sw) = server.split();
-                let up = async {
-                    let mut buf = vec![0; 16 * 1024];
-                    let mut sent = 0u64;
-                    loop {
-                        let n = cr.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 || (first && sent >= cut) {
-                            return;
-                        }
-                        sent += n as u64;
-                        bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        if sw.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                };
-                let down = tokio::io::copy(&mut sr, &mut cw);
-                tokio::select! {
-                    _ = up => {}
-                    _ = down => {}
-                }
-            });
-        }
-    });
+    relay.run(w.server.http_addr.unwrap(), 1, cut);
     let (ta, tb) = (w.user("alice").await, w.user("bob").await);
     let (alice, _aev) = w.connect(&ta, "phone").await;
     let (bob, mut bev) = w.connect(&tb, "laptop").await;
@@ -599,11 +632,8 @@ async fn an_upload_that_breaks_off_resumes_where_it_ended() {
     let (_, blob) = alice.send_file(conv, &path, "", None).await.unwrap();
     assert_eq!(blob.size_bytes, 1_000_000);
     assert_eq!(blob.kind, pb::MediaKind::Voice as i32);
-    assert!(
-        connections.load(Ordering::SeqCst) >= 3,
-        "cut, HEAD, the rest"
-    );
-    let moved = carried.load(Ordering::Relaxed);
+    assert!(relay.connections() >= 3, "cut, HEAD, the rest");
+    let moved = relay.carried();
     assert!(
         moved < 1_100_000,
         "only the rest went again, not the {cut} bytes before the cut: {moved} bytes carried"
@@ -612,4 +642,41 @@ async fn an_upload_that_breaks_off_resumes_where_it_ended() {
     let saved = dir.path().join("bob.ogg");
     bob.download(&got, false, &saved, None).await.unwrap();
     assert_eq!(std::fs::read(&saved).unwrap(), bytes);
+}
+
+/// A large file to an S3 store goes up in parts: a part whose connection
+/// breaks goes again on its own (not the whole file), and the file
+/// arrives whole. The store is reached through a relay that cuts the
+/// second part's first connection (presigned URLs name the relay).
+#[tokio::test]
+async fn a_large_upload_to_s3_goes_in_parts_and_a_broken_part_goes_again() {
+    let s3 = parley_media::testing::S3Server::start().await.unwrap();
+    let mut relay = Relay::bind().await;
+    let mut store = s3.config();
+    store.public_endpoint = Some(format!("http://{}", relay.addr));
+    let target = s3.endpoint.trim_start_matches("http://").parse().unwrap();
+    relay.run(target, 2, 500_000);
+    let mut w = World::with(|c| c.s3 = Some(store)).await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (alice, _aev) = w.connect(&ta, "phone").await;
+    let (bob, mut bev) = w.connect(&tb, "laptop").await;
+    let conv = alice.open_direct("bob").await.unwrap().id;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("clip.mp4");
+    let size = parley_media::PART_BYTES as usize + 1_000_000;
+    let bytes: Vec<u8> = (0..size as u32).map(|i| (i * 13 % 241) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let (_, blob) = alice.send_file(conv, &path, "", None).await.unwrap();
+    assert_eq!(blob.size_bytes, size as u64);
+    assert_eq!(blob.kind, pb::MediaKind::Video as i32);
+    let moved = relay.carried();
+    assert!(
+        moved < size as u64 + 2_000_000,
+        "the broken part went again, not the whole file: {moved} bytes carried for {size}"
+    );
+    assert!(relay.connections() >= 3, "two parts, one of them twice");
+    let got = next_media(&mut bev).await;
+    let saved = dir.path().join("bob.mp4");
+    bob.download(&got, false, &saved, None).await.unwrap();
+    assert_eq!(std::fs::read(&saved).unwrap(), bytes, "byte for byte");
 }

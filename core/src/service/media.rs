@@ -81,8 +81,9 @@ impl ChatService {
     pub(super) async fn upload_complete(
         &self,
         user: &str,
-        blob_id: &str,
+        req: pb::UploadComplete,
     ) -> Result<pb::Blob, ChatError> {
+        let blob_id = req.blob_id.as_str();
         let storage = self.blob_storage()?;
         let not_found = || ChatError::NotFound(format!("no upload {blob_id:?} of yours"));
         let blob = self
@@ -100,6 +101,11 @@ impl ChatService {
             return Err(ChatError::UploadIncomplete(format!(
                 "upload {blob_id} expired unfinished; ask for a new slot"
             )));
+        }
+        if !req.parts.is_empty() {
+            storage
+                .join_parts(&blob, &req.upload_id, &req.parts)
+                .await?;
         }
         let inspected = match storage.inspect(&blob).await {
             Ok(i) => i,
