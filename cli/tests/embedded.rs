@@ -72,7 +72,11 @@ impl World {
 }
 
 /// The next chat message (system events skipped).
-async fn next_text(events: &mut Receiver<Event>) -> pb::Message {
+/// The next message delivered whose content `is` picks out.
+async fn next_message(
+    events: &mut Receiver<Event>,
+    is: impl Fn(&pb::content::Body) -> bool,
+) -> pb::Message {
     loop {
         match timeout(WAIT, events.recv())
             .await
@@ -80,13 +84,21 @@ async fn next_text(events: &mut Receiver<Event>) -> pb::Message {
             .expect("events closed")
         {
             Event::Message { message, .. }
-                if message.content.as_ref().and_then(|c| c.as_text()).is_some() =>
+                if message
+                    .content
+                    .as_ref()
+                    .and_then(|c| c.body.as_ref())
+                    .is_some_and(&is) =>
             {
                 return message;
             }
             _ => {}
         }
     }
+}
+
+async fn next_text(events: &mut Receiver<Event>) -> pb::Message {
+    next_message(events, |b| matches!(b, pb::content::Body::Text(_))).await
 }
 
 async fn next_synced(events: &mut Receiver<Event>) -> pb::SyncDone {

@@ -627,20 +627,37 @@ impl ChatService {
     }
 }
 
-/// Writes acked cursors every `cursor_flush`.
-async fn cursor_writer(svc: std::sync::Weak<ChatService>) {
-    let Some(every) = svc.upgrade().map(|s| s.config.cursor_flush) else {
-        return;
-    };
+/// Runs `pass` every `every`, the first time one period after the start,
+/// for as long as the service lives; a pass that runs late delays the
+/// next rather than bunching them.
+pub(super) async fn periodically<F, Fut>(
+    svc: std::sync::Weak<ChatService>,
+    every: Duration,
+    pass: F,
+) where
+    F: Fn(Arc<ChatService>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(svc) = svc.upgrade() else { return };
+        pass(svc).await;
+    }
+}
+
+/// Writes acked cursors every `cursor_flush`.
+async fn cursor_writer(svc: std::sync::Weak<ChatService>) {
+    let Some(every) = svc.upgrade().map(|s| s.config.cursor_flush) else {
+        return;
+    };
+    periodically(svc, every, |svc| async move {
         if let Err(e) = svc.flush_cursors().await {
             tracing::warn!(error = %e, "cursors not written; retrying");
         }
-    }
+    })
+    .await;
 }
 
 /// Removes what is older than the retention, every minute.

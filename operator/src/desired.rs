@@ -561,6 +561,13 @@ mod tests {
         cc
     }
 
+    /// The literal value of variable `name` (None: unset or from a Secret).
+    fn value_of(env: &[EnvVar], name: &str) -> Option<String> {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
     fn env_of(d: &Deployment) -> Vec<EnvVar> {
         d.spec
             .as_ref()
@@ -684,11 +691,7 @@ mod tests {
             key: "previous".into(),
         });
         let env = env_of(&gateway_deployment(&cc, 2));
-        let value = |n: &str| {
-            env.iter()
-                .find(|e| e.name == n)
-                .and_then(|e| e.value.clone())
-        };
+        let value = |n: &str| value_of(&env, n);
         assert_eq!(
             value("PARLEY_LIMIT_SENDS_PER_USER").as_deref(),
             Some("500/10")
@@ -722,11 +725,7 @@ mod tests {
                     credentials: {secretName: minio}\nlimits: {maxVideoMb: 100, dailyMb: 0}\n";
         cc.spec.media = Some(serde_yaml::from_str(yaml).unwrap());
         let env = env_of(&chat_deployment(&cc));
-        let value = |n: &str| {
-            env.iter()
-                .find(|e| e.name == n)
-                .and_then(|e| e.value.clone())
-        };
+        let value = |n: &str| value_of(&env, n);
         assert_eq!(
             value("PARLEY_MEDIA_S3_BUCKET").as_deref(),
             Some("chat-media")

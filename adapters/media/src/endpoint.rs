@@ -129,17 +129,15 @@ async fn received(dir: &Path, id: &str, size: u64) -> std::io::Result<u64> {
     if tokio::fs::try_exists(dir.join("blobs").join(id)).await? {
         return Ok(size);
     }
-    if let Ok(m) = tokio::fs::metadata(partial(dir, id)).await
-        && m.len() == size
-    {
+    let have = match tokio::fs::metadata(partial(dir, id)).await {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    if have == size {
         place(dir, id).await?;
-        return Ok(size);
     }
-    match tokio::fs::metadata(partial(dir, id)).await {
-        Ok(m) => Ok(m.len()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(e),
-    }
+    Ok(have)
 }
 
 fn offset_header(response: &mut Response, offset: u64) {

@@ -171,23 +171,7 @@ fn media_of(m: &pb::Message) -> &pb::Media {
 }
 
 async fn next_media(events: &mut Receiver<Event>) -> pb::Message {
-    loop {
-        match timeout(WAIT, events.recv())
-            .await
-            .expect("no message in time")
-            .expect("events closed")
-        {
-            Event::Message { message, .. }
-                if matches!(
-                    message.content.as_ref().and_then(|c| c.body.as_ref()),
-                    Some(pb::content::Body::Media(_))
-                ) =>
-            {
-                return message;
-            }
-            _ => {}
-        }
-    }
+    next_message(events, |b| matches!(b, pb::content::Body::Media(_))).await
 }
 
 /// Files under `dir`, by name.

@@ -311,15 +311,12 @@ pub(super) async fn blob_collector(svc: Weak<ChatService>) {
     let Some(every) = svc.upgrade().map(|s| s.config.media.gc_every) else {
         return;
     };
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(svc) = svc.upgrade() else { return };
+    super::periodically(svc, every, |svc| async move {
         match svc.collect_blobs().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "unused uploads deleted"),
             Err(e) => tracing::warn!(error = %e, "upload garbage collection failed; retrying"),
         }
-    }
+    })
+    .await;
 }
