@@ -103,6 +103,9 @@ struct ServeArgs {
     #[cfg(feature = "media")]
     #[command(flatten)]
     s3: S3Args,
+    #[cfg(feature = "media")]
+    #[command(flatten)]
+    media_dir: MediaDirArgs,
     #[command(flatten)]
     media: MediaArgs,
 }
@@ -207,11 +210,16 @@ where
         prefix: a.backends.prefix.clone(),
     }));
     #[cfg(feature = "media")]
-    let blobs = a.s3.storage()?;
+    let blobs = match (a.s3.storage()?, a.media_dir.storage()?) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("media go to an S3 bucket or a shared directory, not both")
+        }
+        (s3, dir) => s3.or(dir),
+    };
     #[cfg(not(feature = "media"))]
     let blobs: Option<Arc<dyn parley_core::BlobStorage>> = None;
     if blobs.is_none() {
-        tracing::info!("no --media-s3-bucket: this replica stores no media");
+        tracing::info!("no --media-s3-bucket or --media-dir: this replica stores no media");
     }
     let config = ChatConfig {
         retention: (a.retention_days > 0)
@@ -458,6 +466,58 @@ impl S3Args {
         };
         let storage = parley_media::MediaStorage::s3(&config)
             .with_context(|| format!("the media store {config:?}"))?;
+        Ok(Some(Arc::new(storage)))
+    }
+}
+
+/// Uploads in a directory every chat-service replica and gateway mounts
+/// (a ReadWriteMany volume): the chat services sign URLs for the gateways'
+/// public HTTP port, where the gateways take and serve the bytes.
+#[cfg(feature = "media")]
+#[derive(clap::Args, Clone, Default)]
+pub struct MediaDirArgs {
+    /// The shared directory; without it (or an S3 bucket), this server
+    /// stores no media.
+    #[arg(long, env = "PARLEY_MEDIA_DIR")]
+    pub media_dir: Option<std::path::PathBuf>,
+    /// The key the URLs are signed with, at least 32 bytes: the same on
+    /// every chat service and gateway.
+    #[arg(long, env = "PARLEY_MEDIA_KEY", hide_env_values = true)]
+    pub media_key: Option<String>,
+    /// The base URL clients reach the gateways' public HTTP port at (their
+    /// route lookup's), e.g. https://chat.example.com:7404.
+    #[arg(long, env = "PARLEY_MEDIA_PUBLIC_URL")]
+    pub media_public_url: Option<String>,
+}
+
+#[cfg(feature = "media")]
+impl std::fmt::Debug for MediaDirArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("MediaDirArgs")
+            .field("dir", &self.media_dir)
+            .field("public_url", &self.media_public_url)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "media")]
+impl MediaDirArgs {
+    /// The storage of the directory these flags name, if any.
+    pub fn storage(&self) -> anyhow::Result<Option<Arc<dyn parley_core::BlobStorage>>> {
+        let Some(dir) = &self.media_dir else {
+            return Ok(None);
+        };
+        let key = self
+            .media_key
+            .as_deref()
+            .context("--media-key (PARLEY_MEDIA_KEY) is required with --media-dir")?;
+        let url = self.media_public_url.as_deref().context(
+            "--media-public-url (PARLEY_MEDIA_PUBLIC_URL), the gateways' public HTTP address, \
+             is required with --media-dir",
+        )?;
+        let storage = parley_media::MediaStorage::local(dir, url, key.as_bytes())
+            .with_context(|| format!("the media directory {}", dir.display()))?;
         Ok(Some(Arc::new(storage)))
     }
 }

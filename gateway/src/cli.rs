@@ -110,6 +110,31 @@ struct Args {
     batches_in_flight: usize,
     #[command(flatten)]
     limits: LimitArgs,
+    /// A directory of uploads shared with the chat services (their
+    /// --media-dir): served on the public HTTP port (--route-listen, else
+    /// the ops port) at /media/v1/blobs/.
+    #[cfg(feature = "media")]
+    #[arg(long, env = "PARLEY_MEDIA_DIR")]
+    media_dir: Option<PathBuf>,
+    /// The chat services' --media-key, which signs the URLs served here.
+    #[cfg(feature = "media")]
+    #[arg(long, env = "PARLEY_MEDIA_KEY", hide_env_values = true)]
+    media_key: Option<String>,
+}
+
+/// The media endpoint these flags ask for, if any.
+#[cfg(feature = "media")]
+fn media_routes(a: &Args) -> anyhow::Result<Option<axum::Router>> {
+    let Some(dir) = &a.media_dir else {
+        return Ok(None);
+    };
+    let key = a
+        .media_key
+        .as_deref()
+        .context("--media-key (PARLEY_MEDIA_KEY) is required with --media-dir")?;
+    let storage = parley_media::MediaStorage::serving(dir, key.as_bytes())
+        .with_context(|| format!("the media directory {}", dir.display()))?;
+    Ok(Some(parley_media::router(storage)))
 }
 
 fn listener(value: &str, what: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -149,6 +174,10 @@ where
         (None, None, Some(l)) => advertised(l),
         (None, None, None) => anyhow::bail!("no client listener: set --listen or --tls-listen"),
     };
+    #[cfg(feature = "media")]
+    let public_routes = media_routes(&a)?;
+    #[cfg(not(feature = "media"))]
+    let public_routes = None;
     let gateway_id = a.gateway_id.unwrap_or_else(|| {
         std::env::var("HOSTNAME")
             .ok()
@@ -179,6 +208,7 @@ where
         tls_key: a.tls_key,
         ops_listen: a.ops_listen,
         route_listen: listener(&a.route_listen, "--route-listen")?,
+        public_routes,
         advertise,
         chat,
         redis_url: a.backends.redis_url,

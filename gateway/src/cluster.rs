@@ -60,6 +60,9 @@ pub struct ClusterConfig {
     /// The route lookup alone, for clients outside the cluster (published
     /// on the gateway Service, where health and metrics do not belong).
     pub route_listen: Option<SocketAddr>,
+    /// More for clients, served beside the route lookup: the media
+    /// endpoint of a directory shared with the chat services.
+    pub public_routes: Option<axum::Router>,
     /// The address clients should use to reach this gateway (host:port),
     /// written to the routing table.
     pub advertise: String,
@@ -442,9 +445,12 @@ pub async fn run(cfg: ClusterConfig, mut shutdown: watch::Receiver<bool>) -> any
 
     let (ops_stop, ops_stop_rx) = watch::channel(false);
     let probe: Arc<dyn Probe> = node.clone();
-    let lookup = axum::Router::new()
+    let mut lookup = axum::Router::new()
         .route("/route", get(route))
         .with_state(node.clone());
+    if let Some(routes) = cfg.public_routes.clone() {
+        lookup = lookup.merge(routes);
+    }
     let router = ops::router(probe).merge(lookup.clone());
     let mut stop_rx = ops_stop_rx.clone();
     let ops_task = tokio::spawn(ops::serve(ops_listener, router, async move {

@@ -151,6 +151,28 @@ fn io_failed(e: std::io::Error) -> Response {
     refuse(StatusCode::SERVICE_UNAVAILABLE, "storage failed; retry")
 }
 
+/// The partial file at `path`, opened (created if missing) and locked for
+/// this request alone; None while another request, in this process or
+/// another one sharing `dir`, holds it. The lock goes with the file.
+async fn lock_partial(dir: &Path, path: &Path) -> std::io::Result<Option<tokio::fs::File>> {
+    tokio::fs::create_dir_all(dir.join("partial")).await?;
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(tokio::fs::File::from_std(file))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 /// `HEAD` of an upload URL: where the upload stands (`Upload-Offset`);
 /// of a download URL, the download's headers.
 async fn head(
@@ -249,22 +271,30 @@ async fn upload(
         };
         return refuse(status, format!("this request carries {len} bytes, not {n}"));
     }
-    // One writer per upload: a second PUT of the same one while the first
-    // is still going is refused, so no file is written by two, and none
-    // once it is in place.
-    let Some(_writing) = media.writing(&id) else {
-        let mut r = refuse(
-            StatusCode::CONFLICT,
-            "another request is sending this upload",
-        );
-        offset_header(&mut r, 0);
-        return r;
+    // One writer per upload: the partial file's lock, which every process
+    // sharing the directory (gateways of a cluster) honours. A second PUT
+    // of the same upload while the first is still going is refused, so no
+    // file is written by two, and none once it is in place.
+    let path = partial(&dir, &id);
+    let mut file = match lock_partial(&dir, &path).await {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            let mut r = refuse(
+                StatusCode::CONFLICT,
+                "another request is sending this upload",
+            );
+            offset_header(&mut r, 0);
+            return r;
+        }
+        Err(e) => return io_failed(e),
     };
     let have = match received(&dir, &id, q.size).await {
         Ok(n) => n,
         Err(e) => return io_failed(e),
     };
     if have == q.size {
+        // In place: the partial this request opened is nobody's.
+        let _ = tokio::fs::remove_file(&path).await;
         return refuse(StatusCode::CONFLICT, "this upload is complete already");
     }
     if start > 0 && start != have {
@@ -275,21 +305,11 @@ async fn upload(
         offset_header(&mut r, have);
         return r;
     }
-    let path = partial(&dir, &id);
-    let opened = async {
-        tokio::fs::create_dir_all(dir.join("partial")).await?;
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(start == 0)
-            .open(&path)
-            .await?;
-        Ok::<_, std::io::Error>(file)
-    };
-    let mut file = match opened.await {
-        Ok(f) => f,
-        Err(e) => return io_failed(e),
-    };
+    if start == 0
+        && let Err(e) = file.set_len(0).await
+    {
+        return io_failed(e);
+    }
     if let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await {
         return io_failed(e);
     }

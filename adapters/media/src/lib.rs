@@ -59,26 +59,9 @@ pub const HTTP_PREFIX: &str = "/media/v1/blobs";
 pub struct MediaStorage {
     store: Arc<dyn ObjectStore>,
     urls: Urls,
-    /// Uploads a request is writing to the local endpoint now.
-    writing: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Images decoded at once (a decode takes a core and up to hundreds
     /// of MiB).
     decoding: Arc<tokio::sync::Semaphore>,
-}
-
-/// Holds an upload for one writer; released when dropped.
-pub(crate) struct Writing {
-    set: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    id: String,
-}
-
-impl Drop for Writing {
-    fn drop(&mut self) {
-        self.set
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
-    }
 }
 
 /// Who signs the URLs clients use.
@@ -166,6 +149,15 @@ impl MediaStorage {
         ))
     }
 
+    /// Blobs under directory `dir` as a gateway of a cluster serves them
+    /// with [`router`], checking URLs the chat services signed with `key`
+    /// (this storage is not asked for URLs: the chat services, which know
+    /// the public address, sign them).
+    pub fn serving(dir: &FsPath, key: &[u8]) -> anyhow::Result<Self> {
+        // The base only goes into URLs this storage signs: none.
+        Self::local(dir, "http://signed-by-the-chat-services.invalid", key)
+    }
+
     /// Blobs in an S3-compatible bucket, with presigned URLs.
     pub fn s3(config: &S3Config) -> anyhow::Result<Self> {
         anyhow::ensure!(!config.bucket.is_empty(), "an S3 store needs a bucket");
@@ -188,19 +180,8 @@ impl MediaStorage {
         Self {
             store,
             urls,
-            writing: Arc::default(),
             decoding: Arc::new(tokio::sync::Semaphore::new(2)),
         }
-    }
-
-    /// The upload `id` for one writer, or None while another request
-    /// writes it.
-    pub(crate) fn writing(&self, id: &str) -> Option<Writing> {
-        let mut set = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        set.insert(id.to_owned()).then(|| Writing {
-            set: self.writing.clone(),
-            id: id.to_owned(),
-        })
     }
 
     /// The signer of this storage's own URLs: None when the store presigns
