@@ -82,19 +82,24 @@ pub struct ChatClusterSpec {
     /// The key the admin API requires.
     pub admin_key: SecretKeyRef,
     /// Where photos, voice, video and files live: an S3-compatible bucket
-    /// (MinIO, AWS S3, ...) that clients reach through presigned URLs.
-    /// Without it the chat services store no media and refuse uploads.
+    /// (MinIO, AWS S3, ...) that clients reach through presigned URLs, or
+    /// a ReadWriteMany volume the gateways serve. Without it the chat
+    /// services store no media and refuse uploads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaSpec>,
 }
 
-/// An S3-compatible store for uploads, and the upload rules.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+/// Where uploads live (an S3-compatible bucket, or a volume every chat
+/// service and gateway mounts), and the upload rules.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.bucket) != has(self.volume)").message("media go to an S3 bucket or a shared volume: give bucket or volume, not both"))]
+#[x_kube(validation = Rule::new("!has(self.bucket) || has(self.credentials)").message("an S3 bucket needs credentials"))]
 pub struct MediaSpec {
-    /// The bucket; it must exist.
+    /// The S3-compatible bucket; it must exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 3, max = 63))]
-    pub bucket: String,
+    pub bucket: Option<String>,
     /// The store's endpoint as the chat services reach it, e.g.
     /// `http://minio.minio.svc:9000`; omitted: AWS S3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,14 +112,41 @@ pub struct MediaSpec {
     pub public_endpoint: Option<String>,
     #[serde(default = "default_region")]
     pub region: String,
-    /// The Secret holding the store's credentials, under the keys
+    /// The Secret holding the bucket's credentials, under the keys
     /// `accessKey` and `secretKey` (or those named here).
-    pub credentials: S3Credentials,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<S3Credentials>,
+    /// Instead of a bucket: a volume the chat services and gateways all
+    /// mount, that the gateways serve on their route port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<MediaVolume>,
     /// Upload rules; each omitted one keeps its default (see
     /// `docs/protocol.md`, "Media").
     #[serde(default, skip_serializing_if = "MediaLimitsSpec::is_empty")]
     pub limits: MediaLimitsSpec,
 }
+
+/// Uploads in a shared volume: the chat services check and record them,
+/// the gateways take and serve the bytes at the URLs the chat services
+/// sign.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaVolume {
+    /// A PersistentVolumeClaim in the ChatCluster's namespace, with access
+    /// mode ReadWriteMany (NFS, CephFS, EFS, ...).
+    #[schemars(length(min = 1))]
+    pub claim_name: String,
+    /// The key URLs are signed with (at least 32 bytes).
+    pub signing_key: SecretKeyRef,
+    /// Where clients reach the gateways' route port, e.g.
+    /// `https://chat.example.com:7404` (the gateway Service's `route`
+    /// port): the signed URLs name it.
+    #[schemars(regex(pattern = r"^https?://[^\s/]+(/.*)?$"))]
+    pub public_url: String,
+}
+
+/// Where a shared media volume is mounted in the pods.
+pub const MEDIA_MOUNT: &str = "/var/lib/parley/media";
 
 fn default_region() -> String {
     "us-east-1".to_owned()
@@ -769,6 +801,7 @@ mod tests {
         let yaml = crd_yaml();
         assert!(yaml.contains("self.minReplicas <= self.maxReplicas"));
         assert!(yaml.contains("has(self.url) != has(self.secretRef)"));
+        assert!(yaml.contains("has(self.bucket) != has(self.volume)"));
         assert!(yaml.contains("x-kubernetes-list-map-keys"));
         assert!(yaml.contains("specReplicasPath: .spec.gateway.replicas"));
     }

@@ -14,7 +14,7 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SecretKeySelector,
-    SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    PersistentVolumeClaimVolumeSource, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -295,6 +295,13 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
         }
         None => vars.push(env("PARLEY_ADVERTISE", format!("$(POD_IP):{GATEWAY_TCP}"))),
     }
+    if let Some((volume, mount)) = media_volume(cc) {
+        // The media endpoint, on the route port.
+        let media = cc.spec.media.as_ref().and_then(|m| m.volume.as_ref());
+        vars.extend(media.map(media_volume_env).into_iter().flatten());
+        volumes.get_or_insert_with(Vec::new).push(volume);
+        mounts.get_or_insert_with(Vec::new).push(mount);
+    }
     if g.publish.mode == PublishMode::HostPort {
         // The client port on the node's own address: the table holds it.
         let (name, _, outside) = crate::publish::client_port(cc);
@@ -430,6 +437,7 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
         readiness_probe: Some(http_probe("/readyz", CHAT_OPS, 5)),
         liveness_probe: Some(http_probe("/healthz", CHAT_OPS, 10)),
         resources: cc.spec.chat.resources.clone(),
+        volume_mounts: media_volume(cc).map(|(_, m)| vec![m]),
         ..Container::default()
     };
     Deployment {
@@ -445,6 +453,7 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
                 spec: Some(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: Some(30),
+                    volumes: media_volume(cc).map(|(v, _)| vec![v]),
                     ..PodSpec::default()
                 }),
             },
@@ -454,30 +463,72 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
     }
 }
 
-/// The chat service's media store and rules; credentials from their Secret.
+/// The chat service's media store and rules; credentials and the signing
+/// key from their Secrets.
 fn media_env(media: &crate::crd::MediaSpec) -> Vec<EnvVar> {
-    let mut vars = vec![
-        env("PARLEY_MEDIA_S3_BUCKET", media.bucket.clone()),
-        env("PARLEY_MEDIA_S3_REGION", media.region.clone()),
-        env_secret(
-            "PARLEY_MEDIA_S3_ACCESS_KEY",
-            &media.credentials.secret_name,
-            &media.credentials.access_key_key,
-        ),
-        env_secret(
-            "PARLEY_MEDIA_S3_SECRET_KEY",
-            &media.credentials.secret_name,
-            &media.credentials.secret_key_key,
-        ),
-    ];
-    if let Some(e) = &media.endpoint {
-        vars.push(env("PARLEY_MEDIA_S3_ENDPOINT", e.clone()));
+    let mut vars = Vec::new();
+    if let (Some(bucket), Some(credentials)) = (&media.bucket, &media.credentials) {
+        vars.extend([
+            env("PARLEY_MEDIA_S3_BUCKET", bucket.clone()),
+            env("PARLEY_MEDIA_S3_REGION", media.region.clone()),
+            env_secret(
+                "PARLEY_MEDIA_S3_ACCESS_KEY",
+                &credentials.secret_name,
+                &credentials.access_key_key,
+            ),
+            env_secret(
+                "PARLEY_MEDIA_S3_SECRET_KEY",
+                &credentials.secret_name,
+                &credentials.secret_key_key,
+            ),
+        ]);
+        if let Some(e) = &media.endpoint {
+            vars.push(env("PARLEY_MEDIA_S3_ENDPOINT", e.clone()));
+        }
+        if let Some(e) = &media.public_endpoint {
+            vars.push(env("PARLEY_MEDIA_S3_PUBLIC_ENDPOINT", e.clone()));
+        }
     }
-    if let Some(e) = &media.public_endpoint {
-        vars.push(env("PARLEY_MEDIA_S3_PUBLIC_ENDPOINT", e.clone()));
+    if let Some(volume) = &media.volume {
+        vars.extend(media_volume_env(volume));
+        vars.push(env("PARLEY_MEDIA_PUBLIC_URL", volume.public_url.clone()));
     }
     vars.extend(media.limits.env().into_iter().map(|(n, v)| env(n, v)));
     vars
+}
+
+/// A shared media volume's directory and signing key, as the chat
+/// services and the gateways both take them.
+fn media_volume_env(volume: &crate::crd::MediaVolume) -> [EnvVar; 2] {
+    [
+        env("PARLEY_MEDIA_DIR", crate::crd::MEDIA_MOUNT),
+        env_secret(
+            "PARLEY_MEDIA_KEY",
+            &volume.signing_key.name,
+            &volume.signing_key.key,
+        ),
+    ]
+}
+
+/// The shared media volume of `cc`, if any: the pod's volume and the
+/// container's mount.
+fn media_volume(cc: &ChatCluster) -> Option<(Volume, VolumeMount)> {
+    let claim = &cc.spec.media.as_ref()?.volume.as_ref()?.claim_name;
+    Some((
+        Volume {
+            name: "media".to_owned(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: "media".to_owned(),
+            mount_path: crate::crd::MEDIA_MOUNT.to_owned(),
+            ..VolumeMount::default()
+        },
+    ))
 }
 
 /// A Service in front of the chat pods with one port.
@@ -762,6 +813,60 @@ mod tests {
                 .iter()
                 .any(|e| e.name.starts_with("PARLEY_MEDIA_S3_"))
         );
+    }
+
+    /// A shared media volume is mounted by the chat services and the
+    /// gateways alike, with the signing key from its Secret; the chat
+    /// services sign for the public URL, and nothing goes to S3.
+    #[test]
+    fn a_shared_media_volume_reaches_chat_services_and_gateways() {
+        let mut cc = cluster();
+        let yaml = "volume:\n  claimName: chat-media\n  signingKey: {name: media-key, key: key}\n  \
+                    publicUrl: https://chat.example.com:7404\n";
+        cc.spec.media = Some(serde_yaml::from_str(yaml).unwrap());
+        let chat = chat_deployment(&cc);
+        let gateway = gateway_deployment(&cc, 2);
+        for (what, d) in [("chat", &chat), ("gateway", &gateway)] {
+            let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == "media")
+                .unwrap_or_else(|| panic!("{what} has no media volume"));
+            let claim = volume.persistent_volume_claim.as_ref().unwrap();
+            assert_eq!(claim.claim_name, "chat-media", "{what}");
+            let mount = pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "media")
+                .unwrap();
+            assert_eq!(mount.mount_path, crate::crd::MEDIA_MOUNT, "{what}");
+            let env = env_of(d);
+            assert_eq!(
+                value_of(&env, "PARLEY_MEDIA_DIR").as_deref(),
+                Some(crate::crd::MEDIA_MOUNT),
+                "{what}"
+            );
+            let key = env.iter().find(|e| e.name == "PARLEY_MEDIA_KEY").unwrap();
+            assert!(key.value.is_none(), "{what}: the key comes from the Secret");
+            let from = key.value_from.as_ref().unwrap().secret_key_ref.as_ref();
+            assert_eq!(
+                from.map(|s| (s.name.as_str(), s.key.as_str())),
+                Some(("media-key", "key"))
+            );
+            assert!(!env.iter().any(|e| e.name.starts_with("PARLEY_MEDIA_S3_")));
+        }
+        assert_eq!(
+            value_of(&env_of(&chat), "PARLEY_MEDIA_PUBLIC_URL").as_deref(),
+            Some("https://chat.example.com:7404")
+        );
+        // The gateways serve it on the route port, which TLS leaves alone.
+        cc.spec.gateway.tls_secret_name = Some("chat-tls".into());
+        let pod = gateway_deployment(&cc, 2).spec.unwrap().template.spec.unwrap();
+        let names: Vec<_> = pod.volumes.unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, ["tls", "media"]);
     }
 
     #[test]
