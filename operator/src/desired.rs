@@ -13,8 +13,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, SecretKeySelector,
-    PersistentVolumeClaimVolumeSource, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -864,7 +865,12 @@ mod tests {
         );
         // The gateways serve it on the route port, which TLS leaves alone.
         cc.spec.gateway.tls_secret_name = Some("chat-tls".into());
-        let pod = gateway_deployment(&cc, 2).spec.unwrap().template.spec.unwrap();
+        let pod = gateway_deployment(&cc, 2)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
         let names: Vec<_> = pod.volumes.unwrap().into_iter().map(|v| v.name).collect();
         assert_eq!(names, ["tls", "media"]);
     }

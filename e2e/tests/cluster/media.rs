@@ -240,15 +240,27 @@ async fn a_file_in_a_shared_directory_goes_up_one_gateway_and_down_another() {
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&path, &bytes).unwrap();
     lb.point_at(0);
-    let (ack, blob) = ann.send_file(conv, &path, "the minutes", None).await.unwrap();
+    let (ack, blob) = ann
+        .send_file(conv, &path, "the minutes", None)
+        .await
+        .unwrap();
     let up = lb.point_at(1);
     assert!(!up.is_empty() && up.iter().all(|&g| g == 0), "{up:?}");
     let stored = shared.path().join("blobs").join(&blob.blob_id);
-    assert_eq!(std::fs::read(&stored).unwrap(), bytes, "in the shared directory");
+    assert_eq!(
+        std::fs::read(&stored).unwrap(),
+        bytes,
+        "in the shared directory"
+    );
 
     let deadline = Instant::now() + SETTLE;
     let message = loop {
-        if let Some(m) = rec.log("bob/phone").messages.iter().find(|m| m.seq == ack.seq) {
+        if let Some(m) = rec
+            .log("bob/phone")
+            .messages
+            .iter()
+            .find(|m| m.seq == ack.seq)
+        {
             break m.clone();
         }
         assert!(Instant::now() < deadline, "bob never got the file");
@@ -276,8 +288,15 @@ async fn a_file_in_a_shared_directory_goes_up_one_gateway_and_down_another() {
     std::fs::create_dir_all(shared.path().join("partial")).unwrap();
     let held = std::fs::File::create(shared.path().join("partial").join(&slot.blob_id)).unwrap();
     held.try_lock().unwrap();
-    let url = slot.url.replace(&lb.addr.to_string(), &c.gateways[1].route.unwrap().to_string());
-    assert_eq!(put(&url, &slot.headers, &small).await, 409, "held elsewhere");
+    let url = slot.url.replace(
+        &lb.addr.to_string(),
+        &c.gateways[1].route.unwrap().to_string(),
+    );
+    assert_eq!(
+        put(&url, &slot.headers, &small).await,
+        409,
+        "held elsewhere"
+    );
     drop(held);
     assert_eq!(put(&url, &slot.headers, &small).await, 200);
     let done = Req::UploadComplete(pb::UploadComplete {
