@@ -126,6 +126,14 @@ fn incoming(id: &str) -> Path {
     Path::from(format!("uploads/{id}"))
 }
 
+/// Where the id of an upload in parts is kept until the parts are
+/// joined, so that deleting an upload never completed aborts it and its
+/// parts go with it (S3 keeps the parts of an unfinished multipart upload,
+/// unlisted, until it is aborted).
+fn parts_marker(id: &str) -> Path {
+    Path::from(format!("uploads/{id}.parts"))
+}
+
 /// A storage failure, logged with its detail and answered as UNAVAILABLE
 /// (the client may retry).
 fn unavailable(what: &str, e: impl std::fmt::Display) -> ChatError {
@@ -240,6 +248,11 @@ impl MediaStorage {
             .create_multipart_opts(&path, options)
             .await
             .map_err(|e| unavailable("start an upload in parts", e))?;
+        let marker = PutPayload::from(upload_id.clone().into_bytes());
+        if let Err(e) = store.put(&parts_marker(&blob.id), marker).await {
+            let _ = store.abort_multipart(&path, &upload_id).await;
+            return Err(unavailable("start an upload in parts", e));
+        }
         let mut parts = Vec::new();
         let mut offset = 0;
         let mut number = 1u32;
@@ -385,17 +398,22 @@ impl BlobStorage for MediaStorage {
             })
             .collect();
         let upload_id = upload_id.to_owned();
-        match store
+        let joined = store
             .complete_multipart(&incoming(&blob.id), &upload_id, ids)
-            .await
-        {
+            .await;
+        // Joined now, or already by an earlier completion whose answer was
+        // lost: the object is there, and the parts are gone.
+        let whole = joined.is_ok() || store.head(&incoming(&blob.id)).await.is_ok();
+        if whole {
+            match store.delete(&parts_marker(&blob.id)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(error = %e, "an upload's parts marker stays"),
+            }
+        }
+        match joined {
             Ok(_) => Ok(()),
+            Err(_) if whole => Ok(()),
             Err(e) => {
-                // Joined already by an earlier completion whose answer was
-                // lost: the object is there.
-                if store.head(&incoming(&blob.id)).await.is_ok() {
-                    return Ok(());
-                }
                 tracing::info!(error = %e, blob = %blob.id, "parts not joined");
                 Err(ChatError::UploadIncomplete(
                     "the parts do not make the upload: send every part, then complete with their ETags"
@@ -526,7 +544,31 @@ impl BlobStorage for MediaStorage {
         if !is_blob_id(id) {
             return Err(ChatError::invalid(format!("{id:?} is not a blob id")));
         }
-        for path in [object(id), object(&thumbnail_key(id)), incoming(id)] {
+        if let Urls::Presigned(_, store) = &self.urls {
+            // An upload in parts never joined: abort it, its parts with it.
+            match store.get(&parts_marker(id)).await {
+                Ok(got) => {
+                    let bytes = got
+                        .bytes()
+                        .await
+                        .map_err(|e| unavailable("delete an upload", e))?;
+                    let upload_id = String::from_utf8_lossy(&bytes).into_owned();
+                    match store.abort_multipart(&incoming(id), &upload_id).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(unavailable("abort an upload in parts", e)),
+                    }
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(unavailable("delete an upload", e)),
+            }
+        }
+        let paths = [
+            object(id),
+            object(&thumbnail_key(id)),
+            incoming(id),
+            parts_marker(id),
+        ];
+        for path in paths {
             match self.store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(unavailable("delete an upload", e)),

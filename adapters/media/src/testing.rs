@@ -127,4 +127,19 @@ impl S3Server {
         keys.sort();
         keys
     }
+
+    /// What the server keeps of multipart uploads not yet joined or
+    /// aborted (s3s-fs keeps them as hidden files at its root: each
+    /// upload's record and its parts).
+    pub fn unfinished_parts(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.root.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload"))
+            .collect();
+        names.sort();
+        names
+    }
 }

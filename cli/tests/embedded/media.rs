@@ -659,8 +659,84 @@ async fn a_large_upload_to_s3_goes_in_parts_and_a_broken_part_goes_again() {
         "the broken part went again, not the whole file: {moved} bytes carried for {size}"
     );
     assert!(relay.connections() >= 3, "two parts, one of them twice");
+    assert_eq!(
+        s3.keys(),
+        vec![format!("blobs/{}", blob.blob_id)],
+        "joined, checked and kept: nothing of the upload is left"
+    );
+    assert!(s3.unfinished_parts().is_empty());
     let got = next_media(&mut bev).await;
     let saved = dir.path().join("bob.mp4");
     bob.download(&got, false, &saved, None).await.unwrap();
     assert_eq!(std::fs::read(&saved).unwrap(), bytes, "byte for byte");
+}
+
+/// Garbage collection on an S3 store: an upload whose bytes arrived but
+/// that was never completed, an upload in parts with one part sent, and a
+/// completed upload no message uses all leave the store (objects, and the
+/// multipart upload with its parts); the file a message uses stays.
+#[tokio::test]
+async fn uploads_nobody_uses_leave_the_s3_store() {
+    let s3 = parley_media::testing::S3Server::start().await.unwrap();
+    let store = s3.config();
+    let ttl = Duration::from_secs(3);
+    let mut w = World::with(|c| {
+        c.s3 = Some(store);
+        c.chat.media.upload_ttl = ttl;
+        c.chat.media.unused_grace = Duration::from_secs(1);
+    })
+    .await;
+    let (ta, _tb) = (w.user("alice").await, w.user("bob").await);
+    let (alice, _aev) = w.connect(&ta, "phone").await;
+    let conv = alice.open_direct("bob").await.unwrap().id;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kept.txt");
+    std::fs::write(&path, b"a message uses me").unwrap();
+    let (_, used) = alice.send_file(conv, &path, "", None).await.unwrap();
+
+    let text = |n: u64| upload(pb::MediaKind::File, "text/plain", n, vec![]);
+    let unfinished = slot(&alice, text(5)).await.unwrap();
+    assert_eq!(put_bytes(&unfinished, b"hello", None).await, 200);
+    let unused = slot(&alice, text(5)).await.unwrap();
+    assert_eq!(put_bytes(&unused, b"hello", None).await, 200);
+    complete(&alice, &unused.blob_id).await.unwrap();
+    let size = parley_media::PART_BYTES + 1;
+    let parted = slot(
+        &alice,
+        upload(pb::MediaKind::Video, "video/mp4", size, vec![]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(parted.parts.len(), 2);
+    let first = vec![7u8; parted.parts[0].size as usize];
+    let (status, _) = http("PUT", &parted.parts[0].url, &[], &first, None).await;
+    assert_eq!(status, 200, "the first part");
+    let parts = s3.unfinished_parts();
+    assert_eq!(parts.len(), 2, "the upload and its first part: {parts:?}");
+    let mut before = s3.keys();
+    before.retain(|k| !k.starts_with("blobs/"));
+    assert!(
+        before.contains(&format!("uploads/{}", unfinished.blob_id)),
+        "{before:?}"
+    );
+
+    // Past the slot and the grace: everything but the used file goes.
+    tokio::time::sleep(ttl + Duration::from_millis(1_300)).await;
+    let deleted = w.server.chat.collect_blobs().await.unwrap();
+    assert_eq!(
+        deleted, 3,
+        "the unfinished, the unused and the one in parts"
+    );
+    assert_eq!(s3.keys(), vec![format!("blobs/{}", used.blob_id)]);
+    assert_eq!(
+        s3.unfinished_parts(),
+        Vec::<String>::new(),
+        "the upload in parts was aborted, its part with it"
+    );
+    println!(
+        "S3 garbage collection: {deleted} uploads deleted ({} parts of an unfinished one \
+         among them), {:?} kept",
+        parts.len() - 1,
+        s3.keys()
+    );
 }
