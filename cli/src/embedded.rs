@@ -44,6 +44,9 @@ pub struct EmbeddedConfig {
     pub public_url: Option<String>,
     /// Uploads in an S3-compatible store instead of `<data_dir>/media`.
     pub s3: Option<parley_media::S3Config>,
+    /// How long the endpoint waits on an upload whose bytes stopped
+    /// coming before it lets it go for a resume.
+    pub media_body_stall: Duration,
 }
 
 impl EmbeddedConfig {
@@ -66,6 +69,7 @@ impl EmbeddedConfig {
             http_listen: Some(any),
             public_url: None,
             s3: None,
+            media_body_stall: parley_media::BODY_STALL,
         }
     }
 }
@@ -144,7 +148,8 @@ impl Embedded {
                     &cfg.data_dir.join("media"),
                     url,
                     key.as_bytes(),
-                )?;
+                )?
+                .with_body_stall(cfg.media_body_stall);
                 chat_config.blobs = Some(Arc::new(media.clone()));
                 Some(media)
             }

@@ -20,8 +20,14 @@ use crate::transport::{self, TlsOptions};
 /// Called with (bytes moved so far, bytes in all) as a transfer goes.
 pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
-/// How long a transfer may go without a byte moving.
-const STALL: Duration = Duration::from_secs(30);
+/// How transfers go: the TLS trust for `https` URLs, and how long one may
+/// go without a byte moving before it is given up (and, for an upload,
+/// resumed).
+#[derive(Debug, Clone)]
+pub(crate) struct Transfers {
+    pub tls: Option<TlsOptions>,
+    pub stall: Duration,
+}
 /// Bytes read from a file per body frame.
 const CHUNK: usize = 256 * 1024;
 
@@ -98,9 +104,9 @@ async fn open(
 }
 
 /// Reads a response body to text, for an error (at most 4 KiB).
-async fn error_text(resp: hyper::Response<hyper::body::Incoming>) -> String {
+async fn error_text(resp: hyper::Response<hyper::body::Incoming>, stall: Duration) -> String {
     let status = resp.status();
-    let body = match tokio::time::timeout(STALL, resp.into_body().collect()).await {
+    let body = match tokio::time::timeout(stall, resp.into_body().collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
         _ => Bytes::new(),
     };
@@ -125,14 +131,14 @@ fn transient(message: String) -> TransferError {
 /// How many bytes of an upload the server holds, for an upload URL that
 /// resumes (Parley's own endpoint answers `HEAD` with `Upload-Offset`);
 /// None when it does not say (a presigned S3 URL: send it all again).
-pub(crate) async fn upload_offset(url: &str, tls: Option<&TlsOptions>) -> Option<u64> {
+pub(crate) async fn upload_offset(url: &str, opts: &Transfers) -> Option<u64> {
     let t = target(url).ok()?;
     let req = hyper::Request::head(&t.path)
         .header(hyper::header::HOST, &t.host)
         .body(BodyExt::boxed(Empty::new().map_err(|never| match never {})))
         .ok()?;
-    let mut sender = open(&t, tls).await.ok()?;
-    let resp = tokio::time::timeout(STALL, sender.send_request(req))
+    let mut sender = open(&t, opts.tls.as_ref()).await.ok()?;
+    let resp = tokio::time::timeout(opts.stall, sender.send_request(req))
         .await
         .ok()?
         .ok()?;
@@ -151,7 +157,7 @@ pub(crate) async fn upload_offset(url: &str, tls: Option<&TlsOptions>) -> Option
 /// names it in errors ("upload to").
 async fn send(
     t: &Target,
-    tls: Option<&TlsOptions>,
+    opts: &Transfers,
     req: hyper::http::request::Builder,
     body: Body,
     what: &str,
@@ -160,7 +166,7 @@ async fn send(
         message: e.to_string(),
         retry: false,
     })?;
-    let mut sender = open(t, tls).await.map_err(transient)?;
+    let mut sender = open(t, opts.tls.as_ref()).await.map_err(transient)?;
     sender
         .send_request(req)
         .await
@@ -175,7 +181,7 @@ pub(crate) async fn put_file(
     headers: &[(String, String)],
     path: &Path,
     (from, size): (u64, u64),
-    tls: Option<&TlsOptions>,
+    opts: &Transfers,
     progress: Option<Progress>,
 ) -> Result<(), TransferError> {
     let span = Span {
@@ -184,7 +190,7 @@ pub(crate) async fn put_file(
         total: size,
         content_range: from > 0,
     };
-    put_span(url, headers, path, span, tls, progress)
+    put_span(url, headers, path, span, opts, progress)
         .await
         .map(drop)
 }
@@ -195,7 +201,7 @@ pub(crate) async fn put_part(
     url: &str,
     path: &Path,
     (offset, len, total): (u64, u64, u64),
-    tls: Option<&TlsOptions>,
+    opts: &Transfers,
     progress: Option<Progress>,
 ) -> Result<String, TransferError> {
     let span = Span {
@@ -204,7 +210,7 @@ pub(crate) async fn put_part(
         total,
         content_range: false,
     };
-    put_span(url, &[], path, span, tls, progress)
+    put_span(url, &[], path, span, opts, progress)
         .await?
         .ok_or_else(|| transient("the store answered a part without an ETag".into()))
 }
@@ -224,7 +230,7 @@ async fn put_span(
     headers: &[(String, String)],
     path: &Path,
     span: Span,
-    tls: Option<&TlsOptions>,
+    opts: &Transfers,
     progress: Option<Progress>,
 ) -> Result<Option<String>, TransferError> {
     let Span {
@@ -247,8 +253,9 @@ async fn put_span(
         retry: false,
     })?;
     // When the body last moved: a connection that takes nothing for
-    // `STALL` is given up (and the upload resumed), not waited on forever.
-    let began = std::time::Instant::now();
+    // `opts.stall` is given up (and the upload resumed), not waited on
+    // forever.
+    let began = tokio::time::Instant::now();
     let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let moved_by_body = moved.clone();
     let frames = futures_util::stream::unfold((file, from), move |(mut file, sent)| {
@@ -291,16 +298,18 @@ async fn put_span(
     }
     let sending = send(
         &t,
-        tls,
+        opts,
         req,
         BodyExt::boxed(StreamBody::new(frames)),
         "upload to",
     );
+    let stall = opts.stall.as_millis() as u64;
     let stalled = async {
+        let every = opts.stall.min(Duration::from_secs(4)) / 4;
         loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(every).await;
             let last = moved.load(std::sync::atomic::Ordering::Relaxed);
-            if began.elapsed().as_millis() as u64 > last + STALL.as_millis() as u64 {
+            if began.elapsed().as_millis() as u64 > last + stall {
                 return;
             }
         }
@@ -309,9 +318,9 @@ async fn put_span(
         resp = sending => resp?,
         () = stalled => {
             return Err(transient(format!(
-                "upload to {} stalled: nothing moved for {} s",
+                "upload to {} stalled: nothing moved for {} ms",
                 t.authority,
-                STALL.as_secs()
+                stall
             )));
         }
     };
@@ -334,13 +343,13 @@ async fn put_span(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         return match offset {
-            Some(n) if n < size => Err(transient(error_text(resp).await)),
+            Some(n) if n < size => Err(transient(error_text(resp, opts.stall).await)),
             _ => Ok(None),
         };
     }
     let retry = resp.status().is_server_error();
     Err(TransferError {
-        message: error_text(resp).await,
+        message: error_text(resp, opts.stall).await,
         retry,
     })
 }
@@ -357,7 +366,7 @@ fn partial(dest: &Path) -> PathBuf {
 pub(crate) async fn get_file(
     url: &str,
     dest: &Path,
-    tls: Option<&TlsOptions>,
+    opts: &Transfers,
     progress: Option<Progress>,
 ) -> Result<(u64, Vec<u8>), TransferError> {
     let t = target(url).map_err(|message| TransferError {
@@ -378,7 +387,7 @@ pub(crate) async fn get_file(
         req = req.header(hyper::header::RANGE, format!("bytes={have}-"));
     }
     let empty = BodyExt::boxed(Empty::new().map_err(|never| match never {}));
-    let resp = send(&t, tls, req, empty, "download from").await?;
+    let resp = send(&t, opts, req, empty, "download from").await?;
     let status = resp.status();
     if status == hyper::StatusCode::RANGE_NOT_SATISFIABLE && have > 0 {
         // The partial file is not a start of this download: start over.
@@ -392,7 +401,7 @@ pub(crate) async fn get_file(
     if !status.is_success() {
         let retry = status.is_server_error();
         return Err(TransferError {
-            message: error_text(resp).await,
+            message: error_text(resp, opts.stall).await,
             retry,
         });
     }
@@ -425,7 +434,7 @@ pub(crate) async fn get_file(
     let total = length.map(|l| l + done).unwrap_or(0);
     let mut body = resp.into_body();
     loop {
-        let frame = match tokio::time::timeout(STALL, body.frame()).await {
+        let frame = match tokio::time::timeout(opts.stall, body.frame()).await {
             Err(_) => return Err(transient(format!("download from {} stalled", t.authority))),
             Ok(None) => break,
             Ok(Some(Err(e))) => {

@@ -47,6 +47,10 @@ pub struct ClientConfig {
     /// How long a request may wait, reconnects included.
     pub request_timeout: Duration,
     pub max_frame_bytes: usize,
+    /// How long an upload's or a download's HTTP transfer may go without a
+    /// byte moving before it is given up (an upload then resumes from
+    /// where the server says it ended).
+    pub transfer_stall: Duration,
 }
 
 impl ClientConfig {
@@ -65,6 +69,7 @@ impl ClientConfig {
             cursor: None,
             request_timeout: Duration::from_secs(30),
             max_frame_bytes: parley_proto::DEFAULT_MAX_FRAME_BYTES,
+            transfer_stall: Duration::from_secs(30),
         }
     }
 }
@@ -148,7 +153,7 @@ pub struct Client {
     request_timeout: Duration,
     /// Trusted for https upload and download URLs (the gateways' CA, if
     /// one is set; the public web's otherwise).
-    media_tls: Option<TlsOptions>,
+    transfers: media::Transfers,
 }
 
 impl Client {
@@ -192,7 +197,10 @@ impl Client {
                 cursor,
                 user_id: user_id.into(),
                 request_timeout,
-                media_tls: config.tls.clone(),
+                transfers: media::Transfers {
+                    tls: config.tls.clone(),
+                    stall: config.transfer_stall,
+                },
             },
             events,
         ))
@@ -349,7 +357,7 @@ impl Client {
                 &headers,
                 path,
                 (from, size),
-                self.media_tls.as_ref(),
+                &self.transfers,
                 progress.clone(),
             )
             .await;
@@ -360,7 +368,7 @@ impl Client {
                     sleep(Duration::from_millis(250 << attempt)).await;
                     // Where the server's own endpoint says the upload
                     // stands; from the start for a store that cannot say.
-                    from = media::upload_offset(&slot.url, self.media_tls.as_ref())
+                    from = media::upload_offset(&slot.url, &self.transfers)
                         .await
                         .filter(|n| *n <= size)
                         .unwrap_or(0);
@@ -400,7 +408,7 @@ impl Client {
                     &part.url,
                     path,
                     (part.offset, part.size, size),
-                    self.media_tls.as_ref(),
+                    &self.transfers,
                     progress.clone(),
                 )
                 .await;
@@ -486,7 +494,7 @@ impl Client {
                 Resp::DownloadUrl(u) => u.url,
                 other => return Err(unexpected(other)),
             };
-            match media::get_file(&url, dest, self.media_tls.as_ref(), progress.clone()).await {
+            match media::get_file(&url, dest, &self.transfers, progress.clone()).await {
                 Ok(got) => break got,
                 Err(e) if e.retry && attempt < 3 => {
                     attempt += 1;

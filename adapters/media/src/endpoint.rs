@@ -316,11 +316,19 @@ async fn upload(
     let mut got = 0u64;
     let mut stream = body.into_data_stream();
     let mut broke = None;
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
+    let stall = media.body_stall();
+    loop {
+        let chunk = match tokio::time::timeout(stall, stream.next()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(c))) => c,
+            Ok(Some(Err(e))) => {
                 broke = Some(e.to_string());
+                break;
+            }
+            Err(_) => {
+                // A half-dead connection: let the upload go (and its lock,
+                // as this request ends), so that a resume can go on.
+                broke = Some(format!("nothing arrived for {} ms", stall.as_millis()));
                 break;
             }
         };

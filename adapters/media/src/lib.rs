@@ -51,6 +51,10 @@ pub use sign::UrlSigner;
 /// its own, not the whole file.
 pub const PART_BYTES: u64 = 8 * 1024 * 1024;
 
+/// How long the local endpoint waits, by default, on an upload's body
+/// that stopped moving (a connection gone half-dead).
+pub const BODY_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The path the local endpoint serves, before a blob's key.
 pub const HTTP_PREFIX: &str = "/media/v1/blobs";
 
@@ -59,6 +63,10 @@ pub const HTTP_PREFIX: &str = "/media/v1/blobs";
 pub struct MediaStorage {
     store: Arc<dyn ObjectStore>,
     urls: Urls,
+    /// How long the local endpoint waits on an upload's body that stopped
+    /// moving before it ends the request, keeping what arrived and
+    /// releasing the writer's lock, so that a resume can go on.
+    body_stall: std::time::Duration,
     /// Images decoded at once (a decode takes a core and up to hundreds
     /// of MiB).
     decoding: Arc<tokio::sync::Semaphore>,
@@ -188,8 +196,20 @@ impl MediaStorage {
         Self {
             store,
             urls,
+            body_stall: BODY_STALL,
             decoding: Arc::new(tokio::sync::Semaphore::new(2)),
         }
+    }
+
+    /// How long the local endpoint waits on an upload's body that stopped
+    /// moving ([`BODY_STALL`] unless set).
+    pub fn with_body_stall(mut self, stall: std::time::Duration) -> Self {
+        self.body_stall = stall;
+        self
+    }
+
+    pub(crate) fn body_stall(&self) -> std::time::Duration {
+        self.body_stall
     }
 
     /// The signer of this storage's own URLs: None when the store presigns

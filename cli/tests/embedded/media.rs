@@ -532,6 +532,9 @@ struct Relay {
     listener: Option<tokio::net::TcpListener>,
     carried: Arc<std::sync::atomic::AtomicU64>,
     connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// The doomed connection goes silent (held open, nothing carried)
+    /// rather than closing: a half-dead connection.
+    freeze: bool,
 }
 
 impl Relay {
@@ -542,6 +545,7 @@ impl Relay {
             listener: Some(listener),
             carried: Arc::default(),
             connections: Arc::default(),
+            freeze: false,
         }
     }
 
@@ -549,6 +553,7 @@ impl Relay {
         use std::sync::atomic::Ordering;
         let listener = self.listener.take().expect("runs once");
         let (conns, bytes) = (self.connections.clone(), self.carried.clone());
+        let freeze = self.freeze;
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -565,6 +570,9 @@ impl Relay {
                         let mut sent = 0u64;
                         loop {
                             let n = cr.read(&mut buf).await.unwrap_or(0);
+                            if doomed && sent >= cut && freeze {
+                                std::future::pending::<()>().await;
+                            }
                             if n == 0 || (doomed && sent >= cut) {
                                 return;
                             }
@@ -626,6 +634,52 @@ async fn an_upload_that_breaks_off_resumes_where_it_ended() {
     let saved = dir.path().join("bob.ogg");
     bob.download(&got, false, &saved, None).await.unwrap();
     assert_eq!(std::fs::read(&saved).unwrap(), bytes);
+}
+
+/// An upload whose connection goes silent half way (held open, nothing
+/// moving, as when a NAT forgets it): the SDK gives it up after its stall
+/// time rather than waiting forever, the endpoint lets the upload go after
+/// its own (so the resume is not refused as a second writer), and the
+/// rest goes up from where it ended.
+#[tokio::test]
+async fn an_upload_whose_connection_goes_silent_resumes() {
+    let mut relay = Relay::bind().await;
+    relay.freeze = true;
+    let relay_addr = relay.addr;
+    let mut w = World::with(|c| {
+        c.public_url = Some(format!("http://{relay_addr}"));
+        c.media_body_stall = Duration::from_millis(800);
+    })
+    .await;
+    let cut = 400_000u64;
+    relay.run(w.server.http_addr.unwrap(), 1, cut);
+    let ta = w.user("alice").await;
+    let mut config = ClientConfig::new(w.server.tcp_addr.to_string(), &ta, "phone");
+    config.transfer_stall = Duration::from_millis(800);
+    let (alice, _aev) = Client::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("song.ogg");
+    let bytes: Vec<u8> = (0..2_000_000u32).map(|i| (i * 11 % 239) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let started = std::time::Instant::now();
+    let blob = timeout(Duration::from_secs(20), alice.upload(&path, None, None))
+        .await
+        .expect("the silent connection was given up")
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(blob.size_bytes, bytes.len() as u64);
+    let moved = relay.carried();
+    assert!(
+        moved < bytes.len() as u64 + cut,
+        "the rest went, not everything again: {moved} bytes carried"
+    );
+    println!(
+        "silent upload connection: given up and resumed, {} bytes whole in {:.1} s over {} \
+         connections ({moved} bytes carried)",
+        bytes.len(),
+        took.as_secs_f64(),
+        relay.connections()
+    );
 }
 
 /// A large file to an S3 store goes up in parts: a part whose connection
