@@ -499,3 +499,83 @@ mod tests {
         assert!(!is_blob_id(&"a".repeat(31)));
     }
 }
+
+/// One range of a `Range: bytes=...` request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// Bytes `start..end` (end exclusive).
+    Bounded { start: u64, end: u64 },
+    /// From `start` to the end.
+    From(u64),
+    /// The last `n` bytes.
+    Suffix(u64),
+}
+
+/// A `Range` header's value when it is a single `bytes=` range; None for
+/// anything else, which is served whole, as RFC 9110 allows.
+pub fn parse_range(value: &str) -> Option<ByteRange> {
+    let spec = value.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (start, end) = spec.trim().split_once('-')?;
+    match (start.parse::<u64>().ok(), end.parse::<u64>().ok()) {
+        (Some(s), Some(e)) if e >= s && e < u64::MAX => Some(ByteRange::Bounded {
+            start: s,
+            end: e + 1,
+        }),
+        (Some(s), None) if end.is_empty() => Some(ByteRange::From(s)),
+        (None, Some(n)) if start.is_empty() && n > 0 => Some(ByteRange::Suffix(n)),
+        _ => None,
+    }
+}
+
+/// A `Content-Range: bytes START-END/TOTAL` value (END inclusive):
+/// `(start, end, total)`, only when `start <= end < total`.
+pub fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+    let spec = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = spec.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (start.parse().ok()?, end.parse().ok()?, total.parse().ok()?);
+    (start <= end && end < total).then_some((start, end, total))
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    #[test]
+    fn ranges_read_as_rfc_9110_has_them() {
+        let b = |start, end| Some(ByteRange::Bounded { start, end });
+        assert_eq!(parse_range("bytes=0-9"), b(0, 10));
+        assert_eq!(parse_range("bytes=5-5"), b(5, 5 + 1));
+        assert_eq!(parse_range("bytes=100-"), Some(ByteRange::From(100)));
+        assert_eq!(parse_range("bytes=-20"), Some(ByteRange::Suffix(20)));
+        for whole in [
+            "",
+            "bytes=",
+            "bytes=9-0",
+            "bytes=-0",
+            "bytes=0-1,5-6",
+            "items=0-9",
+            "bytes=a-b",
+            "bytes=-",
+            "bytes=0-18446744073709551615",
+        ] {
+            assert_eq!(parse_range(whole), None, "{whole:?}");
+        }
+        assert_eq!(
+            parse_content_range("bytes 300-999/1000"),
+            Some((300, 999, 1000))
+        );
+        for bad in [
+            "bytes 0-1000/1000",
+            "bytes 5-4/10",
+            "bytes */10",
+            "300-999/1000",
+            "bytes 1-2/x",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad:?}");
+        }
+    }
+}

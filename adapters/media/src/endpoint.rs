@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use futures_util::StreamExt;
 use object_store::{GetOptions, GetRange, ObjectStore};
-use parley_core::media::is_blob_id;
+use parley_core::media::{ByteRange, is_blob_id, parse_content_range, parse_range};
 use serde::Deserialize;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
@@ -207,17 +207,11 @@ async fn head(
     }
 }
 
-/// `bytes START-END/TOTAL` of a Content-Range header.
+/// `bytes START-END/TOTAL` of a Content-Range header: None without one,
+/// `Err` for one that is not well-formed.
 fn content_range(headers: &HeaderMap) -> Option<Result<(u64, u64, u64), ()>> {
     let v = headers.get(header::CONTENT_RANGE)?;
-    let parsed = (|| {
-        let spec = v.to_str().ok()?.trim().strip_prefix("bytes ")?;
-        let (range, total) = spec.split_once('/')?;
-        let (start, end) = range.split_once('-')?;
-        let (start, end, total) = (start.parse().ok()?, end.parse().ok()?, total.parse().ok()?);
-        (start <= end && end < total).then_some((start, end, total))
-    })();
-    Some(parsed.ok_or(()))
+    Some(v.to_str().ok().and_then(parse_content_range).ok_or(()))
 }
 
 /// `PUT` of an upload URL: the whole upload, or with `Content-Range` the
@@ -389,21 +383,12 @@ pub(crate) fn serves_inline(mime: &str) -> bool {
 /// A single `bytes=` range of a Range header; None for anything else
 /// (served whole, as RFC 9110 allows).
 fn range_of(headers: &HeaderMap) -> Option<GetRange> {
-    let spec = headers
-        .get(header::RANGE)?
-        .to_str()
-        .ok()?
-        .strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None;
-    }
-    let (start, end) = spec.trim().split_once('-')?;
-    match (start.parse::<u64>().ok(), end.parse::<u64>().ok()) {
-        (Some(s), Some(e)) if e >= s => Some(GetRange::Bounded(s..e.saturating_add(1))),
-        (Some(s), None) if end.is_empty() => Some(GetRange::Offset(s)),
-        (None, Some(n)) if start.is_empty() && n > 0 => Some(GetRange::Suffix(n)),
-        _ => None,
-    }
+    let value = headers.get(header::RANGE)?.to_str().ok()?;
+    Some(match parse_range(value)? {
+        ByteRange::Bounded { start, end } => GetRange::Bounded(start..end),
+        ByteRange::From(start) => GetRange::Offset(start),
+        ByteRange::Suffix(n) => GetRange::Suffix(n),
+    })
 }
 
 async fn download(
