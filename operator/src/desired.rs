@@ -12,10 +12,10 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -341,16 +341,60 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
                     labels: Some(labels(cc, "gateway")),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
+                spec: Some(secured(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: Some(g.termination_grace_period_seconds),
                     volumes,
                     ..PodSpec::default()
-                }),
+                })),
             },
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
+    }
+}
+
+/// The user the images run as (the Dockerfile's `parley`).
+pub const RUN_AS: i64 = 10001;
+
+/// What every Parley pod runs under: the `restricted` Pod Security
+/// Standard (a non-root user, the runtime's default seccomp profile), its
+/// volumes writable by that user, and no service-account token (neither
+/// process talks to the Kubernetes API).
+fn secured(pod: PodSpec) -> PodSpec {
+    PodSpec {
+        automount_service_account_token: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            fs_group: Some(RUN_AS),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        containers: pod
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                // No privilege to gain, no capability, nothing written
+                // outside the volumes (logs go to stdout).
+                security_context: Some(SecurityContext {
+                    allow_privilege_escalation: Some(false),
+                    read_only_root_filesystem: Some(true),
+                    run_as_non_root: Some(true),
+                    capabilities: Some(Capabilities {
+                        drop: Some(vec!["ALL".to_owned()]),
+                        ..Capabilities::default()
+                    }),
+                    ..SecurityContext::default()
+                }),
+                ..c
+            })
+            .collect(),
+        ..pod
     }
 }
 
@@ -451,12 +495,12 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
                     labels: Some(labels(cc, "chat")),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
+                spec: Some(secured(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: Some(30),
                     volumes: media_volume(cc).map(|(v, _)| vec![v]),
                     ..PodSpec::default()
-                }),
+                })),
             },
             ..DeploymentSpec::default()
         }),
@@ -873,6 +917,122 @@ mod tests {
             .unwrap();
         let names: Vec<_> = pod.volumes.unwrap().into_iter().map(|v| v.name).collect();
         assert_eq!(names, ["tls", "media"]);
+    }
+
+    /// Why `pod` breaks the `restricted` Pod Security Standard (v1.33:
+    /// the baseline checks, then the restricted ones), or ours on top (a
+    /// read-only root filesystem, no service-account token).
+    fn restricted_violations(pod: &PodSpec) -> Vec<String> {
+        let mut why = Vec::new();
+        let psc = pod.security_context.clone().unwrap_or_default();
+        for (flag, name) in [
+            (pod.host_network, "hostNetwork"),
+            (pod.host_pid, "hostPID"),
+            (pod.host_ipc, "hostIPC"),
+        ] {
+            if flag == Some(true) {
+                why.push(name.to_owned());
+            }
+        }
+        if pod.automount_service_account_token != Some(false) {
+            why.push("a service-account token is mounted".into());
+        }
+        for v in pod.volumes.iter().flatten() {
+            let allowed = v.config_map.is_some()
+                || v.csi.is_some()
+                || v.downward_api.is_some()
+                || v.empty_dir.is_some()
+                || v.ephemeral.is_some()
+                || v.persistent_volume_claim.is_some()
+                || v.projected.is_some()
+                || v.secret.is_some();
+            if !allowed {
+                why.push(format!("volume {} is of a kind not allowed", v.name));
+            }
+        }
+        let pod_seccomp = psc.seccomp_profile.as_ref().map(|p| p.type_.clone());
+        if psc.run_as_user == Some(0) {
+            why.push("the pod runs as root".into());
+        }
+        for c in &pod.containers {
+            let sc = c.security_context.clone().unwrap_or_default();
+            let name = &c.name;
+            if sc.privileged == Some(true) {
+                why.push(format!("{name}: privileged"));
+            }
+            if sc.allow_privilege_escalation != Some(false) {
+                why.push(format!("{name}: allowPrivilegeEscalation is not false"));
+            }
+            if sc.run_as_non_root.or(psc.run_as_non_root) != Some(true) {
+                why.push(format!("{name}: runAsNonRoot is not true"));
+            }
+            if sc.run_as_user == Some(0) {
+                why.push(format!("{name}: runs as root"));
+            }
+            let seccomp = sc.seccomp_profile.map(|p| p.type_).or(pod_seccomp.clone());
+            if !matches!(seccomp.as_deref(), Some("RuntimeDefault" | "Localhost")) {
+                why.push(format!("{name}: seccomp profile {seccomp:?}"));
+            }
+            let caps = sc.capabilities.unwrap_or_default();
+            if !caps.drop.unwrap_or_default().iter().any(|d| d == "ALL") {
+                why.push(format!("{name}: capabilities not all dropped"));
+            }
+            if caps
+                .add
+                .unwrap_or_default()
+                .iter()
+                .any(|a| a != "NET_BIND_SERVICE")
+            {
+                why.push(format!("{name}: a capability added"));
+            }
+            if sc.read_only_root_filesystem != Some(true) {
+                why.push(format!("{name}: the root filesystem is writable"));
+            }
+            for p in c.ports.iter().flatten() {
+                if p.host_port.unwrap_or(0) != 0 {
+                    why.push(format!("{name}: hostPort {}", p.host_port.unwrap_or(0)));
+                }
+            }
+        }
+        why
+    }
+
+    /// The gateway and chat pods pass the `restricted` Pod Security
+    /// Standard in every shape the operator renders them (TLS, WebSocket,
+    /// a shared media volume), except the gateway publishing by hostPort,
+    /// which only a `privileged` namespace admits (as docs/operations.md
+    /// says).
+    #[test]
+    fn pods_pass_the_restricted_pod_security_standard() {
+        let mut cc = cluster();
+        let pods = |cc: &ChatCluster| {
+            [gateway_deployment(cc, 2), chat_deployment(cc)]
+                .map(|d| d.spec.unwrap().template.spec.unwrap())
+        };
+        for pod in pods(&cc) {
+            assert_eq!(restricted_violations(&pod), Vec::<String>::new());
+        }
+        cc.spec.gateway.tls_secret_name = Some("chat-tls".into());
+        cc.spec.gateway.ports.websocket = Some(443);
+        let yaml = "volume:\n  claimName: chat-media\n  signingKey: {name: k, key: k}\n  \
+                    publicUrl: https://chat.example.com:7404\n";
+        cc.spec.media = Some(serde_yaml::from_str(yaml).unwrap());
+        for pod in pods(&cc) {
+            assert_eq!(restricted_violations(&pod), Vec::<String>::new());
+            assert_eq!(
+                pod.security_context.unwrap().fs_group,
+                Some(RUN_AS),
+                "the media volume is writable by the user the pod runs as"
+            );
+        }
+        cc.spec.gateway.publish.mode = PublishMode::HostPort;
+        let [gateway, chat] = pods(&cc);
+        let why = restricted_violations(&gateway);
+        assert!(
+            why.len() == 1 && why[0].contains("hostPort"),
+            "only the hostPort: {why:?}"
+        );
+        assert_eq!(restricted_violations(&chat), Vec::<String>::new());
     }
 
     #[test]
