@@ -418,6 +418,7 @@ async fn apply(
     let decision = ctx.remember(cc, |m| {
         scaling::decide(&policy, current, &pod_loads, &mut m.history, now)
     });
+    let scale_limited = scaling::limited(&policy, &pod_loads);
     let mut last_scale = None;
     if decision.replicas != current {
         let up = decision.replicas > current;
@@ -621,6 +622,7 @@ async fn apply(
         routing,
         last_scale,
         apply_error,
+        scale_limited,
     };
     let new = status::compute(&old, &seen, now);
     let written = ctx.remember(cc, |m| m.written);

@@ -653,7 +653,8 @@ pub struct ChatClusterStatus {
     /// Pending, Running, Scaling or Degraded.
     #[serde(default)]
     pub phase: String,
-    /// Ready, Progressing, Degraded and RoutingTableSynced, one each.
+    /// Ready, Progressing, Degraded, RoutingTableSynced and ScaleLimited,
+    /// one each.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -85,10 +85,55 @@ pub struct Decision {
 
 /// The count the load alone asks for, within the bounds.
 pub fn recommend(policy: &Policy, total_connections: u64) -> u32 {
+    unbounded(policy, total_connections).clamp(policy.min, policy.max)
+}
+
+/// The count the load asks for, bounds aside.
+fn unbounded(policy: &Policy, total_connections: u64) -> u32 {
     let wanted = total_connections.saturating_mul(100 + policy.buffer_percent as u64);
     let per_pod = policy.target_per_pod.saturating_mul(100);
-    let pods = wanted.div_ceil(per_pod);
-    (pods.min(u32::MAX as u64) as u32).clamp(policy.min, policy.max)
+    wanted.div_ceil(per_pod).min(u32::MAX as u64) as u32
+}
+
+/// Connections of every pod still holding clients, draining ones too:
+/// their clients are moving to the others.
+pub fn total_connections(pods: &[PodLoad]) -> u64 {
+    pods.iter()
+        .filter(|p| !p.terminating)
+        .filter_map(|p| p.connections)
+        .sum()
+}
+
+/// Why the count asked for (through the scale subresource, or by the load)
+/// is not the count run, when a bound holds it: for the `ScaleLimited`
+/// condition. None when nothing is held back.
+pub fn limited(policy: &Policy, pods: &[PodLoad]) -> Option<String> {
+    let (asked, by) = match policy.manual {
+        Some(n) => (
+            n,
+            "spec.gateway.replicas (the scale subresource) asks for".to_owned(),
+        ),
+        None => {
+            let total = total_connections(pods);
+            (
+                unbounded(policy, total),
+                format!("{total} connections ask for"),
+            )
+        }
+    };
+    if asked > policy.max {
+        Some(format!(
+            "{by} {asked} gateways; maxReplicas holds it at {}",
+            policy.max
+        ))
+    } else if asked < policy.min && policy.manual.is_some() {
+        Some(format!(
+            "{by} {asked} gateways; minReplicas holds it at {}",
+            policy.min
+        ))
+    } else {
+        None
+    }
 }
 
 /// Decides the gateway count from `current` (the Deployment's replicas)
@@ -102,13 +147,7 @@ pub fn decide(
 ) -> Decision {
     let serving: Vec<&PodLoad> = pods.iter().filter(|p| p.serving()).collect();
     let unknown = serving.iter().any(|p| p.connections.is_none());
-    // Connections of every pod still holding clients, draining ones too:
-    // their clients are moving to the others.
-    let total: u64 = pods
-        .iter()
-        .filter(|p| !p.terminating)
-        .filter_map(|p| p.connections)
-        .sum();
+    let total = total_connections(pods);
 
     let (target, why) = match policy.manual {
         Some(n) => (
@@ -252,6 +291,35 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    /// A count a bound holds back is named, whether the scale subresource
+    /// or the load asked for it; a load below the minimum is not (the
+    /// minimum is what it is for).
+    #[test]
+    fn a_count_held_by_a_bound_is_named() {
+        let mut p = policy();
+        assert_eq!(limited(&p, &[pod("a", 5_000)]), None);
+        assert_eq!(limited(&p, &[pod("a", 0)]), None, "idle, at the minimum");
+        let load = limited(&p, &[pod("a", 9_000), pod("b", 9_000)]).unwrap();
+        assert_eq!(
+            load,
+            "18000 connections ask for 20 gateways; maxReplicas holds it at 10"
+        );
+        p.manual = Some(50);
+        let asked = limited(&p, &[]).unwrap();
+        assert!(
+            asked.contains("asks for 50 gateways; maxReplicas holds it at 10"),
+            "{asked}"
+        );
+        p.manual = Some(1);
+        assert!(
+            limited(&p, &[])
+                .unwrap()
+                .contains("minReplicas holds it at 2")
+        );
+        p.manual = Some(4);
+        assert_eq!(limited(&p, &[]), None);
     }
 
     #[test]

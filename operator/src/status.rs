@@ -34,6 +34,9 @@ pub struct Observed {
     pub last_scale: Option<ScaleDecisionStatus>,
     /// Owned objects could not be applied.
     pub apply_error: Option<String>,
+    /// A bound holds the gateway count below or above what is asked
+    /// (`scaling::limited`).
+    pub scale_limited: Option<String>,
 }
 
 /// A Kubernetes timestamp, to the second.
@@ -150,6 +153,19 @@ pub fn compute(old: &ChatClusterStatus, seen: &Observed, now: SystemTime) -> Cha
                 Ok(n) => format!("{n} entries"),
                 Err(e) => e.clone(),
             },
+            generation,
+            now,
+        ),
+        condition(
+            &old.conditions,
+            "ScaleLimited",
+            seen.scale_limited.is_some(),
+            if seen.scale_limited.is_some() {
+                "OutOfBounds"
+            } else {
+                "WithinBounds"
+            },
+            seen.scale_limited.clone().unwrap_or_default(),
             generation,
             now,
         ),
@@ -274,6 +290,7 @@ mod tests {
             drains: Vec::new(),
             last_scale: None,
             apply_error: None,
+            scale_limited: None,
         }
     }
 
@@ -295,8 +312,30 @@ mod tests {
         let kinds: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(
             kinds,
-            ["Ready", "Progressing", "Degraded", "RoutingTableSynced"]
+            [
+                "Ready",
+                "Progressing",
+                "Degraded",
+                "RoutingTableSynced",
+                "ScaleLimited"
+            ]
         );
+        assert_eq!(cond(&s, "ScaleLimited").status, "False");
+    }
+
+    #[test]
+    fn a_count_held_by_a_bound_says_so() {
+        let mut held = seen(2, [10, 20]);
+        held.scale_limited =
+            Some("5 connections ask for 12 gateways; maxReplicas holds it at 10".into());
+        let s = compute(&ChatClusterStatus::default(), &held, t(0));
+        let c = cond(&s, "ScaleLimited");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "OutOfBounds")
+        );
+        assert!(c.message.contains("maxReplicas holds it at 10"));
+        assert_eq!(s.phase, "Running", "a held count is not a fault");
     }
 
     #[test]
