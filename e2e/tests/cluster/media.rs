@@ -19,6 +19,33 @@ use parley_proto::pb::server_frame::Body as Resp;
 
 use super::*;
 
+/// Ann on gateway 0 and Bob on gateway 1, in a conversation: Bob's phone
+/// records what arrives, his laptop downloads.
+struct Pair {
+    ann: Client,
+    bob: Client,
+    conv: u64,
+    _bob_phone: Client,
+    _laptop_events: tokio::sync::mpsc::Receiver<Event>,
+}
+
+/// Ann and Bob (the first two of `tokens`) as [`Pair`] says.
+async fn ann_and_bob(c: &Cluster, tokens: &[String], rec: &Recorder) -> Pair {
+    let ann = join(c, 0, &tokens[0], "ann/phone", rec).await;
+    let bob_phone = join(c, 1, &tokens[1], "bob/phone", rec).await;
+    let (bob, laptop_events) = Client::connect(c.at_gateway(1, &tokens[1], "laptop"))
+        .await
+        .unwrap();
+    let conv = ann.open_direct("bob").await.unwrap().id;
+    Pair {
+        ann,
+        bob,
+        conv,
+        _bob_phone: bob_phone,
+        _laptop_events: laptop_events,
+    }
+}
+
 /// A user on one gateway sends a picture; a member on another gateway
 /// gets it filled in and downloads it byte for byte, thumbnail too; a
 /// user outside the conversation gets NOT_MEMBER, and the object's key
@@ -35,14 +62,9 @@ async fn a_picture_crosses_gateways_to_members_only() {
     let c = Cluster::start(spec).await.unwrap();
     let t = c.users(&["ann", "bob", "cyd"]).await.unwrap();
     let rec = Recorder::default();
-    let ann = join(&c, 0, &t[0], "ann/phone", &rec).await;
-    // Bob's phone records what arrives; his laptop downloads.
-    let _bob_phone = join(&c, 1, &t[1], "bob/phone", &rec).await;
-    let (bob, _laptop_events) = Client::connect(c.at_gateway(1, &t[1], "laptop"))
-        .await
-        .unwrap();
+    let pair = ann_and_bob(&c, &t, &rec).await;
+    let (ann, bob, conv) = (&pair.ann, &pair.bob, pair.conv);
     let cyd = join(&c, 1, &t[2], "cyd/phone", &rec).await;
-    let conv = ann.open_direct("bob").await.unwrap().id;
 
     let img = image::RgbImage::from_fn(800, 600, |x, y| image::Rgb([x as u8, y as u8, 99]));
     let mut png = Cursor::new(Vec::new());
@@ -228,12 +250,8 @@ async fn a_file_in_a_shared_directory_goes_up_one_gateway_and_down_another() {
     *lb.upstreams.lock().unwrap() = c.gateways.iter().map(|g| g.route.unwrap()).collect();
     let t = c.users(&["ann", "bob"]).await.unwrap();
     let rec = Recorder::default();
-    let ann = join(&c, 0, &t[0], "ann/phone", &rec).await;
-    let _bob_phone = join(&c, 1, &t[1], "bob/phone", &rec).await;
-    let (bob, _laptop_events) = Client::connect(c.at_gateway(1, &t[1], "laptop"))
-        .await
-        .unwrap();
-    let conv = ann.open_direct("bob").await.unwrap().id;
+    let pair = ann_and_bob(&c, &t, &rec).await;
+    let (ann, bob, conv) = (&pair.ann, &pair.bob, pair.conv);
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("minutes.pdf");
