@@ -305,7 +305,7 @@ async fn put_span(
     );
     let stall = opts.stall.as_millis() as u64;
     let stalled = async {
-        let every = opts.stall.min(Duration::from_secs(4)) / 4;
+        let every = (opts.stall.min(Duration::from_secs(4)) / 4).max(Duration::from_millis(10));
         loop {
             tokio::time::sleep(every).await;
             let last = moved.load(std::sync::atomic::Ordering::Relaxed);

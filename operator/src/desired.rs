@@ -369,6 +369,9 @@ fn secured(pod: PodSpec) -> PodSpec {
             run_as_user: Some(RUN_AS),
             run_as_group: Some(RUN_AS),
             fs_group: Some(RUN_AS),
+            // Ownership of a shared volume is changed only when its root
+            // is not the group's already, not file by file at every start.
+            fs_group_change_policy: Some("OnRootMismatch".to_owned()),
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".to_owned(),
                 ..SeccompProfile::default()

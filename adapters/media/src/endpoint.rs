@@ -124,20 +124,68 @@ pub(crate) async fn place(dir: &Path, id: &str) -> std::io::Result<()> {
 }
 
 /// How many bytes of upload `id` are here: all of them once it is whole
-/// (a whole partial that a crash left unplaced is placed now).
-async fn received(dir: &Path, id: &str, size: u64) -> std::io::Result<u64> {
-    if tokio::fs::try_exists(dir.join("blobs").join(id)).await? {
-        return Ok(size);
-    }
+/// (a whole partial that nobody is writing, left unplaced by a crash, is
+/// placed now). The partial is read before the blob is looked for: a
+/// placement links the blob before it unlinks the partial, so one that
+/// happens in between is seen.
+pub(crate) async fn received(dir: &Path, id: &str, size: u64) -> std::io::Result<u64> {
     let have = match tokio::fs::metadata(partial(dir, id)).await {
         Ok(m) => m.len(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(e),
     };
+    if tokio::fs::try_exists(dir.join("blobs").join(id)).await? {
+        return Ok(size);
+    }
     if have == size {
-        place(dir, id).await?;
+        place_whole(dir, id, size).await?;
     }
     Ok(have)
+}
+
+/// Places upload `id`'s partial if it is whole and nobody holds it (a
+/// writer places its own): placing happens only under the partial's lock,
+/// so no writer ever has the file it writes turned into a blob.
+pub(crate) async fn place_whole(dir: &Path, id: &str, size: u64) -> std::io::Result<()> {
+    let Some(file) = lock_partial(dir, id, false).await? else {
+        return Ok(());
+    };
+    if tokio::fs::try_exists(dir.join("blobs").join(id)).await? {
+        return Ok(());
+    }
+    if file.metadata().await?.len() == size {
+        place(dir, id).await?;
+    }
+    drop(file);
+    Ok(())
+}
+
+/// Whether two metadata are of the same file.
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        a.dev() == b.dev() && a.ino() == b.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (a, b);
+        false
+    }
+}
+
+/// Removes upload `id`'s partial name when it is not the blob's file (an
+/// empty partial a request made after the upload was placed).
+async fn remove_stray(dir: &Path, id: &str) {
+    let (Ok(p), Ok(b)) = (
+        tokio::fs::metadata(partial(dir, id)).await,
+        tokio::fs::metadata(dir.join("blobs").join(id)).await,
+    ) else {
+        return;
+    };
+    if !same_file(&p, &b) {
+        let _ = tokio::fs::remove_file(partial(dir, id)).await;
+    }
 }
 
 fn offset_header(response: &mut Response, offset: u64) {
@@ -151,18 +199,30 @@ fn io_failed(e: std::io::Error) -> Response {
     refuse(StatusCode::SERVICE_UNAVAILABLE, "storage failed; retry")
 }
 
-/// The partial file at `path`, opened (created if missing) and locked for
-/// this request alone; None while another request, in this process or
-/// another one sharing `dir`, holds it. The lock goes with the file.
-async fn lock_partial(dir: &Path, path: &Path) -> std::io::Result<Option<tokio::fs::File>> {
-    tokio::fs::create_dir_all(dir.join("partial")).await?;
-    let path = path.to_path_buf();
+/// Upload `id`'s partial file, opened (created if missing, when `create`)
+/// and locked for this request alone; None while another request, in this
+/// process or another one sharing `dir`, holds it (or, without `create`,
+/// when there is none). The lock goes with the file.
+async fn lock_partial(
+    dir: &Path,
+    id: &str,
+    create: bool,
+) -> std::io::Result<Option<tokio::fs::File>> {
+    if create {
+        tokio::fs::create_dir_all(dir.join("partial")).await?;
+    }
+    let path = partial(dir, id);
     tokio::task::spawn_blocking(move || {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
+        let opened = std::fs::OpenOptions::new()
+            .create(create)
             .truncate(false)
             .write(true)
-            .open(&path)?;
+            .open(&path);
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
         match file.try_lock() {
             Ok(()) => Ok(Some(tokio::fs::File::from_std(file))),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -269,8 +329,7 @@ async fn upload(
     // sharing the directory (gateways of a cluster) honours. A second PUT
     // of the same upload while the first is still going is refused, so no
     // file is written by two, and none once it is in place.
-    let path = partial(&dir, &id);
-    let mut file = match lock_partial(&dir, &path).await {
+    let mut file = match lock_partial(&dir, &id, true).await {
         Ok(Some(f)) => f,
         Ok(None) => {
             let mut r = refuse(
@@ -282,14 +341,27 @@ async fn upload(
         }
         Err(e) => return io_failed(e),
     };
-    let have = match received(&dir, &id, q.size).await {
-        Ok(n) => n,
+    // Under the lock, nobody else writes or places this upload. It may be
+    // placed already: the file this request holds is then the blob's
+    // (opened before its partial name went) or a new, empty partial.
+    match tokio::fs::try_exists(dir.join("blobs").join(&id)).await {
+        Ok(true) => {
+            remove_stray(&dir, &id).await;
+            return refuse(StatusCode::CONFLICT, "this upload is complete already");
+        }
+        Ok(false) => {}
+        Err(e) => return io_failed(e),
+    }
+    let have = match file.metadata().await {
+        Ok(m) => m.len(),
         Err(e) => return io_failed(e),
     };
     if have == q.size {
-        // In place: the partial this request opened is nobody's.
-        let _ = tokio::fs::remove_file(&path).await;
-        return refuse(StatusCode::CONFLICT, "this upload is complete already");
+        // Whole, left unplaced by a crash.
+        return match place(&dir, &id).await {
+            Ok(()) => refuse(StatusCode::CONFLICT, "this upload is complete already"),
+            Err(e) => io_failed(e),
+        };
     }
     if start > 0 && start != have {
         let mut r = refuse(
@@ -342,7 +414,6 @@ async fn upload(
     if let Err(e) = file.sync_all().await {
         return io_failed(e);
     }
-    drop(file);
     let now = start + got;
     if now < q.size {
         // Kept: the client resumes from here (HEAD says so too).
@@ -357,8 +428,10 @@ async fn upload(
         offset_header(&mut r, now);
         return r;
     }
-    // Whole: into place (while this request still holds the upload).
-    match place(&dir, &id).await {
+    // Whole: into place, while this request still holds the upload.
+    let placed = place(&dir, &id).await;
+    drop(file);
+    match placed {
         Ok(()) => (StatusCode::OK, "stored\n").into_response(),
         Err(e) => io_failed(e),
     }
@@ -476,4 +549,37 @@ async fn download(
         *response.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A whole partial is placed by whoever finds it only while nobody
+    /// holds it: a writer (here the test, holding the lock as a request in
+    /// another process would) never has its file turned into a blob under
+    /// it; once it lets go, the next look places it.
+    #[tokio::test]
+    async fn a_partial_is_placed_only_under_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = parley_core::media::new_blob_id();
+        std::fs::create_dir_all(dir.path().join("partial")).unwrap();
+        std::fs::write(partial(dir.path(), &id), b"whole").unwrap();
+        let held = std::fs::File::open(partial(dir.path(), &id)).unwrap();
+        held.try_lock().unwrap();
+        assert_eq!(received(dir.path(), &id, 5).await.unwrap(), 5);
+        let blob = dir.path().join("blobs").join(&id);
+        assert!(!blob.exists(), "placed under its writer");
+        drop(held);
+        assert_eq!(received(dir.path(), &id, 5).await.unwrap(), 5);
+        assert_eq!(std::fs::read(&blob).unwrap(), b"whole");
+        assert!(!partial(dir.path(), &id).exists());
+        // A request that opens a new partial after that finds it placed,
+        // and its empty partial goes.
+        let late = lock_partial(dir.path(), &id, true).await.unwrap().unwrap();
+        remove_stray(dir.path(), &id).await;
+        drop(late);
+        assert!(!partial(dir.path(), &id).exists());
+        assert_eq!(std::fs::read(&blob).unwrap(), b"whole");
+    }
 }

@@ -52,8 +52,11 @@ pub use sign::UrlSigner;
 pub const PART_BYTES: u64 = 8 * 1024 * 1024;
 
 /// How long the local endpoint waits, by default, on an upload's body
-/// that stopped moving (a connection gone half-dead).
-pub const BODY_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+/// that stopped moving (a connection gone half-dead): shorter than the
+/// Rust SDK's `transfer_stall` (30 s): by the time a
+/// client gives up on a silent connection and resumes, the server has let
+/// the silent request go.
+pub const BODY_STALL: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The path the local endpoint serves, before a blob's key.
 pub const HTTP_PREFIX: &str = "/media/v1/blobs";
@@ -471,14 +474,11 @@ impl BlobStorage for MediaStorage {
                 self.forget_slot(&blob.id, blob.upload_expires_at_ms);
             }
             Urls::Local(_, dir) => {
-                // A whole upload a crash left unplaced is placed now.
-                if let Ok(m) = tokio::fs::metadata(endpoint::partial(dir, &blob.id)).await
-                    && m.len() == blob.size_bytes
-                {
-                    endpoint::place(dir, &blob.id)
-                        .await
-                        .map_err(|e| unavailable("place an upload", e))?;
-                }
+                // A whole upload a crash left unplaced is placed now
+                // (unless a request is writing it).
+                endpoint::place_whole(dir, &blob.id, blob.size_bytes)
+                    .await
+                    .map_err(|e| unavailable("place an upload", e))?;
             }
         }
         let (size, sha256, bytes) = self.read(&object(&blob.id), image).await?;
