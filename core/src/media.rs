@@ -281,10 +281,13 @@ pub trait BlobStorage: std::fmt::Debug + Send + Sync + 'static {
         parts: &[pb::CompletedPart],
     ) -> Result<(), ChatError> {
         let _ = (blob, upload_id, parts);
-        Err(ChatError::invalid(
-            "this store takes uploads whole, not in parts",
-        ))
+        Err(not_in_parts())
     }
+}
+
+/// The refusal of a store that takes uploads whole to join parts.
+pub fn not_in_parts() -> ChatError {
+    ChatError::invalid("this store takes uploads whole, not in parts")
 }
 
 /// A kind's limits: the largest upload and the MIME types it allows

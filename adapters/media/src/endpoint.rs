@@ -99,22 +99,19 @@ fn upload_grant(media: &MediaStorage, id: &str, q: &UploadQuery) -> Result<PathB
     Ok(dir.to_path_buf())
 }
 
+/// Where upload `id`'s blob is once it is whole.
+fn placed(dir: &Path, id: &str) -> PathBuf {
+    dir.join("blobs").join(id)
+}
+
 /// Moves the whole partial file of upload `id` into place as its blob.
 /// The blob is never replaced (a link fails on an existing name), and the
 /// partial's name goes once the blob has the file.
 pub(crate) async fn place(dir: &Path, id: &str) -> std::io::Result<()> {
-    let target = dir.join("blobs").join(id);
     tokio::fs::create_dir_all(dir.join("blobs")).await?;
-    match tokio::fs::hard_link(partial(dir, id), &target).await {
+    match tokio::fs::hard_link(partial(dir, id), placed(dir, id)).await {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        // Placed meanwhile (a HEAD found it whole first).
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                && tokio::fs::try_exists(&target).await? =>
-        {
-            return Ok(());
-        }
         Err(e) => return Err(e),
     }
     match tokio::fs::remove_file(partial(dir, id)).await {
@@ -134,7 +131,7 @@ pub(crate) async fn received(dir: &Path, id: &str, size: u64) -> std::io::Result
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(e),
     };
-    if tokio::fs::try_exists(dir.join("blobs").join(id)).await? {
+    if tokio::fs::try_exists(placed(dir, id)).await? {
         return Ok(size);
     }
     if have == size {
@@ -150,7 +147,7 @@ pub(crate) async fn place_whole(dir: &Path, id: &str, size: u64) -> std::io::Res
     let Some(file) = lock_partial(dir, id, false).await? else {
         return Ok(());
     };
-    if tokio::fs::try_exists(dir.join("blobs").join(id)).await? {
+    if tokio::fs::try_exists(placed(dir, id)).await? {
         return Ok(());
     }
     if file.metadata().await?.len() == size {
@@ -160,32 +157,11 @@ pub(crate) async fn place_whole(dir: &Path, id: &str, size: u64) -> std::io::Res
     Ok(())
 }
 
-/// Whether two metadata are of the same file.
-fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        a.dev() == b.dev() && a.ino() == b.ino()
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (a, b);
-        false
-    }
-}
-
-/// Removes upload `id`'s partial name when it is not the blob's file (an
-/// empty partial a request made after the upload was placed).
-async fn remove_stray(dir: &Path, id: &str) {
-    let (Ok(p), Ok(b)) = (
-        tokio::fs::metadata(partial(dir, id)).await,
-        tokio::fs::metadata(dir.join("blobs").join(id)).await,
-    ) else {
-        return;
-    };
-    if !same_file(&p, &b) {
-        let _ = tokio::fs::remove_file(partial(dir, id)).await;
-    }
+/// Removes upload `id`'s partial name once the upload is placed: an empty
+/// partial a request made after the placement, or the name a placement
+/// that crashed between its link and its unlink left on the blob's file.
+async fn remove_partial(dir: &Path, id: &str) {
+    let _ = tokio::fs::remove_file(partial(dir, id)).await;
 }
 
 fn offset_header(response: &mut Response, offset: u64) {
@@ -344,9 +320,9 @@ async fn upload(
     // Under the lock, nobody else writes or places this upload. It may be
     // placed already: the file this request holds is then the blob's
     // (opened before its partial name went) or a new, empty partial.
-    match tokio::fs::try_exists(dir.join("blobs").join(&id)).await {
+    match tokio::fs::try_exists(placed(&dir, &id)).await {
         Ok(true) => {
-            remove_stray(&dir, &id).await;
+            remove_partial(&dir, &id).await;
             return refuse(StatusCode::CONFLICT, "this upload is complete already");
         }
         Ok(false) => {}
@@ -568,7 +544,7 @@ mod tests {
         let held = std::fs::File::open(partial(dir.path(), &id)).unwrap();
         held.try_lock().unwrap();
         assert_eq!(received(dir.path(), &id, 5).await.unwrap(), 5);
-        let blob = dir.path().join("blobs").join(&id);
+        let blob = placed(dir.path(), &id);
         assert!(!blob.exists(), "placed under its writer");
         drop(held);
         assert_eq!(received(dir.path(), &id, 5).await.unwrap(), 5);
@@ -577,7 +553,7 @@ mod tests {
         // A request that opens a new partial after that finds it placed,
         // and its empty partial goes.
         let late = lock_partial(dir.path(), &id, true).await.unwrap().unwrap();
-        remove_stray(dir.path(), &id).await;
+        remove_partial(dir.path(), &id).await;
         drop(late);
         assert!(!partial(dir.path(), &id).exists());
         assert_eq!(std::fs::read(&blob).unwrap(), b"whole");

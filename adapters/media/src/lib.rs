@@ -52,10 +52,10 @@ pub use sign::UrlSigner;
 pub const PART_BYTES: u64 = 8 * 1024 * 1024;
 
 /// How long the local endpoint waits, by default, on an upload's body
-/// that stopped moving (a connection gone half-dead): shorter than the
-/// Rust SDK's `transfer_stall` (30 s): by the time a
-/// client gives up on a silent connection and resumes, the server has let
-/// the silent request go.
+/// that stopped moving (a connection gone half-dead). Shorter than the
+/// Rust SDK's `transfer_stall` (30 s), so that by the time a client gives
+/// up on a silent connection and resumes, the server has let the silent
+/// request go.
 pub const BODY_STALL: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The path the local endpoint serves, before a blob's key.
@@ -143,6 +143,15 @@ fn incoming(id: &str) -> Path {
 /// unlisted, until it is aborted).
 fn parts_marker(id: &str) -> Path {
     Path::from(format!("uploads/{id}.parts"))
+}
+
+/// `result` with an object that is not there taken as done (deleted,
+/// aborted: gone already is what was wanted).
+fn gone_is_fine(result: object_store::Result<()>) -> object_store::Result<()> {
+    match result {
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        other => other,
+    }
 }
 
 /// A storage failure, logged with its detail and answered as UNAVAILABLE
@@ -241,9 +250,8 @@ impl MediaStorage {
         tokio::spawn(async move {
             let wait = (expires_at_ms - parley_core::now_ms()).max(0) as u64 + 5_000;
             tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
-            match store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => tracing::warn!(error = %e, "an upload's slot object stays"),
+            if let Err(e) = gone_is_fine(store.delete(&path).await) {
+                tracing::warn!(error = %e, "an upload's slot object stays");
             }
         });
     }
@@ -398,9 +406,7 @@ impl BlobStorage for MediaStorage {
         parts: &[pb::CompletedPart],
     ) -> Result<(), ChatError> {
         let Urls::Presigned(_, store) = &self.urls else {
-            return Err(ChatError::invalid(
-                "this store takes uploads whole, not in parts",
-            ));
+            return Err(parley_core::media::not_in_parts());
         };
         let count = blob.size_bytes.div_ceil(PART_BYTES);
         let mut sorted: Vec<&pb::CompletedPart> = parts.iter().collect();
@@ -427,11 +433,8 @@ impl BlobStorage for MediaStorage {
         // Joined now, or already by an earlier completion whose answer was
         // lost: the object is there, and the parts are gone.
         let whole = joined.is_ok() || store.head(&incoming(&blob.id)).await.is_ok();
-        if whole {
-            match store.delete(&parts_marker(&blob.id)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => tracing::warn!(error = %e, "an upload's parts marker stays"),
-            }
+        if whole && let Err(e) = gone_is_fine(store.delete(&parts_marker(&blob.id)).await) {
+            tracing::warn!(error = %e, "an upload's parts marker stays");
         }
         match joined {
             Ok(_) => Ok(()),
@@ -467,9 +470,8 @@ impl BlobStorage for MediaStorage {
                     }
                     Err(e) => return Err(unavailable("keep an upload", e)),
                 }
-                match self.store.delete(&incoming(&blob.id)).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => tracing::warn!(error = %e, "an upload's slot object stays"),
+                if let Err(e) = gone_is_fine(self.store.delete(&incoming(&blob.id)).await) {
+                    tracing::warn!(error = %e, "an upload's slot object stays");
                 }
                 self.forget_slot(&blob.id, blob.upload_expires_at_ms);
             }
@@ -573,10 +575,8 @@ impl BlobStorage for MediaStorage {
                         .await
                         .map_err(|e| unavailable("delete an upload", e))?;
                     let upload_id = String::from_utf8_lossy(&bytes).into_owned();
-                    match store.abort_multipart(&incoming(id), &upload_id).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(unavailable("abort an upload in parts", e)),
-                    }
+                    gone_is_fine(store.abort_multipart(&incoming(id), &upload_id).await)
+                        .map_err(|e| unavailable("abort an upload in parts", e))?;
                 }
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(unavailable("delete an upload", e)),
@@ -589,10 +589,8 @@ impl BlobStorage for MediaStorage {
             parts_marker(id),
         ];
         for path in paths {
-            match self.store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(unavailable("delete an upload", e)),
-            }
+            gone_is_fine(self.store.delete(&path).await)
+                .map_err(|e| unavailable("delete an upload", e))?;
         }
         if let Some(dir) = self.local_dir() {
             match tokio::fs::remove_file(endpoint::partial(dir, id)).await {
