@@ -47,6 +47,10 @@ pub struct EmbeddedConfig {
     /// How long the endpoint waits on an upload whose bytes stopped
     /// coming before it lets it go for a resume.
     pub media_body_stall: Duration,
+    /// Where push notifications go; none configured: no sender runs.
+    pub push: parley_push::ProvidersConfig,
+    /// How hard the push sender tries.
+    pub push_tries: parley_push::PushConfig,
 }
 
 impl EmbeddedConfig {
@@ -70,6 +74,8 @@ impl EmbeddedConfig {
             public_url: None,
             s3: None,
             media_body_stall: parley_media::BODY_STALL,
+            push: parley_push::ProvidersConfig::default(),
+            push_tries: parley_push::PushConfig::default(),
         }
     }
 }
@@ -88,6 +94,10 @@ pub struct Embedded {
     pub admin_key: String,
     pub chat: Arc<ChatService>,
     pub bus: Arc<LocalBus>,
+    /// Which devices are online.
+    pub presence: Arc<MemoryPresence>,
+    /// The push sender, when a provider is configured.
+    pub push: Option<Arc<parley_push::PushSender>>,
     stop: watch::Sender<bool>,
     gateway: JoinHandle<()>,
     admin: JoinHandle<()>,
@@ -125,7 +135,8 @@ impl Embedded {
             Some(s) => s,
             None => secret_file(&cfg.data_dir.join("token.key"))?,
         };
-        let store = SqliteStore::open(&cfg.data_dir.join("parley.db")).await?;
+        let store: Arc<dyn parley_core::Store> =
+            Arc::new(SqliteStore::open(&cfg.data_dir.join("parley.db")).await?);
         let mut chat_config = cfg.chat;
         let http = match cfg.http_listen {
             Some(a) => Some(parley_ops::bind(a, "HTTP").await?),
@@ -163,13 +174,21 @@ impl Embedded {
         if let Some(previous) = &cfg.token_secret_previous {
             tokens = tokens.with_previous(previous.as_bytes())?;
         }
-        let chat = ChatService::start(
-            Arc::new(store),
-            presence.clone(),
-            bus.clone(),
-            tokens,
-            chat_config,
-        );
+        let push = if cfg.push.is_empty() {
+            None
+        } else {
+            let providers = cfg.push.build().map_err(anyhow::Error::msg)?;
+            let sender = Arc::new(parley_push::PushSender::new(
+                store.clone(),
+                presence.clone(),
+                providers,
+                Arc::new(parley_push::MemoryLedger::default()),
+                cfg.push_tries.clone(),
+            ));
+            tokio::spawn(parley_push::run_local(sender.clone(), bus.events()));
+            Some(sender)
+        };
+        let chat = ChatService::start(store, presence.clone(), bus.clone(), tokens, chat_config);
 
         let tcp = TcpListener::bind(cfg.listen).await?;
         let ws = match cfg.ws_listen {
@@ -187,7 +206,7 @@ impl Embedded {
         let admin_addr = admin.local_addr()?;
 
         let (stop, stop_rx) = watch::channel(false);
-        let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence, None);
+        let shared = parley_gateway::Shared::new(cfg.gateway, chat.clone(), presence.clone(), None);
         tokio::spawn(parley_gateway::registry::follow_log_outs(
             shared.clone(),
             bus.revocations(),
@@ -197,7 +216,10 @@ impl Embedded {
             .unwrap_or_else(|| parley_gateway::cli::advertised(tcp_addr));
         let ops = ops.map(|listener| {
             let router = parley_gateway::lookup::one_process_ops(shared.clone(), advertise, |r| {
-                chat.metrics().register(r)
+                chat.metrics().register(r);
+                if let Some(push) = &push {
+                    push.metrics().register(r);
+                }
             });
             let mut ops_stop = stop_rx.clone();
             tokio::spawn(async move {
@@ -247,6 +269,8 @@ impl Embedded {
             admin_key,
             chat,
             bus,
+            presence,
+            push,
             stop,
             gateway,
             admin,

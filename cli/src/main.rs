@@ -168,6 +168,9 @@ struct UpArgs {
     s3: parley_chat::cli::S3Args,
     #[command(flatten)]
     limits: parley_gateway::cli::LimitArgs,
+    /// Push notifications for users with no device online.
+    #[command(flatten)]
+    push: parley_push::cli::PushArgs,
 }
 
 #[derive(Args, Clone)]
@@ -456,6 +459,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.public_url = args.public_url;
     cfg.chat.media = args.media.limits()?;
     cfg.s3 = args.s3.config()?;
+    cfg.push = args.push.providers().map_err(anyhow::Error::msg)?;
     let server = Embedded::start(cfg).await?;
     tracing::info!(
         tcp = %server.tcp_addr,

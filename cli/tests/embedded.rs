@@ -20,6 +20,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 #[path = "embedded/media.rs"]
 mod media;
+#[path = "embedded/push.rs"]
+mod push;
 
 struct World {
     _dir: tempfile::TempDir,

@@ -537,6 +537,53 @@ impl Client {
         self.request(Req::LogOut(req)).await.map(drop)
     }
 
+    /// Registers this device's push token (replacing its earlier one):
+    /// while none of the user's devices is online, messages wake it.
+    /// `topic` is the app's bundle id for APNs; `locale` a language tag.
+    pub async fn register_push(
+        &self,
+        provider: pb::PushProvider,
+        token: &str,
+        topic: &str,
+        locale: &str,
+    ) -> Result<(), ClientError> {
+        let req = pb::RegisterPush {
+            provider: provider as i32,
+            token: token.into(),
+            topic: topic.into(),
+            locale: locale.into(),
+        };
+        self.request(Req::RegisterPush(req)).await.map(drop)
+    }
+
+    /// Stops push notifications to this device.
+    pub async fn remove_push(&self) -> Result<(), ClientError> {
+        self.request(Req::RemovePush(pb::RemovePush {}))
+            .await
+            .map(drop)
+    }
+
+    /// Whether the user's notifications show the sender and the text,
+    /// after setting it when `previews` is Some.
+    pub async fn notification_previews(&self, previews: Option<bool>) -> Result<bool, ClientError> {
+        let req = pb::SetNotifications { previews };
+        match self.request(Req::SetNotifications(req)).await? {
+            Resp::NotificationSettings(s) => Ok(s.previews),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Mutes a conversation's push notifications, on every device of the
+    /// user, until `until_ms` (ms since the epoch; `i64::MAX`: until
+    /// unmuted, 0: unmutes now).
+    pub async fn mute(&self, conversation_id: u64, until_ms: i64) -> Result<(), ClientError> {
+        let req = pb::MuteConversation {
+            conversation_id,
+            muted_until_ms: until_ms,
+        };
+        self.request(Req::Mute(req)).await.map(drop)
+    }
+
     /// Closes the connection for good.
     /// Waits (at most the request timeout) until the cursor's last Ack is
     /// written, so the server resumes this device after it next time.

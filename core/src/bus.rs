@@ -98,7 +98,7 @@ pub trait DeliveryBus: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct LocalBus {
     gateways: RwLock<HashMap<String, mpsc::Sender<Vec<Delivery>>>>,
-    events: broadcast::Sender<ChatEvent>,
+    events: broadcast::Sender<Arc<[ChatEvent]>>,
     revocations: broadcast::Sender<Revocation>,
 }
 
@@ -123,8 +123,10 @@ impl LocalBus {
         rx
     }
 
-    /// A stream of events (a push-notification hook in one process).
-    pub fn events(&self) -> broadcast::Receiver<ChatEvent> {
+    /// The events, a batch (one commit's) at a time: the push sender's
+    /// feed in one process. A listener more than 1,024 batches behind
+    /// loses the oldest (`RecvError::Lagged`).
+    pub fn events(&self) -> broadcast::Receiver<Arc<[ChatEvent]>> {
         self.events.subscribe()
     }
 
@@ -169,9 +171,7 @@ impl DeliveryBus for LocalBus {
 
     async fn events(&self, events: Vec<ChatEvent>) -> Result<(), ChatError> {
         // No listener is fine: events are cues, not the source of truth.
-        for event in events {
-            let _ = self.events.send(event);
-        }
+        let _ = self.events.send(events.into());
         Ok(())
     }
 

@@ -17,6 +17,7 @@ pub mod media;
 pub mod membership;
 pub mod metrics;
 pub mod presence;
+pub mod push;
 pub mod redact;
 pub mod refresh;
 pub mod service;

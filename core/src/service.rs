@@ -16,6 +16,7 @@ use crate::error::ChatError;
 use crate::media::{BlobStorage, MediaLimits};
 use crate::metrics::{ChatMetrics, code_label};
 use crate::presence::Presence;
+use crate::push::{PushTokenRecord, mute_until};
 use crate::refresh::{RefreshToken, same_secret};
 use crate::store::{
     ConversationRecord, DeviceCursor, DeviceRecord, MembershipChange, RefreshRecord, Store,
@@ -523,6 +524,30 @@ impl ChatService {
             Req::Upload(u) => self.upload(user, u).await.map(Resp::UploadSlot),
             Req::UploadComplete(c) => self.upload_complete(user, c).await.map(Resp::Blob),
             Req::Download(d) => self.download(user, d).await.map(Resp::DownloadUrl),
+            Req::RegisterPush(r) => {
+                let token = PushTokenRecord::registered(user, device, r, now_ms())?;
+                self.store.put_push_token(&token).await?;
+                Ok(Resp::Done(pb::Done {}))
+            }
+            Req::RemovePush(_) => {
+                self.store.delete_push_token(user, device).await?;
+                Ok(Resp::Done(pb::Done {}))
+            }
+            Req::SetNotifications(n) => {
+                let previews = self
+                    .store
+                    .notification_previews(user, n.previews)
+                    .await?
+                    .ok_or_else(|| ChatError::NotFound(format!("no user {user}")))?;
+                Ok(Resp::NotificationSettings(pb::NotificationSettings {
+                    previews,
+                }))
+            }
+            Req::Mute(m) => {
+                let until = mute_until(m.muted_until_ms, now_ms());
+                self.store.mute(m.conversation_id, user, until).await?;
+                Ok(Resp::Done(pb::Done {}))
+            }
             Req::Hello(_) | Req::Auth(_) | Req::Ack(_) | Req::Ping(_) | Req::Sync(_) => {
                 Err(ChatError::invalid("this frame is handled by the gateway"))
             }

@@ -17,6 +17,7 @@ use parley_proto::pb;
 use crate::bus::Revocation;
 use crate::error::ChatError;
 use crate::media::BlobRecord;
+use crate::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
 
 /// A user as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +36,8 @@ pub struct ConversationRecord {
     pub owner: String,
     pub members: Vec<String>,
     pub last_seq: u64,
+    /// In a user's list only: until when that user muted it (0: not).
+    pub muted_until_ms: i64,
 }
 
 impl From<ConversationRecord> for pb::Conversation {
@@ -46,6 +49,7 @@ impl From<ConversationRecord> for pb::Conversation {
             members: c.members,
             last_seq: c.last_seq,
             owner: c.owner,
+            muted_until_ms: c.muted_until_ms,
         }
     }
 }
@@ -268,6 +272,7 @@ pub trait Store: Send + Sync + 'static {
         max_members: usize,
         now_ms: i64,
     ) -> Result<(ConversationRecord, Option<Appended>), ChatError>;
+    /// The user's conversations, each with the user's mute.
     async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError>;
     async fn is_member(&self, conversation_id: u64, user: &str) -> Result<bool, ChatError>;
 
@@ -299,8 +304,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_cursor(&self, user: &str, device: &str) -> Result<Option<u64>, ChatError>;
     /// Logs out `device` of `user` at `at_ms`, or every device of the user
     /// (and its tokens naming none) when None: tokens issued until then are
-    /// refused. A log-out never moves back to an earlier time. NOT_FOUND
-    /// when the user does not exist.
+    /// refused, and the push tokens of those devices are removed. A
+    /// log-out never moves back to an earlier time. NOT_FOUND when the user
+    /// does not exist.
     async fn log_out(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), ChatError>;
     /// Until when tokens of `user` on `device` are refused (the later of
     /// the device's and the user's log-out; 0: never), or None when the
@@ -344,6 +350,31 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<(), ChatError>;
     async fn is_blocked(&self, user: &str, by: &str) -> Result<bool, ChatError>;
+
+    /// Registers a device's push token, replacing the device's earlier
+    /// one; the same token held by another device (a phone that changed
+    /// hands) moves to this one.
+    async fn put_push_token(&self, token: &PushTokenRecord) -> Result<(), ChatError>;
+    /// Removes a device's push token (none: nothing to do).
+    async fn delete_push_token(&self, user: &str, device: &str) -> Result<(), ChatError>;
+    /// Drops tokens providers refused for good, each only while a device
+    /// still holds it (a device that registered a new one keeps it); how
+    /// many went.
+    async fn drop_push_tokens(&self, dead: &[DeadToken]) -> Result<u64, ChatError>;
+    /// Whether the user's notifications show previews, after setting it
+    /// when `previews` is Some; None when the user does not exist.
+    async fn notification_previews(
+        &self,
+        user: &str,
+        previews: Option<bool>,
+    ) -> Result<Option<bool>, ChatError>;
+    /// Mutes a conversation for one member until `until_ms` (0: unmuted).
+    /// NOT_MEMBER when the user is not in it.
+    async fn mute(&self, conversation_id: u64, user: &str, until_ms: i64) -> Result<(), ChatError>;
+    /// Everything one batch of notifications needs, in one read: the
+    /// recipients' tokens, settings and unseen counts, the mutes of the
+    /// pairs asked about, the senders' names.
+    async fn push_audience(&self, query: &AudienceQuery) -> Result<PushAudience, ChatError>;
 
     /// Removes messages created before `cutoff_ms`, and their inbox entries.
     async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError>;

@@ -544,7 +544,11 @@ fn limit(shared: &Shared, keys: &LimitKeys, req: &Req) -> Result<(), ChatError> 
         | Req::LeaveGroup(_)
         | Req::Block(_)
         | Req::Unblock(_)
-        | Req::LogOut(_) => (limits.group_ops_per_user, &keys.group, "group operations"),
+        | Req::LogOut(_)
+        | Req::RegisterPush(_)
+        | Req::RemovePush(_)
+        | Req::SetNotifications(_)
+        | Req::Mute(_) => (limits.group_ops_per_user, &keys.group, "group operations"),
         _ => return Ok(()),
     };
     let Some(rate) = rate else {

@@ -22,6 +22,7 @@ use parley_core::media::{BlobRecord, BlobRow};
 use parley_core::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
+use parley_core::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
 use parley_core::store::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
     MembershipChange, NewMessage, RefreshRecord, Store, UserRecord, direct_key, history_bound,
@@ -215,6 +216,7 @@ async fn load_conversation(
         owner: row.try_get(2).db()?,
         members,
         last_seq: row.try_get::<i64, _>(3).db()? as u64,
+        muted_until_ms: 0,
     }))
 }
 
@@ -722,7 +724,7 @@ impl Store for PgStore {
     async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {
         let mut conn = self.pool.acquire().await.db()?;
         let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.name, c.owner, c.last_seq FROM conversations c \
+            "SELECT c.id, c.kind, c.name, c.owner, c.last_seq, me.muted_until FROM conversations c \
              JOIN members me ON me.conversation_id = c.id WHERE me.user_id = $1 ORDER BY c.id",
         )
         .bind(user)
@@ -745,6 +747,7 @@ impl Store for PgStore {
                     owner: r.try_get(3).db()?,
                     members: members.remove(&(id as u64)).unwrap_or_default(),
                     last_seq: r.try_get::<i64, _>(4).db()? as u64,
+                    muted_until_ms: r.try_get(5).db()?,
                 })
             })
             .collect()
@@ -898,12 +901,13 @@ impl Store for PgStore {
     }
 
     async fn log_out(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), ChatError> {
+        let mut tx = self.pool.begin().await.db()?;
         let done = match device {
             None => {
                 sqlx::query("UPDATE users SET revoked_at = GREATEST(revoked_at, $1) WHERE id = $2")
                     .bind(at_ms)
                     .bind(user)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await
                     .db()?
             }
@@ -917,13 +921,22 @@ impl Store for PgStore {
             .bind(user)
             .bind(device)
             .bind(at_ms)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .db()?,
         };
         if done.rows_affected() == 0 {
             return Err(ChatError::NotFound(format!("no user {user}")));
         }
+        sqlx::query(
+            "DELETE FROM push_tokens WHERE user_id = $1 AND ($2::text IS NULL OR device_id = $2)",
+        )
+        .bind(user)
+        .bind(device)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -1074,6 +1087,158 @@ impl Store for PgStore {
                 .await
                 .db()?;
         Ok(found.is_some())
+    }
+
+    async fn put_push_token(&self, t: &PushTokenRecord) -> Result<(), ChatError> {
+        // The token leaves any other device first: the unique index on it
+        // would refuse the insert otherwise.
+        let mut tx = self.pool.begin().await.db()?;
+        sqlx::query(
+            "DELETE FROM push_tokens WHERE provider = $1 AND token = $2 \
+             AND NOT (user_id = $3 AND device_id = $4)",
+        )
+        .bind(t.provider as i64)
+        .bind(&t.token)
+        .bind(&t.user)
+        .bind(&t.device)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        sqlx::query(
+            "INSERT INTO push_tokens \
+             (user_id, device_id, provider, token, topic, locale, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (user_id, device_id) DO UPDATE SET provider = excluded.provider, \
+             token = excluded.token, topic = excluded.topic, locale = excluded.locale, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&t.user)
+        .bind(&t.device)
+        .bind(t.provider as i64)
+        .bind(&t.token)
+        .bind(&t.topic)
+        .bind(&t.locale)
+        .bind(t.updated_at_ms)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        Ok(())
+    }
+
+    async fn delete_push_token(&self, user: &str, device: &str) -> Result<(), ChatError> {
+        sqlx::query("DELETE FROM push_tokens WHERE user_id = $1 AND device_id = $2")
+            .bind(user)
+            .bind(device)
+            .execute(&self.pool)
+            .await
+            .db()?;
+        Ok(())
+    }
+
+    async fn drop_push_tokens(&self, dead: &[DeadToken]) -> Result<u64, ChatError> {
+        let providers: Vec<i64> = dead.iter().map(|d| d.provider as i64).collect();
+        let tokens: Vec<&str> = dead.iter().map(|d| d.token.as_str()).collect();
+        let done = sqlx::query(
+            "DELETE FROM push_tokens t USING unnest($1::int8[], $2::text[]) AS d(provider, token) \
+             WHERE t.provider = d.provider AND t.token = d.token",
+        )
+        .bind(&providers)
+        .bind(&tokens)
+        .execute(&self.pool)
+        .await
+        .db()?;
+        Ok(done.rows_affected())
+    }
+
+    async fn notification_previews(
+        &self,
+        user: &str,
+        previews: Option<bool>,
+    ) -> Result<Option<bool>, ChatError> {
+        sqlx::query_scalar(
+            "UPDATE users SET push_previews = COALESCE($2, push_previews) WHERE id = $1 \
+             RETURNING push_previews",
+        )
+        .bind(user)
+        .bind(previews)
+        .fetch_optional(&self.pool)
+        .await
+        .db()
+    }
+
+    async fn mute(&self, conversation_id: u64, user: &str, until_ms: i64) -> Result<(), ChatError> {
+        let done = sqlx::query(
+            "UPDATE members SET muted_until = $1 WHERE conversation_id = $2 AND user_id = $3",
+        )
+        .bind(until_ms)
+        .bind(conversation_id as i64)
+        .bind(user)
+        .execute(&self.pool)
+        .await
+        .db()?;
+        if done.rows_affected() == 0 {
+            return Err(ChatError::NotMember(conversation_id));
+        }
+        Ok(())
+    }
+
+    async fn push_audience(&self, q: &AudienceQuery) -> Result<PushAudience, ChatError> {
+        // Four statements for a whole batch, each over arrays.
+        let mut conn = self.pool.acquire().await.db()?;
+        let mut audience = PushAudience::default();
+        let rows: Vec<(String, String, i64, String, String, String, i64)> = sqlx::query_as(
+            "SELECT user_id, device_id, provider, token, topic, locale, updated_at \
+             FROM push_tokens WHERE user_id = ANY($1) ORDER BY user_id, device_id",
+        )
+        .bind(&q.users)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+        for row in rows {
+            audience.tokens.push(PushTokenRecord::from_row(row)?);
+        }
+        let settings: Vec<(String, bool, i64)> = sqlx::query_as(
+            "SELECT u.id, u.push_previews, u.inbox_head - COALESCE(MAX(d.cursor), 0) \
+             FROM users u LEFT JOIN devices d ON d.user_id = u.id \
+             WHERE u.id = ANY($1) GROUP BY u.id",
+        )
+        .bind(&q.users)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+        for (user, previews, unseen) in settings {
+            if !previews {
+                audience.no_previews.insert(user.clone());
+            }
+            audience.unseen.insert(user, unseen.max(0) as u64);
+        }
+        if !q.conversations.is_empty() {
+            let users: Vec<&str> = q.conversations.iter().map(|(u, _)| u.as_str()).collect();
+            let ids: Vec<i64> = q.conversations.iter().map(|(_, c)| *c as i64).collect();
+            let muted: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT m.user_id, m.conversation_id FROM members m \
+                 JOIN unnest($1::text[], $2::int8[]) AS q(user_id, conversation_id) \
+                 ON m.user_id = q.user_id AND m.conversation_id = q.conversation_id \
+                 WHERE m.muted_until > $3",
+            )
+            .bind(&users)
+            .bind(&ids)
+            .bind(q.now_ms)
+            .fetch_all(&mut *conn)
+            .await
+            .db()?;
+            audience.muted = muted.into_iter().map(|(u, c)| (u, c as u64)).collect();
+        }
+        let names: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, display_name FROM users WHERE id = ANY($1) AND display_name <> ''",
+        )
+        .bind(&q.senders)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+        audience.names = names.into_iter().collect();
+        Ok(audience)
     }
 
     async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError> {

@@ -21,6 +21,7 @@ use parley_core::media::{BlobRecord, BlobRow};
 use parley_core::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
+use parley_core::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
 use parley_core::store::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
     MembershipChange, NewMessage, RefreshRecord, Store, UserRecord, direct_key, history_bound,
@@ -189,6 +190,7 @@ async fn load_conversation(
         owner: row.try_get(2).db()?,
         members,
         last_seq: row.try_get::<i64, _>(3).db()? as u64,
+        muted_until_ms: 0,
     }))
 }
 
@@ -493,17 +495,21 @@ impl Store for SqliteStore {
 
     async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {
         let mut conn = self.reader.acquire().await.db()?;
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT conversation_id FROM members WHERE user_id = ? ORDER BY conversation_id",
+        let ids: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT conversation_id, muted_until FROM members WHERE user_id = ? \
+             ORDER BY conversation_id",
         )
         .bind(user)
         .fetch_all(&mut *conn)
         .await
         .db()?;
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
+        for (id, muted_until_ms) in ids {
             if let Some(c) = load_conversation(&mut conn, id as u64).await? {
-                out.push(c);
+                out.push(ConversationRecord {
+                    muted_until_ms,
+                    ..c
+                });
             }
         }
         Ok(out)
@@ -664,11 +670,12 @@ impl Store for SqliteStore {
     }
 
     async fn log_out(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), ChatError> {
+        let mut tx = self.begin().await?;
         let done = match device {
             None => sqlx::query("UPDATE users SET revoked_at = MAX(revoked_at, ?1) WHERE id = ?2")
                 .bind(at_ms)
                 .bind(user)
-                .execute(&self.writer)
+                .execute(&mut *tx)
                 .await
                 .db()?,
             // Only for a user that exists.
@@ -681,13 +688,22 @@ impl Store for SqliteStore {
             .bind(user)
             .bind(device)
             .bind(at_ms)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await
             .db()?,
         };
         if done.rows_affected() == 0 {
             return Err(ChatError::NotFound(format!("no user {user}")));
         }
+        sqlx::query(
+            "DELETE FROM push_tokens WHERE user_id = ?1 AND (?2 IS NULL OR device_id = ?2)",
+        )
+        .bind(user)
+        .bind(device)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -836,6 +852,162 @@ impl Store for SqliteStore {
                 .await
                 .db()?;
         Ok(found.is_some())
+    }
+
+    async fn put_push_token(&self, t: &PushTokenRecord) -> Result<(), ChatError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "DELETE FROM push_tokens WHERE provider = ?1 AND token = ?2 \
+             AND NOT (user_id = ?3 AND device_id = ?4)",
+        )
+        .bind(t.provider as i64)
+        .bind(&t.token)
+        .bind(&t.user)
+        .bind(&t.device)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        sqlx::query(
+            "INSERT INTO push_tokens \
+             (user_id, device_id, provider, token, topic, locale, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (user_id, device_id) DO UPDATE SET provider = excluded.provider, \
+             token = excluded.token, topic = excluded.topic, locale = excluded.locale, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&t.user)
+        .bind(&t.device)
+        .bind(t.provider as i64)
+        .bind(&t.token)
+        .bind(&t.topic)
+        .bind(&t.locale)
+        .bind(t.updated_at_ms)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        Ok(())
+    }
+
+    async fn delete_push_token(&self, user: &str, device: &str) -> Result<(), ChatError> {
+        sqlx::query("DELETE FROM push_tokens WHERE user_id = ? AND device_id = ?")
+            .bind(user)
+            .bind(device)
+            .execute(&self.writer)
+            .await
+            .db()?;
+        Ok(())
+    }
+
+    async fn drop_push_tokens(&self, dead: &[DeadToken]) -> Result<u64, ChatError> {
+        let mut tx = self.begin().await?;
+        let mut dropped = 0;
+        for d in dead {
+            dropped += sqlx::query("DELETE FROM push_tokens WHERE provider = ? AND token = ?")
+                .bind(d.provider as i64)
+                .bind(&d.token)
+                .execute(&mut *tx)
+                .await
+                .db()?
+                .rows_affected();
+        }
+        tx.commit().await.db()?;
+        Ok(dropped)
+    }
+
+    async fn notification_previews(
+        &self,
+        user: &str,
+        previews: Option<bool>,
+    ) -> Result<Option<bool>, ChatError> {
+        sqlx::query_scalar(
+            "UPDATE users SET push_previews = COALESCE(?2, push_previews) WHERE id = ?1 \
+             RETURNING push_previews",
+        )
+        .bind(user)
+        .bind(previews)
+        .fetch_optional(&self.writer)
+        .await
+        .db()
+    }
+
+    async fn mute(&self, conversation_id: u64, user: &str, until_ms: i64) -> Result<(), ChatError> {
+        let done = sqlx::query(
+            "UPDATE members SET muted_until = ? WHERE conversation_id = ? AND user_id = ?",
+        )
+        .bind(until_ms)
+        .bind(conversation_id as i64)
+        .bind(user)
+        .execute(&self.writer)
+        .await
+        .db()?;
+        if done.rows_affected() == 0 {
+            return Err(ChatError::NotMember(conversation_id));
+        }
+        Ok(())
+    }
+
+    async fn push_audience(&self, q: &AudienceQuery) -> Result<PushAudience, ChatError> {
+        // In-process: a statement per user costs no round trip.
+        let mut conn = self.reader.acquire().await.db()?;
+        let mut audience = PushAudience::default();
+        for user in &q.users {
+            let rows: Vec<(String, String, i64, String, String, String, i64)> = sqlx::query_as(
+                "SELECT user_id, device_id, provider, token, topic, locale, updated_at \
+                 FROM push_tokens WHERE user_id = ? ORDER BY device_id",
+            )
+            .bind(user)
+            .fetch_all(&mut *conn)
+            .await
+            .db()?;
+            for row in rows {
+                audience.tokens.push(PushTokenRecord::from_row(row)?);
+            }
+            let settings: Option<(bool, i64)> = sqlx::query_as(concat!(
+                "SELECT push_previews, ",
+                inbox_head!("?1"),
+                " - IFNULL((SELECT MAX(cursor) FROM devices WHERE user_id = ?1), 0) \
+                 FROM users WHERE id = ?1"
+            ))
+            .bind(user)
+            .fetch_optional(&mut *conn)
+            .await
+            .db()?;
+            if let Some((previews, unseen)) = settings {
+                if !previews {
+                    audience.no_previews.insert(user.clone());
+                }
+                audience.unseen.insert(user.clone(), unseen.max(0) as u64);
+            }
+        }
+        for (user, conversation) in &q.conversations {
+            let muted: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM members WHERE conversation_id = ? AND user_id = ? \
+                 AND muted_until > ?",
+            )
+            .bind(*conversation as i64)
+            .bind(user)
+            .bind(q.now_ms)
+            .fetch_optional(&mut *conn)
+            .await
+            .db()?;
+            if muted.is_some() {
+                audience.muted.insert((user.clone(), *conversation));
+            }
+        }
+        for sender in &q.senders {
+            let name: Option<String> = sqlx::query_scalar(
+                "SELECT display_name FROM users WHERE id = ? AND display_name <> ''",
+            )
+            .bind(sender)
+            .fetch_optional(&mut *conn)
+            .await
+            .db()?;
+            if let Some(name) = name {
+                audience.names.insert(sender.clone(), name);
+            }
+        }
+        Ok(audience)
     }
 
     async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError> {

@@ -83,8 +83,10 @@ async fn a_committed_send_reaches_online_gateways_and_cues_a_push_for_the_offlin
     assert_eq!(delivered[0].message.msg_id, ack.msg_id);
     assert_eq!(delivered[0].recipients, vec![("bob".to_owned(), 2)]);
     let mut cued = Vec::new();
-    while let Ok(ChatEvent::OfflineMessage { user, message, .. }) = events.try_recv() {
-        cued.push((user, message.seq));
+    while let Ok(batch) = events.try_recv() {
+        for ChatEvent::OfflineMessage { user, message, .. } in batch.iter() {
+            cued.push((user.clone(), message.seq));
+        }
     }
     assert_eq!(
         cued,
@@ -190,8 +192,10 @@ async fn deliveries_go_to_every_gateway_while_presence_is_unsettled_or_down() {
             );
         }
         let mut cued: Vec<String> = Vec::new();
-        while let Ok(ChatEvent::OfflineMessage { user, .. }) = events.try_recv() {
-            cued.push(user);
+        while let Ok(batch) = events.try_recv() {
+            for ChatEvent::OfflineMessage { user, .. } in batch.iter() {
+                cued.push(user.clone());
+            }
         }
         let expected: &[&str] = if mode == 1 {
             &["carol"]

@@ -6,9 +6,12 @@
 //! drift apart. Each check starts from a store holding the users alice, bob
 //! and carol.
 
+use std::collections::HashSet;
+
 use parley_proto::pb;
 
 use super::*;
+use crate::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
 
 /// A text message from `sender` with client id `id`.
 pub fn text(conv: u64, sender: &str, id: &str, body: &str) -> NewMessage {
@@ -701,6 +704,256 @@ pub async fn uploads_complete_once_are_used_by_their_owner_and_collected(store: 
     );
 }
 
+fn push_token(
+    user: &str,
+    device: &str,
+    provider: pb::PushProvider,
+    token: &str,
+) -> PushTokenRecord {
+    PushTokenRecord {
+        user: user.into(),
+        device: device.into(),
+        provider,
+        token: token.into(),
+        topic: "app.example".into(),
+        locale: "en".into(),
+        updated_at_ms: 5,
+    }
+}
+
+pub async fn push_tokens_follow_their_devices_and_mutes_their_members(store: &dyn Store) {
+    use pb::PushProvider::{Apns, Fcm};
+    let tokens = |users: &[&str]| AudienceQuery {
+        users: users.iter().map(|u| (*u).to_owned()).collect(),
+        now_ms: 1_000,
+        ..AudienceQuery::default()
+    };
+    let held = |a: PushAudience| -> Vec<(String, String, String)> {
+        a.tokens
+            .into_iter()
+            .map(|t| (t.user, t.device, t.token))
+            .collect()
+    };
+    let row = |u: &str, d: &str, t: &str| (u.to_owned(), d.to_owned(), t.to_owned());
+
+    store
+        .put_push_token(&push_token("alice", "phone", Apns, "a1"))
+        .await
+        .unwrap();
+    store
+        .put_push_token(&push_token("alice", "tablet", Fcm, "f1"))
+        .await
+        .unwrap();
+    // A new token replaces the device's old one.
+    store
+        .put_push_token(&push_token("alice", "phone", Apns, "a2"))
+        .await
+        .unwrap();
+    let a = store
+        .push_audience(&tokens(&["alice", "bob"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        held(a),
+        vec![row("alice", "phone", "a2"), row("alice", "tablet", "f1")]
+    );
+
+    // The same token from another user's device: the phone changed hands.
+    store
+        .put_push_token(&push_token("bob", "phone", Fcm, "f1"))
+        .await
+        .unwrap();
+    let a = store
+        .push_audience(&tokens(&["alice", "bob"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        held(a),
+        vec![row("alice", "phone", "a2"), row("bob", "phone", "f1")]
+    );
+
+    // A dead token goes; one the device has replaced meanwhile stays.
+    let dead = |provider, token: &str| DeadToken {
+        provider,
+        token: token.into(),
+    };
+    let gone = store
+        .drop_push_tokens(&[dead(Apns, "a1"), dead(Fcm, "f1"), dead(Apns, "f1")])
+        .await
+        .unwrap();
+    assert_eq!(gone, 1, "only bob's f1 was still held");
+    let a = store
+        .push_audience(&tokens(&["alice", "bob"]))
+        .await
+        .unwrap();
+    assert_eq!(held(a), vec![row("alice", "phone", "a2")]);
+
+    // Removing and logging out take tokens away.
+    store
+        .put_push_token(&push_token("bob", "phone", Fcm, "f2"))
+        .await
+        .unwrap();
+    store
+        .put_push_token(&push_token("bob", "desk", Fcm, "f3"))
+        .await
+        .unwrap();
+    store.delete_push_token("alice", "phone").await.unwrap();
+    store.delete_push_token("alice", "phone").await.unwrap();
+    store.log_out("bob", Some("desk"), 10).await.unwrap();
+    let a = store
+        .push_audience(&tokens(&["alice", "bob"]))
+        .await
+        .unwrap();
+    assert_eq!(held(a), vec![row("bob", "phone", "f2")]);
+    store.log_out("bob", None, 11).await.unwrap();
+    let a = store
+        .push_audience(&tokens(&["alice", "bob"]))
+        .await
+        .unwrap();
+    assert!(
+        a.tokens.is_empty(),
+        "logging out every device removes every token"
+    );
+
+    // Previews: on by default, per user.
+    assert_eq!(
+        store.notification_previews("bob", None).await.unwrap(),
+        Some(true)
+    );
+    assert_eq!(
+        store
+            .notification_previews("bob", Some(false))
+            .await
+            .unwrap(),
+        Some(false)
+    );
+    assert_eq!(
+        store.notification_previews("bob", None).await.unwrap(),
+        Some(false)
+    );
+    assert_eq!(
+        store
+            .notification_previews("nobody", Some(true))
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Mutes: per member, gone with the membership.
+    let direct = store.open_direct("alice", "bob", 0).await.unwrap();
+    let (group, _) = store
+        .create_group("alice", "g", &["alice".to_owned(), "carol".to_owned()], 0)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.mute(direct.id, "carol", i64::MAX).await,
+        Err(ChatError::NotMember(_))
+    ));
+    store.mute(direct.id, "bob", i64::MAX).await.unwrap();
+    store.mute(group.id, "carol", 2_000).await.unwrap();
+    store.mute(group.id, "alice", 500).await.unwrap();
+    let list = store.list_conversations("bob").await.unwrap();
+    assert_eq!(list[0].muted_until_ms, i64::MAX);
+    assert_eq!(
+        store.list_conversations("alice").await.unwrap()[0].muted_until_ms,
+        0
+    );
+    let pairs = vec![
+        ("bob".to_owned(), direct.id),
+        ("alice".to_owned(), direct.id),
+        ("carol".to_owned(), group.id),
+        ("alice".to_owned(), group.id),
+    ];
+    let a = store
+        .push_audience(&AudienceQuery {
+            users: vec!["alice".into(), "bob".into(), "carol".into()],
+            senders: vec!["alice".into(), "nobody".into()],
+            conversations: pairs.clone(),
+            now_ms: 1_000,
+        })
+        .await
+        .unwrap();
+    let muted: HashSet<(String, u64)> = [
+        ("bob".to_owned(), direct.id),
+        ("carol".to_owned(), group.id),
+    ]
+    .into();
+    assert_eq!(a.muted, muted, "alice's mute of the group ended at 500");
+    assert_eq!(a.no_previews, HashSet::from(["bob".to_owned()]));
+    assert!(
+        a.names.is_empty(),
+        "the users of the suite have no display names"
+    );
+    store
+        .change_members(
+            group.id,
+            "carol",
+            MembershipChange::Leave,
+            &["carol".to_owned()],
+            10,
+            0,
+        )
+        .await
+        .unwrap();
+    store
+        .change_members(
+            group.id,
+            "alice",
+            MembershipChange::Add,
+            &["carol".to_owned()],
+            10,
+            0,
+        )
+        .await
+        .unwrap();
+    let a = store
+        .push_audience(&AudienceQuery {
+            conversations: pairs,
+            now_ms: 1_000,
+            ..AudienceQuery::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        !a.muted.contains(&("carol".to_owned(), group.id)),
+        "a mute ends with the membership it was part of"
+    );
+}
+
+pub async fn the_badge_counts_what_no_device_has_seen(store: &dyn Store) {
+    store.create_user("dave", "Dave D.", 0).await.unwrap();
+    let conv = store.open_direct("dave", "bob", 0).await.unwrap();
+    for i in 0..3 {
+        one(store, text(conv.id, "dave", &format!("u{i}"), "hi"))
+            .await
+            .unwrap();
+    }
+    let query = AudienceQuery {
+        users: vec!["bob".into()],
+        senders: vec!["dave".into()],
+        now_ms: 1_000,
+        ..AudienceQuery::default()
+    };
+    let a = store.push_audience(&query).await.unwrap();
+    assert_eq!(
+        a.unseen.get("bob"),
+        Some(&3),
+        "no device of bob's saw anything"
+    );
+    assert_eq!(a.names.get("dave").map(String::as_str), Some("Dave D."));
+    let cursor = |device: &str, cursor| DeviceCursor {
+        user: "bob".into(),
+        device: device.into(),
+        cursor,
+    };
+    store
+        .set_cursors(&[cursor("phone", 1), cursor("desk", 2)], 1)
+        .await
+        .unwrap();
+    let a = store.push_audience(&query).await.unwrap();
+    assert_eq!(a.unseen.get("bob"), Some(&1), "the desk saw two of three");
+}
+
 /// Turns every check of the suite into a `#[tokio::test]`. `$open` is an
 /// async fn returning `(guard, store)`: the guard lives as long as the test
 /// (a temporary directory, a schema dropped afterwards) and the store gets
@@ -723,6 +976,8 @@ macro_rules! store_conformance {
             log_outs_only_move_forward_and_list_every_device,
             refresh_tokens_move_on_only_from_the_current_one,
             uploads_complete_once_are_used_by_their_owner_and_collected,
+            push_tokens_follow_their_devices_and_mutes_their_members,
+            the_badge_counts_what_no_device_has_seen,
         );
     };
     (@each $open:path: $($name:ident),* $(,)?) => {

@@ -23,6 +23,7 @@ use crate::media::{BlobRecord, BlobState};
 use crate::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
+use crate::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
 
 /// A store that lives as long as the process.
 #[derive(Debug, Default)]
@@ -40,6 +41,8 @@ struct User {
     inbox_floor: u64,
     /// Its log-out of every device (`users.revoked_at`).
     logged_out_at_ms: i64,
+    /// Its notifications show previews (`users.push_previews`).
+    previews: bool,
 }
 
 /// A device's row (`devices`).
@@ -90,6 +93,11 @@ struct Inner {
     blocks: HashSet<(String, String)>,
     /// id → upload (`blobs`).
     blobs: BTreeMap<String, BlobRecord>,
+    /// (user, device) → its push token (`push_tokens`).
+    push_tokens: BTreeMap<(String, String), PushTokenRecord>,
+    /// (conversation, member) → muted until (`members.muted_until`);
+    /// removed with the membership.
+    mutes: HashMap<(u64, String), i64>,
 }
 
 impl MemoryStore {
@@ -125,6 +133,7 @@ impl Inner {
             owner: c.owner.clone(),
             members: c.members.iter().cloned().collect(),
             last_seq: last_seq(c),
+            muted_until_ms: 0,
         })
     }
 
@@ -284,6 +293,7 @@ impl Store for MemoryStore {
                 record: record.clone(),
                 inbox_floor: 0,
                 logged_out_at_ms: 0,
+                previews: true,
             },
         );
         Ok(record)
@@ -381,6 +391,11 @@ impl Store for MemoryStore {
                 members.remove(u);
             }
         }
+        if change != MembershipChange::Add {
+            for u in &changed {
+                s.mutes.remove(&(conversation_id, u.clone()));
+            }
+        }
         let event = membership_event(change, actor, &changed);
         let mut appended = s.append_system(conversation_id, actor, event, now_ms);
         if change != MembershipChange::Add {
@@ -400,6 +415,10 @@ impl Store for MemoryStore {
             .iter()
             .filter(|(_, c)| c.members.contains(user))
             .filter_map(|(id, _)| s.record(*id))
+            .map(|c| ConversationRecord {
+                muted_until_ms: s.mutes.get(&(c.id, user.to_owned())).copied().unwrap_or(0),
+                ..c
+            })
             .collect())
     }
 
@@ -521,6 +540,8 @@ impl Store for MemoryStore {
                 .or_default(),
         };
         *at = (*at).max(at_ms);
+        s.push_tokens
+            .retain(|(u, d), _| u != user || device.is_some_and(|device| d != device));
         Ok(())
     }
 
@@ -648,6 +669,105 @@ impl Store for MemoryStore {
             .lock()
             .blocks
             .contains(&(by.to_owned(), user.to_owned())))
+    }
+
+    async fn put_push_token(&self, token: &PushTokenRecord) -> Result<(), ChatError> {
+        let mut s = self.lock();
+        s.push_tokens
+            .retain(|_, t| t.provider != token.provider || t.token != token.token);
+        s.push_tokens
+            .insert((token.user.clone(), token.device.clone()), token.clone());
+        Ok(())
+    }
+
+    async fn delete_push_token(&self, user: &str, device: &str) -> Result<(), ChatError> {
+        self.lock()
+            .push_tokens
+            .remove(&(user.to_owned(), device.to_owned()));
+        Ok(())
+    }
+
+    async fn drop_push_tokens(&self, dead: &[DeadToken]) -> Result<u64, ChatError> {
+        let mut s = self.lock();
+        let before = s.push_tokens.len();
+        s.push_tokens.retain(|_, t| {
+            !dead
+                .iter()
+                .any(|d| d.provider == t.provider && d.token == t.token)
+        });
+        Ok((before - s.push_tokens.len()) as u64)
+    }
+
+    async fn notification_previews(
+        &self,
+        user: &str,
+        previews: Option<bool>,
+    ) -> Result<Option<bool>, ChatError> {
+        let mut s = self.lock();
+        Ok(s.users.get_mut(user).map(|u| {
+            if let Some(p) = previews {
+                u.previews = p;
+            }
+            u.previews
+        }))
+    }
+
+    async fn mute(&self, conversation_id: u64, user: &str, until_ms: i64) -> Result<(), ChatError> {
+        let mut s = self.lock();
+        let member = s
+            .conversations
+            .get(&conversation_id)
+            .is_some_and(|c| c.members.contains(user));
+        if !member {
+            return Err(ChatError::NotMember(conversation_id));
+        }
+        s.mutes.insert((conversation_id, user.to_owned()), until_ms);
+        Ok(())
+    }
+
+    async fn push_audience(&self, q: &AudienceQuery) -> Result<PushAudience, ChatError> {
+        let s = self.lock();
+        let mut audience = PushAudience::default();
+        for user in &q.users {
+            audience.tokens.extend(
+                s.push_tokens
+                    .range((user.clone(), String::new())..)
+                    .take_while(|((u, _), _)| u == user)
+                    .map(|(_, t)| t.clone()),
+            );
+            let Some(u) = s.users.get(user) else { continue };
+            if !u.previews {
+                audience.no_previews.insert(user.clone());
+            }
+            let seen = s
+                .devices
+                .range((user.clone(), String::new())..)
+                .take_while(|((u, _), _)| u == user)
+                .map(|(_, d)| d.cursor)
+                .max()
+                .unwrap_or(0);
+            audience
+                .unseen
+                .insert(user.clone(), s.inbox_head(user).saturating_sub(seen));
+        }
+        for (user, conversation) in &q.conversations {
+            if s.mutes
+                .get(&(*conversation, user.clone()))
+                .is_some_and(|until| *until > q.now_ms)
+            {
+                audience.muted.insert((user.clone(), *conversation));
+            }
+        }
+        for sender in &q.senders {
+            if let Some(u) = s.users.get(sender)
+                && !u.record.display_name.is_empty()
+            {
+                audience
+                    .names
+                    .insert(sender.clone(), u.record.display_name.clone());
+            }
+        }
+        Ok(audience)
     }
 
     async fn prune_before(&self, cutoff_ms: i64) -> Result<u64, ChatError> {
