@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use async_trait::async_trait;
 use parley_proto::pb;
 
 use crate::error::ChatError;
@@ -149,6 +150,22 @@ pub struct PushAudience {
     /// Display names of the senders that have one.
     pub names: HashMap<String, String>,
 }
+
+/// Remembers which notifications were sent, so that a cue delivered
+/// twice (a redelivery after a sender restarted) wakes nobody twice. In
+/// one process a map does (`parley-push`); in a cluster Redis does
+/// (`parley-redis`), for every sender replica.
+#[async_trait]
+pub trait PushLedger: Send + Sync + 'static {
+    /// Of `ids`, which were not sent yet (one answer each, in order).
+    async fn unsent(&self, ids: &[String]) -> Result<Vec<bool>, ChatError>;
+    /// Records `ids` as sent.
+    async fn sent(&self, ids: &[String]) -> Result<(), ChatError>;
+}
+
+/// How long a ledger remembers a notification: longer than any
+/// redelivery takes (a cue is handled within minutes or dead-lettered).
+pub const LEDGER_KEEP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// A mute's end as stored: 0 for anything past (unmuted).
 pub fn mute_until(muted_until_ms: i64, now_ms: i64) -> i64 {

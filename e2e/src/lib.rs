@@ -230,6 +230,8 @@ pub struct Cluster {
     pub spec: Spec,
     pub chats: Vec<Node>,
     pub gateways: Vec<Node>,
+    /// Push senders (`parley-push`), started by [`Cluster::add_push`].
+    pub pushes: Vec<Node>,
     /// The TLS listener of each gateway, when the spec asked for TLS.
     pub tls_addrs: Vec<SocketAddr>,
     /// The WebSocket-over-TLS listener of each gateway, likewise.
@@ -306,6 +308,7 @@ impl Cluster {
             spec,
             chats,
             gateways: Vec::new(),
+            pushes: Vec::new(),
             tls_addrs: Vec::new(),
             wss_addrs: Vec::new(),
             admin_url: format!("http://{}", loopback(admin_port)),
@@ -424,6 +427,33 @@ impl Cluster {
         Ok(i)
     }
 
+    /// Starts a push sender, `push<n>`, with `env` (its providers) besides
+    /// the cluster's own; returns its index.
+    pub async fn add_push(&mut self, env: &[(String, String)]) -> anyhow::Result<usize> {
+        let i = self.pushes.len();
+        let ops = loopback(free_port());
+        let mut all = self.common.clone();
+        all.extend([
+            ("PARLEY_DATABASE_URL".to_owned(), self._db.url.clone()),
+            ("PARLEY_OPS_LISTEN".to_owned(), ops.to_string()),
+            ("PARLEY_PUSH_NAME".to_owned(), format!("push{i}")),
+        ]);
+        all.extend(env.iter().cloned());
+        let mut node = Node {
+            name: format!("push{i}"),
+            addr: ops,
+            ops,
+            route: None,
+            proc: None,
+            program: self.spec.node.clone(),
+            args: vec!["push".to_owned()],
+            env: all,
+        };
+        node.start(self.dir.path()).await?;
+        self.pushes.push(node);
+        Ok(i)
+    }
+
     pub async fn admin(&self) -> anyhow::Result<Admin> {
         Ok(Admin::connect(&self.admin_url, &self.admin_key).await?)
     }
@@ -475,6 +505,7 @@ impl Cluster {
         self.chats
             .iter()
             .chain(&self.gateways)
+            .chain(&self.pushes)
             .filter_map(|n| n.proc.as_ref())
             .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
             .collect::<Vec<_>>()
@@ -485,6 +516,7 @@ impl Cluster {
         self.chats
             .iter()
             .chain(&self.gateways)
+            .chain(&self.pushes)
             .filter_map(|n| n.proc.as_ref())
             .map(|p| format!("--- {} ---\n{}", p.name, p.tail(15)))
             .collect::<Vec<_>>()
@@ -496,7 +528,12 @@ impl Drop for Cluster {
     /// Stops every process (SIGKILL) and removes the cluster's Redis keys
     /// and broker names; its database goes with its guard.
     fn drop(&mut self) {
-        for n in self.gateways.iter_mut().chain(self.chats.iter_mut()) {
+        for n in self
+            .gateways
+            .iter_mut()
+            .chain(self.chats.iter_mut())
+            .chain(self.pushes.iter_mut())
+        {
             n.proc = None;
         }
         let redis = self.spec.redis_url.clone();

@@ -1,7 +1,8 @@
-//! `parley-e2e-node gateway|chat [flags]`: the gateway's and the chat
-//! service's command lines in one binary the e2e tests can name (a binary of
-//! their own package, built with the tests' features). It runs exactly the
-//! code of `parley-gateway` and `parley-chat`.
+//! `parley-e2e-node gateway|chat|push [flags]`: the gateway's, the chat
+//! service's and the push sender's command lines in one binary the e2e
+//! tests can name (a binary of their own package, built with the tests'
+//! features). It runs exactly the code of `parley-gateway`, `parley-chat`
+//! and `parley-push`.
 
 use std::ffi::OsString;
 
@@ -18,6 +19,10 @@ async fn main() -> anyhow::Result<()> {
         Some("chat") => {
             parley_chat::cli::run(std::iter::once(OsString::from("parley-chat")).chain(rest)).await
         }
-        _ => anyhow::bail!("usage: parley-e2e-node gateway|chat [flags]"),
+        Some("push") => {
+            parley_push::process::run(std::iter::once(OsString::from("parley-push")).chain(rest))
+                .await
+        }
+        _ => anyhow::bail!("usage: parley-e2e-node gateway|chat|push [flags]"),
     }
 }

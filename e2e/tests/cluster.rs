@@ -20,6 +20,8 @@ mod kubernetes;
 mod media;
 #[path = "cluster/network.rs"]
 mod network;
+#[path = "cluster/push.rs"]
+mod push;
 
 const SETTLE: Duration = Duration::from_secs(30);
 

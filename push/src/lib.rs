@@ -10,7 +10,7 @@
 //! 2. reads in one store call everything the batch needs (tokens, mutes,
 //!    preview settings, unseen counts, senders' names) and plans one
 //!    notification per registered device ([`plan`]);
-//! 3. drops what its [`Ledger`] says was sent already (a redelivered cue);
+//! 3. drops what its [`PushLedger`] says was sent already (a redelivered cue);
 //! 4. hands each provider its notifications, tries again what came back
 //!    429 or 5xx with exponential backoff and jitter (or the provider's
 //!    Retry-After), drops tokens the provider calls dead, and returns
@@ -24,6 +24,7 @@ pub mod cli;
 pub mod fcm;
 pub mod jwt;
 pub mod plan;
+pub mod process;
 pub mod provider;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parley_core::bus::ChatEvent;
-use parley_core::push::DeadToken;
+use parley_core::push::{DeadToken, LEDGER_KEEP, PushLedger};
 use parley_core::{ChatError, Presence, Store, now_ms};
 use parley_proto::pb;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -101,16 +102,6 @@ impl ProvidersConfig {
     }
 }
 
-/// Remembers which notifications were sent, so that a cue delivered
-/// twice (a redelivery after a sender restarted) wakes nobody twice.
-#[async_trait]
-pub trait Ledger: Send + Sync + 'static {
-    /// Of `ids`, which were not sent yet (one answer each, in order).
-    async fn unsent(&self, ids: &[String]) -> Result<Vec<bool>, ChatError>;
-    /// Records `ids` as sent.
-    async fn sent(&self, ids: &[String]) -> Result<(), ChatError>;
-}
-
 /// A ledger in memory, for one process: it forgets after `keep`.
 #[derive(Debug)]
 pub struct MemoryLedger {
@@ -129,12 +120,12 @@ impl MemoryLedger {
 
 impl Default for MemoryLedger {
     fn default() -> Self {
-        Self::new(Duration::from_secs(3600))
+        Self::new(LEDGER_KEEP)
     }
 }
 
 #[async_trait]
-impl Ledger for MemoryLedger {
+impl PushLedger for MemoryLedger {
     async fn unsent(&self, ids: &[String]) -> Result<Vec<bool>, ChatError> {
         let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
         Ok(ids.iter().map(|id| !sent.contains_key(id)).collect())
@@ -260,7 +251,7 @@ pub struct PushSender {
     store: Arc<dyn Store>,
     presence: Arc<dyn Presence>,
     providers: HashMap<i32, Arc<dyn Provider>>,
-    ledger: Arc<dyn Ledger>,
+    ledger: Arc<dyn PushLedger>,
     config: PushConfig,
     metrics: PushMetrics,
 }
@@ -285,7 +276,7 @@ impl PushSender {
         store: Arc<dyn Store>,
         presence: Arc<dyn Presence>,
         providers: Vec<Arc<dyn Provider>>,
-        ledger: Arc<dyn Ledger>,
+        ledger: Arc<dyn PushLedger>,
         config: PushConfig,
     ) -> Self {
         Self {

@@ -29,6 +29,8 @@ pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 #[derive(Default)]
 struct Inner {
     key: Vec<u8>,
+    /// How long each request takes to be answered (ms).
+    delay_ms: AtomicU64,
     accepted: Mutex<Vec<(String, WebhookNotification)>>,
     script: Mutex<VecDeque<u16>>,
     dead: Mutex<Vec<String>>,
@@ -63,6 +65,12 @@ async fn receive(
     body: Bytes,
 ) -> (StatusCode, String) {
     inner.requests.fetch_add(1, Ordering::Relaxed);
+    let delay = inner.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        // A request whose client goes away meanwhile is dropped here,
+        // unrecorded, as a real receiver's would be.
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let header = |name: &str| {
         headers
             .get(name)
@@ -143,6 +151,13 @@ impl WebhookReceiver {
             .extend(statuses);
     }
 
+    /// From now on, each request waits `delay` before it is handled.
+    pub fn set_delay(&self, delay: Duration) {
+        self.inner
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// From now on, `token` is answered as dead.
     pub fn call_dead(&self, token: &str) {
         self.inner
@@ -150,6 +165,14 @@ impl WebhookReceiver {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(token.to_owned());
+    }
+
+    /// The environment that points a push sender (`parley-push`) here.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PARLEY_PUSH_WEBHOOK_URL".to_owned(), self.url.clone()),
+            ("PARLEY_PUSH_WEBHOOK_SECRET".to_owned(), SECRET.to_owned()),
+        ]
     }
 
     /// The notifications of every request accepted, with its webhook-id.

@@ -13,8 +13,10 @@
 //!   (`x-max-length`, `x-message-ttl`): what it drops, devices get by sync.
 //! - `P.events`, a durable topic exchange for services outside the message
 //!   path. Routing key `message.offline`: a message for a user with no device
-//!   online (body `parley.internal.v1.OfflineMessage`), the cue for push
-//!   notifications. Bind your own queue to receive them.
+//!   online (body `parley.internal.v1.OfflineMessages`), the cue for push
+//!   notifications. The push senders consume them from `P.push` (and put
+//!   what failed for good on `P.push.dead`; see `cues`); bind your own
+//!   queue to receive them too.
 //!
 //! Publishing is asynchronous and confirmed: publishes queue up (bounded)
 //! for a task that owns the connection, sends them, and waits for the
@@ -23,6 +25,7 @@
 //! whose consumer reconnects asks every connection to catch up from the
 //! database, since its queue may have lost deliveries meanwhile.
 
+mod cues;
 mod feed;
 mod publish;
 
@@ -33,6 +36,7 @@ use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
+pub use cues::{CueBatch, CueFeed, consume_cues};
 pub use feed::{GatewayFeed, consume};
 pub use publish::AmqpBus;
 
@@ -140,13 +144,14 @@ pub(crate) async fn backoff(attempt: &mut u32) {
     tokio::time::sleep(Duration::from_millis(ms + rand::random::<u64>() % 100)).await;
 }
 
-/// Deletes a cluster's exchanges and the queues of `gateways` (tests, and a
-/// cluster being deleted).
+/// Deletes a cluster's exchanges, its push queues and the queues of
+/// `gateways` (tests, and a cluster being deleted).
 pub async fn delete_topology(config: &AmqpConfig, gateways: &[&str]) -> Result<(), lapin::Error> {
     let (conn, channel) = connect(&config.url, "parley-cleanup").await?;
-    for g in gateways {
+    let push = [config.push_queue(), config.push_dead_queue()];
+    for q in gateways.iter().map(|g| config.gateway_queue(g)).chain(push) {
         let _ = channel
-            .queue_delete(config.gateway_queue(g).as_str().into(), Default::default())
+            .queue_delete(q.as_str().into(), Default::default())
             .await;
     }
     for x in [config.deliveries(), config.events()] {

@@ -15,6 +15,7 @@
 //! | `P:routes:seen` | hash | address → when its entry was last written (ms) |
 //! | `P:routes:via` | hash | public address → the gateway's own (advertised) address, when the operator publishes gateways |
 //! | `P:rl:<window ms>:<index>:<key>` | string | a rate limit's count in one fixed window (`key` is e.g. `send:<user>`, `login-ip:<address>`); expires two windows on |
+//! | `P:push-sent:<id>` | string | a push notification was sent (its id: message and device hashed); expires after a day |
 
 /// The key names under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +62,11 @@ impl Keys {
     /// The first connection epoch of the process holding a gateway's lease.
     pub fn lease_since(&self, gateway: &str) -> String {
         self.of("gw-since", gateway)
+    }
+
+    /// A push notification that was sent, by its id.
+    pub fn push_sent(&self, id: &str) -> String {
+        self.of("push-sent", id)
     }
 
     /// The operator's request that a gateway drain.

@@ -239,3 +239,36 @@ impl parley_core::limits::Counters for RedisState {
         Ok(out)
     }
 }
+
+/// The push senders' ledger: one `MGET` to learn which of a batch's
+/// notifications went out already, one pipeline of `SET EX` to record
+/// those that did, whatever the batch's size.
+#[async_trait::async_trait]
+impl parley_core::push::PushLedger for RedisState {
+    async fn unsent(&self, ids: &[String]) -> Result<Vec<bool>, ChatError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.push_sent(id)).collect();
+        let mut c = self.conn.clone();
+        let found: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut c)
+            .await
+            .map_err(redis_err)?;
+        Ok(found.iter().map(Option::is_none).collect())
+    }
+
+    async fn sent(&self, ids: &[String]) -> Result<(), ChatError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let keep = parley_core::push::LEDGER_KEEP.as_secs();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.set_ex(self.keys.push_sent(id), 1, keep).ignore();
+        }
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await.map_err(redis_err)
+    }
+}

@@ -491,3 +491,30 @@ async fn rate_limit_counters_are_shared_through_redis() {
         .count();
     assert_eq!(admitted, 3, "6 on g1 and 1 + 3 on g2");
 }
+
+#[tokio::test]
+async fn the_push_ledger_remembers_what_was_sent_for_a_day() {
+    use parley_core::push::PushLedger;
+    let t = TestRedis::new();
+    let r = state(&t);
+    let ids: Vec<String> = ["n1", "n2", "n3"].map(String::from).to_vec();
+    assert_eq!(r.unsent(&ids).await.unwrap(), [true, true, true]);
+    r.sent(&ids[..2]).await.unwrap();
+    assert_eq!(r.unsent(&ids).await.unwrap(), [false, false, true]);
+    assert!(r.unsent(&[]).await.unwrap().is_empty());
+    r.sent(&[]).await.unwrap();
+    let mut c = redis::Client::open(t.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(r.keys().push_sent("n1"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        (86_000..=86_400).contains(&ttl),
+        "expires after a day: {ttl}"
+    );
+}
