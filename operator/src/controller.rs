@@ -589,12 +589,12 @@ async fn apply(
     // The owned objects, the gateway count including pods still draining.
     let gateway_replicas = (decision.replicas + drains::unreleased(&drains)) as i32;
     let applied = apply_objects(cc, ctx, gateway_replicas, existing).await;
-    let (gateway_ready, chat, apply_error) = match applied {
-        Ok((gw, chat)) => (ready_replicas(&gw), Some(chat), None),
+    let (gateway_ready, chat, push, apply_error) = match applied {
+        Ok((gw, chat, push)) => (ready_replicas(&gw), Some(chat), push, None),
         Err(e) => {
             ctx.event(cc, EventType::Warning, "ApplyFailed", e.to_string())
                 .await;
-            (0, None, Some(e.to_string()))
+            (0, None, None, Some(e.to_string()))
         }
     };
 
@@ -619,6 +619,11 @@ async fn apply(
         drains,
         chat_desired: cc.spec.chat.replicas,
         chat_ready: chat.as_ref().map_or(0, ready_replicas),
+        push: cc
+            .spec
+            .push
+            .as_ref()
+            .map(|p| (p.replicas, push.as_ref().map_or(0, ready_replicas))),
         routing,
         last_scale,
         apply_error,
@@ -628,12 +633,13 @@ async fn apply(
     let written = ctx.remember(cc, |m| m.written);
     if status::needs_write(&old, &new, written, now) {
         let api: Api<ChatCluster> = Api::namespaced(client.clone(), &ns);
-        api.patch_status(
-            &cc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": new })),
-        )
-        .await?;
+        let mut body = json!({ "status": new });
+        if new.push.is_none() {
+            // A merge patch removes a field only when told to.
+            body["status"]["push"] = serde_json::Value::Null;
+        }
+        api.patch_status(&cc.name_any(), &PatchParams::default(), &Patch::Merge(body))
+            .await?;
         ctx.remember(cc, |m| {
             m.status = Some(new.clone());
             m.written = Some(now);
@@ -740,13 +746,14 @@ fn ready_replicas(d: &Deployment) -> i32 {
         .unwrap_or(0)
 }
 
-/// Applies every owned object; returns the gateway and chat Deployments.
+/// Applies every owned object; returns the gateway, chat and push
+/// Deployments (push: while `spec.push` asks for it).
 async fn apply_objects(
     cc: &ChatCluster,
     ctx: &Context,
     gateway_replicas: i32,
     gateway_now: Option<Deployment>,
-) -> Result<(Deployment, Deployment), Error> {
+) -> Result<(Deployment, Deployment, Option<Deployment>), Error> {
     let ns = cc.namespace().unwrap_or_default();
     let client = &ctx.client;
     let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -778,11 +785,34 @@ async fn apply_objects(
         let (_, w) = ensure(&pdbs, &pdb).await?;
         note(w, format!("PodDisruptionBudget {}", pdb.name_any()));
     }
+    let push = match desired::push_deployment(cc) {
+        Some(push) => {
+            let (push, w) = ensure(&deployments, &push).await?;
+            note(w, format!("Deployment {}", desired::push_name(cc)));
+            Some(push)
+        }
+        // Asked for before (the status says so), not any more: it goes.
+        None if cc.status.as_ref().is_some_and(|s| s.push.is_some()) => {
+            match deployments
+                .delete(&desired::push_name(cc), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => note(
+                    true,
+                    format!("Deployment {} deleted", desired::push_name(cc)),
+                ),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            None
+        }
+        None => None,
+    };
     if !wrote.is_empty() {
         ctx.metrics.applied(wrote.len() as u64);
         tracing::info!(cluster = %cc.name_any(), objects = ?wrote, "applied");
     }
-    Ok((gateway, chat))
+    Ok((gateway, chat, push))
 }
 
 /// The ChatCluster is being deleted: its owned objects go with it (owner

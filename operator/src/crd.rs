@@ -87,6 +87,75 @@ pub struct ChatClusterSpec {
     /// services store no media and refuse uploads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaSpec>,
+    /// Push notifications to users with no device online: the push
+    /// senders (`parley-push`) and the providers they send through.
+    /// Without it, nobody is woken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushSpec>,
+}
+
+/// The push senders and their providers' credentials (each from a Secret).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.apns) || has(self.fcm) || has(self.webhook)").message("push needs at least one of apns, fcm and webhook"))]
+pub struct PushSpec {
+    /// Sender replicas; they share one queue (default 1).
+    #[serde(default = "default_push_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Apple Push Notification service, with a token-signing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apns: Option<ApnsSpec>,
+    /// Firebase Cloud Messaging (HTTP v1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fcm: Option<FcmSpec>,
+    /// The app's own push service, behind a signed webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
+}
+
+fn default_push_replicas() -> i32 {
+    1
+}
+
+/// APNs with token-based authentication.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApnsSpec {
+    /// The Secret key holding the .p8 key (PKCS#8 PEM) made in the Apple
+    /// developer account.
+    pub key: SecretKeyRef,
+    /// The key's id and the team's id (10 characters each).
+    #[schemars(length(min = 10, max = 10))]
+    pub key_id: String,
+    #[schemars(length(min = 10, max = 10))]
+    pub team_id: String,
+    /// Apple's development environment (apps built for development)
+    /// instead of production.
+    #[serde(default)]
+    pub sandbox: bool,
+}
+
+/// FCM through a service account.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FcmSpec {
+    /// The Secret key holding the service account's key file (JSON).
+    pub credentials: SecretKeyRef,
+}
+
+/// The app's push webhook.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSpec {
+    /// Where notifications are POSTed.
+    #[schemars(regex(pattern = r"^https?://[^\s/]+(/.*)?$"))]
+    pub url: String,
+    /// The Secret key holding the signing secret (`whsec_` and base64, or
+    /// at least 24 bytes).
+    pub secret: SecretKeyRef,
 }
 
 /// Where uploads live (an S3-compatible bucket, or a volume every chat
@@ -232,6 +301,8 @@ pub struct Images {
     pub gateway: String,
     #[serde(default = "default_chat_image")]
     pub chat: String,
+    #[serde(default = "default_push_image")]
+    pub push: String,
     #[serde(default)]
     pub pull_policy: PullPolicy,
 }
@@ -250,11 +321,19 @@ fn default_chat_image() -> String {
     )
 }
 
+fn default_push_image() -> String {
+    format!(
+        "ghcr.io/parley-im/parley-push:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
 impl Default for Images {
     fn default() -> Self {
         Self {
             gateway: default_gateway_image(),
             chat: default_chat_image(),
+            push: default_push_image(),
             pull_policy: PullPolicy::default(),
         }
     }
@@ -662,6 +741,9 @@ pub struct ChatClusterStatus {
     pub gateway: GatewayStatus,
     #[serde(default)]
     pub chat: ChatStatus,
+    /// The push senders, while `spec.push` asks for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<ChatStatus>,
     #[serde(default)]
     pub routing_table: RoutingTableStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]

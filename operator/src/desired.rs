@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
     SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
@@ -33,6 +33,9 @@ pub const GATEWAY_ROUTE: i32 = 7404;
 pub const CHAT_INTERNAL: i32 = 7500;
 pub const CHAT_ADMIN: i32 = 7402;
 pub const CHAT_OPS: i32 = 7501;
+pub const PUSH_OPS: i32 = 7601;
+/// Where the push providers' key files are mounted.
+pub const PUSH_SECRETS: &str = "/etc/parley/push";
 
 /// The field manager of every apply.
 pub const MANAGER: &str = "parley-operator";
@@ -46,6 +49,9 @@ pub fn chat_name(cc: &ChatCluster) -> String {
 }
 pub fn admin_name(cc: &ChatCluster) -> String {
     format!("{}-admin", cc.name_any())
+}
+pub fn push_name(cc: &ChatCluster) -> String {
+    format!("{}-push", cc.name_any())
 }
 pub fn config_name(cc: &ChatCluster) -> String {
     format!("{}-config", cc.name_any())
@@ -511,6 +517,121 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
     }
 }
 
+/// The push senders' Deployment, when `spec.push` asks for them: the
+/// database, Redis and RabbitMQ as the chat services have them, and each
+/// provider's credentials from its Secret (key files mounted read-only,
+/// the webhook's secret in the environment).
+pub fn push_deployment(cc: &ChatCluster) -> Option<Deployment> {
+    let push = cc.spec.push.as_ref()?;
+    let (env_from, mut vars) = common_env(cc);
+    vars.extend(backend_env("PARLEY_DATABASE_URL", &cc.spec.postgres));
+    vars.extend([
+        env("PARLEY_OPS_LISTEN", format!("0.0.0.0:{PUSH_OPS}")),
+        env_field("PARLEY_PUSH_NAME", "metadata.name"),
+    ]);
+    let mut files = Vec::new();
+    if let Some(apns) = &push.apns {
+        files.push((&apns.key, "apns-key.p8"));
+        vars.extend([
+            env(
+                "PARLEY_APNS_KEY_FILE",
+                format!("{PUSH_SECRETS}/apns/apns-key.p8"),
+            ),
+            env("PARLEY_APNS_KEY_ID", apns.key_id.clone()),
+            env("PARLEY_APNS_TEAM_ID", apns.team_id.clone()),
+            env(
+                "PARLEY_APNS_ENDPOINT",
+                if apns.sandbox {
+                    "sandbox"
+                } else {
+                    "production"
+                },
+            ),
+        ]);
+    }
+    if let Some(fcm) = &push.fcm {
+        files.push((&fcm.credentials, "fcm-service-account.json"));
+        vars.push(env(
+            "PARLEY_FCM_CREDENTIALS_FILE",
+            format!("{PUSH_SECRETS}/fcm/fcm-service-account.json"),
+        ));
+    }
+    if let Some(webhook) = &push.webhook {
+        vars.extend([
+            env("PARLEY_PUSH_WEBHOOK_URL", webhook.url.clone()),
+            env_secret(
+                "PARLEY_PUSH_WEBHOOK_SECRET",
+                &webhook.secret.name,
+                &webhook.secret.key,
+            ),
+        ]);
+    }
+    // One volume per key file, each from its own Secret's key.
+    let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) = files
+        .into_iter()
+        .map(|(secret, file)| {
+            let dir = file.split('-').next().unwrap_or(file);
+            (
+                Volume {
+                    name: format!("{dir}-secret"),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(secret.name.clone()),
+                        items: Some(vec![KeyToPath {
+                            key: secret.key.clone(),
+                            path: file.to_owned(),
+                            mode: None,
+                        }]),
+                        default_mode: Some(0o440),
+                        ..SecretVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+                VolumeMount {
+                    name: format!("{dir}-secret"),
+                    mount_path: format!("{PUSH_SECRETS}/{dir}"),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+            )
+        })
+        .unzip();
+    let container = Container {
+        name: "push".to_owned(),
+        image: Some(cc.spec.images.push.clone()),
+        image_pull_policy: Some(pull_policy(cc.spec.images.pull_policy)),
+        env: Some(vars),
+        env_from: Some(env_from),
+        ports: Some(vec![port("ops", PUSH_OPS)]),
+        readiness_probe: Some(http_probe("/readyz", PUSH_OPS, 5)),
+        liveness_probe: Some(http_probe("/healthz", PUSH_OPS, 10)),
+        resources: push.resources.clone(),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        ..Container::default()
+    };
+    Some(Deployment {
+        metadata: meta(cc, push_name(cc), "push"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(push.replicas),
+            selector: selector(cc, "push"),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(cc, "push")),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(secured(PodSpec {
+                    containers: vec![container],
+                    // The notifications in hand are finished within 20 s.
+                    termination_grace_period_seconds: Some(30),
+                    volumes: (!volumes.is_empty()).then_some(volumes),
+                    ..PodSpec::default()
+                })),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    })
+}
+
 /// The chat service's media store and rules; credentials and the signing
 /// key from their Secrets.
 fn media_env(media: &crate::crd::MediaSpec) -> Vec<EnvVar> {
@@ -645,6 +766,9 @@ pub fn manifests(cc: &ChatCluster, replicas: i32) -> String {
     doc(&mut out, &gateway_service(cc));
     doc(&mut out, &pdb(cc, "gateway"));
     doc(&mut out, &pdb(cc, "chat"));
+    if let Some(push) = push_deployment(cc) {
+        doc(&mut out, &push);
+    }
     out
 }
 
@@ -1005,13 +1129,99 @@ mod tests {
     /// a shared media volume), except the gateway publishing by hostPort,
     /// which only a `privileged` namespace admits (as docs/operations.md
     /// says).
+    const PUSH: &str = "replicas: 2\napns:\n  key: {name: apple, key: AuthKey.p8}\n  \
+                        keyId: ABCDE12345\n  teamId: TEAM123456\n  sandbox: true\nfcm:\n  \
+                        credentials: {name: google, key: sa.json}\nwebhook:\n  \
+                        url: https://push.example.com/hook\n  secret: {name: hook, key: secret}\n";
+
+    #[test]
+    fn push_senders_take_each_providers_credentials_from_its_secret() {
+        let mut cc = cluster();
+        assert!(push_deployment(&cc).is_none(), "no spec.push, no senders");
+        cc.spec.push = Some(serde_yaml::from_str(PUSH).unwrap());
+        let d = push_deployment(&cc).unwrap();
+        assert_eq!(d.metadata.name.as_deref(), Some("chat-push"));
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(2));
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        let env: BTreeMap<String, EnvVar> = c
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name.clone(), e))
+            .collect();
+        let value = |n: &str| env[n].value.clone().unwrap_or_default();
+        assert_eq!(
+            value("PARLEY_APNS_KEY_FILE"),
+            "/etc/parley/push/apns/apns-key.p8"
+        );
+        assert_eq!(value("PARLEY_APNS_KEY_ID"), "ABCDE12345");
+        assert_eq!(value("PARLEY_APNS_ENDPOINT"), "sandbox");
+        assert_eq!(
+            value("PARLEY_FCM_CREDENTIALS_FILE"),
+            "/etc/parley/push/fcm/fcm-service-account.json"
+        );
+        assert_eq!(
+            value("PARLEY_PUSH_WEBHOOK_URL"),
+            "https://push.example.com/hook"
+        );
+        let secret = env["PARLEY_PUSH_WEBHOOK_SECRET"]
+            .value_from
+            .clone()
+            .unwrap()
+            .secret_key_ref
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("hook", "secret")
+        );
+        assert!(
+            env["PARLEY_PUSH_WEBHOOK_SECRET"].value.is_none(),
+            "never inline"
+        );
+        let volumes = pod.volumes.unwrap();
+        let files: Vec<(String, String, String)> = volumes
+            .iter()
+            .map(|v| {
+                let s = v.secret.clone().unwrap();
+                let item = s.items.unwrap()[0].clone();
+                (s.secret_name.unwrap(), item.key, item.path)
+            })
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("apple".into(), "AuthKey.p8".into(), "apns-key.p8".into()),
+                (
+                    "google".into(),
+                    "sa.json".into(),
+                    "fcm-service-account.json".into()
+                ),
+            ]
+        );
+        let mounts = c.volume_mounts.clone().unwrap();
+        assert!(mounts.iter().all(|m| m.read_only == Some(true)));
+        assert!(manifests(&cc, 2).contains("name: chat-push"));
+    }
+
     #[test]
     fn pods_pass_the_restricted_pod_security_standard() {
         let mut cc = cluster();
+        cc.spec.push = Some(serde_yaml::from_str(PUSH).unwrap());
         let pods = |cc: &ChatCluster| {
             [gateway_deployment(cc, 2), chat_deployment(cc)]
                 .map(|d| d.spec.unwrap().template.spec.unwrap())
         };
+        let push = push_deployment(&cc)
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(restricted_violations(&push), Vec::<String>::new());
         for pod in pods(&cc) {
             assert_eq!(restricted_violations(&pod), Vec::<String>::new());
         }

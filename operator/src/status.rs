@@ -28,6 +28,8 @@ pub struct Observed {
     pub drains: Vec<DrainStatus>,
     pub chat_desired: i32,
     pub chat_ready: i32,
+    /// The push senders wanted and ready, while `spec.push` asks for them.
+    pub push: Option<(i32, i32)>,
     /// The routing table was written in this reconcile (entries), or
     /// writing it failed (the error).
     pub routing: Result<i32, String>,
@@ -205,6 +207,10 @@ pub fn compute(old: &ChatClusterStatus, seen: &Observed, now: SystemTime) -> Cha
             desired_replicas: seen.chat_desired,
             ready_replicas: seen.chat_ready,
         },
+        push: seen.push.map(|(desired, ready)| ChatStatus {
+            desired_replicas: desired,
+            ready_replicas: ready,
+        }),
         routing_table,
         last_scale: seen.last_scale.clone().or_else(|| old.last_scale.clone()),
     }
@@ -287,6 +293,7 @@ mod tests {
             pods: vec![pod("a", conns[0]), pod("b", conns[1])],
             chat_desired: 2,
             chat_ready: 2,
+            push: None,
             routing: Ok(2),
             drains: Vec::new(),
             last_scale: None,

@@ -24,9 +24,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["parley.dev"]
   resources: ["chatclusters/status"]
   verbs: ["get", "patch"]
+# Deployments: also deleted, the push senders' when spec.push goes.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch"]

@@ -949,3 +949,59 @@ async fn switching_back_to_shared_removes_pod_services_that_never_got_an_address
         "and then nothing more"
     );
 }
+
+/// `spec.push` brings the push senders' Deployment, its readiness shows in
+/// the status, and taking `spec.push` away removes the Deployment.
+#[tokio::test]
+async fn push_senders_come_and_go_with_spec_push() {
+    let h = Harness::new(GatewaySpec::default());
+    h.pass().await;
+    let mut cc = h.fake.get(&h.cc_path()).unwrap();
+    cc["spec"]["push"] = json!({
+        "replicas": 2,
+        "webhook": {"url": "https://push.example.com/hook", "secret": {"name": "push", "key": "hook"}},
+    });
+    h.fake.put(&h.cc_path(), cc);
+    let log = h.pass().await;
+    assert!(
+        log.contains(&"APPLY deployments/im-push".to_owned()),
+        "{log:?}"
+    );
+    let apply = h.fake.body("APPLY deployments/im-push");
+    assert_eq!(apply["spec"]["replicas"], 2);
+    assert_eq!(
+        apply["metadata"]["ownerReferences"][0]["uid"], "uid-im",
+        "owned by the ChatCluster"
+    );
+    let push = h.status().push.expect("the senders in the status");
+    assert_eq!((push.desired_replicas, push.ready_replicas), (2, 0));
+
+    // Ready, then at rest: read, not written again.
+    let path = h.path("/apis/apps/v1", "deployments", "im-push");
+    let mut d = h.fake.get(&path).unwrap();
+    d["status"] = json!({"replicas": 2, "readyReplicas": 2});
+    h.fake.put(&path, d);
+    let log = h.pass().await;
+    assert!(
+        !log.contains(&"APPLY deployments/im-push".to_owned()),
+        "{log:?}"
+    );
+    assert_eq!(h.status().push.map(|p| p.ready_replicas), Some(2));
+
+    // Asked for no more: deleted, and gone from the status.
+    let mut cc = h.fake.get(&h.cc_path()).unwrap();
+    cc["spec"].as_object_mut().unwrap().remove("push");
+    h.fake.put(&h.cc_path(), cc);
+    let log = h.pass().await;
+    assert!(
+        log.contains(&"DELETE deployments/im-push".to_owned()),
+        "{log:?}"
+    );
+    assert!(h.fake.get(&path).is_none());
+    assert_eq!(h.status().push, None);
+    let log = h.pass().await;
+    assert!(
+        !log.iter().any(|r| r.contains("im-push")),
+        "nothing more to do with it: {log:?}"
+    );
+}
