@@ -217,9 +217,14 @@ impl chat_internal_server::ChatInternal for InternalApi {
         let Some(body) = r.frame.and_then(|f| f.body) else {
             return Err(status(ChatError::invalid("a call needs a request frame")));
         };
+        // 0: a gateway that does not say (an older one): taken as now.
+        let issued_at_ms = match r.session_issued_at_ms {
+            0 => i64::MAX,
+            at => at,
+        };
         let resp = self
             .chat
-            .call(&r.user_id, &r.device_id, body)
+            .call_in_session(&r.user_id, &r.device_id, issued_at_ms, body)
             .await
             .map_err(status)?;
         Ok(Response::new(ipb::CallReply {

@@ -657,7 +657,7 @@ fn unused_name(name: &str) -> PathBuf {
         .expect("some name is free")
 }
 
-/// `/file` and `/save` in `parley chat`.
+/// The commands of `parley chat`: files, mutes, notification settings.
 async fn chat_command(client: &parley_client::Client, conv: u64, line: &str) -> anyhow::Result<()> {
     let mut words = line.split_whitespace();
     match words.next() {
@@ -706,8 +706,49 @@ async fn chat_command(client: &parley_client::Client, conv: u64, line: &str) -> 
             eprintln!();
             println!("-- saved {} ({})", dest.display(), human_bytes(n));
         }
+        Some("/mute") => {
+            let until = match words.next() {
+                None => i64::MAX,
+                Some(h) => {
+                    let hours: i64 = h.parse().context("/mute [HOURS]")?;
+                    parley_core::now_ms().saturating_add(hours.saturating_mul(3_600_000))
+                }
+            };
+            client.mute(conv, until).await?;
+            match until {
+                i64::MAX => println!("-- muted until you unmute it"),
+                _ => println!(
+                    "-- muted for {} hours",
+                    (until - parley_core::now_ms() + 1) / 3_600_000
+                ),
+            }
+        }
+        Some("/unmute") => {
+            client.mute(conv, 0).await?;
+            println!("-- unmuted");
+        }
+        Some("/previews") => {
+            let set = match words.next() {
+                Some("on") => Some(true),
+                Some("off") => Some(false),
+                None => None,
+                Some(_) => bail!("/previews [on|off]"),
+            };
+            let on = client.notification_previews(set).await?;
+            println!("-- notification previews {}", if on { "on" } else { "off" });
+        }
+        Some("/push") => {
+            let token = words.next().context("/push TOKEN")?;
+            client
+                .register_push(pb::PushProvider::Webhook, token, "", "")
+                .await?;
+            println!(
+                "-- this device is woken through the push webhook as {token:?} while you are offline"
+            );
+        }
         _ => println!(
-            "commands: /file PATH [caption], /save SEQ [PATH]; other lines are sent as text"
+            "commands: /file PATH [caption], /save SEQ [PATH], /mute [HOURS], /unmute, \
+             /previews [on|off], /push TOKEN (the webhook's), other lines are sent as text"
         ),
     }
     Ok(())

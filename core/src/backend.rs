@@ -47,6 +47,16 @@ pub trait ChatBackend: Send + Sync + 'static {
     async fn sync(&self, user: &str, after: u64, limit: u32) -> Result<SyncPage, ChatError>;
     /// A request frame of an authenticated device.
     async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError>;
+    /// [`call`](Self::call) from a connection whose token was issued at
+    /// `issued_at_ms`: what a device may do only while its session holds
+    /// (register for push) is refused once it was logged out since.
+    async fn call_in_session(
+        &self,
+        user: &str,
+        device: &str,
+        issued_at_ms: i64,
+        req: Req,
+    ) -> Result<Resp, ChatError>;
     /// A page of the log-outs made at or after `since_ms` (see
     /// [`Store::log_outs_since`](crate::Store::log_outs_since)), for a
     /// gateway that may have missed their notices.
@@ -88,6 +98,16 @@ impl ChatBackend for ChatService {
 
     async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
         ChatService::call(self, user, device, req).await
+    }
+
+    async fn call_in_session(
+        &self,
+        user: &str,
+        device: &str,
+        issued_at_ms: i64,
+        req: Req,
+    ) -> Result<Resp, ChatError> {
+        ChatService::call_in_session(self, user, device, issued_at_ms, req).await
     }
 
     async fn log_outs_since(

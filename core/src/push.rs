@@ -14,8 +14,9 @@ use parley_proto::pb;
 
 use crate::error::ChatError;
 
-/// Longest token, topic and locale accepted.
-pub const MAX_TOKEN_BYTES: usize = 4096;
+/// Longest token, topic and locale accepted (a token is in a unique
+/// index: PostgreSQL's btree entries hold about 2.7 KB).
+pub const MAX_TOKEN_BYTES: usize = 1024;
 pub const MAX_TOPIC_BYTES: usize = 255;
 pub const MAX_LOCALE_BYTES: usize = 35;
 
@@ -59,10 +60,21 @@ impl PushTokenRecord {
                 "a push topic is at most {MAX_TOPIC_BYTES} bytes of printable ASCII"
             )));
         }
-        if provider == pb::PushProvider::Apns && r.topic.is_empty() {
-            return Err(ChatError::invalid(
-                "an APNs registration names the app's bundle id as its topic",
-            ));
+        let mut token = r.token;
+        if provider == pb::PushProvider::Apns {
+            if r.topic.is_empty() {
+                return Err(ChatError::invalid(
+                    "an APNs registration names the app's bundle id as its topic",
+                ));
+            }
+            // Hex, in one case: the same device token never counts as two.
+            let hex = token.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex || !token.len().is_multiple_of(2) || !(32..=200).contains(&token.len()) {
+                return Err(ChatError::invalid(
+                    "an APNs token is the device token in hex (32 to 200 digits)",
+                ));
+            }
+            token.make_ascii_lowercase();
         }
         let locale_ok = r
             .locale
@@ -77,7 +89,7 @@ impl PushTokenRecord {
             user: user.to_owned(),
             device: device.to_owned(),
             provider,
-            token: r.token,
+            token,
             topic: r.topic,
             locale: r.locale,
             updated_at_ms: now_ms,
@@ -194,12 +206,20 @@ mod tests {
         use pb::PushProvider::*;
         let ok = PushTokenRecord::registered("ann", "phone", reg(Fcm, "tok:1", "", "pt-BR"), 5);
         assert_eq!(ok.unwrap().provider, Fcm);
+        let apns = reg(Apns, &"AB".repeat(32), "app", "en");
+        let apns = PushTokenRecord::registered("ann", "phone", apns, 5).unwrap();
+        assert_eq!(apns.token, "ab".repeat(32), "one case");
         for (bad, why) in [
             (reg(Unspecified, "t", "", ""), "provider"),
             (reg(Fcm, "", "", ""), "token"),
             (reg(Fcm, "a b", "", ""), "token"),
             (reg(Fcm, &"x".repeat(MAX_TOKEN_BYTES + 1), "", ""), "token"),
             (reg(Apns, "ab01", "", ""), "bundle id"),
+            (reg(Apns, "ab01", "app", ""), "hex"),
+            (
+                reg(Apns, &format!("{}/x", "a".repeat(64)), "app", ""),
+                "hex",
+            ),
             (reg(Webhook, "t", "x\ny", ""), "topic"),
             (reg(Webhook, "t", "", "en;DROP"), "locale"),
         ] {

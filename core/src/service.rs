@@ -422,11 +422,24 @@ impl ChatService {
         })
     }
 
-    /// Handles a request frame of an authenticated device.
+    /// Handles a request frame of an authenticated device (a session of
+    /// unknown age: see [`call_in_session`](Self::call_in_session)).
     pub async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+        self.call_in_session(user, device, i64::MAX, req).await
+    }
+
+    /// Handles a request frame of a device whose token was issued at
+    /// `issued_at_ms` (`i64::MAX`: unknown, taken as just now).
+    pub async fn call_in_session(
+        &self,
+        user: &str,
+        device: &str,
+        issued_at_ms: i64,
+        req: Req,
+    ) -> Result<Resp, ChatError> {
         // Sends count their own refusals (see `send_many`).
         let counted = !matches!(req, Req::Send(_));
-        let result = self.handle(user, device, req).await;
+        let result = self.handle(user, device, issued_at_ms, req).await;
         if counted && let Err(e) = &result {
             self.metrics
                 .errors
@@ -436,7 +449,13 @@ impl ChatService {
         result
     }
 
-    async fn handle(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+    async fn handle(
+        &self,
+        user: &str,
+        device: &str,
+        issued_at_ms: i64,
+        req: Req,
+    ) -> Result<Resp, ChatError> {
         match req {
             Req::Send(send) => self.send(user, device, send).await.map(Resp::SendAck),
             Req::History(h) => self.history(user, h).await.map(Resp::HistoryPage),
@@ -526,7 +545,12 @@ impl ChatService {
             Req::Download(d) => self.download(user, d).await.map(Resp::DownloadUrl),
             Req::RegisterPush(r) => {
                 let token = PushTokenRecord::registered(user, device, r, now_ms())?;
-                self.store.put_push_token(&token).await?;
+                // A log-out racing the registration wins: the token is
+                // not kept for a device logged out since its login.
+                let since = issued_at_ms.min(token.updated_at_ms);
+                if !self.store.put_push_token(&token, since).await? {
+                    return Err(ChatError::SessionRevoked);
+                }
                 Ok(Resp::Done(pb::Done {}))
             }
             Req::RemovePush(_) => {

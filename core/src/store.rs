@@ -353,8 +353,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Registers a device's push token, replacing the device's earlier
     /// one; the same token held by another device (a phone that changed
-    /// hands) moves to this one.
-    async fn put_push_token(&self, token: &PushTokenRecord) -> Result<(), ChatError>;
+    /// hands) moves to this one. Refused (false, nothing written) when the
+    /// device or its user was logged out at or after `session_since_ms`,
+    /// judged in one step with the log-outs, so that a registration racing
+    /// a log-out never outlives it.
+    async fn put_push_token(
+        &self,
+        token: &PushTokenRecord,
+        session_since_ms: i64,
+    ) -> Result<bool, ChatError>;
     /// Removes a device's push token (none: nothing to do).
     async fn delete_push_token(&self, user: &str, device: &str) -> Result<(), ChatError>;
     /// Drops tokens providers refused for good, each only while a device

@@ -792,7 +792,7 @@ async fn on_frame(
             let started = std::time::Instant::now();
             let result = shared
                 .chat
-                .call(&l.session.user, &l.session.device, req)
+                .call_in_session(&l.session.user, &l.session.device, l.issued_at_ms, req)
                 .await;
             if send {
                 shared.metrics.messages_in.inc();

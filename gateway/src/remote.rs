@@ -534,6 +534,16 @@ impl ChatBackend for RemoteChat {
     }
 
     async fn call(&self, user: &str, device: &str, req: Req) -> Result<Resp, ChatError> {
+        self.call_in_session(user, device, 0, req).await
+    }
+
+    async fn call_in_session(
+        &self,
+        user: &str,
+        device: &str,
+        issued_at_ms: i64,
+        req: Req,
+    ) -> Result<Resp, ChatError> {
         let req = match req {
             // The hot path goes in batches.
             Req::Send(send) => {
@@ -557,6 +567,7 @@ impl ChatBackend for RemoteChat {
                 request_id: 0,
                 body: Some(req),
             }),
+            session_issued_at_ms: issued_at_ms,
         };
         let r = self
             .caller

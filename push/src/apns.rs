@@ -20,7 +20,7 @@
 //! `BadDeviceToken` or `DeviceTokenNotForTopic`, drop the token; 403
 //! `ExpiredProviderToken`, `InvalidProviderToken` or
 //! `MissingProviderToken` make a new JWT (unless one was made in the last
-//! minute) and try again; 429, 5xx and 400 `IdleTimeout` try again; any
+//! 20 minutes, Apple's limit) and try again; 429, 5xx and 400 `IdleTimeout` try again; any
 //! other refusal is final.
 
 use std::sync::Mutex;
@@ -44,8 +44,9 @@ pub const PARALLEL: usize = 64;
 /// A JWT is made again after this long.
 pub const JWT_LIFETIME: Duration = Duration::from_secs(50 * 60);
 /// A JWT Apple refused is made again only if it is older than this: many
-/// requests refused at once make one new JWT, not one each.
-const JWT_RENEW_AFTER: Duration = Duration::from_secs(60);
+/// requests refused at once make one new JWT, not one each, and Apple
+/// answers TooManyProviderTokenUpdates to more than one per 20 minutes.
+const JWT_RENEW_AFTER: Duration = Duration::from_secs(20 * 60);
 /// Notifications not delivered within this long are dropped by Apple.
 const EXPIRATION_SECS: i64 = 24 * 3600;
 

@@ -1,7 +1,8 @@
 //! The command-line flags of the push sender, shared by `parley up` and
-//! (in a cluster) the push sender's own process. Credentials come from
-//! files (in Kubernetes, a Secret mounted as files) or the environment,
-//! never from a value on the command line that `ps` would show.
+//! (in a cluster) the push sender's own process. Key files are read from
+//! paths (in Kubernetes, a Secret mounted as files); the webhook's secret
+//! is best given in the environment (`PARLEY_PUSH_WEBHOOK_SECRET`), where
+//! `ps` does not show it.
 
 use std::path::PathBuf;
 use std::time::Duration;

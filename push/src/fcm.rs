@@ -83,7 +83,6 @@ impl std::fmt::Debug for FcmConfig {
 }
 
 /// The provider.
-#[derive(Debug)]
 pub struct Fcm {
     account: ServiceAccount,
     signer: Signer,
@@ -91,6 +90,16 @@ pub struct Fcm {
     http: reqwest::Client,
     /// The access token and when to stop using it.
     token: Mutex<Option<(String, Instant)>>,
+}
+
+impl std::fmt::Debug for Fcm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key nor the access token.
+        f.debug_struct("Fcm")
+            .field("account", &self.account)
+            .field("send_url", &self.send_url)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Serialize)]
@@ -212,11 +221,13 @@ impl Fcm {
     }
 
     /// The access token, asked for again when it is about to expire or
-    /// `renew`. A failure is the reason, for a retry.
-    async fn access_token(&self, renew: bool) -> Result<String, Outcome> {
+    /// when FCM refused `refused` and no other request has replaced it
+    /// since (many requests refused at once make one new token). A
+    /// failure is the reason, for a retry.
+    async fn access_token(&self, refused: Option<&str>) -> Result<String, Outcome> {
         let mut held = self.token.lock().await;
         if let Some((token, until)) = held.as_ref()
-            && !renew
+            && Some(token.as_str()) != refused
             && Instant::now() < *until
         {
             return Ok(token.clone());
@@ -259,7 +270,7 @@ impl Fcm {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| retry("the OAuth token endpoint's answer is not a token".into()))?;
-        let life = Duration::from_secs(answer.expires_in.max(60));
+        let life = Duration::from_secs(answer.expires_in.clamp(60, 3600));
         let until = Instant::now()
             + life
                 .saturating_sub(Duration::from_secs(300))
@@ -317,16 +328,16 @@ impl Fcm {
                 };
             }
         };
-        let mut renewed = false;
+        let mut refused: Option<String> = None;
         loop {
-            let token = match self.access_token(renewed).await {
+            let token = match self.access_token(refused.as_deref()).await {
                 Ok(t) => t,
                 Err(outcome) => return outcome,
             };
             let sent = self
                 .http
                 .post(&self.send_url)
-                .bearer_auth(token)
+                .bearer_auth(&token)
                 .header("content-type", "application/json")
                 .body(body.clone())
                 .send()
@@ -368,8 +379,8 @@ impl Fcm {
                 }
                 // The access token expired or was revoked: once more with
                 // a new one.
-                (401, c) if c != "THIRD_PARTY_AUTH_ERROR" && !renewed => {
-                    renewed = true;
+                (401, c) if c != "THIRD_PARTY_AUTH_ERROR" && refused.is_none() => {
+                    refused = Some(token);
                 }
                 _ => return by_status(status, reason, after),
             }

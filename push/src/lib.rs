@@ -148,6 +148,10 @@ pub struct OutcomeLabels {
     pub provider: String,
     /// sent, retried, dead_token, failed, gave_up, unconfigured
     pub outcome: String,
+    /// The provider's answer ("APNs 410 Unregistered", "FCM 429
+    /// QUOTA_EXCEEDED", "webhook answered 503", "APNs timed out"); empty
+    /// for sent. A closed set: statuses and the providers' own codes.
+    pub reason: String,
 }
 
 /// What the sender counts.
@@ -184,7 +188,7 @@ impl PushMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "push_notifications",
-            "Notification tries by provider and outcome",
+            "Notification tries by provider, outcome and the provider's answer",
             self.notifications.clone(),
         );
         r.register(
@@ -214,11 +218,12 @@ impl PushMetrics {
         );
     }
 
-    fn count(&self, provider: pb::PushProvider, outcome: &str) {
+    fn count(&self, provider: pb::PushProvider, outcome: &str, reason: &str) {
         self.notifications
             .get_or_create(&OutcomeLabels {
                 provider: provider_label(provider).to_owned(),
                 outcome: outcome.to_owned(),
+                reason: reason.to_owned(),
             })
             .inc();
     }
@@ -232,6 +237,14 @@ pub fn provider_label(p: pb::PushProvider) -> &'static str {
         pb::PushProvider::Webhook => "webhook",
         pb::PushProvider::Unspecified => "unspecified",
     }
+}
+
+/// What one provider's part of a batch came to.
+#[derive(Debug, Default)]
+struct Delivered {
+    sent: usize,
+    failed: Vec<(Notification, String)>,
+    dead: HashSet<DeadToken>,
 }
 
 /// What one batch came to.
@@ -323,21 +336,32 @@ impl PushSender {
                 self.metrics.repeats.inc();
             }
         }
+        let mut by_provider: HashMap<i32, Vec<Notification>> = HashMap::new();
+        for n in pending {
+            by_provider.entry(n.provider as i32).or_default().push(n);
+        }
         let mut handled = Handled::default();
-        let mut dead = HashSet::new();
-        let mut attempt = 1;
-        while !pending.is_empty() {
-            let last_try = attempt >= self.config.attempts;
-            let (retry, wait) = self
-                .try_once(pending, last_try, &mut handled, &mut dead)
-                .await;
-            pending = retry;
-            if pending.is_empty() {
-                break;
+        let mut runs = Vec::new();
+        for (kind, batch) in by_provider {
+            match self.providers.get(&kind) {
+                // Each provider on its own: one that is slow or asks to
+                // wait holds up only its own notifications.
+                Some(p) => runs.push(self.deliver(p.as_ref(), batch)),
+                None => {
+                    for n in batch {
+                        self.metrics.count(n.provider, "unconfigured", "");
+                        let why =
+                            format!("no {} credentials configured", provider_label(n.provider));
+                        handled.failed.push((n, why));
+                    }
+                }
             }
-            let backoff = self.backoff(attempt);
-            tokio::time::sleep(wait.map_or(backoff, |w| w.max(backoff))).await;
-            attempt += 1;
+        }
+        let mut dead = HashSet::new();
+        for run in futures_util::future::join_all(runs).await {
+            handled.sent += run.sent;
+            handled.failed.extend(run.failed);
+            dead.extend(run.dead);
         }
         if !dead.is_empty() {
             let dead: Vec<DeadToken> = dead.into_iter().collect();
@@ -378,57 +402,36 @@ impl PushSender {
         events
     }
 
-    /// One try of every pending notification, each provider's at once:
-    /// what to try again, and the longest wait a provider asked for.
-    async fn try_once(
-        &self,
-        pending: Vec<Notification>,
-        last_try: bool,
-        handled: &mut Handled,
-        dead: &mut HashSet<DeadToken>,
-    ) -> (Vec<Notification>, Option<Duration>) {
-        let mut by_provider: HashMap<i32, Vec<Notification>> = HashMap::new();
-        for n in pending {
-            by_provider.entry(n.provider as i32).or_default().push(n);
-        }
-        let mut calls = Vec::new();
-        for (kind, batch) in by_provider {
-            match self.providers.get(&kind) {
-                Some(p) => calls.push(async move {
-                    let outcomes = p.send(&batch).await;
-                    (batch, outcomes)
-                }),
-                None => {
-                    for n in batch {
-                        self.metrics.count(n.provider, "unconfigured");
-                        let why =
-                            format!("no {} credentials configured", provider_label(n.provider));
-                        handled.failed.push((n, why));
-                    }
-                }
-            }
-        }
-        let mut retry = Vec::new();
-        let mut wait: Option<Duration> = None;
-        let mut sent = Vec::new();
-        for (batch, outcomes) in futures_util::future::join_all(calls).await {
+    /// One provider's notifications, tried until each is sent, refused
+    /// for good or out of tries; what was sent is recorded in the ledger
+    /// after each try. Between tries: the backoff, or the wait the
+    /// provider asked for (Retry-After) when longer, up to `max_backoff`.
+    async fn deliver(&self, provider: &dyn Provider, mut pending: Vec<Notification>) -> Delivered {
+        let mut out = Delivered::default();
+        let mut attempt = 1;
+        loop {
+            let last_try = attempt >= self.config.attempts;
+            let outcomes = provider.send(&pending).await;
             let mut outcomes = outcomes.into_iter();
-            for n in batch {
+            let mut retry = Vec::new();
+            let mut wait: Option<Duration> = None;
+            let mut sent = Vec::new();
+            for n in pending {
                 let outcome = outcomes.next().unwrap_or_else(|| Outcome::Failed {
                     reason: "the provider gave no answer for it".into(),
                 });
                 match outcome {
                     Outcome::Sent => {
-                        self.metrics.count(n.provider, "sent");
+                        self.metrics.count(n.provider, "sent", "");
                         sent.push(n.id);
                     }
                     Outcome::Retry { reason, .. } if last_try => {
-                        self.metrics.count(n.provider, "gave_up");
-                        handled.failed.push((n, reason));
+                        self.metrics.count(n.provider, "gave_up", &reason);
+                        out.failed.push((n, reason));
                     }
                     Outcome::Retry { reason, after } => {
                         tracing::debug!(provider = provider_label(n.provider), %reason, "push again");
-                        self.metrics.count(n.provider, "retried");
+                        self.metrics.count(n.provider, "retried", &reason);
                         wait = wait.max(after);
                         retry.push(n);
                     }
@@ -440,26 +443,33 @@ impl PushSender {
                             %reason,
                             "push token refused for good; dropped"
                         );
-                        self.metrics.count(n.provider, "dead_token");
-                        dead.insert(DeadToken {
+                        self.metrics.count(n.provider, "dead_token", &reason);
+                        out.dead.insert(DeadToken {
                             provider: n.provider,
                             token: n.token,
                         });
                     }
                     Outcome::Failed { reason } => {
-                        self.metrics.count(n.provider, "failed");
-                        handled.failed.push((n, reason));
+                        self.metrics.count(n.provider, "failed", &reason);
+                        out.failed.push((n, reason));
                     }
                 }
             }
+            out.sent += sent.len();
+            if !sent.is_empty()
+                && let Err(e) = self.ledger.sent(&sent).await
+            {
+                tracing::warn!(error = %e, "sent notifications not recorded; a redelivery repeats them");
+            }
+            if retry.is_empty() {
+                return out;
+            }
+            let backoff = self.backoff(attempt);
+            let asked = wait.map_or(Duration::ZERO, |w| w.min(self.config.max_backoff));
+            tokio::time::sleep(backoff.max(asked)).await;
+            pending = retry;
+            attempt += 1;
         }
-        handled.sent += sent.len();
-        if !sent.is_empty()
-            && let Err(e) = self.ledger.sent(&sent).await
-        {
-            tracing::warn!(error = %e, "sent notifications not recorded; a redelivery repeats them");
-        }
-        (retry, wait)
     }
 
     /// The wait after try `attempt` (1-based): doubling from
@@ -495,13 +505,19 @@ pub fn offline_cues(events: &[ChatEvent]) -> Vec<Offline> {
 /// Most cues handled as one batch.
 pub const MAX_BATCH: usize = 512;
 
+/// Groups of cues handled at once in one process.
+pub const LOCAL_CONCURRENCY: usize = 4;
+
 /// The sender in one process: takes the bus's event batches as they come
-/// (several at once when it fell behind, up to [`MAX_BATCH`] cues), until
-/// the bus closes. A batch the store could not be read for is tried again
-/// a few times, then dropped with a warning; failures are logged (one
-/// process has no dead-letter queue).
+/// (several at once when it fell behind, up to [`MAX_BATCH`] cues) and
+/// handles up to [`LOCAL_CONCURRENCY`] groups at once, until the bus
+/// closes. A group the store could not be read for is tried again a few
+/// times, then dropped with a warning; failures are logged (one process
+/// has no dead-letter queue). A listener that falls more than 1,024
+/// batches behind loses the oldest (counted in `push_cues_lost`).
 pub async fn run_local(sender: Arc<PushSender>, mut events: broadcast::Receiver<Arc<[ChatEvent]>>) {
     use broadcast::error::{RecvError, TryRecvError};
+    let slots = Arc::new(tokio::sync::Semaphore::new(LOCAL_CONCURRENCY));
     loop {
         let mut cues = match events.recv().await {
             Ok(batch) => offline_cues(&batch),
@@ -522,30 +538,49 @@ pub async fn run_local(sender: Arc<PushSender>, mut events: broadcast::Receiver<
                 Err(_) => break,
             }
         }
-        let mut tries = 0;
-        loop {
-            match sender.handle(cues.clone()).await {
-                Ok(handled) => {
-                    for (n, reason) in &handled.failed {
-                        tracing::warn!(
-                            provider = provider_label(n.provider),
-                            user = %n.user,
-                            device = %n.device,
-                            %reason,
-                            "push notification not sent"
-                        );
-                    }
-                    break;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let sender = sender.clone();
+        let group = tokio::spawn(async move {
+            handle_locally(&sender, cues).await;
+            drop(slot);
+        });
+        // A panic in a group is logged, and the sender goes on.
+        tokio::spawn(async move {
+            if let Err(e) = group.await
+                && e.is_panic()
+            {
+                tracing::error!("a push group panicked; its notifications are lost");
+            }
+        });
+    }
+}
+
+async fn handle_locally(sender: &PushSender, cues: Vec<Offline>) {
+    let mut tries = 0;
+    loop {
+        match sender.handle(cues.clone()).await {
+            Ok(handled) => {
+                for (n, reason) in &handled.failed {
+                    tracing::warn!(
+                        provider = provider_label(n.provider),
+                        user = %n.user,
+                        device = %n.device,
+                        %reason,
+                        "push notification not sent"
+                    );
                 }
-                Err(e) if tries < 3 => {
-                    tries += 1;
-                    tracing::warn!(error = %e, "push batch failed; trying again");
-                    tokio::time::sleep(sender.backoff(tries)).await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, cues = cues.len(), "push batch dropped");
-                    break;
-                }
+                return;
+            }
+            Err(e) if tries < 3 => {
+                tries += 1;
+                tracing::warn!(error = %e, "push batch failed; trying again");
+                tokio::time::sleep(sender.backoff(tries)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, cues = cues.len(), "push batch dropped");
+                return;
             }
         }
     }

@@ -54,8 +54,9 @@ pub const MAX_BODY_CHARS: usize = 180;
 pub struct Notification {
     /// The same for every try and every redelivery of this message to
     /// this device: the message id, user and device hashed to 32 hex
-    /// digits ([`notification_id`]). Providers that take an id get it, so
-    /// the far side can drop a repeat.
+    /// digits ([`notification_id`]): the ledger's key, the webhook's `id`
+    /// (a receiver drops a repeat by it), APNs' `apns-id` (for its logs;
+    /// APNs does not drop repeats, its collapse id replaces one in place).
     pub id: String,
     pub user: String,
     pub device: String,

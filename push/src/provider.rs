@@ -26,18 +26,6 @@ pub enum Outcome {
     Failed { reason: String },
 }
 
-impl Outcome {
-    /// The label metrics count it under.
-    pub fn reason(&self) -> &str {
-        match self {
-            Outcome::Sent => "sent",
-            Outcome::Retry { reason, .. }
-            | Outcome::DeadToken { reason }
-            | Outcome::Failed { reason } => reason,
-        }
-    }
-}
-
 /// A push service: APNs, FCM or the app's webhook.
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {

@@ -186,15 +186,18 @@ impl World {
             ("web", pb::PushProvider::Webhook, "hook-1"),
         ] {
             store
-                .put_push_token(&PushTokenRecord {
-                    user: "bob".into(),
-                    device: device.into(),
-                    provider,
-                    token: token.into(),
-                    topic: "chat.app".into(),
-                    locale: "en".into(),
-                    updated_at_ms: 0,
-                })
+                .put_push_token(
+                    &PushTokenRecord {
+                        user: "bob".into(),
+                        device: device.into(),
+                        provider,
+                        token: token.into(),
+                        topic: "chat.app".into(),
+                        locale: "en".into(),
+                        updated_at_ms: 0,
+                    },
+                    i64::MAX,
+                )
                 .await
                 .unwrap();
         }

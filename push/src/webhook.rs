@@ -57,11 +57,19 @@ impl std::fmt::Debug for WebhookConfig {
 }
 
 /// The webhook provider.
-#[derive(Debug)]
 pub struct Webhook {
     url: reqwest::Url,
     key: Vec<u8>,
     http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key, nor credentials in the URL.
+        f.debug_struct("Webhook")
+            .field("url", &parley_core::redact_urls(self.url.as_str()))
+            .finish_non_exhaustive()
+    }
 }
 
 /// The key bytes of a secret: `whsec_` + base64, or the string's bytes.
@@ -163,6 +171,9 @@ impl Webhook {
         let key = secret_key(&config.secret)?;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
+            // A redirect would turn the POST into a GET (301-303) or send
+            // the signed body elsewhere (307, 308): an answer of its own.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .build()

@@ -902,6 +902,12 @@ impl Store for PgStore {
 
     async fn log_out(&self, user: &str, device: Option<&str>, at_ms: i64) -> Result<(), ChatError> {
         let mut tx = self.pool.begin().await.db()?;
+        // Against a push registration racing it (see put_push_token).
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .db()?;
         let done = match device {
             None => {
                 sqlx::query("UPDATE users SET revoked_at = GREATEST(revoked_at, $1) WHERE id = $2")
@@ -1089,10 +1095,40 @@ impl Store for PgStore {
         Ok(found.is_some())
     }
 
-    async fn put_push_token(&self, t: &PushTokenRecord) -> Result<(), ChatError> {
+    async fn put_push_token(
+        &self,
+        t: &PushTokenRecord,
+        session_since_ms: i64,
+    ) -> Result<bool, ChatError> {
         // The token leaves any other device first: the unique index on it
-        // would refuse the insert otherwise.
+        // would refuse the insert otherwise. Two devices registering the
+        // same token at once take turns on a lock of the token, and a
+        // registration and a log-out of the user on a lock of the user, so
+        // that the log-out either comes first (and is seen here) or
+        // deletes what this wrote.
         let mut tx = self.pool.begin().await.db()?;
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0)), \
+             pg_advisory_xact_lock(hashtextextended($2, $3))",
+        )
+        .bind(&t.user)
+        .bind(&t.token)
+        .bind(t.provider as i64)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        let logged_out: Option<i64> = sqlx::query_scalar(
+            "SELECT GREATEST(u.revoked_at, COALESCE(l.revoked_at, 0)) FROM users u \
+             LEFT JOIN log_outs l ON l.user_id = u.id AND l.device_id = $2 WHERE u.id = $1",
+        )
+        .bind(&t.user)
+        .bind(&t.device)
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?;
+        if logged_out.is_none_or(|at| at >= session_since_ms) {
+            return Ok(false);
+        }
         sqlx::query(
             "DELETE FROM push_tokens WHERE provider = $1 AND token = $2 \
              AND NOT (user_id = $3 AND device_id = $4)",
@@ -1123,7 +1159,7 @@ impl Store for PgStore {
         .await
         .db()?;
         tx.commit().await.db()?;
-        Ok(())
+        Ok(true)
     }
 
     async fn delete_push_token(&self, user: &str, device: &str) -> Result<(), ChatError> {

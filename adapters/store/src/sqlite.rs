@@ -854,8 +854,25 @@ impl Store for SqliteStore {
         Ok(found.is_some())
     }
 
-    async fn put_push_token(&self, t: &PushTokenRecord) -> Result<(), ChatError> {
+    async fn put_push_token(
+        &self,
+        t: &PushTokenRecord,
+        session_since_ms: i64,
+    ) -> Result<bool, ChatError> {
+        // BEGIN IMMEDIATE: no log-out commits between the check and the write.
         let mut tx = self.begin().await?;
+        let logged_out: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(u.revoked_at, COALESCE(l.revoked_at, 0)) FROM users u \
+             LEFT JOIN log_outs l ON l.user_id = u.id AND l.device_id = ?2 WHERE u.id = ?1",
+        )
+        .bind(&t.user)
+        .bind(&t.device)
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?;
+        if logged_out.is_none_or(|at| at >= session_since_ms) {
+            return Ok(false);
+        }
         sqlx::query(
             "DELETE FROM push_tokens WHERE provider = ?1 AND token = ?2 \
              AND NOT (user_id = ?3 AND device_id = ?4)",
@@ -886,7 +903,7 @@ impl Store for SqliteStore {
         .await
         .db()?;
         tx.commit().await.db()?;
-        Ok(())
+        Ok(true)
     }
 
     async fn delete_push_token(&self, user: &str, device: &str) -> Result<(), ChatError> {

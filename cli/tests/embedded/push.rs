@@ -274,12 +274,15 @@ async fn registrations_are_checked_and_go_with_a_log_out() {
     let mut w = pushing(&receiver).await;
     let ann = w.user("ann").await;
     let bob = w.user("bob").await;
+    // His tablet stays registered: the control that pushes do go out.
+    register(&w, &bob, "tablet", "bob-tablet").await;
     let (b, _b_events) = w.connect(&bob, "phone").await;
     for (provider, token, topic) in [
         (pb::PushProvider::Unspecified, "t", ""),
         (pb::PushProvider::Webhook, "", ""),
         (pb::PushProvider::Webhook, "has space", ""),
         (pb::PushProvider::Apns, "abcd", ""),
+        (pb::PushProvider::Apns, "not-hex", "chat.app"),
     ] {
         let e = b
             .register_push(provider, token, topic, "en")
@@ -298,6 +301,7 @@ async fn registrations_are_checked_and_go_with_a_log_out() {
     a.send(direct.id, pb::Content::text("anyone?"))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(receiver.requests().0, 0, "a logged-out device is not woken");
+    let got = settled(&receiver, 1).await;
+    let tokens: Vec<&str> = got.iter().map(|n| n.token.as_str()).collect();
+    assert_eq!(tokens, ["bob-tablet"], "a logged-out device is not woken");
 }

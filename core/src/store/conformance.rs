@@ -721,6 +721,10 @@ fn push_token(
     }
 }
 
+/// A push registration's session time in the checks: after every log-out
+/// they make, unless said otherwise.
+const NOW: i64 = 1_000_000;
+
 pub async fn push_tokens_follow_their_devices_and_mutes_their_members(store: &dyn Store) {
     use pb::PushProvider::{Apns, Fcm};
     let tokens = |users: &[&str]| AudienceQuery {
@@ -737,16 +741,16 @@ pub async fn push_tokens_follow_their_devices_and_mutes_their_members(store: &dy
     let row = |u: &str, d: &str, t: &str| (u.to_owned(), d.to_owned(), t.to_owned());
 
     store
-        .put_push_token(&push_token("alice", "phone", Apns, "a1"))
+        .put_push_token(&push_token("alice", "phone", Apns, "a1"), NOW)
         .await
         .unwrap();
     store
-        .put_push_token(&push_token("alice", "tablet", Fcm, "f1"))
+        .put_push_token(&push_token("alice", "tablet", Fcm, "f1"), NOW)
         .await
         .unwrap();
     // A new token replaces the device's old one.
     store
-        .put_push_token(&push_token("alice", "phone", Apns, "a2"))
+        .put_push_token(&push_token("alice", "phone", Apns, "a2"), NOW)
         .await
         .unwrap();
     let a = store
@@ -760,7 +764,7 @@ pub async fn push_tokens_follow_their_devices_and_mutes_their_members(store: &dy
 
     // The same token from another user's device: the phone changed hands.
     store
-        .put_push_token(&push_token("bob", "phone", Fcm, "f1"))
+        .put_push_token(&push_token("bob", "phone", Fcm, "f1"), NOW)
         .await
         .unwrap();
     let a = store
@@ -790,11 +794,11 @@ pub async fn push_tokens_follow_their_devices_and_mutes_their_members(store: &dy
 
     // Removing and logging out take tokens away.
     store
-        .put_push_token(&push_token("bob", "phone", Fcm, "f2"))
+        .put_push_token(&push_token("bob", "phone", Fcm, "f2"), NOW)
         .await
         .unwrap();
     store
-        .put_push_token(&push_token("bob", "desk", Fcm, "f3"))
+        .put_push_token(&push_token("bob", "desk", Fcm, "f3"), NOW)
         .await
         .unwrap();
     store.delete_push_token("alice", "phone").await.unwrap();
@@ -814,6 +818,44 @@ pub async fn push_tokens_follow_their_devices_and_mutes_their_members(store: &dy
         a.tokens.is_empty(),
         "logging out every device removes every token"
     );
+    // A registration from a session that began before a log-out (it
+    // raced it) is refused; one from a later login is taken.
+    let late = push_token("bob", "phone", Fcm, "f4");
+    assert!(
+        !store.put_push_token(&late, 11).await.unwrap(),
+        "logged out at 11"
+    );
+    store.log_out("bob", Some("tablet"), 50).await.unwrap();
+    let tablet = push_token("bob", "tablet", Fcm, "f5");
+    assert!(
+        !store.put_push_token(&tablet, 40).await.unwrap(),
+        "the tablet at 50"
+    );
+    assert!(store.put_push_token(&late, 12).await.unwrap());
+    assert!(store.put_push_token(&tablet, 51).await.unwrap());
+    let a = store.push_audience(&tokens(&["bob"])).await.unwrap();
+    assert_eq!(a.tokens.len(), 2);
+    store.log_out("bob", None, 60).await.unwrap();
+    assert!(
+        !store
+            .put_push_token(&push_token("nobody", "d", Fcm, "f6"), NOW)
+            .await
+            .unwrap(),
+        "no such user"
+    );
+
+    // The longest token registration takes fits the stores (an index
+    // entry of PostgreSQL's holds about 2.7 KB).
+    let long: String = (0..crate::push::MAX_TOKEN_BYTES)
+        .map(|i| char::from(b'!' + (i * 37 % 94) as u8))
+        .collect();
+    store
+        .put_push_token(&push_token("carol", "phone", Fcm, &long), NOW)
+        .await
+        .unwrap();
+    let a = store.push_audience(&tokens(&["carol"])).await.unwrap();
+    assert_eq!(a.tokens[0].token, long);
+    store.delete_push_token("carol", "phone").await.unwrap();
 
     // Previews: on by default, per user.
     assert_eq!(

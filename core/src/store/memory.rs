@@ -671,13 +671,28 @@ impl Store for MemoryStore {
             .contains(&(by.to_owned(), user.to_owned())))
     }
 
-    async fn put_push_token(&self, token: &PushTokenRecord) -> Result<(), ChatError> {
+    async fn put_push_token(
+        &self,
+        token: &PushTokenRecord,
+        session_since_ms: i64,
+    ) -> Result<bool, ChatError> {
         let mut s = self.lock();
+        let Some(all) = s.users.get(&token.user).map(|u| u.logged_out_at_ms) else {
+            return Ok(false);
+        };
+        let own = s
+            .log_outs
+            .get(&(token.user.clone(), token.device.clone()))
+            .copied()
+            .unwrap_or(0);
+        if all.max(own) >= session_since_ms {
+            return Ok(false);
+        }
         s.push_tokens
             .retain(|_, t| t.provider != token.provider || t.token != token.token);
         s.push_tokens
             .insert((token.user.clone(), token.device.clone()), token.clone());
-        Ok(())
+        Ok(true)
     }
 
     async fn delete_push_token(&self, user: &str, device: &str) -> Result<(), ChatError> {
