@@ -19,6 +19,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse as _;
 use axum::routing::post;
 
 use crate::webhook::{Payload, WebhookNotification, secret_key, signature};
@@ -320,7 +321,19 @@ async fn apns_request(
     State(inner): State<Arc<ApnsInner>>,
     axum::extract::Path(token): axum::extract::Path<String>,
     request: axum::extract::Request,
-) -> (StatusCode, String) {
+) -> axum::response::Response {
+    match apns_answer(inner, token, request).await {
+        Ok(accepted) => accepted,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// An accepted request's answer (200 with `apns-id`), or the refusal.
+async fn apns_answer(
+    inner: Arc<ApnsInner>,
+    token: String,
+    request: axum::extract::Request,
+) -> Result<axum::response::Response, (StatusCode, String)> {
     inner.requests.fetch_add(1, Ordering::Relaxed);
     let refuse = |status: u16, reason: &str| {
         (
@@ -329,7 +342,7 @@ async fn apns_request(
         )
     };
     if request.version() != axum::http::Version::HTTP_2 {
-        return refuse(400, "NotHttp2");
+        return Err(refuse(400, "NotHttp2"));
     }
     let headers = request.headers().clone();
     let header = |name: &str| {
@@ -347,7 +360,7 @@ async fn apns_request(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, jwt)| jwt.to_owned())
     else {
-        return refuse(403, "MissingProviderToken");
+        return Err(refuse(403, "MissingProviderToken"));
     };
     let claims = verified(&jwt, &key);
     let fresh = claims.as_ref().is_some_and(|c| {
@@ -360,7 +373,7 @@ async fn apns_request(
     });
     if !fresh {
         inner.refused_jwts.fetch_add(1, Ordering::Relaxed);
-        return refuse(403, "InvalidProviderToken");
+        return Err(refuse(403, "InvalidProviderToken"));
     }
     {
         let mut jwts = lock(&inner.jwts);
@@ -374,13 +387,13 @@ async fn apns_request(
         header("apns-id"),
     );
     if topic.is_empty() {
-        return refuse(400, "MissingTopic");
+        return Err(refuse(400, "MissingTopic"));
     }
     if header("apns-push-type") != "alert" {
-        return refuse(400, "InvalidPushType");
+        return Err(refuse(400, "InvalidPushType"));
     }
     if collapse_id.len() > 64 {
-        return refuse(400, "BadCollapseId");
+        return Err(refuse(400, "BadCollapseId"));
     }
     let uuid = apns_id.len() == 36
         && apns_id.char_indices().all(|(i, c)| {
@@ -391,41 +404,49 @@ async fn apns_request(
             }
         });
     if !uuid {
-        return refuse(400, "BadMessageId");
+        return Err(refuse(400, "BadMessageId"));
     }
     if !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return refuse(400, "BadDeviceToken");
+        return Err(refuse(400, "BadDeviceToken"));
     }
     let body = match axum::body::to_bytes(request.into_body(), 1 << 20).await {
         Ok(b) => b,
-        Err(_) => return refuse(400, "PayloadEmpty"),
+        Err(_) => return Err(refuse(400, "PayloadEmpty")),
     };
     if body.len() > 4096 {
-        return refuse(413, "PayloadTooLarge");
+        return Err(refuse(413, "PayloadTooLarge"));
     }
     let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return refuse(400, "BadPayload");
+        return Err(refuse(400, "BadPayload"));
     };
     if let Some((status, reason, dead)) = lock(&inner.script).answer(&token) {
         if dead {
-            return (
+            return Err((
                 StatusCode::GONE,
                 serde_json::json!({ "reason": "Unregistered", "timestamp": parley_core::now_ms() })
                     .to_string(),
-            );
+            ));
         }
         if status >= 300 {
-            return refuse(status, &reason);
+            return Err(refuse(status, &reason));
         }
     }
     lock(&inner.accepted).push(ApnsReceived {
         token,
-        apns_id,
+        apns_id: apns_id.clone(),
         topic,
         collapse_id,
         payload,
     });
-    (StatusCode::OK, String::new())
+    Ok((
+        StatusCode::OK,
+        [(
+            axum::http::header::HeaderName::from_static("apns-id"),
+            apns_id,
+        )],
+        String::new(),
+    )
+        .into_response())
 }
 
 impl ApnsStandIn {

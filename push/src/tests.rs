@@ -363,3 +363,51 @@ async fn failures_are_tried_again_dropped_or_handed_back() {
     assert_eq!(apns_failed.len(), 1, "{:?}", handled.failed);
     assert!(apns_failed[0].contains("503"), "{apns_failed:?}");
 }
+
+#[tokio::test]
+async fn a_token_any_provider_calls_dead_is_dropped_and_the_next_message_skips_it() {
+    let w = World::new().await;
+    w.apple.call_dead("aa11");
+    w.google.call_dead("fcm-1");
+    w.hook.call_dead("hook-1");
+    let handled = w
+        .sender
+        .handle(vec![w.cue("m1", "hi").await])
+        .await
+        .unwrap();
+    assert_eq!((handled.sent, handled.dead_tokens), (0, 3));
+    assert!(handled.failed.is_empty(), "{:?}", handled.failed);
+    assert_eq!(w.sender.metrics().tokens_dropped.get(), 3);
+    let left = w
+        .store
+        .push_audience(&parley_core::push::AudienceQuery {
+            users: vec!["bob".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        left.tokens.is_empty(),
+        "APNs 410, FCM UNREGISTERED, the webhook's word"
+    );
+    let requests = (
+        w.apple.requests().0,
+        w.google.requests().0,
+        w.hook.requests().0,
+    );
+    let handled = w
+        .sender
+        .handle(vec![w.cue("m2", "hi").await])
+        .await
+        .unwrap();
+    assert_eq!(handled.sent, 0);
+    assert_eq!(
+        (
+            w.apple.requests().0,
+            w.google.requests().0,
+            w.hook.requests().0
+        ),
+        requests,
+        "no token left: no request"
+    );
+}
