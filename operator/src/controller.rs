@@ -68,6 +68,8 @@ pub enum Error {
     Config(String),
     #[error("finalizer: {0}")]
     Finalizer(Box<finalizer::Error<Error>>),
+    #[error("the pass took longer than {0:?}; it is tried again")]
+    Deadline(std::time::Duration),
 }
 
 /// The time, from the system or set by a test.

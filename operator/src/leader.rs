@@ -1,26 +1,38 @@
 //! One active operator replica: leader election on a
-//! `coordination.k8s.io/v1` Lease.
+//! `coordination.k8s.io/v1` Lease, as client-go's leader election does it.
 //!
-//! A replica takes the Lease when nobody holds it or its holder stopped
-//! renewing it for `duration`, and renews it every `duration / 3`. Every
-//! write carries the resourceVersion it read, so two replicas racing for
-//! it cannot both win. A leader that cannot renew within `duration` stops
-//! leading: the caller exits, and Kubernetes restarts it as a candidate.
+//! - A replica takes the Lease when nobody holds it, or when the holder's
+//!   record (holder, renew time, resourceVersion) has not changed for the
+//!   Lease's duration **by the candidate's own clock**, counted from when
+//!   the candidate first saw that record: a holder whose clock runs
+//!   behind or ahead cannot make a live Lease look expired, or a dead one
+//!   look alive.
+//! - The leader renews every `duration / 3`, each renewal under a deadline
+//!   that ends before a rival could take over; a leader that could not
+//!   renew within two thirds of the duration stops leading first.
+//! - Every write carries the resourceVersion it read, so two replicas
+//!   racing for it cannot both win.
+//! - A leader that stops (SIGTERM) releases the Lease, so that a candidate
+//!   takes over at once rather than after the duration.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 
 /// A candidate for the Lease `name`.
-#[derive(Clone)]
 pub struct Elector {
     api: Api<Lease>,
     name: String,
     identity: String,
     duration: Duration,
+    /// The holder's record as last seen, and when this candidate first
+    /// saw it (by its own clock).
+    seen: Mutex<Option<(String, Timestamp)>>,
 }
 
 impl std::fmt::Debug for Elector {
@@ -32,6 +44,16 @@ impl std::fmt::Debug for Elector {
     }
 }
 
+/// What changes whenever the holder renews.
+fn record(lease: &Lease, spec: &LeaseSpec) -> String {
+    format!(
+        "{}|{:?}|{}",
+        spec.holder_identity.as_deref().unwrap_or(""),
+        spec.renew_time.as_ref().map(|t| t.0),
+        lease.resource_version().unwrap_or_default()
+    )
+}
+
 impl Elector {
     pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
         Self {
@@ -39,10 +61,25 @@ impl Elector {
             name: name.to_owned(),
             identity: identity.to_owned(),
             duration,
+            seen: Mutex::new(None),
         }
     }
 
-    /// Takes or renews the Lease; true while this replica holds it.
+    /// Whether the holder's `record` has stood unchanged for `held_for`
+    /// seconds since this candidate first saw it at or before `now`.
+    fn stale(&self, record: String, held_for: i64, now: Timestamp) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.as_ref() {
+            Some((r, since)) if *r == record => *since + SignedDuration::from_secs(held_for) < now,
+            _ => {
+                *seen = Some((record, now));
+                false
+            }
+        }
+    }
+
+    /// Takes or renews the Lease; true while this replica holds it. `now`
+    /// is this candidate's clock.
     pub async fn try_lead(&self, now: Timestamp) -> Result<bool, kube::Error> {
         let seconds = self.duration.as_secs().max(1) as i32;
         let Some(current) = self.api.get_opt(&self.name).await? else {
@@ -68,12 +105,9 @@ impl Elector {
         };
         let spec = current.spec.clone().unwrap_or_default();
         let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        let held_for = spec.lease_duration_seconds.unwrap_or(seconds).max(1);
-        let expired = match &spec.renew_time {
-            Some(MicroTime(renewed)) => *renewed + SignedDuration::from_secs(held_for as i64) < now,
-            None => true,
-        };
         let free = spec.holder_identity.as_deref().unwrap_or("").is_empty();
+        let held_for = i64::from(spec.lease_duration_seconds.unwrap_or(seconds).max(1));
+        let expired = !mine && !free && self.stale(record(&current, &spec), held_for, now);
         if !(mine || free || expired) {
             return Ok(false);
         }
@@ -103,38 +137,74 @@ impl Elector {
         }
     }
 
+    /// Hands the Lease back if this replica holds it: no holder, so a
+    /// candidate takes it at its next try. Best effort, under a deadline.
+    pub async fn release(&self) {
+        let release = async {
+            let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+                return Ok::<_, kube::Error>(false);
+            };
+            let Some(spec) = lease.spec.as_mut() else {
+                return Ok(false);
+            };
+            if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+                return Ok(false);
+            }
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+            spec.renew_time = Some(MicroTime(Timestamp::now()));
+            self.api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await?;
+            Ok(true)
+        };
+        match tokio::time::timeout(self.duration / 3, release).await {
+            Ok(Ok(true)) => tracing::info!("leader election: Lease released"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "leader election: Lease not released"),
+            Err(_) => tracing::warn!("leader election: Lease not released in time"),
+        }
+    }
+
     /// Waits until this replica leads.
     pub async fn acquire(&self) {
         loop {
-            match self.try_lead(Timestamp::now()).await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election: the Lease is unreachable"),
+            let tried = tokio::time::timeout(self.duration / 3, self.try_lead(Timestamp::now()));
+            match tried.await {
+                Ok(Ok(true)) => return,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "leader election: the Lease is unreachable")
+                }
+                Err(_) => tracing::warn!("leader election: the Lease did not answer in time"),
             }
             tokio::time::sleep(self.duration / 3).await;
         }
     }
 
     /// Renews the Lease until it is lost; returns when this replica must
-    /// stop leading.
+    /// stop leading. Each renewal has until two thirds of the duration
+    /// after the last good one: past that, a rival may soon take the
+    /// Lease, and this replica stops first.
     pub async fn keep(&self) {
+        let give_up = self.duration * 2 / 3;
         let mut last = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.duration / 3).await;
-            match self.try_lead(Timestamp::now()).await {
-                Ok(true) => last = tokio::time::Instant::now(),
-                Ok(false) => {
+            let left = give_up.saturating_sub(last.elapsed());
+            let renewed = tokio::time::timeout(left, self.try_lead(Timestamp::now())).await;
+            match renewed {
+                Ok(Ok(true)) => last = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
                     tracing::error!("leader election: another replica holds the Lease");
                     return;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "leader election: renewal failed");
-                    // Stop before a rival may take it over.
-                    if last.elapsed() >= self.duration * 2 / 3 {
-                        tracing::error!("leader election: not renewed within the Lease duration");
-                        return;
-                    }
-                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "leader election: renewal failed"),
+                Err(_) => tracing::warn!("leader election: renewal did not answer in time"),
+            }
+            if last.elapsed() >= give_up {
+                tracing::error!("leader election: not renewed in time; stepping down");
+                return;
             }
         }
     }

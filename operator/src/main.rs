@@ -128,7 +128,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         std::future::pending(),
     ));
 
-    let identity = args.identity.unwrap_or_else(|| {
+    let identity = args.identity.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME")
             .unwrap_or_else(|_| format!("parley-operator-{}", std::process::id()))
     });
@@ -138,17 +138,42 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         &identity,
         Duration::from_secs(args.lease_secs.max(3)),
     );
-    tracing::info!(%identity, lease = %args.lease_name, "waiting to lead");
-    tokio::select! {
-        () = elector.acquire() => {}
-        () = ops::terminated() => return Ok(()),
+    // Candidate, leader, candidate again when the Lease is lost: the
+    // controller stops and the process stays, without a restart.
+    loop {
+        tracing::info!(%identity, lease = %args.lease_name, "waiting to lead");
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = ops::terminated() => return Ok(()),
+        }
+        metrics.leader.set(1);
+        tracing::info!(%identity, "leading: reconciling ChatClusters");
+        // The controller stops by itself on SIGTERM (`shutdown_on_signal`).
+        let led = lead(&client, &args, &identity, &metrics);
+        tokio::select! {
+            () = led => {
+                metrics.leader.set(0);
+                elector.release().await;
+                tracing::info!("stopped");
+                return Ok(());
+            }
+            () = elector.keep() => {
+                metrics.leader.set(0);
+                tracing::error!("lost the leader Lease: the controller stopped; a candidate again");
+            }
+        }
     }
-    metrics.leader.set(1);
-    tracing::info!(%identity, "leading: reconciling ChatClusters");
+}
 
+/// Most time one reconcile pass may take: a call that hangs fails the
+/// pass (retried with backoff) instead of freezing that ChatCluster.
+const PASS_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Reconciles every ChatCluster until SIGTERM or Ctrl-C.
+async fn lead(client: &kube::Client, args: &RunArgs, identity: &str, metrics: &Metrics) {
     let reporter = Reporter {
         controller: "parley-operator".into(),
-        instance: Some(identity.clone()),
+        instance: Some(identity.to_owned()),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -170,26 +195,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let ns = &args.watch_namespace;
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=parley-operator");
-    let controller = Controller::new(clusters, watcher::Config::default())
-        .owns(scoped::<Deployment>(&client, ns), owned.clone())
-        .owns(scoped::<Service>(&client, ns), owned.clone())
-        .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
-        .owns(scoped::<PodDisruptionBudget>(&client, ns), owned)
+    Controller::new(clusters, watcher::Config::default())
+        .owns(scoped::<Deployment>(client, ns), owned.clone())
+        .owns(scoped::<Service>(client, ns), owned.clone())
+        .owns(scoped::<ConfigMap>(client, ns), owned.clone())
+        .owns(scoped::<PodDisruptionBudget>(client, ns), owned)
         .shutdown_on_signal()
-        .run(controller::reconcile, controller::error_policy, ctx)
+        .run(
+            |cc, ctx| async move {
+                tokio::time::timeout(PASS_DEADLINE, controller::reconcile(cc, ctx))
+                    .await
+                    .unwrap_or_else(|_| Err(controller::Error::Deadline(PASS_DEADLINE)))
+            },
+            controller::error_policy,
+            ctx,
+        )
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "reconcile");
             }
-        });
-    tokio::select! {
-        () = controller => {
-            tracing::info!("stopped");
-            Ok(())
-        }
-        () = elector.keep() => {
-            metrics.leader.set(0);
-            anyhow::bail!("lost the leader Lease; exiting so that a new candidate starts")
-        }
-    }
+        })
+        .await;
 }

@@ -689,17 +689,24 @@ async fn one_replica_leads_and_a_silent_leader_is_replaced() {
     let at = |s: i64| now + k8s_openapi::jiff::SignedDuration::from_secs(s);
     assert!(a.try_lead(at(0)).await.unwrap(), "the first takes it");
     assert!(!b.try_lead(at(1)).await.unwrap(), "the second waits");
-    assert!(a.try_lead(at(5)).await.unwrap(), "the leader renews");
+    // The leader's clock runs 1,000 s behind: its renewals look long
+    // expired by b's clock, yet b judges by how long it has seen the same
+    // renewal, not by the time written in it.
+    assert!(a.try_lead(at(-995)).await.unwrap(), "the leader renews");
     assert!(
         !b.try_lead(at(19)).await.unwrap(),
-        "still within the duration"
+        "a renewal just seen is alive, whatever time it names"
     );
     assert!(
-        b.try_lead(at(21)).await.unwrap(),
-        "a leader silent too long is replaced"
+        !b.try_lead(at(33)).await.unwrap(),
+        "still within the duration since b saw it"
     );
     assert!(
-        !a.try_lead(at(22)).await.unwrap(),
+        b.try_lead(at(35)).await.unwrap(),
+        "a leader silent for the duration (by b's clock) is replaced"
+    );
+    assert!(
+        !a.try_lead(at(36)).await.unwrap(),
         "and the old one knows it"
     );
     assert_eq!(
@@ -712,9 +719,30 @@ async fn one_replica_leads_and_a_silent_leader_is_replaced() {
             "PUT leases/parley-operator",
             "GET leases/parley-operator",
             "GET leases/parley-operator",
+            "GET leases/parley-operator",
             "PUT leases/parley-operator",
             "GET leases/parley-operator",
         ]
+    );
+
+    // A leader that stops hands the Lease back: the other takes it at
+    // once, not a duration later.
+    b.release().await;
+    assert!(a.try_lead(at(37)).await.unwrap(), "free: taken at once");
+    a.release().await;
+    a.release().await;
+    assert_eq!(
+        fake.take_log(),
+        vec![
+            "GET leases/parley-operator",
+            "PUT leases/parley-operator",
+            "GET leases/parley-operator",
+            "PUT leases/parley-operator",
+            "GET leases/parley-operator",
+            "PUT leases/parley-operator",
+            "GET leases/parley-operator",
+        ],
+        "the second release finds nothing to hand back"
     );
 }
 
