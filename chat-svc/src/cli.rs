@@ -110,24 +110,15 @@ struct ServeArgs {
     media: MediaArgs,
 }
 
-/// Connects, retrying while the database is not up yet.
+/// Connects, waiting while the database is not up yet.
 async fn connect(db: &DbArgs) -> anyhow::Result<PgStore> {
     let url = db
         .database_url
         .as_deref()
         .context("--database-url (PARLEY_DATABASE_URL) is required")?;
-    let mut attempt = 0u32;
-    loop {
-        match PgStore::connect(url, db.database_schema.as_deref(), db.database_pool).await {
-            Ok(store) => return Ok(store),
-            Err(e) if attempt < 30 => {
-                tracing::warn!(error = %e, "PostgreSQL not reachable yet; retrying");
-                attempt += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e).context("connecting to PostgreSQL"),
-        }
-    }
+    PgStore::connect_patiently(url, db.database_schema.as_deref(), db.database_pool)
+        .await
+        .context("connecting to PostgreSQL")
 }
 
 struct Node {

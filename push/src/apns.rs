@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::jwt::Signer;
 use crate::plan::{LOC_KEY, Notification};
-use crate::provider::{Outcome, Provider, by_status, retry_after};
+use crate::provider::{Outcome, Provider, by_status, http2_client, retry_after, unanswered};
 
 /// Apple's hosts.
 pub const PRODUCTION: &str = "https://api.push.apple.com";
@@ -163,20 +163,7 @@ impl Apns {
             return Err("APNs needs the key's id and the team's id".into());
         }
         let endpoint = config.endpoint.trim_end_matches('/').to_owned();
-        let plain = endpoint.starts_with("http://");
-        if !plain && !endpoint.starts_with("https://") {
-            return Err("the APNs endpoint is https:// (or http:// for a local stand-in)".into());
-        }
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(5)));
-        if plain {
-            http = http.http2_prior_knowledge();
-        }
-        let http = http
-            .build()
-            .map_err(|e| format!("no HTTP/2 client for APNs: {e}"))?;
+        let http = http2_client(&endpoint, config.timeout, "APNs")?;
         let apns = Self {
             endpoint,
             signer,
@@ -261,17 +248,7 @@ impl Apns {
             .await;
         let resp = match sent {
             Ok(r) => r,
-            Err(e) => {
-                let reason = if e.is_timeout() {
-                    "APNs timed out"
-                } else {
-                    "APNs unreachable"
-                };
-                return Outcome::Retry {
-                    reason: reason.into(),
-                    after: None,
-                };
-            }
+            Err(e) => return unanswered(&e, "APNs"),
         };
         let status = resp.status().as_u16();
         if status == 200 {

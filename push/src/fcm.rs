@@ -29,7 +29,7 @@ use tokio::sync::Mutex;
 
 use crate::jwt::Signer;
 use crate::plan::{LOC_KEY, Notification};
-use crate::provider::{Outcome, Provider, by_status, retry_after};
+use crate::provider::{Outcome, Provider, by_status, http2_client, retry_after, unanswered};
 
 /// Google's FCM host.
 pub const ENDPOINT: &str = "https://fcm.googleapis.com";
@@ -197,17 +197,7 @@ impl Fcm {
         let signer = Signer::rs256(&account.private_key)
             .map_err(|e| format!("the FCM service account's key: {e}"))?;
         let endpoint = config.endpoint.trim_end_matches('/');
-        let plain = endpoint.starts_with("http://");
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(5)));
-        if plain {
-            http = http.http2_prior_knowledge();
-        }
-        let http = http
-            .build()
-            .map_err(|e| format!("no HTTP/2 client for FCM: {e}"))?;
+        let http = http2_client(endpoint, config.timeout, "FCM")?;
         Ok(Self {
             send_url: format!(
                 "{endpoint}/v1/projects/{}/messages:send",
@@ -344,17 +334,7 @@ impl Fcm {
                 .await;
             let resp = match sent {
                 Ok(r) => r,
-                Err(e) => {
-                    let reason = if e.is_timeout() {
-                        "FCM timed out"
-                    } else {
-                        "FCM unreachable"
-                    };
-                    return Outcome::Retry {
-                        reason: reason.into(),
-                        after: None,
-                    };
-                }
+                Err(e) => return unanswered(&e, "FCM"),
             };
             let status = resp.status().as_u16();
             if status == 200 {

@@ -376,6 +376,26 @@ impl PushSender {
         Ok(handled)
     }
 
+    /// [`handle`](Self::handle), tried again up to `tries` more times
+    /// (with the backoff) while the store or the ledger cannot be read.
+    pub async fn handle_patiently(
+        &self,
+        cues: Vec<Offline>,
+        tries: u32,
+    ) -> Result<Handled, ChatError> {
+        let mut tried = 0;
+        loop {
+            match self.handle(cues.clone()).await {
+                Err(e) if tried < tries => {
+                    tried += 1;
+                    tracing::warn!(error = %e, "push batch failed; trying again");
+                    tokio::time::sleep(self.backoff(tried)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// The cues of users still offline: presence is asked once for the
     /// batch. When it cannot tell, every cue stays (a notification too
     /// many beats one missing).
@@ -558,30 +578,21 @@ pub async fn run_local(sender: Arc<PushSender>, mut events: broadcast::Receiver<
 }
 
 async fn handle_locally(sender: &PushSender, cues: Vec<Offline>) {
-    let mut tries = 0;
-    loop {
-        match sender.handle(cues.clone()).await {
-            Ok(handled) => {
-                for (n, reason) in &handled.failed {
-                    tracing::warn!(
-                        provider = provider_label(n.provider),
-                        user = %n.user,
-                        device = %n.device,
-                        %reason,
-                        "push notification not sent"
-                    );
-                }
-                return;
-            }
-            Err(e) if tries < 3 => {
-                tries += 1;
-                tracing::warn!(error = %e, "push batch failed; trying again");
-                tokio::time::sleep(sender.backoff(tries)).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, cues = cues.len(), "push batch dropped");
-                return;
-            }
-        }
+    match sender.handle_patiently(cues, 3).await {
+        Ok(handled) => log_failed(&handled.failed, "push notification not sent"),
+        Err(e) => tracing::warn!(error = %e, "push batch dropped"),
+    }
+}
+
+/// Logs each notification that failed for good, with its reason.
+pub fn log_failed(failed: &[(Notification, String)], what: &str) {
+    for (n, reason) in failed {
+        tracing::warn!(
+            provider = provider_label(n.provider),
+            user = %n.user,
+            device = %n.device,
+            %reason,
+            "{what}"
+        );
     }
 }

@@ -26,7 +26,9 @@ use tokio::sync::Semaphore;
 
 use crate::cli::PushArgs;
 use crate::webhook::WebhookNotification;
-use crate::{MAX_BATCH, Notification, PushConfig, PushSender, offline_cues, provider_label};
+use crate::{
+    MAX_BATCH, Notification, PushConfig, PushSender, log_failed, offline_cues, provider_label,
+};
 
 #[derive(Parser)]
 #[command(
@@ -189,62 +191,26 @@ async fn handle_group(
     group: Vec<CueBatch>,
 ) {
     let cues: Vec<_> = group.iter().flat_map(|b| offline_cues(&b.cues)).collect();
-    let mut tries = 0;
-    loop {
-        match sender.handle(cues.clone()).await {
-            Ok(handled) => {
-                for (n, reason) in &handled.failed {
-                    tracing::warn!(
-                        provider = provider_label(n.provider),
-                        user = %n.user,
-                        device = %n.device,
-                        %reason,
-                        "push notification failed; dead-lettered"
-                    );
-                    let body = serde_json::to_vec(&DeadLetter::of(n, reason)).unwrap_or_default();
-                    if dead.try_send(body).is_err() {
-                        tracing::warn!("dead-letter queue full; the failure is only logged");
-                    }
+    match sender.handle_patiently(cues, 2).await {
+        Ok(handled) => {
+            log_failed(&handled.failed, "push notification failed; dead-lettered");
+            for (n, reason) in &handled.failed {
+                let body = serde_json::to_vec(&DeadLetter::of(n, reason)).unwrap_or_default();
+                if dead.try_send(body).is_err() {
+                    tracing::warn!("dead-letter queue full; the failure is only logged");
                 }
-                for b in &group {
-                    b.ack().await;
-                }
-                return;
             }
-            // The store or the ledger could not be read: a moment later,
-            // then back to the queue (another replica may fare better).
-            Err(e) if tries < 2 => {
-                tries += 1;
-                tracing::warn!(error = %e, "push batch failed; trying again");
-                tokio::time::sleep(Duration::from_millis(500 << tries)).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "push batch failed; back to the queue");
-                for b in &group {
-                    b.retry().await;
-                }
-                return;
+            for b in &group {
+                b.ack().await;
             }
         }
-    }
-}
-
-/// Connects, retrying while the database is not up yet.
-async fn connect(args: &Args) -> anyhow::Result<PgStore> {
-    let url = args
-        .database_url
-        .as_deref()
-        .context("--database-url (PARLEY_DATABASE_URL) is required")?;
-    let mut attempt = 0u32;
-    loop {
-        match PgStore::connect(url, args.database_schema.as_deref(), args.database_pool).await {
-            Ok(store) => return Ok(store),
-            Err(e) if attempt < 30 => {
-                tracing::warn!(error = %e, "PostgreSQL not reachable yet; retrying");
-                attempt += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        // The store or the ledger could not be read: back to the queue
+        // (another replica may fare better).
+        Err(e) => {
+            tracing::warn!(error = %e, "push batch failed; back to the queue");
+            for b in &group {
+                b.retry().await;
             }
-            Err(e) => return Err(e).context("connecting to PostgreSQL"),
         }
     }
 }
@@ -264,7 +230,14 @@ where
              --push-webhook-url): every notification is counted as unconfigured"
         );
     }
-    let store = connect(&args).await?;
+    let url = args
+        .database_url
+        .as_deref()
+        .context("--database-url (PARLEY_DATABASE_URL) is required")?;
+    let store =
+        PgStore::connect_patiently(url, args.database_schema.as_deref(), args.database_pool)
+            .await
+            .context("connecting to PostgreSQL")?;
     let redis = RedisState::new(&args.backends.redis_url, &args.backends.prefix)?;
     let name = args
         .name

@@ -61,3 +61,44 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .ok()?;
     Some(Duration::from_secs(secs.min(3600)))
 }
+
+/// The HTTP client of a provider that speaks HTTP/2: over TLS (ALPN h2)
+/// for an `https://` endpoint, without TLS (prior knowledge) for an
+/// `http://` stand-in; `what` names the provider in errors.
+pub fn http2_client(
+    endpoint: &str,
+    timeout: Duration,
+    what: &str,
+) -> Result<reqwest::Client, String> {
+    let plain = endpoint.starts_with("http://");
+    if !plain && !endpoint.starts_with("https://") {
+        return Err(format!(
+            "the {what} endpoint is https:// (or http:// for a local stand-in)"
+        ));
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut http = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)));
+    if plain {
+        http = http.http2_prior_knowledge();
+    }
+    http.build()
+        .map_err(|e| format!("no HTTP/2 client for {what}: {e}"))
+}
+
+/// A request that got no answer: tried again. Never the URL in the
+/// reason (it may carry credentials).
+pub fn unanswered(e: &reqwest::Error, what: &str) -> Outcome {
+    let why = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "unreachable"
+    } else {
+        "request failed"
+    };
+    Outcome::Retry {
+        reason: format!("{what} {why}"),
+        after: None,
+    }
+}

@@ -24,6 +24,15 @@ use axum::routing::post;
 
 use crate::webhook::{Payload, WebhookNotification, secret_key, signature};
 
+/// A stand-in's server task, stopped when the stand-in is dropped.
+struct Stops(tokio::task::JoinHandle<()>);
+
+impl Drop for Stops {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The secret the receiver and its sender share in tests.
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -43,7 +52,7 @@ struct Inner {
 pub struct WebhookReceiver {
     pub url: String,
     inner: Arc<Inner>,
-    task: tokio::task::JoinHandle<()>,
+    _task: Stops,
 }
 
 impl std::fmt::Debug for WebhookReceiver {
@@ -51,12 +60,6 @@ impl std::fmt::Debug for WebhookReceiver {
         f.debug_struct("WebhookReceiver")
             .field("url", &self.url)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for WebhookReceiver {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -139,7 +142,11 @@ impl WebhookReceiver {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { url, inner, task }
+        Self {
+            url,
+            inner,
+            _task: Stops(task),
+        }
     }
 
     /// The next requests are answered with these statuses (a 2xx is
@@ -300,7 +307,7 @@ struct ApnsInner {
 pub struct ApnsStandIn {
     pub url: String,
     inner: Arc<ApnsInner>,
-    task: tokio::task::JoinHandle<()>,
+    _task: Stops,
 }
 
 impl std::fmt::Debug for ApnsStandIn {
@@ -308,12 +315,6 @@ impl std::fmt::Debug for ApnsStandIn {
         f.debug_struct("ApnsStandIn")
             .field("url", &self.url)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for ApnsStandIn {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -456,7 +457,11 @@ impl ApnsStandIn {
             .route("/3/device/{token}", post(apns_request))
             .with_state(inner.clone());
         let (url, task) = serve(app).await;
-        Self { url, inner, task }
+        Self {
+            url,
+            inner,
+            _task: Stops(task),
+        }
     }
 
     /// The configuration of a provider that sends here.
@@ -518,7 +523,7 @@ struct FcmInner {
 pub struct FcmStandIn {
     pub url: String,
     inner: Arc<FcmInner>,
-    task: tokio::task::JoinHandle<()>,
+    _task: Stops,
 }
 
 impl std::fmt::Debug for FcmStandIn {
@@ -526,12 +531,6 @@ impl std::fmt::Debug for FcmStandIn {
         f.debug_struct("FcmStandIn")
             .field("url", &self.url)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for FcmStandIn {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -675,7 +674,11 @@ impl FcmStandIn {
             .with_state(inner.clone());
         let (url, task) = serve(app).await;
         *lock(&inner.token_uri) = format!("{url}/token");
-        Self { url, inner, task }
+        Self {
+            url,
+            inner,
+            _task: Stops(task),
+        }
     }
 
     /// A service account key file whose token_uri is this stand-in.

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::plan::{LOC_KEY, Notification};
-use crate::provider::{Outcome, Provider, by_status, retry_after};
+use crate::provider::{Outcome, Provider, by_status, retry_after, unanswered};
 
 /// Most notifications in one request.
 pub const MAX_PER_REQUEST: usize = 100;
@@ -209,21 +209,7 @@ impl Webhook {
             .await;
         let resp = match sent {
             Ok(r) => r,
-            Err(e) => {
-                // Never the URL: it may carry credentials.
-                let reason = if e.is_timeout() {
-                    "webhook timed out"
-                } else if e.is_connect() {
-                    "webhook unreachable"
-                } else {
-                    "webhook request failed"
-                };
-                let retry = Outcome::Retry {
-                    reason: reason.into(),
-                    after: None,
-                };
-                return vec![retry; batch.len()];
-            }
+            Err(e) => return vec![unanswered(&e, "webhook"); batch.len()],
         };
         let status = resp.status().as_u16();
         let after = retry_after(resp.headers());

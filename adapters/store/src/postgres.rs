@@ -58,6 +58,28 @@ impl std::fmt::Debug for PgStore {
 }
 
 impl PgStore {
+    /// [`PgStore::connect`], trying again once a second for up to 30
+    /// seconds while the database does not answer yet (a process starting
+    /// beside it, as pods do).
+    pub async fn connect_patiently(
+        url: &str,
+        schema: Option<&str>,
+        max_connections: u32,
+    ) -> Result<Self, ChatError> {
+        let mut attempt = 0u32;
+        loop {
+            match Self::connect(url, schema, max_connections).await {
+                Ok(store) => return Ok(store),
+                Err(e) if attempt < 30 => {
+                    tracing::warn!(error = %e, "PostgreSQL not reachable yet; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Connects to `url`. With `schema`, every table lives in that schema
     /// (created if missing), which lets tests and tenants share a database.
     /// Migrations are not run here: see [`PgStore::migrate`].
