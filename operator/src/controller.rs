@@ -120,6 +120,8 @@ struct Memory {
     /// cleaned up: a switch back to `Shared` must look for them even when
     /// no pod ever got a public address.
     published: bool,
+    /// Passes failed in a row, for the error policy's backoff.
+    failures: u32,
 }
 
 /// What every pass shares.
@@ -175,6 +177,8 @@ impl Context {
     }
 
     async fn event(&self, cc: &ChatCluster, kind: EventType, reason: &str, note: String) {
+        // A backend's URL in an error may carry its password.
+        let note = parley_core::redact_urls(&note);
         tracing::info!(
             cluster = %cc.name_any(),
             namespace = cc.namespace().unwrap_or_default(),
@@ -206,6 +210,7 @@ pub async fn reconcile(
         .namespace()
         .ok_or_else(|| Error::Config("a ChatCluster is namespaced".into()))?;
     let api: Api<ChatCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let cc_key = cc.clone();
     let result = finalizer::finalizer(&api, FINALIZER, cc, |event| async {
         match event {
             Finalizer::Apply(cc) => apply(&cc, &ctx).await,
@@ -215,17 +220,46 @@ pub async fn reconcile(
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics.reconciled(started.elapsed(), result.is_ok());
+    if result.is_ok() {
+        ctx.remember(&cc_key, |m| m.failures = 0);
+    }
     result
 }
 
-/// What the controller does after a failed pass: try again soon.
+/// `d` give or take a tenth, so that passes of many ChatClusters started
+/// together do not stay in step.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.9..=1.1))
+}
+
+/// What the controller does after a failed pass: try again, after a wait
+/// that doubles with each failure of that ChatCluster in a row (5 s up to
+/// 5 minutes, with jitter), so that one that keeps failing does not take
+/// the operator's time from the others.
 pub fn error_policy(
     cc: Arc<ChatCluster>,
     error: &Error,
-    _ctx: Arc<Context>,
+    ctx: Arc<Context>,
 ) -> kube::runtime::controller::Action {
-    tracing::warn!(cluster = %cc.name_any(), %error, "reconcile failed");
-    kube::runtime::controller::Action::requeue(Duration::from_secs(5))
+    let failures = ctx.remember(&cc, |m| {
+        m.failures = m.failures.saturating_add(1);
+        m.failures
+    });
+    let wait = retry_after(failures);
+    tracing::warn!(
+        cluster = %cc.name_any(),
+        error = %parley_core::redact_urls(&error.to_string()),
+        failures,
+        retry_in_secs = wait.as_secs(),
+        "reconcile failed"
+    );
+    kube::runtime::controller::Action::requeue(wait)
+}
+
+/// The wait before the next pass after `failures` failed in a row.
+fn retry_after(failures: u32) -> Duration {
+    let base = Duration::from_secs(5).saturating_mul(1 << failures.saturating_sub(1).min(6));
+    jittered(base.min(Duration::from_secs(300)))
 }
 
 /// A backend's URL, from the resource or its Secret.
@@ -654,7 +688,7 @@ async fn apply(
     } else {
         Duration::from_secs(2)
     };
-    Ok(kube::runtime::controller::Action::requeue(every))
+    Ok(kube::runtime::controller::Action::requeue(jittered(every)))
 }
 
 /// Applies what the publish mode needs (a Service per pod, the label that

@@ -117,6 +117,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     ops::init_logging();
     let client = kube::Client::try_default().await?;
+    check_crd(&client, &args.watch_namespace).await?;
     let metrics = Metrics::default();
     let mut registry = Registry::with_prefix("parley_operator");
     metrics.register(&mut registry);
@@ -211,9 +212,41 @@ async fn lead(client: &kube::Client, args: &RunArgs, identity: &str, metrics: &M
             ctx,
         )
         .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "reconcile");
+            match r {
+                Ok(_) => {}
+                // Logged by the error policy already.
+                Err(e @ kube::runtime::controller::Error::ReconcilerFailed(..)) => {
+                    tracing::debug!(error = %e, "reconcile")
+                }
+                // A watch or the queue: the controller goes on, but it is
+                // worth seeing.
+                Err(e) => tracing::warn!(
+                    error = %parley_core::redact_urls(&e.to_string()),
+                    "controller"
+                ),
             }
         })
         .await;
+}
+
+/// Fails at once, with what to do, when the ChatCluster CRD is not
+/// installed: the watches would only fail over and over.
+async fn check_crd(client: &kube::Client, namespace: &Option<String>) -> anyhow::Result<()> {
+    let api: Api<ChatCluster> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => anyhow::bail!(
+            "the ChatCluster CRD (chatclusters.parley.dev) is not served by this cluster: \
+             install it first (kubectl apply --server-side -f crds/)"
+        ),
+        // The API server may be starting, or RBAC is wrong: the watch
+        // says more, and retries.
+        Err(e) => {
+            tracing::warn!(error = %e, "ChatClusters could not be listed at start");
+            Ok(())
+        }
+    }
 }

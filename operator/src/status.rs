@@ -135,10 +135,14 @@ pub fn compute(old: &ChatClusterStatus, seen: &Observed, now: SystemTime) -> Cha
                 (None, Err(_)) => "RoutingTableFailed",
                 _ => "None",
             },
-            seen.apply_error
-                .clone()
-                .or_else(|| seen.routing.clone().err())
-                .unwrap_or_default(),
+            // A backend's URL in an error may carry its password.
+            parley_core::redact_urls(
+                &seen
+                    .apply_error
+                    .clone()
+                    .or_else(|| seen.routing.clone().err())
+                    .unwrap_or_default(),
+            ),
             generation,
             now,
         ),
@@ -153,7 +157,7 @@ pub fn compute(old: &ChatClusterStatus, seen: &Observed, now: SystemTime) -> Cha
             },
             match &seen.routing {
                 Ok(n) => format!("{n} entries"),
-                Err(e) => e.clone(),
+                Err(e) => parley_core::redact_urls(e),
             },
             generation,
             now,
@@ -329,6 +333,21 @@ mod tests {
             ]
         );
         assert_eq!(cond(&s, "ScaleLimited").status, "False");
+    }
+
+    #[test]
+    fn a_password_in_an_error_never_reaches_the_status() {
+        let mut failing = seen(2, [10, 20]);
+        failing.routing = Err("redis redis://parley:hunter2@redis:6379/: refused".into());
+        let s = compute(&ChatClusterStatus::default(), &failing, t(0));
+        for c in &s.conditions {
+            assert!(!c.message.contains("hunter2"), "{}: {}", c.type_, c.message);
+        }
+        assert_eq!(cond(&s, "Degraded").status, "True");
+        failing.apply_error = Some("postgres://parley:hunter2@db/parley: no route".into());
+        let s = compute(&ChatClusterStatus::default(), &failing, t(0));
+        assert!(!cond(&s, "Degraded").message.contains("hunter2"));
+        assert!(cond(&s, "Degraded").message.contains("db/parley"));
     }
 
     #[test]

@@ -1033,3 +1033,22 @@ async fn push_senders_come_and_go_with_spec_push() {
         "nothing more to do with it: {log:?}"
     );
 }
+
+#[test]
+fn a_cluster_that_keeps_failing_waits_longer_each_time() {
+    let waits: Vec<u64> = (1..=9)
+        .map(|n| super::retry_after(n).as_millis() as u64)
+        .collect();
+    for (n, (w, base)) in waits
+        .iter()
+        .zip([5u64, 10, 20, 40, 80, 160, 300, 300, 300])
+        .enumerate()
+    {
+        let base = base * 1000;
+        assert!(
+            (base * 9 / 10..=base * 11 / 10).contains(w),
+            "failure {}: {w} ms, not {base} ms give or take a tenth",
+            n + 1
+        );
+    }
+}
