@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, Predicate as _, WatchStreamExt, predicates, reflector, watcher};
 use parley_operator::controller::{self, Context};
 use parley_operator::crd::ChatCluster;
 use parley_operator::leader::Elector;
@@ -166,6 +166,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
+/// ChatClusters reconciled at once (each pass is mostly waiting on the
+/// API server and Redis).
+const CONCURRENCY: u16 = 8;
+
 /// Most time one reconcile pass may take: a call that hangs fails the
 /// pass (retried with backoff) instead of freezing that ChatCluster.
 const PASS_DEADLINE: Duration = Duration::from_secs(60);
@@ -196,7 +200,21 @@ async fn lead(client: &kube::Client, args: &RunArgs, identity: &str, metrics: &M
     }
     let ns = &args.watch_namespace;
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=parley-operator");
-    Controller::new(clusters, watcher::Config::default())
+    // A ChatCluster's own changes start a pass only when its spec
+    // (generation) or finalizers change: the status the operator writes
+    // every pass would otherwise start another at once. Owned objects
+    // (a Deployment getting ready) and the periodic requeue start the rest.
+    let (reader, writer) = reflector::store();
+    let changed = watcher(clusters, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            Default::default(),
+        );
+    Controller::for_stream(changed, reader)
+        .with_config(kube::runtime::Config::default().concurrency(CONCURRENCY))
         .owns(scoped::<Deployment>(client, ns), owned.clone())
         .owns(scoped::<Service>(client, ns), owned.clone())
         .owns(scoped::<ConfigMap>(client, ns), owned.clone())
