@@ -200,6 +200,33 @@ fn pull_policy(p: PullPolicy) -> String {
     .to_owned()
 }
 
+/// The annotation on pod templates that names the shared settings they
+/// were made with: a change of the ConfigMap (which pods read only when
+/// they start) changes it, and so rolls the pods.
+pub const CONFIG_HASH: &str = "parley.dev/config-hash";
+
+/// A component's pod template metadata: its labels, and the hash of the
+/// ConfigMap's settings.
+fn pod_meta(cc: &ChatCluster, component: &str) -> ObjectMeta {
+    let data = config_map(cc).data.unwrap_or_default();
+    // FNV-1a over the sorted settings: stable across versions of Rust.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (k, v) in &data {
+        for b in k.bytes().chain([0]).chain(v.bytes()).chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    ObjectMeta {
+        labels: Some(labels(cc, component)),
+        annotations: Some(BTreeMap::from([(
+            CONFIG_HASH.to_owned(),
+            format!("{h:016x}"),
+        )])),
+        ..ObjectMeta::default()
+    }
+}
+
 /// Settings shared by both components, without secrets.
 pub fn config_map(cc: &ChatCluster) -> ConfigMap {
     let mut data = BTreeMap::from([
@@ -343,10 +370,7 @@ pub fn gateway_deployment(cc: &ChatCluster, replicas: i32) -> Deployment {
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(cc, "gateway")),
-                    ..ObjectMeta::default()
-                }),
+                metadata: Some(pod_meta(cc, "gateway")),
                 spec: Some(secured(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: Some(g.termination_grace_period_seconds),
@@ -500,10 +524,7 @@ pub fn chat_deployment(cc: &ChatCluster) -> Deployment {
             replicas: Some(cc.spec.chat.replicas),
             selector: selector(cc, "chat"),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(cc, "chat")),
-                    ..ObjectMeta::default()
-                }),
+                metadata: Some(pod_meta(cc, "chat")),
                 spec: Some(secured(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: Some(30),
@@ -614,10 +635,7 @@ pub fn push_deployment(cc: &ChatCluster) -> Option<Deployment> {
             replicas: Some(push.replicas),
             selector: selector(cc, "push"),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(cc, "push")),
-                    ..ObjectMeta::default()
-                }),
+                metadata: Some(pod_meta(cc, "push")),
                 spec: Some(secured(PodSpec {
                     containers: vec![container],
                     // The notifications in hand are finished within 20 s.
@@ -1133,6 +1151,30 @@ mod tests {
                         keyId: ABCDE12345\n  teamId: TEAM123456\n  sandbox: true\nfcm:\n  \
                         credentials: {name: google, key: sa.json}\nwebhook:\n  \
                         url: https://push.example.com/hook\n  secret: {name: hook, key: secret}\n";
+
+    #[test]
+    fn a_change_of_the_shared_settings_rolls_every_pod() {
+        let mut cc = cluster();
+        cc.spec.push = Some(serde_yaml::from_str(PUSH).unwrap());
+        let hashes = |cc: &ChatCluster| {
+            [
+                gateway_deployment(cc, 2),
+                chat_deployment(cc),
+                push_deployment(cc).unwrap(),
+            ]
+            .map(|d| {
+                d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH]
+                    .clone()
+            })
+        };
+        let before = hashes(&cc);
+        assert!(before.iter().all(|h| *h == before[0]), "one hash of one ConfigMap");
+        cc.spec.chat.replicas += 1;
+        assert_eq!(hashes(&cc), before, "what is not in the ConfigMap rolls nothing");
+        cc.spec.redis.url = Some("redis://other:6379/".into());
+        let after = hashes(&cc);
+        assert!(after.iter().all(|h| *h != before[0]), "a new Redis URL rolls them all");
+    }
 
     #[test]
     fn push_senders_take_each_providers_credentials_from_its_secret() {
