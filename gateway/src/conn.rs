@@ -803,6 +803,15 @@ async fn on_frame(
             }
             match result {
                 Ok(resp) => out.push(pb::ServerFrame::new(rid, resp).into()),
+                // The device was logged out meanwhile (a push registration
+                // racing its log-out): fatal, as at Auth.
+                Err(e) if e.code() == ErrorCode::SessionRevoked => {
+                    return Err(End::Fatal(
+                        rid,
+                        ErrorCode::SessionRevoked,
+                        e.client_message(),
+                    ));
+                }
                 Err(e) => {
                     out.push(pb::ServerFrame::error(rid, e.code(), e.client_message()).into())
                 }

@@ -1163,17 +1163,33 @@ mod tests {
                 push_deployment(cc).unwrap(),
             ]
             .map(|d| {
-                d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH]
+                d.spec
+                    .unwrap()
+                    .template
+                    .metadata
+                    .unwrap()
+                    .annotations
+                    .unwrap()[CONFIG_HASH]
                     .clone()
             })
         };
         let before = hashes(&cc);
-        assert!(before.iter().all(|h| *h == before[0]), "one hash of one ConfigMap");
+        assert!(
+            before.iter().all(|h| *h == before[0]),
+            "one hash of one ConfigMap"
+        );
         cc.spec.chat.replicas += 1;
-        assert_eq!(hashes(&cc), before, "what is not in the ConfigMap rolls nothing");
+        assert_eq!(
+            hashes(&cc),
+            before,
+            "what is not in the ConfigMap rolls nothing"
+        );
         cc.spec.redis.url = Some("redis://other:6379/".into());
         let after = hashes(&cc);
-        assert!(after.iter().all(|h| *h != before[0]), "a new Redis URL rolls them all");
+        assert!(
+            after.iter().all(|h| *h != before[0]),
+            "a new Redis URL rolls them all"
+        );
     }
 
     #[test]

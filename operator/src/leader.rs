@@ -140,25 +140,15 @@ impl Elector {
     /// Hands the Lease back if this replica holds it: no holder, so a
     /// candidate takes it at its next try. Best effort, under a deadline.
     pub async fn release(&self) {
-        let release = async {
-            let Some(mut lease) = self.api.get_opt(&self.name).await? else {
-                return Ok::<_, kube::Error>(false);
-            };
-            let Some(spec) = lease.spec.as_mut() else {
-                return Ok(false);
-            };
-            if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
-                return Ok(false);
+        // A renewal still on its way may land between the read and the
+        // write (409): once more then.
+        let twice = async {
+            match self.release_once().await {
+                Err(kube::Error::Api(e)) if e.code == 409 => self.release_once().await,
+                other => other,
             }
-            spec.holder_identity = None;
-            spec.lease_duration_seconds = Some(1);
-            spec.renew_time = Some(MicroTime(Timestamp::now()));
-            self.api
-                .replace(&self.name, &PostParams::default(), &lease)
-                .await?;
-            Ok(true)
         };
-        match tokio::time::timeout(self.duration / 3, release).await {
+        match tokio::time::timeout(self.duration / 3, twice).await {
             Ok(Ok(true)) => tracing::info!("leader election: Lease released"),
             Ok(Ok(false)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "leader election: Lease not released"),
@@ -166,12 +156,34 @@ impl Elector {
         }
     }
 
-    /// Waits until this replica leads.
-    pub async fn acquire(&self) {
+    /// One try of [`release`](Self::release): whether it was handed back.
+    async fn release_once(&self) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(false);
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(false);
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        self.api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await?;
+        Ok(true)
+    }
+
+    /// Waits until this replica leads; when the winning request was sent
+    /// (the Lease is good for a duration from no later than that).
+    pub async fn acquire(&self) -> tokio::time::Instant {
         loop {
+            let sent = tokio::time::Instant::now();
             let tried = tokio::time::timeout(self.duration / 3, self.try_lead(Timestamp::now()));
             match tried.await {
-                Ok(Ok(true)) => return,
+                Ok(Ok(true)) => return sent,
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "leader election: the Lease is unreachable")
@@ -182,30 +194,47 @@ impl Elector {
         }
     }
 
-    /// Renews the Lease until it is lost; returns when this replica must
-    /// stop leading. Each renewal has until two thirds of the duration
-    /// after the last good one: past that, a rival may soon take the
+    /// Renews the Lease, taken or last renewed by a request sent at
+    /// `since`, until it is lost; returns when this replica must stop
+    /// leading. A renewal that fails is tried again every tenth of the
+    /// duration (at most 2 s) until two thirds of the duration after the
+    /// last good one was sent: past that, a rival may soon take the
     /// Lease, and this replica stops first.
-    pub async fn keep(&self) {
+    pub async fn keep(&self, since: tokio::time::Instant) {
         let give_up = self.duration * 2 / 3;
-        let mut last = tokio::time::Instant::now();
+        let mut last = since;
+        let mut wait = self.duration / 3;
         loop {
-            tokio::time::sleep(self.duration / 3).await;
+            tokio::time::sleep(wait).await;
             let left = give_up.saturating_sub(last.elapsed());
-            let renewed = tokio::time::timeout(left, self.try_lead(Timestamp::now())).await;
-            match renewed {
-                Ok(Ok(true)) => last = tokio::time::Instant::now(),
+            if left.is_zero() {
+                tracing::error!("leader election: not renewed in time; stepping down");
+                return;
+            }
+            let sent = tokio::time::Instant::now();
+            match tokio::time::timeout(left, self.try_lead(Timestamp::now())).await {
+                Ok(Ok(true)) => {
+                    last = sent;
+                    wait = self.duration / 3;
+                }
                 Ok(Ok(false)) => {
                     tracing::error!("leader election: another replica holds the Lease");
                     return;
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "leader election: renewal failed"),
-                Err(_) => tracing::warn!("leader election: renewal did not answer in time"),
-            }
-            if last.elapsed() >= give_up {
-                tracing::error!("leader election: not renewed in time; stepping down");
-                return;
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "leader election: renewal failed; trying again");
+                    wait = self.retry();
+                }
+                Err(_) => {
+                    tracing::warn!("leader election: renewal did not answer in time");
+                    wait = self.retry();
+                }
             }
         }
+    }
+
+    /// Between tries of a renewal that failed.
+    fn retry(&self) -> Duration {
+        (self.duration / 10).min(Duration::from_secs(2))
     }
 }

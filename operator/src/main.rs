@@ -139,18 +139,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         &identity,
         Duration::from_secs(args.lease_secs.max(3)),
     );
+    // One shutdown for the whole process: a SIGTERM while leading stops
+    // the controller, and is still seen if the Lease is lost meanwhile.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        ops::terminated().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     // Candidate, leader, candidate again when the Lease is lost: the
     // controller stops and the process stays, without a restart.
     loop {
         tracing::info!(%identity, lease = %args.lease_name, "waiting to lead");
-        tokio::select! {
-            () = elector.acquire() => {}
-            () = ops::terminated() => return Ok(()),
-        }
+        let since = tokio::select! {
+            since = elector.acquire() => since,
+            () = until_stopped(stopped.clone()) => return Ok(()),
+        };
         metrics.leader.set(1);
         tracing::info!(%identity, "leading: reconciling ChatClusters");
-        // The controller stops by itself on SIGTERM (`shutdown_on_signal`).
-        let led = lead(&client, &args, &identity, &metrics);
+        let led = lead(
+            &client,
+            &args,
+            &identity,
+            &metrics,
+            until_stopped(stopped.clone()),
+        );
         tokio::select! {
             () = led => {
                 metrics.leader.set(0);
@@ -158,8 +173,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tracing::info!("stopped");
                 return Ok(());
             }
-            () = elector.keep() => {
+            () = elector.keep(since) => {
                 metrics.leader.set(0);
+                if *stopped.borrow() {
+                    tracing::info!("stopped while losing the Lease");
+                    return Ok(());
+                }
                 tracing::error!("lost the leader Lease: the controller stopped; a candidate again");
             }
         }
@@ -174,8 +193,15 @@ const CONCURRENCY: u16 = 8;
 /// pass (retried with backoff) instead of freezing that ChatCluster.
 const PASS_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Reconciles every ChatCluster until SIGTERM or Ctrl-C.
-async fn lead(client: &kube::Client, args: &RunArgs, identity: &str, metrics: &Metrics) {
+/// Reconciles every ChatCluster until `stop`, then lets the passes under
+/// way finish.
+async fn lead(
+    client: &kube::Client,
+    args: &RunArgs,
+    identity: &str,
+    metrics: &Metrics,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let reporter = Reporter {
         controller: "parley-operator".into(),
         instance: Some(identity.to_owned()),
@@ -219,7 +245,7 @@ async fn lead(client: &kube::Client, args: &RunArgs, identity: &str, metrics: &M
         .owns(scoped::<Service>(client, ns), owned.clone())
         .owns(scoped::<ConfigMap>(client, ns), owned.clone())
         .owns(scoped::<PodDisruptionBudget>(client, ns), owned)
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stop)
         .run(
             |cc, ctx| async move {
                 tokio::time::timeout(PASS_DEADLINE, controller::reconcile(cc, ctx))

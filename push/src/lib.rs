@@ -167,6 +167,8 @@ pub struct PushMetrics {
     pub tokens_dropped: Counter,
     /// Cues a listener in one process lost by falling behind.
     pub lost: Counter,
+    /// Batches sent without the ledger (it could not be read).
+    pub ledger_unread: Counter,
     /// From a message's commit to its batch being handled (seconds).
     pub lag_seconds: Histogram,
 }
@@ -179,6 +181,7 @@ impl Default for PushMetrics {
             repeats: Counter::default(),
             tokens_dropped: Counter::default(),
             lost: Counter::default(),
+            ledger_unread: Counter::default(),
             lag_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
         }
     }
@@ -210,6 +213,11 @@ impl PushMetrics {
             "push_cues_lost",
             "Cues lost by a listener that fell behind (one process)",
             self.lost.clone(),
+        );
+        r.register(
+            "push_ledger_unread",
+            "Batches sent without the ledger of sent notifications (it could not be read)",
+            self.ledger_unread.clone(),
         );
         r.register(
             "push_lag_seconds",
@@ -311,8 +319,9 @@ impl PushSender {
 
     /// Handles one batch of cues to the end: every notification sent,
     /// dropped with its dead token, or returned as failed. An error means
-    /// nothing was sent (the store or the ledger could not be read): the
-    /// caller tries the batch again later.
+    /// nothing was sent (the store could not be read): the caller tries
+    /// the batch again later. A ledger that cannot be read stops nothing:
+    /// every notification then counts as unsent.
     pub async fn handle(&self, events: Vec<Offline>) -> Result<Handled, ChatError> {
         let events = self.still_offline(events).await;
         if events.is_empty() {
@@ -327,7 +336,16 @@ impl PushSender {
         let audience = self.store.push_audience(&plan::query(&events, now)).await?;
         let planned = plan::plan(&events, &audience);
         let ids: Vec<String> = planned.iter().map(|n| n.id.clone()).collect();
-        let unsent = self.ledger.unsent(&ids).await?;
+        // A ledger that cannot be read (Redis down) stops no notification:
+        // a repeat of a redelivered cue beats none at all.
+        let unsent = match self.ledger.unsent(&ids).await {
+            Ok(unsent) => unsent,
+            Err(e) => {
+                tracing::warn!(error = %e, "push ledger unreadable; sending without it");
+                self.metrics.ledger_unread.inc();
+                vec![true; ids.len()]
+            }
+        };
         let mut pending = Vec::with_capacity(planned.len());
         for (n, unsent) in planned.into_iter().zip(unsent) {
             if unsent {

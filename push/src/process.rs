@@ -88,7 +88,7 @@ struct Node {
 impl Probe for Node {
     /// The broker and the database are what a sender cannot work
     /// without; without Redis it sends anyway (presence unknown: every
-    /// cue stays; the ledger then cannot stop a repeat).
+    /// cue stays; the ledger unread: a redelivered cue may be sent again).
     async fn ready(&self) -> Readiness {
         let mut r = Readiness::default();
         if self.draining.load(Ordering::Relaxed) {
@@ -190,9 +190,13 @@ async fn handle_group(
     dead: &tokio::sync::mpsc::Sender<Vec<u8>>,
     group: Vec<CueBatch>,
 ) {
+    use futures_util::FutureExt as _;
     let cues: Vec<_> = group.iter().flat_map(|b| offline_cues(&b.cues)).collect();
-    match sender.handle_patiently(cues, 2).await {
-        Ok(handled) => {
+    let handled = std::panic::AssertUnwindSafe(sender.handle_patiently(cues, 2))
+        .catch_unwind()
+        .await;
+    match handled {
+        Ok(Ok(handled)) => {
             log_failed(&handled.failed, "push notification failed; dead-lettered");
             for (n, reason) in &handled.failed {
                 let body = serde_json::to_vec(&DeadLetter::of(n, reason)).unwrap_or_default();
@@ -204,12 +208,30 @@ async fn handle_group(
                 b.ack().await;
             }
         }
-        // The store or the ledger could not be read: back to the queue
-        // (another replica may fare better).
-        Err(e) => {
-            tracing::warn!(error = %e, "push batch failed; back to the queue");
+        // The store could not be read: back to the queue (another replica
+        // may fare better), unless the batch came back once already and
+        // failed again (an error that will not go away must not go round
+        // for a day).
+        Ok(Err(e)) => {
             for b in &group {
-                b.retry().await;
+                if b.redelivered {
+                    tracing::error!(error = %e, cues = b.cues.len(), "push batch failed twice; dropped");
+                    b.ack().await;
+                } else {
+                    tracing::warn!(error = %e, "push batch failed; back to the queue");
+                    b.retry().await;
+                }
+            }
+        }
+        // A bug: logged, and the batches acked, so that the queue goes on
+        // (unacked, they would hold the prefetch for good).
+        Err(_) => {
+            tracing::error!(
+                batches = group.len(),
+                "a push group panicked; its cues are dropped"
+            );
+            for b in &group {
+                b.ack().await;
             }
         }
     }

@@ -174,8 +174,25 @@ struct World {
     direct: u64,
 }
 
+/// A ledger whose store is down.
+struct Unreachable;
+
+#[async_trait::async_trait]
+impl parley_core::push::PushLedger for Unreachable {
+    async fn unsent(&self, _: &[String]) -> Result<Vec<bool>, parley_core::ChatError> {
+        Err(parley_core::ChatError::Unavailable("redis: refused".into()))
+    }
+    async fn sent(&self, _: &[String]) -> Result<(), parley_core::ChatError> {
+        Err(parley_core::ChatError::Unavailable("redis: refused".into()))
+    }
+}
+
 impl World {
     async fn new() -> Self {
+        Self::with_ledger(Arc::new(MemoryLedger::default())).await
+    }
+
+    async fn with_ledger(ledger: Arc<dyn parley_core::push::PushLedger>) -> Self {
         let store = Arc::new(MemoryStore::new());
         store.create_user("ann", "Ann A.", 0).await.unwrap();
         store.create_user("bob", "", 0).await.unwrap();
@@ -223,7 +240,7 @@ impl World {
             store.clone(),
             presence.clone(),
             providers,
-            Arc::new(MemoryLedger::default()),
+            ledger,
             PushConfig {
                 attempts: 3,
                 first_backoff: Duration::from_millis(20),
@@ -410,4 +427,17 @@ async fn a_token_any_provider_calls_dead_is_dropped_and_the_next_message_skips_i
         requests,
         "no token left: no request"
     );
+}
+
+#[tokio::test]
+async fn a_ledger_that_cannot_be_read_stops_no_notification() {
+    let w = World::with_ledger(Arc::new(Unreachable)).await;
+    let handled = w
+        .sender
+        .handle(vec![w.cue("m1", "hi").await])
+        .await
+        .unwrap();
+    assert_eq!(handled.sent, 3, "every device woken without the ledger");
+    assert_eq!(w.taken(), (1, 1, 1));
+    assert_eq!(w.sender.metrics().ledger_unread.get(), 1);
 }
