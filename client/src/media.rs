@@ -347,6 +347,16 @@ async fn put_span(
             _ => Ok(None),
         };
     }
+    // The server ended this PUT short (its body broke off, or went
+    // silent past the server's stall time) and kept what arrived: resume.
+    let kept = resp
+        .headers()
+        .get("upload-offset")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if resp.status() == hyper::StatusCode::BAD_REQUEST && kept.is_some_and(|n| n < size) {
+        return Err(transient(error_text(resp, opts.stall).await));
+    }
     let retry = resp.status().is_server_error();
     Err(TransferError {
         message: error_text(resp, opts.stall).await,
