@@ -623,8 +623,9 @@ async fn apply(
     }
 
     // The owned objects, the gateway count including pods still draining.
-    let gateway_replicas = (decision.replicas + drains::unreleased(&drains)) as i32;
-    let applied = apply_objects(cc, ctx, gateway_replicas, existing).await;
+    let draining = drains::unreleased(&drains) as i32;
+    let gateway_replicas = decision.replicas as i32 + draining;
+    let applied = apply_objects(cc, ctx, gateway_replicas, draining, existing).await;
     let (gateway_ready, chat, push, apply_error) = match applied {
         Ok((gw, chat, push)) => (ready_replicas(&gw), Some(chat), push, None),
         Err(e) => {
@@ -788,6 +789,7 @@ async fn apply_objects(
     cc: &ChatCluster,
     ctx: &Context,
     gateway_replicas: i32,
+    gateway_draining: i32,
     gateway_now: Option<Deployment>,
 ) -> Result<(Deployment, Deployment, Option<Deployment>), Error> {
     let ns = cc.namespace().unwrap_or_default();
@@ -816,8 +818,8 @@ async fn apply_objects(
     note(w, format!("Deployment {}", desired::gateway_name(cc)));
     let (_, w) = ensure(&services, &desired::gateway_service(cc)).await?;
     note(w, format!("Service {}", desired::gateway_name(cc)));
-    for component in ["gateway", "chat"] {
-        let pdb = desired::pdb(cc, component);
+    for (component, draining) in [("gateway", gateway_draining), ("chat", 0)] {
+        let pdb = desired::pdb(cc, component, draining);
         let (_, w) = ensure(&pdbs, &pdb).await?;
         note(w, format!("PodDisruptionBudget {}", pdb.name_any()));
     }

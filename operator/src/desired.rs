@@ -755,12 +755,15 @@ pub fn admin_service(cc: &ChatCluster) -> Service {
     chat_port_service(cc, admin_name(cc), false, "admin", CHAT_ADMIN)
 }
 
-/// At most one pod of `component` down by voluntary disruption at a time.
-pub fn pdb(cc: &ChatCluster, component: &str) -> PodDisruptionBudget {
+/// At most one pod of `component` down by voluntary disruption at a
+/// time, besides the `draining` gateways the operator is taking out (they
+/// turn unready on purpose: counted, they would block node drains and the
+/// cluster autoscaler for the whole drain).
+pub fn pdb(cc: &ChatCluster, component: &str, draining: i32) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: meta(cc, format!("{}-{component}", cc.name_any()), component),
         spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
+            max_unavailable: Some(IntOrString::Int(1 + draining.max(0))),
             selector: Some(selector(cc, component)),
             ..PodDisruptionBudgetSpec::default()
         }),
@@ -782,8 +785,8 @@ pub fn manifests(cc: &ChatCluster, replicas: i32) -> String {
     doc(&mut out, &admin_service(cc));
     doc(&mut out, &gateway_deployment(cc, replicas));
     doc(&mut out, &gateway_service(cc));
-    doc(&mut out, &pdb(cc, "gateway"));
-    doc(&mut out, &pdb(cc, "chat"));
+    doc(&mut out, &pdb(cc, "gateway", 0));
+    doc(&mut out, &pdb(cc, "chat", 0));
     if let Some(push) = push_deployment(cc) {
         doc(&mut out, &push);
     }
@@ -833,8 +836,8 @@ mod tests {
             chat_service(&cc).metadata,
             admin_service(&cc).metadata,
             config_map(&cc).metadata,
-            pdb(&cc, "gateway").metadata,
-            pdb(&cc, "chat").metadata,
+            pdb(&cc, "gateway", 0).metadata,
+            pdb(&cc, "chat", 0).metadata,
         ];
         for m in objects {
             let owner = &m.owner_references.as_ref().unwrap()[0];

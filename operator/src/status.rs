@@ -10,8 +10,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{
-    ChatClusterStatus, ChatStatus, DrainStatus, GatewayPodStatus, GatewayStatus, PodState,
-    RoutingTableStatus, ScaleDecisionStatus,
+    ChatClusterStatus, ChatStatus, DrainPhase, DrainStatus, GatewayPodStatus, GatewayStatus,
+    PodState, RoutingTableStatus, ScaleDecisionStatus,
 };
 
 /// Counts alone are written at most this often.
@@ -88,7 +88,16 @@ fn condition(
 pub fn compute(old: &ChatClusterStatus, seen: &Observed, now: SystemTime) -> ChatClusterStatus {
     let generation = seen.generation;
     let connections: i64 = seen.pods.iter().map(|p| p.connections).sum();
-    let gateways_ready = seen.gateway_ready >= seen.gateway_desired && seen.gateway_desired > 0;
+    // The pods meant to serve: those wanted, less the ones being drained
+    // and not yet released (a draining gateway turns unready on purpose,
+    // so a normal scale-down does not make the cluster not Ready).
+    let draining = seen
+        .drains
+        .iter()
+        .filter(|d| d.phase != DrainPhase::Released)
+        .count() as i32;
+    let serving = (seen.gateway_desired - draining).max(0);
+    let gateways_ready = seen.gateway_ready >= serving && serving > 0;
     let chat_ready = seen.chat_ready >= seen.chat_desired && seen.chat_desired > 0;
     let progressing = !gateways_ready || !chat_ready || !seen.drains.is_empty();
     let degraded = seen.apply_error.is_some() || seen.routing.is_err();
@@ -333,6 +342,27 @@ mod tests {
             ]
         );
         assert_eq!(cond(&s, "ScaleLimited").status, "False");
+    }
+
+    #[test]
+    fn a_gateway_draining_for_a_scale_down_leaves_the_cluster_ready() {
+        let mut s3 = seen(2, [10, 20]);
+        // Three wanted, one of them draining (unready on purpose).
+        s3.gateway_desired = 3;
+        s3.drains = vec![DrainStatus {
+            pod: "c".into(),
+            started: None,
+            remaining: 5,
+            phase: DrainPhase::Moving,
+            released: None,
+        }];
+        let s = compute(&ChatClusterStatus::default(), &s3, t(0));
+        assert_eq!(cond(&s, "Ready").status, "True", "{:?}", cond(&s, "Ready"));
+        assert_eq!(cond(&s, "Progressing").reason, "Draining");
+        // One of the two meant to serve is down: not ready.
+        s3.gateway_ready = 1;
+        let s = compute(&ChatClusterStatus::default(), &s3, t(0));
+        assert_eq!(cond(&s, "Ready").status, "False");
     }
 
     #[test]

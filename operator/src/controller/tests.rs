@@ -569,6 +569,11 @@ async fn a_scale_down_drains_the_least_loaded_pod_before_it_goes() {
         "{log:?}"
     );
     assert_eq!(h.fake.body("POST events")["reason"], "ScaleDown");
+    assert_eq!(
+        h.fake.body("APPLY poddisruptionbudgets/im-gateway")["spec"]["maxUnavailable"],
+        2,
+        "the draining gateway does not use up the budget of node drains"
+    );
     let s = h.status();
     assert_eq!(s.gateway.drains.len(), 1);
     assert_eq!(s.gateway.drains[0].pod, "gw-c");
@@ -643,6 +648,11 @@ async fn a_scale_down_drains_the_least_loaded_pod_before_it_goes() {
     );
     assert_eq!(h.fake.body("POST events")["reason"], "Drained");
     assert_eq!(h.status().gateway.drains[0].phase, DrainPhase::Released);
+    assert_eq!(
+        h.fake.body("APPLY poddisruptionbudgets/im-gateway")["spec"]["maxUnavailable"],
+        1,
+        "released: the budget is back"
+    );
 
     // 5. The Deployment removed gw-c: the drain is over.
     h.fake.remove(&h.path("/api/v1", "pods", "gw-c"));
