@@ -106,8 +106,9 @@ impl Clock {
 }
 
 /// What the operator remembers of one ChatCluster between passes. Lost on
-/// a restart or a change of leader, which only restarts the stabilization
-/// window; drains live in the status.
+/// a restart or a change of leader: the stabilization window then starts
+/// over from the count running (`scaling::seed`); drains live in the
+/// status.
 #[derive(Debug, Default)]
 struct Memory {
     history: History,
@@ -451,7 +452,14 @@ async fn apply(
     // How many gateways, and which go.
     let current = replicas_now.map_or(0, |r| r.saturating_sub(unreleased_before));
     let policy = Policy::from(g);
+    // The last scale-down the status recorded, for a fresh memory.
+    let last_down = old
+        .last_scale
+        .as_ref()
+        .filter(|l| l.to < l.from && l.at.is_some())
+        .map(|l| now - status::since(l.at.as_ref(), now));
     let decision = ctx.remember(cc, |m| {
+        scaling::seed(&mut m.history, current, last_down, now);
         scaling::decide(&policy, current, &pod_loads, &mut m.history, now)
     });
     let scale_limited = scaling::limited(&policy, &pod_loads);

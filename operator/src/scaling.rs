@@ -73,6 +73,19 @@ pub struct History {
     pub last_scale_down: Option<SystemTime>,
 }
 
+/// Starts a fresh memory (an operator restarted, or a new leader) as the
+/// HPA does: the window holds the count running now, so that no
+/// scale-down comes before a whole window has shown the load lower, and a
+/// scale-down the status recorded at `last_down` still counts against
+/// the period. A memory that is not fresh is left alone.
+pub fn seed(history: &mut History, current: u32, last_down: Option<SystemTime>, now: SystemTime) {
+    if !history.recommendations.is_empty() || history.last_scale_down.is_some() {
+        return;
+    }
+    history.recommendations.push_back((now, current));
+    history.last_scale_down = last_down;
+}
+
 /// The outcome of one evaluation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -320,6 +333,39 @@ mod tests {
         );
         p.manual = Some(4);
         assert_eq!(limited(&p, &[]), None);
+    }
+
+    /// An operator that restarts (or a new leader) with little load on
+    /// four gateways does not scale down at once: its fresh window holds
+    /// the four running, as if it had seen them all along; and a
+    /// scale-down the status recorded a moment ago still counts against
+    /// the period.
+    #[test]
+    fn a_fresh_memory_starts_its_window_from_the_count_running() {
+        let p = policy();
+        let quiet = [pod("a", 100), pod("b", 100), pod("c", 100), pod("d", 100)];
+        let mut fresh = History::default();
+        seed(&mut fresh, 4, None, t(0));
+        let d = decide(&p, 4, &quiet, &mut fresh, t(0));
+        assert_eq!(d.replicas, 4, "{}", d.reason);
+        let d = decide(&p, 4, &quiet, &mut fresh, t(200));
+        assert_eq!(d.replicas, 4, "within the window: {}", d.reason);
+        let d = decide(&p, 4, &quiet, &mut fresh, t(301));
+        assert_eq!(d.replicas, 3, "a whole window of low load: {}", d.reason);
+
+        // Seeding leaves a memory that is not fresh alone.
+        let before = fresh.recommendations.len();
+        seed(&mut fresh, 9, None, t(302));
+        assert_eq!(fresh.recommendations.len(), before);
+
+        // The last scale-down, 30 s before the restart, holds the next one
+        // to the period even after the window.
+        let mut fresh = History::default();
+        seed(&mut fresh, 3, Some(t(1_000 - 30)), t(1_000));
+        fresh.recommendations.clear();
+        let d = decide(&p, 3, &quiet[..3], &mut fresh, t(1_000));
+        assert_eq!(d.replicas, 3, "{}", d.reason);
+        assert!(d.reason.contains("last scale-down"), "{}", d.reason);
     }
 
     #[test]
