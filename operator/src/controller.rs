@@ -487,6 +487,32 @@ async fn apply(
             ctx.event(cc, EventType::Normal, reason, note).await;
         }
     }
+    // A scale-up while gateways wait to drain and have not been asked to
+    // move their clients yet: those serve again first, each one of the
+    // gateways wanted (no new pod for it), and go back in the routing
+    // table in this very pass.
+    if decision.replicas > current {
+        let mut wanted = decision.replicas - current;
+        let mut cancelled = Vec::new();
+        drains.retain(|d| {
+            if wanted > 0 && d.phase == crate::crd::DrainPhase::Unrouted {
+                wanted -= 1;
+                cancelled.push(d.pod.clone());
+                false
+            } else {
+                true
+            }
+        });
+        if !cancelled.is_empty() {
+            ctx.event(
+                cc,
+                EventType::Normal,
+                "DrainCancelled",
+                format!("serving again for the scale-up: {}", cancelled.join(", ")),
+            )
+            .await;
+        }
+    }
     for pod in &decision.remove {
         let remaining = pod_loads
             .iter()

@@ -1062,3 +1062,44 @@ fn a_cluster_that_keeps_failing_waits_longer_each_time() {
         );
     }
 }
+
+/// Load comes back while a gateway waits to drain, before it was asked to
+/// move its clients: it serves again (back in the routing table at once)
+/// and stands for the gateway the load wants, instead of a new pod coming
+/// while it still drains.
+#[tokio::test]
+async fn a_scale_up_during_a_drain_keeps_the_draining_gateway() {
+    let h = Harness::new(quick_scaling());
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 1200), ("gw-b", 1300)]).await;
+    h.later(5);
+    h.pass().await;
+    h.run_pods(&[("gw-a", 1000), ("gw-b", 900), ("gw-c", 40)])
+        .await;
+    h.later(5);
+    h.pass().await;
+    h.run_pods(&[("gw-a", 300), ("gw-b", 200), ("gw-c", 40)])
+        .await;
+    h.later(5);
+    h.pass().await;
+    let s = h.status();
+    assert_eq!(s.gateway.drains.len(), 1, "gw-c waits to drain");
+    assert_eq!(s.gateway.drains[0].phase, DrainPhase::Unrouted);
+
+    // The load is back: three gateways are wanted again.
+    h.run_pods(&[("gw-a", 1200), ("gw-b", 1100), ("gw-c", 40)])
+        .await;
+    h.later(1);
+    let log = h.pass().await;
+    assert_eq!(h.fake.body("POST events")["reason"], "DrainCancelled");
+    assert!(
+        !log.contains(&"APPLY deployments/im-gateway".to_owned()),
+        "no fourth pod: {log:?}"
+    );
+    let s = h.status();
+    assert!(s.gateway.drains.is_empty());
+    assert_eq!(s.gateway.desired_replicas, 3);
+    let routes = h.redis.routes().await.unwrap();
+    assert_eq!(routes.len(), 3, "gw-c is routed again: {routes:?}");
+}
