@@ -554,15 +554,38 @@ async fn apply(
     for step in &steps {
         match step {
             Step::Ask { pod, rate, ttl } => {
-                let r = redis.as_ref().map_err(|e| Error::Config(e.clone()))?;
-                r.request_drain(pod, *rate, *ttl).await?;
-                ctx.event(
-                    cc,
-                    EventType::Normal,
-                    "Draining",
-                    format!("asked {pod} to move its clients away at {rate}/s"),
-                )
-                .await;
+                let asked = match &redis {
+                    Ok(r) => r
+                        .request_drain(pod, *rate, *ttl)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.clone()),
+                };
+                match asked {
+                    Ok(()) => {
+                        ctx.event(
+                            cc,
+                            EventType::Normal,
+                            "Draining",
+                            format!("asked {pod} to move its clients away at {rate}/s"),
+                        )
+                        .await;
+                    }
+                    // The gateway reads the request in Redis: the drain
+                    // waits in its first step (asked again next pass; its
+                    // timeout still runs), and the rest of the pass goes on.
+                    Err(e) => {
+                        tracing::warn!(
+                            cluster = %cc.name_any(),
+                            pod,
+                            error = %parley_core::redact_urls(&e),
+                            "drain not asked for: Redis unreachable; waiting"
+                        );
+                        if let Some(d) = drains.iter_mut().find(|d| &d.pod == pod) {
+                            d.phase = crate::crd::DrainPhase::Unrouted;
+                        }
+                    }
+                }
             }
             Step::Release { pod, timed_out } => {
                 let patch =

@@ -92,6 +92,11 @@ pub fn advance(
             DrainPhase::Unrouted | DrainPhase::Moving if pod.terminating => {
                 release(&mut d, false, &mut steps);
             }
+            // Never asked (Redis was down when it was due): the timeout
+            // still holds.
+            DrainPhase::Unrouted if since(d.started.as_ref(), now) >= policy.timeout => {
+                release(&mut d, true, &mut steps);
+            }
             DrainPhase::Unrouted if since(d.started.as_ref(), now) >= policy.settle => {
                 d.phase = DrainPhase::Moving;
                 steps.push(Step::Ask {
@@ -153,6 +158,28 @@ mod tests {
             draining: true,
             terminating: false,
         }
+    }
+
+    /// A drain never asked for (Redis was down each time it was due)
+    /// still ends at its timeout.
+    #[test]
+    fn a_drain_never_asked_for_still_times_out() {
+        let p = policy();
+        let d = vec![start("gw-b", Some(40), t(0))];
+        let (d, steps) = advance(&d, &[pod("gw-b", None)], &p, t(599));
+        assert!(matches!(steps[..], [Step::Ask { .. }]), "{steps:?}");
+        // The ask failed: the controller put it back in its first step.
+        let mut d = d;
+        d[0].phase = DrainPhase::Unrouted;
+        let (d, steps) = advance(&d, &[pod("gw-b", None)], &p, t(600));
+        assert_eq!(
+            steps,
+            vec![Step::Release {
+                pod: "gw-b".into(),
+                timed_out: true
+            }]
+        );
+        assert_eq!(d[0].phase, DrainPhase::Released);
     }
 
     #[test]

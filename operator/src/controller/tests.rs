@@ -1103,3 +1103,57 @@ async fn a_scale_up_during_a_drain_keeps_the_draining_gateway() {
     let routes = h.redis.routes().await.unwrap();
     assert_eq!(routes.len(), 3, "gw-c is routed again: {routes:?}");
 }
+
+/// Redis goes away while a gateway waits to be asked to drain: the pass
+/// still applies the objects and writes the status (Degraded, saying
+/// why), the drain waits in its first step, and it is asked for once
+/// Redis is back.
+#[tokio::test]
+async fn a_drain_waits_for_redis_and_the_pass_goes_on_without_it() {
+    let h = Harness::new(quick_scaling());
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 1200), ("gw-b", 1300)]).await;
+    h.later(5);
+    h.pass().await;
+    h.run_pods(&[("gw-a", 1000), ("gw-b", 900), ("gw-c", 40)])
+        .await;
+    h.later(5);
+    h.pass().await;
+    h.run_pods(&[("gw-a", 300), ("gw-b", 200), ("gw-c", 40)])
+        .await;
+    h.later(5);
+    h.pass().await;
+    assert_eq!(h.status().gateway.drains[0].phase, DrainPhase::Unrouted);
+
+    // Redis unreachable, and a spec change to apply meanwhile.
+    let mut cc = h.fake.get(&h.cc_path()).unwrap();
+    let good = cc["spec"]["redis"]["url"].clone();
+    cc["spec"]["redis"]["url"] = json!("redis://127.0.0.1:1/");
+    cc["spec"]["chat"]["replicas"] = json!(3);
+    h.fake.put(&h.cc_path(), cc);
+    h.later(6);
+    let log = h.pass().await;
+    assert!(
+        log.contains(&"APPLY deployments/im-chat".to_owned()),
+        "the spec change is applied: {log:?}"
+    );
+    let s = h.status();
+    assert_eq!(
+        s.gateway.drains[0].phase,
+        DrainPhase::Unrouted,
+        "not asked yet"
+    );
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.reason, "RoutingTableFailed");
+
+    // Redis is back: the drain is asked for.
+    let mut cc = h.fake.get(&h.cc_path()).unwrap();
+    cc["spec"]["redis"]["url"] = good;
+    h.fake.put(&h.cc_path(), cc);
+    h.later(1);
+    h.pass().await;
+    assert_eq!(h.status().gateway.drains[0].phase, DrainPhase::Moving);
+    assert_eq!(h.fake.body("POST events")["reason"], "Draining");
+}
