@@ -544,6 +544,27 @@ async fn load_scales_the_gateways_up_at_once() {
     assert_eq!(s.gateway.desired_replicas, 3);
 }
 
+/// Load brings a third gateway (gw-c), then ebbs: after this, the pass
+/// that starts gw-c's drain is the next one. (The first step of the
+/// scale-down test, shared by the tests of what happens during a drain.)
+async fn ebbing_to_two() -> Harness {
+    let h = Harness::new(quick_scaling());
+    h.pass().await;
+    h.pass().await;
+    h.run_pods(&[("gw-a", 1200), ("gw-b", 1300)]).await;
+    h.later(5);
+    h.pass().await;
+    h.run_pods(&[("gw-a", 1000), ("gw-b", 900), ("gw-c", 40)])
+        .await;
+    h.later(5);
+    h.pass().await;
+    assert_eq!(h.status().phase, "Running");
+    h.run_pods(&[("gw-a", 300), ("gw-b", 200), ("gw-c", 40)])
+        .await;
+    h.later(5);
+    h
+}
+
 #[tokio::test]
 async fn a_scale_down_drains_the_least_loaded_pod_before_it_goes() {
     let h = Harness::new(quick_scaling());
@@ -1069,19 +1090,7 @@ fn a_cluster_that_keeps_failing_waits_longer_each_time() {
 /// while it still drains.
 #[tokio::test]
 async fn a_scale_up_during_a_drain_keeps_the_draining_gateway() {
-    let h = Harness::new(quick_scaling());
-    h.pass().await;
-    h.pass().await;
-    h.run_pods(&[("gw-a", 1200), ("gw-b", 1300)]).await;
-    h.later(5);
-    h.pass().await;
-    h.run_pods(&[("gw-a", 1000), ("gw-b", 900), ("gw-c", 40)])
-        .await;
-    h.later(5);
-    h.pass().await;
-    h.run_pods(&[("gw-a", 300), ("gw-b", 200), ("gw-c", 40)])
-        .await;
-    h.later(5);
+    let h = Box::pin(ebbing_to_two()).await;
     h.pass().await;
     let s = h.status();
     assert_eq!(s.gateway.drains.len(), 1, "gw-c waits to drain");
@@ -1110,19 +1119,7 @@ async fn a_scale_up_during_a_drain_keeps_the_draining_gateway() {
 /// Redis is back.
 #[tokio::test]
 async fn a_drain_waits_for_redis_and_the_pass_goes_on_without_it() {
-    let h = Harness::new(quick_scaling());
-    h.pass().await;
-    h.pass().await;
-    h.run_pods(&[("gw-a", 1200), ("gw-b", 1300)]).await;
-    h.later(5);
-    h.pass().await;
-    h.run_pods(&[("gw-a", 1000), ("gw-b", 900), ("gw-c", 40)])
-        .await;
-    h.later(5);
-    h.pass().await;
-    h.run_pods(&[("gw-a", 300), ("gw-b", 200), ("gw-c", 40)])
-        .await;
-    h.later(5);
+    let h = Box::pin(ebbing_to_two()).await;
     h.pass().await;
     assert_eq!(h.status().gateway.drains[0].phase, DrainPhase::Unrouted);
 
