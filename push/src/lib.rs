@@ -106,7 +106,16 @@ impl ProvidersConfig {
 #[derive(Debug)]
 pub struct MemoryLedger {
     keep: Duration,
-    sent: Mutex<HashMap<String, Instant>>,
+    sent: Mutex<Sent>,
+}
+
+/// What a [`MemoryLedger`] holds: when each id was recorded, and the ids
+/// in the order recorded, so that forgetting the old ones costs what is
+/// forgotten, not a pass over everything kept.
+#[derive(Debug, Default)]
+struct Sent {
+    at: HashMap<String, Instant>,
+    order: std::collections::VecDeque<(Instant, String)>,
 }
 
 impl MemoryLedger {
@@ -128,15 +137,34 @@ impl Default for MemoryLedger {
 impl PushLedger for MemoryLedger {
     async fn unsent(&self, ids: &[String]) -> Result<Vec<bool>, ChatError> {
         let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(ids.iter().map(|id| !sent.contains_key(id)).collect())
+        let now = Instant::now();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                sent.at
+                    .get(id)
+                    .is_none_or(|at| now.duration_since(*at) >= self.keep)
+            })
+            .collect())
     }
 
     async fn sent(&self, ids: &[String]) -> Result<(), ChatError> {
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        sent.retain(|_, at| now.duration_since(*at) < self.keep);
+        while let Some((at, _)) = sent.order.front()
+            && now.duration_since(*at) >= self.keep
+        {
+            let Some((at, id)) = sent.order.pop_front() else {
+                break;
+            };
+            // Recorded again since: that later record stays.
+            if sent.at.get(&id) == Some(&at) {
+                sent.at.remove(&id);
+            }
+        }
         for id in ids {
-            sent.insert(id.clone(), now);
+            sent.at.insert(id.clone(), now);
+            sent.order.push_back((now, id.clone()));
         }
         Ok(())
     }

@@ -441,3 +441,20 @@ async fn a_ledger_that_cannot_be_read_stops_no_notification() {
     assert_eq!(w.taken(), (1, 1, 1));
     assert_eq!(w.sender.metrics().ledger_unread.get(), 1);
 }
+
+#[tokio::test]
+async fn the_memory_ledger_forgets_after_its_time() {
+    use parley_core::push::PushLedger as _;
+    let ledger = MemoryLedger::new(Duration::from_millis(50));
+    let ids = ["a".to_owned(), "b".to_owned()];
+    ledger.sent(&ids[..1]).await.unwrap();
+    assert_eq!(ledger.unsent(&ids).await.unwrap(), [false, true]);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(
+        ledger.unsent(&ids).await.unwrap(),
+        [true, true],
+        "forgotten"
+    );
+    ledger.sent(&ids[1..]).await.unwrap();
+    assert_eq!(ledger.unsent(&ids).await.unwrap(), [true, false]);
+}
