@@ -154,6 +154,16 @@ fn gone_is_fine(result: object_store::Result<()>) -> object_store::Result<()> {
     }
 }
 
+/// How long a presigned URL made at `now_ms` must last to be good until
+/// `expires_at_ms`: S3 counts its whole seconds (`X-Amz-Expires`) from the
+/// signing time cut down to the second (`X-Amz-Date`), so the span is
+/// counted from that second and rounded up, and is never under one.
+fn presigned_ttl(now_ms: i64, expires_at_ms: i64) -> std::time::Duration {
+    let signed_at = now_ms - now_ms.rem_euclid(1_000);
+    let secs = (expires_at_ms - signed_at + 999).div_euclid(1_000).max(1);
+    std::time::Duration::from_secs(secs as u64)
+}
+
 /// A storage failure, logged with its detail and answered as UNAVAILABLE
 /// (the client may retry).
 fn unavailable(what: &str, e: impl std::fmt::Display) -> ChatError {
@@ -314,7 +324,8 @@ impl MediaStorage {
         })
     }
 
-    /// A presigned URL for `method` on `path`, good until `expires_at_ms`.
+    /// A presigned URL for `method` on `path`, good until `expires_at_ms`
+    /// at least.
     async fn presign(
         signer: &AmazonS3,
         method: object_store::signer::Method,
@@ -322,9 +333,9 @@ impl MediaStorage {
         expires_at_ms: i64,
         options: &SignedUrlOptions,
     ) -> Result<String, ChatError> {
-        let ttl = (expires_at_ms - parley_core::now_ms()).max(1_000) as u64;
+        let ttl = presigned_ttl(parley_core::now_ms(), expires_at_ms);
         signer
-            .signed_url_opts(method, path, std::time::Duration::from_millis(ttl), options)
+            .signed_url_opts(method, path, ttl, options)
             .await
             .map(|u| u.to_string())
             .map_err(|e| unavailable("sign a URL", e))
@@ -600,5 +611,29 @@ impl BlobStorage for MediaStorage {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::presigned_ttl;
+
+    #[test]
+    fn a_presigned_url_lasts_at_least_until_asked_in_whole_seconds() {
+        let secs = |now, until| presigned_ttl(now, until).as_secs() as i64;
+        // Signed at 10.999 s for 11.998 s: the date says 10 s, so 2 s.
+        assert_eq!(secs(10_999, 11_998), 2);
+        assert_eq!(secs(10_000, 11_000), 1);
+        assert_eq!(secs(10_000, 11_001), 2);
+        // Already past, or a moment away: the shortest S3 takes.
+        assert_eq!(secs(10_500, 9_000), 1);
+        for now in (0..3_000).step_by(7) {
+            for ahead in [1, 999, 1_000, 1_001, 59_999] {
+                let until = now + ahead;
+                let valid_until = now - now % 1_000 + 1_000 * secs(now, until);
+                assert!(valid_until >= until, "{now} {until}");
+                assert!(valid_until < until + 1_000, "{now} {until}");
+            }
+        }
     }
 }
