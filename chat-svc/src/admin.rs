@@ -203,15 +203,14 @@ impl admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::ListUserConversationsRequest>,
     ) -> Result<Response<pb::ConversationList>, Status> {
+        let user = req.into_inner().user_id;
+        let every = pb::ListConversations::default();
         let list = self
             .chat
-            .store()
-            .list_conversations(&req.into_inner().user_id)
+            .list_conversations(&user, every)
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::ConversationList {
-            conversations: list.into_iter().map(Into::into).collect(),
-        }))
+        Ok(Response::new(list))
     }
 
     async fn list_devices(

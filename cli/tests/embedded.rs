@@ -1649,7 +1649,7 @@ async fn rate_limits_hold_per_user_across_devices_and_per_address() {
     put(
         &mut bob,
         3,
-        Req::ListConversations(pb::ListConversations {}),
+        Req::ListConversations(pb::ListConversations::default()),
     )
     .await;
     assert!(matches!(

@@ -22,6 +22,24 @@ pub struct Delivery {
     pub recipients: Vec<(String, u64)>,
 }
 
+/// A frame for every online device of some users, not stored (a read
+/// receipt, a setting changed on another device): a device that misses it
+/// reads the state again.
+#[derive(Debug, Clone)]
+pub struct Signal {
+    pub users: Vec<String>,
+    /// Sent as is (request_id 0).
+    pub frame: Arc<pb::ServerFrame>,
+}
+
+/// What a gateway's queue carries.
+#[derive(Debug, Clone)]
+pub enum Dispatch {
+    /// Committed messages, in commit order.
+    Messages(Vec<Delivery>),
+    Signals(Vec<Signal>),
+}
+
 /// Something for services outside the message path.
 #[derive(Debug, Clone)]
 pub enum ChatEvent {
@@ -82,6 +100,9 @@ pub trait DeliveryBus: Send + Sync + 'static {
     /// recipients it holds and ignores the rest. For while presence cannot
     /// tell where the recipients are.
     async fn broadcast(&self, deliveries: Vec<Delivery>) -> Result<(), ChatError>;
+    /// Signals for the users `gateway` holds, or for every gateway's when
+    /// None (presence could not tell where they are).
+    async fn signal(&self, gateway: Option<&str>, signals: Vec<Signal>) -> Result<(), ChatError>;
     /// The events of one batch, in commit order (one publish, not one each).
     async fn events(&self, events: Vec<ChatEvent>) -> Result<(), ChatError>;
     /// Tells `gateway` that a device it holds logged in again as `newer`
@@ -97,7 +118,7 @@ pub trait DeliveryBus: Send + Sync + 'static {
 /// The bus inside one process.
 #[derive(Debug)]
 pub struct LocalBus {
-    gateways: RwLock<HashMap<String, mpsc::Sender<Vec<Delivery>>>>,
+    gateways: RwLock<HashMap<String, mpsc::Sender<Dispatch>>>,
     events: broadcast::Sender<Arc<[ChatEvent]>>,
     revocations: broadcast::Sender<Revocation>,
 }
@@ -114,7 +135,7 @@ impl Default for LocalBus {
 
 impl LocalBus {
     /// The queue of one gateway (replacing an earlier one of the same name).
-    pub fn subscribe(&self, gateway: &str, capacity: usize) -> mpsc::Receiver<Vec<Delivery>> {
+    pub fn subscribe(&self, gateway: &str, capacity: usize) -> mpsc::Receiver<Dispatch> {
         let (tx, rx) = mpsc::channel(capacity);
         self.gateways
             .write()
@@ -136,36 +157,41 @@ impl LocalBus {
     }
 }
 
+impl LocalBus {
+    /// Hands `what` to the queue of `gateway`, or of every gateway.
+    async fn hand(&self, gateway: Option<&str>, what: Dispatch) {
+        let queues: Vec<_> = {
+            let gateways = self.gateways.read().unwrap_or_else(|e| e.into_inner());
+            match gateway {
+                Some(g) => gateways.get(g).cloned().into_iter().collect(),
+                None => gateways.values().cloned().collect(),
+            }
+        };
+        if queues.is_empty() {
+            tracing::debug!(gateway, "no queue for gateway; dropped");
+        }
+        // A closed queue means the gateway is gone; its devices will sync.
+        for tx in queues {
+            let _ = tx.send(what.clone()).await;
+        }
+    }
+}
+
 #[async_trait]
 impl DeliveryBus for LocalBus {
     async fn publish(&self, gateway: &str, deliveries: Vec<Delivery>) -> Result<(), ChatError> {
-        let tx = self
-            .gateways
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(gateway)
-            .cloned();
-        match tx {
-            // A closed queue means the gateway is gone; its devices will sync.
-            Some(tx) => {
-                let _ = tx.send(deliveries).await;
-            }
-            None => tracing::debug!(gateway, "no queue for gateway; deliveries dropped"),
-        }
+        self.hand(Some(gateway), Dispatch::Messages(deliveries))
+            .await;
         Ok(())
     }
 
     async fn broadcast(&self, deliveries: Vec<Delivery>) -> Result<(), ChatError> {
-        let queues: Vec<_> = self
-            .gateways
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for tx in queues {
-            let _ = tx.send(deliveries.clone()).await;
-        }
+        self.hand(None, Dispatch::Messages(deliveries)).await;
+        Ok(())
+    }
+
+    async fn signal(&self, gateway: Option<&str>, signals: Vec<Signal>) -> Result<(), ChatError> {
+        self.hand(gateway, Dispatch::Signals(signals)).await;
         Ok(())
     }
 

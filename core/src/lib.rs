@@ -26,7 +26,7 @@ pub mod testing;
 pub mod token;
 
 pub use backend::{ChatBackend, Login};
-pub use bus::{ChatEvent, Delivery, DeliveryBus, LocalBus, Revocation};
+pub use bus::{ChatEvent, Delivery, DeliveryBus, Dispatch, LocalBus, Revocation, Signal};
 pub use error::ChatError;
 pub use media::{BlobRecord, BlobState, BlobStorage, MediaLimits};
 pub use metrics::{ChatMetrics, CodeLabel, code_label};

@@ -61,10 +61,11 @@ pub struct Limits {
     /// its own send bucket).
     pub sends_per_user: Option<Rate>,
     /// Reads of one user: history pages, catch-up requests (SyncRequest),
-    /// conversation and device lists.
+    /// conversation and device lists, read markers and receipts.
     pub reads_per_user: Option<Rate>,
     /// Group operations of one user: creating, adding, removing, leaving,
-    /// opening direct conversations, blocks and log-outs.
+    /// opening direct conversations, blocks, log-outs, push settings, mutes
+    /// and pins.
     pub group_ops_per_user: Option<Rate>,
     /// Upload slots asked for by one user (UploadRequest).
     pub uploads_per_user: Option<Rate>,

@@ -106,7 +106,7 @@ mod tests {
             owner: "ann".into(),
             members: members.iter().map(|m| (*m).to_owned()).collect(),
             last_seq: 1,
-            muted_until_ms: 0,
+            ..ConversationRecord::default()
         }
     }
 

@@ -16,7 +16,7 @@ use crate::error::ChatError;
 use crate::media::{BlobStorage, MediaLimits};
 use crate::metrics::{ChatMetrics, code_label};
 use crate::presence::Presence;
-use crate::push::{PushTokenRecord, mute_until};
+use crate::push::PushTokenRecord;
 use crate::refresh::{RefreshToken, same_secret};
 use crate::store::{
     ConversationRecord, DeviceCursor, DeviceRecord, MembershipChange, RefreshRecord, Store,
@@ -52,6 +52,9 @@ pub struct ChatConfig {
     pub media: MediaLimits,
     /// Where uploads' bytes live; None: this server stores no media.
     pub blobs: Option<Arc<dyn BlobStorage>>,
+    /// Largest group whose members see each other's read receipts live and
+    /// by name; past it, a member reads only how many have read a message.
+    pub receipt_group_limit: usize,
 }
 
 impl Default for ChatConfig {
@@ -68,6 +71,7 @@ impl Default for ChatConfig {
             cursor_flush: Duration::from_millis(500),
             media: MediaLimits::default(),
             blobs: None,
+            receipt_group_limit: 100,
         }
     }
 }
@@ -497,12 +501,16 @@ impl ChatService {
                 .await
                 .map(|_| Resp::Done(pb::Done {}))
             }
-            Req::ListConversations(_) => {
-                let list = self.store.list_conversations(user).await?;
-                Ok(Resp::Conversations(pb::ConversationList {
-                    conversations: list.into_iter().map(Into::into).collect(),
-                }))
+            Req::ListConversations(l) => self
+                .list_conversations(user, l)
+                .await
+                .map(Resp::Conversations),
+            Req::MarkRead(m) => self.mark_read(user, m).await.map(Resp::ReadReceipt),
+            Req::Pin(p) => {
+                self.pin(user, p).await?;
+                Ok(Resp::Done(pb::Done {}))
             }
+            Req::Receipts(r) => self.receipts(user, r).await.map(Resp::Receipts),
             Req::Block(b) => {
                 ids::check_user_id(&b.user).map_err(ChatError::InvalidArgument)?;
                 if b.user == user {
@@ -568,8 +576,7 @@ impl ChatService {
                 }))
             }
             Req::Mute(m) => {
-                let until = mute_until(m.muted_until_ms, now_ms());
-                self.store.mute(m.conversation_id, user, until).await?;
+                self.mute(user, m).await?;
                 Ok(Resp::Done(pb::Done {}))
             }
             Req::Hello(_) | Req::Auth(_) | Req::Ack(_) | Req::Ping(_) | Req::Sync(_) => {
@@ -727,6 +734,7 @@ async fn retention_task(svc: std::sync::Weak<ChatService>, retention: Duration) 
 mod fanout;
 mod media;
 mod send;
+mod state;
 #[cfg(test)]
 mod tests;
 

@@ -28,7 +28,7 @@ pub struct UserRecord {
 }
 
 /// A conversation with its members, sorted.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ConversationRecord {
     pub id: u64,
     pub kind: pb::ConversationKind,
@@ -38,6 +38,23 @@ pub struct ConversationRecord {
     pub last_seq: u64,
     /// In a user's list only: until when that user muted it (0: not).
     pub muted_until_ms: i64,
+    /// In a user's list only: that user's read marker and pin.
+    pub read_seq: u64,
+    pub pinned: bool,
+    /// In a user's list only, direct conversations only: the other
+    /// member's read marker.
+    pub peer_read_seq: u64,
+    /// In a user's list only: the newest message kept, and the time of the
+    /// newest activity (that message's, or the conversation's creation).
+    pub last_message: Option<pb::Message>,
+    pub last_activity_ms: i64,
+}
+
+impl ConversationRecord {
+    /// Messages after the user's read marker.
+    pub fn unread(&self) -> u64 {
+        self.last_seq.saturating_sub(self.read_seq)
+    }
 }
 
 impl From<ConversationRecord> for pb::Conversation {
@@ -45,13 +62,48 @@ impl From<ConversationRecord> for pb::Conversation {
         Self {
             id: c.id,
             kind: c.kind as i32,
+            unread_count: c.unread(),
             name: c.name,
             members: c.members,
             last_seq: c.last_seq,
             owner: c.owner,
             muted_until_ms: c.muted_until_ms,
+            read_seq: c.read_seq,
+            pinned: c.pinned,
+            peer_read_seq: c.peer_read_seq,
+            last_message: c.last_message,
+            last_activity_ms: c.last_activity_ms,
         }
     }
+}
+
+/// A member's own settings of a conversation, the same on all its devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemberSettings {
+    /// Push notifications muted until then (0: not muted).
+    pub muted_until_ms: i64,
+    pub pinned: bool,
+}
+
+impl MemberSettings {
+    /// From the SQL stores' `RETURNING muted_until, pinned` row; none: the
+    /// user is not in the conversation.
+    pub fn from_row(row: Option<(i64, bool)>, conversation_id: u64) -> Result<Self, ChatError> {
+        let (muted_until_ms, pinned) = row.ok_or(ChatError::NotMember(conversation_id))?;
+        Ok(Self {
+            muted_until_ms,
+            pinned,
+        })
+    }
+}
+
+/// A read marker after [`Store::mark_read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadMark {
+    /// Where the marker stands now.
+    pub seq: u64,
+    /// It moved (false: it was there or further already).
+    pub moved: bool,
 }
 
 /// A message to append.
@@ -272,8 +324,22 @@ pub trait Store: Send + Sync + 'static {
         max_members: usize,
         now_ms: i64,
     ) -> Result<(ConversationRecord, Option<Appended>), ChatError>;
-    /// The user's conversations, each with the user's mute.
+    /// The user's conversations, each with the user's mute, pin and read
+    /// marker, the newest message and, for a direct one, the peer's
+    /// marker; in no particular order.
     async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError>;
+    /// Moves `user`'s read marker in a conversation up to `seq`, never
+    /// back and never past the newest message. NOT_MEMBER when the user is
+    /// not in it. (Appends move the sender's marker to what it sent; a
+    /// member added starts at the seq before the event that added it.)
+    async fn mark_read(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        seq: u64,
+    ) -> Result<ReadMark, ChatError>;
+    /// The read markers of a conversation's members, by user id.
+    async fn read_markers(&self, conversation_id: u64) -> Result<Vec<(String, u64)>, ChatError>;
     async fn is_member(&self, conversation_id: u64, user: &str) -> Result<bool, ChatError>;
 
     /// Appends messages in one transaction, each checked on its own:
@@ -375,9 +441,23 @@ pub trait Store: Send + Sync + 'static {
         user: &str,
         previews: Option<bool>,
     ) -> Result<Option<bool>, ChatError>;
-    /// Mutes a conversation for one member until `until_ms` (0: unmuted).
+    /// Mutes a conversation for one member until `until_ms` (0: unmuted):
+    /// the member's settings after it. NOT_MEMBER when the user is not in
+    /// it.
+    async fn mute(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        until_ms: i64,
+    ) -> Result<MemberSettings, ChatError>;
+    /// Pins or unpins a conversation for one member: its settings after it.
     /// NOT_MEMBER when the user is not in it.
-    async fn mute(&self, conversation_id: u64, user: &str, until_ms: i64) -> Result<(), ChatError>;
+    async fn pin(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        pinned: bool,
+    ) -> Result<MemberSettings, ChatError>;
     /// Everything one batch of notifications needs, in one read: the
     /// recipients' tokens, settings and unseen counts, the mutes of the
     /// pairs asked about, the senders' names.

@@ -352,20 +352,24 @@ async fn on_pushes(
 ) -> Result<(), End> {
     let mut gap = live.sub.lagged.swap(false, Ordering::AcqRel);
     for push in pushes {
-        if push.inbox_seq <= live.delivered {
+        let (inbox_seq, message) = match push {
+            Push::Message { inbox_seq, message } => (inbox_seq, message),
+            Push::Signal(frame) => {
+                out.push(Outgoing::Frame(pb::ServerFrame::clone(&frame)));
+                continue;
+            }
+        };
+        if inbox_seq <= live.delivered {
             continue;
         }
-        if gap || push.inbox_seq != live.delivered + 1 {
+        if gap || inbox_seq != live.delivered + 1 {
             // Missed something (overflow or reordering): the database has it.
             gap = true;
             continue;
         }
-        live.delivered = push.inbox_seq;
+        live.delivered = inbox_seq;
         // Encoded from the copy every recipient shares, not a clone.
-        out.push(Outgoing::Deliver {
-            inbox_seq: push.inbox_seq,
-            message: push.message,
-        });
+        out.push(Outgoing::Deliver { inbox_seq, message });
     }
     if gap {
         catch_up(shared, live, out).await?;
@@ -535,7 +539,9 @@ fn limit(shared: &Shared, keys: &LimitKeys, req: &Req) -> Result<(), ChatError> 
         | Req::History(_)
         | Req::ListConversations(_)
         | Req::ListDevices(_)
-        | Req::Download(_) => (limits.reads_per_user, &keys.read, "reads"),
+        | Req::Download(_)
+        | Req::MarkRead(_)
+        | Req::Receipts(_) => (limits.reads_per_user, &keys.read, "reads"),
         Req::Upload(_) => (limits.uploads_per_user, &keys.upload, "uploads"),
         Req::OpenDirect(_)
         | Req::CreateGroup(_)
@@ -548,7 +554,8 @@ fn limit(shared: &Shared, keys: &LimitKeys, req: &Req) -> Result<(), ChatError> 
         | Req::RegisterPush(_)
         | Req::RemovePush(_)
         | Req::SetNotifications(_)
-        | Req::Mute(_) => (limits.group_ops_per_user, &keys.group, "group operations"),
+        | Req::Mute(_)
+        | Req::Pin(_) => (limits.group_ops_per_user, &keys.group, "group operations"),
         _ => return Ok(()),
     };
     let Some(rate) = rate else {

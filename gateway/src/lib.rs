@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parley_core::limits::{Limiter, Limits, MemoryCounters};
-use parley_core::{ChatBackend, Delivery, DeliveryBus, Presence, Session};
+use parley_core::{ChatBackend, DeliveryBus, Dispatch, Presence, Session};
 use parley_ops::stopped;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -268,7 +268,7 @@ impl Kind {
 pub async fn run(
     listeners: Listeners,
     shared: Arc<Shared>,
-    deliveries: mpsc::Receiver<Vec<Delivery>>,
+    deliveries: mpsc::Receiver<Dispatch>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let dispatcher = tokio::spawn(registry::dispatcher(shared.registry.clone(), deliveries));

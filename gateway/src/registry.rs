@@ -8,18 +8,33 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use parley_core::{ChatError, Delivery, Revocation, Session};
+use parley_core::{ChatError, Delivery, Dispatch, Revocation, Session, Signal};
 use parley_proto::pb;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::Shared;
 
-/// One message for one device.
+/// What one device is handed.
 #[derive(Debug, Clone)]
-pub struct Push {
-    pub inbox_seq: u64,
-    pub message: Arc<pb::Message>,
+pub enum Push {
+    /// A message at its place in the device's timeline.
+    Message {
+        inbox_seq: u64,
+        message: Arc<pb::Message>,
+    },
+    /// A frame written as is (a read receipt, a setting changed elsewhere).
+    Signal(Arc<pb::ServerFrame>),
+}
+
+impl Push {
+    /// The timeline position of a message (0 for a signal).
+    pub fn inbox_seq(&self) -> u64 {
+        match self {
+            Self::Message { inbox_seq, .. } => *inbox_seq,
+            Self::Signal(_) => 0,
+        }
+    }
 }
 
 /// What a connection keeps of its registration.
@@ -188,7 +203,7 @@ impl Registry {
         for entry in users.values().flatten() {
             entry.lagged.store(true, Ordering::Release);
             // A full queue wakes the connection anyway.
-            let _ = entry.tx.try_send(Push {
+            let _ = entry.tx.try_send(Push::Message {
                 inbox_seq: 0,
                 message: self.nudge.clone(),
             });
@@ -224,13 +239,26 @@ impl Registry {
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         for (user, inbox_seq) in &delivery.recipients {
             for entry in users.get(user).into_iter().flatten() {
-                let push = Push {
+                let push = Push::Message {
                     inbox_seq: *inbox_seq,
                     message: delivery.message.clone(),
                 };
                 if entry.tx.try_send(push).is_err() {
                     entry.lagged.store(true, Ordering::Release);
                 }
+            }
+        }
+    }
+
+    /// Hands a signal to every local device of its users. One that does not
+    /// fit is dropped, not marked lagged: a signal is not in the timeline,
+    /// and the device reads the state again when it lists its
+    /// conversations.
+    pub fn signal(&self, signal: &Signal) {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        for user in &signal.users {
+            for entry in users.get(user).into_iter().flatten() {
+                let _ = entry.tx.try_send(Push::Signal(signal.frame.clone()));
             }
         }
     }
@@ -383,11 +411,21 @@ pub async fn follow_log_outs(shared: Arc<Shared>, mut log_outs: broadcast::Recei
     }
 }
 
-/// Feeds deliveries from the bus to the registry until the bus closes.
-pub async fn dispatcher(registry: Arc<Registry>, mut bus: mpsc::Receiver<Vec<Delivery>>) {
+/// Feeds deliveries and signals from the bus to the registry until the
+/// bus closes.
+pub async fn dispatcher(registry: Arc<Registry>, mut bus: mpsc::Receiver<Dispatch>) {
     while let Some(batch) = bus.recv().await {
-        for delivery in &batch {
-            registry.dispatch(delivery);
+        match batch {
+            Dispatch::Messages(deliveries) => {
+                for delivery in &deliveries {
+                    registry.dispatch(delivery);
+                }
+            }
+            Dispatch::Signals(signals) => {
+                for signal in &signals {
+                    registry.signal(signal);
+                }
+            }
         }
     }
 }
@@ -417,8 +455,8 @@ mod tests {
         for seq in 1..=3 {
             reg.dispatch(&delivery("a", seq));
         }
-        assert_eq!(laptop.rx.try_recv().unwrap().inbox_seq, 1);
-        assert_eq!(phone.rx.try_recv().unwrap().inbox_seq, 1);
+        assert_eq!(laptop.rx.try_recv().unwrap().inbox_seq(), 1);
+        assert_eq!(phone.rx.try_recv().unwrap().inbox_seq(), 1);
         assert!(
             phone.lagged.load(Ordering::Acquire),
             "the third push did not fit"
@@ -448,7 +486,7 @@ mod tests {
             .expect("the older phone connection is told it was replaced");
         assert_eq!(reg.len(), 2, "the laptop and the new phone remain");
         reg.dispatch(&delivery("a", 1));
-        assert_eq!(new.rx.try_recv().unwrap().inbox_seq, 1);
+        assert_eq!(new.rx.try_recv().unwrap().inbox_seq(), 1);
         // A late notice from another gateway about an older login, or about
         // this very one, closes nothing.
         assert_eq!(reg.replace("a", "phone", 3), 0);

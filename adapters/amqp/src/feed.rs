@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use parley_core::{Delivery, Revocation, Session};
+use parley_core::{Delivery, Dispatch, Revocation, Session, Signal};
 use parley_proto::internal as ipb;
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
@@ -19,8 +19,9 @@ use crate::{AmqpConfig, EVERY_GATEWAY_KEY, LinkStatus, backoff, connect, declare
 /// The consuming side of one gateway; consuming stops when `task` drops.
 #[derive(Debug)]
 pub struct GatewayFeed {
-    /// Delivery batches in the order the broker handed them over.
-    pub deliveries: mpsc::Receiver<Vec<Delivery>>,
+    /// Delivery batches and signals in the order the broker handed them
+    /// over.
+    pub deliveries: mpsc::Receiver<Dispatch>,
     /// Devices of this gateway that logged in again elsewhere: the newer
     /// session (its user, device and epoch).
     pub replaced: mpsc::Receiver<Session>,
@@ -71,7 +72,7 @@ const REPLACED_QUEUE: usize = 1024;
 
 /// Where the consumer hands what it decodes.
 struct Outputs {
-    deliveries: mpsc::Sender<Vec<Delivery>>,
+    deliveries: mpsc::Sender<Dispatch>,
     replaced: mpsc::Sender<Session>,
     revoked: mpsc::Sender<Revocation>,
 }
@@ -79,6 +80,7 @@ struct Outputs {
 /// What one message of the queue carries.
 struct Decoded {
     deliveries: Vec<Delivery>,
+    signals: Vec<Signal>,
     replaced: Vec<Session>,
     revoked: Vec<Revocation>,
 }
@@ -105,8 +107,19 @@ fn decode_batch(body: &[u8]) -> Option<Decoded> {
         .map(|r| Session::new(&r.user_id, &r.device_id, &r.gateway, r.epoch))
         .collect();
     let revoked = batch.revoked.into_iter().map(Revocation::from).collect();
+    let signals = batch
+        .signals
+        .into_iter()
+        .filter_map(|s| {
+            Some(Signal {
+                frame: Arc::new(s.frame?),
+                users: s.users,
+            })
+        })
+        .collect();
     Some(Decoded {
         deliveries,
+        signals,
         replaced,
         revoked,
     })
@@ -203,10 +216,19 @@ async fn consumer(
                                 // registry (they are rare).
                                 let _ = out.revoked.send(revocation).await;
                             }
-                            let batch = decoded.deliveries;
-                            if !batch.is_empty() && out.deliveries.send(batch).await.is_err() {
-                                let _ = conn.close(200, "bye".into()).await;
-                                return;
+                            let batches = [
+                                Dispatch::Messages(decoded.deliveries),
+                                Dispatch::Signals(decoded.signals),
+                            ];
+                            for batch in batches {
+                                let empty = match &batch {
+                                    Dispatch::Messages(m) => m.is_empty(),
+                                    Dispatch::Signals(s) => s.is_empty(),
+                                };
+                                if !empty && out.deliveries.send(batch).await.is_err() {
+                                    let _ = conn.close(200, "bye".into()).await;
+                                    return;
+                                }
                             }
                         }
                         None => tracing::warn!("undecodable delivery batch skipped"),

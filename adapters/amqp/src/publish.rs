@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel};
-use parley_core::{ChatError, ChatEvent, Delivery, DeliveryBus, Revocation, Session};
+use parley_core::{ChatError, ChatEvent, Delivery, DeliveryBus, Revocation, Session, Signal};
 use parley_proto::internal as ipb;
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -132,6 +132,25 @@ impl DeliveryBus for AmqpBus {
 
     async fn broadcast(&self, deliveries: Vec<Delivery>) -> Result<(), ChatError> {
         self.deliver(EVERY_GATEWAY_KEY, deliveries);
+        Ok(())
+    }
+
+    async fn signal(&self, gateway: Option<&str>, signals: Vec<Signal>) -> Result<(), ChatError> {
+        let batch = ipb::DeliveryBatch {
+            signals: signals
+                .into_iter()
+                .map(|s| ipb::SignalItem {
+                    users: s.users,
+                    frame: Some(Arc::unwrap_or_clone(s.frame)),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        self.enqueue(Outgoing {
+            exchange: self.config.deliveries(),
+            routing_key: gateway.unwrap_or(EVERY_GATEWAY_KEY).to_owned(),
+            body: batch.encode_to_vec(),
+        });
         Ok(())
     }
 

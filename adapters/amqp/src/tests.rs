@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use parley_core::{ChatEvent, Delivery, DeliveryBus};
+use parley_core::{ChatEvent, Delivery, DeliveryBus, Dispatch, Signal};
 use parley_proto::{internal as ipb, pb};
 use prost::Message as _;
 
@@ -112,10 +112,7 @@ async fn deliveries_reach_only_their_gateway_and_events_their_exchange() {
     .await
     .unwrap();
 
-    let batch = tokio::time::timeout(Duration::from_secs(10), g1.deliveries.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let batch = messages(g1.deliveries.recv()).await;
     assert_eq!(batch.len(), 2);
     assert_eq!(
         batch[1].recipients,
@@ -125,12 +122,35 @@ async fn deliveries_reach_only_their_gateway_and_events_their_exchange() {
         batch[1].message.content.as_ref().unwrap().as_text(),
         Some("hi")
     );
-    let batch = tokio::time::timeout(Duration::from_secs(10), g2.deliveries.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let batch = messages(g2.deliveries.recv()).await;
     assert_eq!(batch[0].message.seq, 3);
     assert!(g1.deliveries.try_recv().is_err(), "g1 got only its own");
+
+    // Signals: to one gateway's users, or to every gateway.
+    let receipt = |seq| {
+        Arc::new(pb::ServerFrame::new(
+            0,
+            pb::server_frame::Body::ReadReceipt(pb::ReadReceipt {
+                conversation_id: 9,
+                user: "bo".into(),
+                seq,
+                read_at_ms: 1,
+            }),
+        ))
+    };
+    let to = |users: &[&str], seq| Signal {
+        users: users.iter().map(|u| (*u).to_owned()).collect(),
+        frame: receipt(seq),
+    };
+    bus.signal(Some("g2"), vec![to(&["cy"], 1)]).await.unwrap();
+    bus.signal(None, vec![to(&["ann", "cy"], 2)]).await.unwrap();
+    let got = signals(g2.deliveries.recv()).await;
+    assert_eq!((got[0].users.as_slice(), &got[0].frame), (&["cy".to_owned()][..], &receipt(1)));
+    for feed in [&mut g1, &mut g2] {
+        let got = signals(feed.deliveries.recv()).await;
+        assert_eq!(got[0].users, vec!["ann".to_owned(), "cy".to_owned()]);
+        assert_eq!(got[0].frame, receipt(2));
+    }
 
     // A device of g1 logged in again on g2: g1 hears of it, and only g1.
     let newer = parley_core::Session::new("ann", "phone", "g2", 42);
@@ -166,4 +186,20 @@ async fn deliveries_reach_only_their_gateway_and_events_their_exchange() {
     drop((g1, g2, bus));
     conn.close(200, "bye".into()).await.unwrap();
     delete_topology(&config, &["g1", "g2"]).await.unwrap();
+}
+
+/// The next messages a gateway's feed hands over.
+async fn messages(next: impl Future<Output = Option<Dispatch>>) -> Vec<Delivery> {
+    match tokio::time::timeout(Duration::from_secs(10), next).await {
+        Ok(Some(Dispatch::Messages(m))) => m,
+        other => panic!("expected messages, got {other:?}"),
+    }
+}
+
+/// The next signals a gateway's feed hands over.
+async fn signals(next: impl Future<Output = Option<Dispatch>>) -> Vec<Signal> {
+    match tokio::time::timeout(Duration::from_secs(10), next).await {
+        Ok(Some(Dispatch::Signals(s))) => s,
+        other => panic!("expected signals, got {other:?}"),
+    }
 }

@@ -25,7 +25,7 @@ use parley_core::membership::{
 use parley_core::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
 use parley_core::store::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
-    MembershipChange, NewMessage, RefreshRecord, Store, UserRecord, direct_key, history_bound,
+    MemberSettings, MembershipChange, NewMessage, ReadMark, RefreshRecord, Store, UserRecord, direct_key, history_bound,
     history_page,
 };
 use parley_core::{ChatError, Revocation};
@@ -238,7 +238,7 @@ async fn load_conversation(
         owner: row.try_get(2).db()?,
         members,
         last_seq: row.try_get::<i64, _>(3).db()? as u64,
-        muted_until_ms: 0,
+        ..ConversationRecord::default()
     }))
 }
 
@@ -282,19 +282,22 @@ async fn members_of(
     Ok(members)
 }
 
+/// Makes `users` members who have read up to `read_seq`.
 async fn insert_members(
     conn: &mut PgConnection,
     conversation_id: i64,
     users: &[String],
+    read_seq: u64,
     now_ms: i64,
 ) -> Result<(), ChatError> {
     sqlx::query(
-        "INSERT INTO members (conversation_id, user_id, joined_at) \
-         SELECT $1, u, $3 FROM unnest($2::text[]) AS u ON CONFLICT DO NOTHING",
+        "INSERT INTO members (conversation_id, user_id, joined_at, read_seq) \
+         SELECT $1, u, $3, $4 FROM unnest($2::text[]) AS u ON CONFLICT DO NOTHING",
     )
     .bind(conversation_id)
     .bind(users)
     .bind(now_ms)
+    .bind(read_seq as i64)
     .execute(&mut *conn)
     .await
     .db()?;
@@ -326,7 +329,7 @@ async fn open_direct_in(
     .db()?;
     let id = match inserted {
         Some(id) => {
-            insert_members(tx, id, users, now_ms).await?;
+            insert_members(tx, id, users, 0, now_ms).await?;
             id
         }
         None => sqlx::query_scalar("SELECT id FROM conversations WHERE direct_key = $1")
@@ -506,6 +509,17 @@ async fn append_system(
         recipients,
     }];
     let mut out = write_messages(conn, &planned).await?;
+    // Whoever writes a message has read the conversation up to it.
+    sqlx::query(
+        "UPDATE members SET read_seq = $1 \
+         WHERE conversation_id = $2 AND user_id = $3 AND read_seq < $1",
+    )
+    .bind(seq)
+    .bind(conv.id as i64)
+    .bind(actor)
+    .execute(&mut *conn)
+    .await
+    .db()?;
     Ok(out.remove(0))
 }
 
@@ -534,7 +548,9 @@ impl PgStore {
             return Ok((before, None));
         }
         if change == MembershipChange::Add {
-            insert_members(&mut *tx, conversation_id as i64, &changed, now_ms).await?;
+            // What came before the members joined is not theirs to read.
+            let read = before.last_seq;
+            insert_members(&mut *tx, conversation_id as i64, &changed, read, now_ms).await?;
         } else {
             sqlx::query("DELETE FROM members WHERE conversation_id = $1 AND user_id = ANY($2)")
                 .bind(conversation_id as i64)
@@ -580,7 +596,7 @@ impl PgStore {
         .bind(now_ms)
         .fetch_one(&mut *tx)
         .await.db()?;
-        insert_members(&mut *tx, id, members, now_ms).await?;
+        insert_members(&mut *tx, id, members, 0, now_ms).await?;
         let conv = load_conversation(&mut *tx, id as u64, true)
             .await?
             .expect("group just written");
@@ -745,10 +761,20 @@ impl Store for PgStore {
 
     async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {
         let mut conn = self.pool.acquire().await.db()?;
-        let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.name, c.owner, c.last_seq, me.muted_until FROM conversations c \
-             JOIN members me ON me.conversation_id = c.id WHERE me.user_id = $1 ORDER BY c.id",
-        )
+        // The newest message of each: one probe of (conversation_id, seq)
+        // at its last_seq (gone when retention removed it).
+        let rows = sqlx::query(concat!(
+            "SELECT c.id, c.kind, c.name, c.owner, c.last_seq, me.muted_until, me.pinned, \
+                    me.read_seq, c.created_at, peer.read_seq, ",
+            message_columns!(),
+            " FROM conversations c \
+             JOIN members me ON me.conversation_id = c.id \
+             LEFT JOIN LATERAL (SELECT p.read_seq FROM members p \
+                 WHERE c.kind = 1 AND p.conversation_id = c.id AND p.user_id <> me.user_id \
+                 LIMIT 1) peer ON TRUE \
+             LEFT JOIN messages m ON m.conversation_id = c.id AND m.seq = c.last_seq \
+             WHERE me.user_id = $1 ORDER BY c.id"
+        ))
         .bind(user)
         .fetch_all(&mut *conn)
         .await
@@ -762,6 +788,11 @@ impl Store for PgStore {
         rows.iter()
             .map(|r| {
                 let id: i64 = r.try_get(0).db()?;
+                let has_message = r.try_get::<Option<i64>, _>(10).db()?.is_some();
+                let last_message = has_message
+                    .then(|| message_from_row(r, 10))
+                    .transpose()?;
+                let created_at: i64 = r.try_get(8).db()?;
                 Ok(ConversationRecord {
                     id: id as u64,
                     kind: kind_from_i16(r.try_get(1).db()?),
@@ -770,9 +801,65 @@ impl Store for PgStore {
                     members: members.remove(&(id as u64)).unwrap_or_default(),
                     last_seq: r.try_get::<i64, _>(4).db()? as u64,
                     muted_until_ms: r.try_get(5).db()?,
+                    pinned: r.try_get(6).db()?,
+                    read_seq: r.try_get::<i64, _>(7).db()? as u64,
+                    peer_read_seq: r.try_get::<Option<i64>, _>(9).db()?.unwrap_or(0) as u64,
+                    last_activity_ms: last_message
+                        .as_ref()
+                        .map_or(created_at, |m| m.server_time_ms),
+                    last_message,
                 })
             })
             .collect()
+    }
+
+    async fn mark_read(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        seq: u64,
+    ) -> Result<ReadMark, ChatError> {
+        // One statement: the marker moves only forward, to at most the
+        // newest message (the row is checked again under its lock).
+        let row: Option<(i64, Option<i64>)> = sqlx::query_as(
+            "WITH me AS ( \
+                 SELECT mb.read_seq, LEAST($3, c.last_seq) AS wanted \
+                 FROM members mb JOIN conversations c ON c.id = mb.conversation_id \
+                 WHERE mb.conversation_id = $1 AND mb.user_id = $2 \
+             ), moved AS ( \
+                 UPDATE members mb SET read_seq = me.wanted FROM me \
+                 WHERE mb.conversation_id = $1 AND mb.user_id = $2 AND mb.read_seq < me.wanted \
+                 RETURNING mb.read_seq \
+             ) SELECT me.read_seq, (SELECT read_seq FROM moved) FROM me",
+        )
+        .bind(conversation_id as i64)
+        .bind(user)
+        .bind(seq.min(i64::MAX as u64) as i64)
+        .fetch_optional(&self.pool)
+        .await
+        .db()?;
+        let (before, moved) = row.ok_or(ChatError::NotMember(conversation_id))?;
+        Ok(match moved {
+            Some(now) => ReadMark {
+                seq: now as u64,
+                moved: true,
+            },
+            None => ReadMark {
+                seq: before as u64,
+                moved: false,
+            },
+        })
+    }
+
+    async fn read_markers(&self, conversation_id: u64) -> Result<Vec<(String, u64)>, ChatError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT user_id, read_seq FROM members WHERE conversation_id = $1 ORDER BY user_id",
+        )
+        .bind(conversation_id as i64)
+        .fetch_all(&self.pool)
+        .await
+        .db()?;
+        Ok(rows.into_iter().map(|(u, r)| (u, r as u64)).collect())
     }
 
     async fn is_member(&self, conversation_id: u64, user: &str) -> Result<bool, ChatError> {
@@ -1225,20 +1312,42 @@ impl Store for PgStore {
         .db()
     }
 
-    async fn mute(&self, conversation_id: u64, user: &str, until_ms: i64) -> Result<(), ChatError> {
-        let done = sqlx::query(
-            "UPDATE members SET muted_until = $1 WHERE conversation_id = $2 AND user_id = $3",
+    async fn mute(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        until_ms: i64,
+    ) -> Result<MemberSettings, ChatError> {
+        let row = sqlx::query_as(
+            "UPDATE members SET muted_until = $1 WHERE conversation_id = $2 AND user_id = $3 \
+             RETURNING muted_until, pinned",
         )
         .bind(until_ms)
         .bind(conversation_id as i64)
         .bind(user)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .db()?;
-        if done.rows_affected() == 0 {
-            return Err(ChatError::NotMember(conversation_id));
-        }
-        Ok(())
+        MemberSettings::from_row(row, conversation_id)
+    }
+
+    async fn pin(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        pinned: bool,
+    ) -> Result<MemberSettings, ChatError> {
+        let row = sqlx::query_as(
+            "UPDATE members SET pinned = $1 WHERE conversation_id = $2 AND user_id = $3 \
+             RETURNING muted_until, pinned",
+        )
+        .bind(pinned)
+        .bind(conversation_id as i64)
+        .bind(user)
+        .fetch_optional(&self.pool)
+        .await
+        .db()?;
+        MemberSettings::from_row(row, conversation_id)
     }
 
     async fn push_audience(&self, q: &AudienceQuery) -> Result<PushAudience, ChatError> {

@@ -24,7 +24,7 @@ use parley_core::membership::{
 use parley_core::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
 use parley_core::store::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
-    MembershipChange, NewMessage, RefreshRecord, Store, UserRecord, direct_key, history_bound,
+    MemberSettings, MembershipChange, NewMessage, ReadMark, RefreshRecord, Store, UserRecord, direct_key, history_bound,
     history_page,
 };
 use parley_core::{ChatError, Revocation};
@@ -190,7 +190,7 @@ async fn load_conversation(
         owner: row.try_get(2).db()?,
         members,
         last_seq: row.try_get::<i64, _>(3).db()? as u64,
-        muted_until_ms: 0,
+        ..ConversationRecord::default()
     }))
 }
 
@@ -234,21 +234,31 @@ async fn add_inbox_entry(
     Ok(inbox_seq as u64)
 }
 
+/// Makes `user` a member who has read up to `read_seq`.
 async fn insert_member(
     conn: &mut SqliteConnection,
     conversation_id: i64,
     user: &str,
+    read_seq: u64,
     now_ms: i64,
 ) -> Result<(), ChatError> {
-    sqlx::query("INSERT INTO members (conversation_id, user_id, joined_at) VALUES (?, ?, ?)")
-        .bind(conversation_id)
-        .bind(user)
-        .bind(now_ms)
-        .execute(&mut *conn)
-        .await
-        .db()?;
+    sqlx::query(
+        "INSERT INTO members (conversation_id, user_id, joined_at, read_seq) VALUES (?, ?, ?, ?)",
+    )
+    .bind(conversation_id)
+    .bind(user)
+    .bind(now_ms)
+    .bind(read_seq as i64)
+    .execute(&mut *conn)
+    .await
+    .db()?;
     Ok(())
 }
+
+/// Moves a member's read marker up to `seq` (`?1`) of conversation `?2`
+/// for user `?3`, never back: a member's own message moves it.
+pub(super) const READ_UP_TO: &str =
+    "UPDATE members SET read_seq = ?1 WHERE conversation_id = ?2 AND user_id = ?3 AND read_seq < ?1";
 
 /// Writes a message at `seq` and one inbox entry per member.
 async fn insert_message(
@@ -271,6 +281,13 @@ async fn insert_message(
     .bind(m.now_ms)
     .fetch_one(&mut *conn)
     .await.db()?;
+    sqlx::query(READ_UP_TO)
+        .bind(seq)
+        .bind(m.conversation_id as i64)
+        .bind(&m.sender_id)
+        .execute(&mut *conn)
+        .await
+        .db()?;
     let mut recipients = Vec::with_capacity(members.len());
     for user in members {
         let inbox_seq = add_inbox_entry(conn, &user, msg_id).await?;
@@ -387,7 +404,7 @@ impl Store for SqliteStore {
                 let mut users = vec![a, b];
                 users.dedup();
                 for u in users {
-                    insert_member(&mut tx, id, u, now_ms).await?;
+                    insert_member(&mut tx, id, u, 0, now_ms).await?;
                 }
                 id
             }
@@ -420,7 +437,7 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await.db()?;
         for u in members {
-            insert_member(&mut tx, id, u, now_ms).await?;
+            insert_member(&mut tx, id, u, 0, now_ms).await?;
         }
         let event = pb::SystemEvent {
             kind: pb::SystemEventKind::GroupCreated as i32,
@@ -466,7 +483,9 @@ impl Store for SqliteStore {
         }
         for u in &changed {
             if change == MembershipChange::Add {
-                insert_member(&mut tx, conversation_id as i64, u, now_ms).await?;
+                // What came before the member joined is not theirs to read.
+                insert_member(&mut tx, conversation_id as i64, u, before.last_seq, now_ms)
+                    .await?;
             } else {
                 sqlx::query("DELETE FROM members WHERE conversation_id = ? AND user_id = ?")
                     .bind(conversation_id as i64)
@@ -495,24 +514,98 @@ impl Store for SqliteStore {
 
     async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {
         let mut conn = self.reader.acquire().await.db()?;
-        let ids: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT conversation_id, muted_until FROM members WHERE user_id = ? \
-             ORDER BY conversation_id",
+        let rows: Vec<(i64, i64, bool, i64, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT m.conversation_id, m.muted_until, m.pinned, m.read_seq, c.created_at, \
+                    (SELECT p.read_seq FROM members p \
+                     WHERE c.kind = 1 AND p.conversation_id = c.id AND p.user_id <> m.user_id) \
+             FROM members m JOIN conversations c ON c.id = m.conversation_id \
+             WHERE m.user_id = ? ORDER BY m.conversation_id",
         )
         .bind(user)
         .fetch_all(&mut *conn)
         .await
         .db()?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, muted_until_ms) in ids {
-            if let Some(c) = load_conversation(&mut conn, id as u64).await? {
-                out.push(ConversationRecord {
-                    muted_until_ms,
-                    ..c
-                });
-            }
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, muted_until_ms, pinned, read_seq, created_at, peer) in rows {
+            let Some(c) = load_conversation(&mut conn, id as u64).await? else {
+                continue;
+            };
+            let newest = sqlx::query(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE m.conversation_id = ? ORDER BY m.seq DESC LIMIT 1"
+            ))
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .db()?;
+            let last_message = newest.map(|r| message_from_row(&r, 0)).transpose()?;
+            out.push(ConversationRecord {
+                muted_until_ms,
+                pinned,
+                read_seq: read_seq as u64,
+                peer_read_seq: peer.unwrap_or(0) as u64,
+                last_activity_ms: last_message
+                    .as_ref()
+                    .map_or(created_at, |m| m.server_time_ms),
+                last_message,
+                ..c
+            });
         }
         Ok(out)
+    }
+
+    async fn mark_read(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        seq: u64,
+    ) -> Result<ReadMark, ChatError> {
+        let mut tx = self.begin().await?;
+        let read: Option<i64> = sqlx::query_scalar(
+            "SELECT read_seq FROM members WHERE conversation_id = ? AND user_id = ?",
+        )
+        .bind(conversation_id as i64)
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?;
+        let read = read.ok_or(ChatError::NotMember(conversation_id))? as u64;
+        let (_kind, newest): (i64, i64) = sqlx::query_as(CONVERSATION_KIND_AND_SEQ)
+            .bind(conversation_id as i64)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
+        let wanted = seq.min(newest as u64);
+        if wanted <= read {
+            return Ok(ReadMark {
+                seq: read,
+                moved: false,
+            });
+        }
+        sqlx::query(READ_UP_TO)
+            .bind(wanted as i64)
+            .bind(conversation_id as i64)
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        tx.commit().await.db()?;
+        Ok(ReadMark {
+            seq: wanted,
+            moved: true,
+        })
+    }
+
+    async fn read_markers(&self, conversation_id: u64) -> Result<Vec<(String, u64)>, ChatError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT user_id, read_seq FROM members WHERE conversation_id = ? ORDER BY user_id",
+        )
+        .bind(conversation_id as i64)
+        .fetch_all(&self.reader)
+        .await
+        .db()?;
+        Ok(rows.into_iter().map(|(u, r)| (u, r as u64)).collect())
     }
 
     async fn is_member(&self, conversation_id: u64, user: &str) -> Result<bool, ChatError> {
@@ -948,20 +1041,42 @@ impl Store for SqliteStore {
         .db()
     }
 
-    async fn mute(&self, conversation_id: u64, user: &str, until_ms: i64) -> Result<(), ChatError> {
-        let done = sqlx::query(
-            "UPDATE members SET muted_until = ? WHERE conversation_id = ? AND user_id = ?",
+    async fn mute(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        until_ms: i64,
+    ) -> Result<MemberSettings, ChatError> {
+        let settings = sqlx::query_as(
+            "UPDATE members SET muted_until = ? WHERE conversation_id = ? AND user_id = ? \
+             RETURNING muted_until, pinned",
         )
         .bind(until_ms)
         .bind(conversation_id as i64)
         .bind(user)
-        .execute(&self.writer)
+        .fetch_optional(&self.writer)
         .await
         .db()?;
-        if done.rows_affected() == 0 {
-            return Err(ChatError::NotMember(conversation_id));
-        }
-        Ok(())
+        MemberSettings::from_row(settings, conversation_id)
+    }
+
+    async fn pin(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        pinned: bool,
+    ) -> Result<MemberSettings, ChatError> {
+        let settings = sqlx::query_as(
+            "UPDATE members SET pinned = ? WHERE conversation_id = ? AND user_id = ? \
+             RETURNING muted_until, pinned",
+        )
+        .bind(pinned)
+        .bind(conversation_id as i64)
+        .bind(user)
+        .fetch_optional(&self.writer)
+        .await
+        .db()?;
+        MemberSettings::from_row(settings, conversation_id)
     }
 
     async fn push_audience(&self, q: &AudienceQuery) -> Result<PushAudience, ChatError> {

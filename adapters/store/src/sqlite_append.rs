@@ -268,6 +268,8 @@ fn append_one(
         m.now_ms
     ])?;
     let msg_id = tx.last_insert_rowid();
+    tx.prepare_cached(crate::sqlite::READ_UP_TO)?
+        .execute(params![seq, m.conversation_id as i64, m.sender_id])?;
     let mut head = tx.prepare_cached(crate::sqlite::INBOX_HEAD)?;
     let mut entry =
         tx.prepare_cached("INSERT INTO inbox (user_id, seq, message_id) VALUES (?1, ?2, ?3)")?;

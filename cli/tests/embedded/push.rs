@@ -59,7 +59,7 @@ async fn gone(w: &World, user: &str) {
 /// The user's conversations, as `ListConversations` answers.
 async fn conversations(c: &Client) -> Vec<pb::Conversation> {
     match c
-        .request(Req::ListConversations(pb::ListConversations {}))
+        .request(Req::ListConversations(pb::ListConversations::default()))
         .await
     {
         Ok(Resp::Conversations(list)) => list.conversations,

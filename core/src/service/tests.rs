@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parley_proto::pb::{self, ErrorCode, client_frame::Body as Req, server_frame::Body as Resp};
 
-use crate::bus::{ChatEvent, LocalBus};
+use crate::bus::{ChatEvent, Dispatch, LocalBus};
 use crate::presence::{MemoryPresence, Presence, Session};
 use crate::store::{MemoryStore, Store};
 use crate::{ChatConfig, ChatService, SendRequest, TokenKeys};
@@ -60,6 +60,15 @@ async fn ack_of(chat: &ChatService, user: &str, req: Req) -> pb::SendAck {
     }
 }
 
+/// The deliveries a gateway's queue handed over (a test that expects
+/// messages, not signals).
+fn messages(d: Option<Dispatch>) -> Vec<crate::bus::Delivery> {
+    match d {
+        Some(Dispatch::Messages(m)) => m,
+        other => panic!("expected messages, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_committed_send_reaches_online_gateways_and_cues_a_push_for_the_offline() {
     let w = world(ChatConfig::default()).await;
@@ -73,12 +82,12 @@ async fn a_committed_send_reaches_online_gateways_and_cues_a_push_for_the_offlin
         .await
         .unwrap();
     // The group's creation reaches bob's gateway and cues carol's push.
-    let created = gw1.recv().await.unwrap();
+    let created = messages(gw1.recv().await);
     assert_eq!(created[0].message.seq, 1);
 
     let ack = ack_of(&w.chat, "alice", send(group.id, "m1", "hi")).await;
     assert_eq!((ack.seq, ack.duplicate), (2, false));
-    let delivered = gw1.recv().await.unwrap();
+    let delivered = messages(gw1.recv().await);
     assert_eq!(delivered.len(), 1);
     assert_eq!(delivered[0].message.msg_id, ack.msg_id);
     assert_eq!(delivered[0].recipients, vec![("bob".to_owned(), 2)]);
@@ -101,7 +110,7 @@ async fn a_committed_send_reaches_online_gateways_and_cues_a_push_for_the_offlin
         (again.msg_id, again.seq, again.duplicate),
         (ack.msg_id, 2, true)
     );
-    assert_eq!(gw1.recv().await.unwrap()[0].message.msg_id, ack.msg_id);
+    assert_eq!(messages(gw1.recv().await)[0].message.msg_id, ack.msg_id);
     assert_eq!(w.chat.metrics().duplicates.get(), 1);
 }
 
@@ -168,7 +177,7 @@ async fn deliveries_go_to_every_gateway_while_presence_is_unsettled_or_down() {
         .create_group("alice", "g", vec!["bob".into(), "carol".into()])
         .await
         .unwrap();
-    assert_eq!(gw1.recv().await.unwrap()[0].message.seq, 1);
+    assert_eq!(messages(gw1.recv().await)[0].message.seq, 1);
     assert!(gw2.try_recv().is_err(), "settled: only bob's gateway");
     while events.try_recv().is_ok() {}
 
@@ -178,7 +187,7 @@ async fn deliveries_go_to_every_gateway_while_presence_is_unsettled_or_down() {
             .store(mode, std::sync::atomic::Ordering::Relaxed);
         let ack = ack_of(&chat, "alice", send(group.id, name, name)).await;
         for gw in [&mut gw1, &mut gw2] {
-            let got = gw.recv().await.unwrap();
+            let got = messages(gw.recv().await);
             assert_eq!(got.len(), 1, "{name}");
             assert_eq!(got[0].message.msg_id, ack.msg_id, "{name}");
             assert_eq!(
@@ -552,9 +561,9 @@ async fn a_lingering_batch_gathers_sends_that_arrive_apart() {
             .await
             .unwrap();
         let mut gw1 = w.bus.subscribe("gw1", 16);
-        let publishes = |gw: &mut tokio::sync::mpsc::Receiver<Vec<crate::bus::Delivery>>| {
+        let publishes = |gw: &mut tokio::sync::mpsc::Receiver<Dispatch>| {
             std::iter::from_fn(|| gw.try_recv().ok())
-                .map(|deliveries| deliveries.len())
+                .map(|d| messages(Some(d)).len())
                 .collect::<Vec<_>>()
         };
         // Idle: a lone send commits at once.

@@ -996,6 +996,106 @@ pub async fn the_badge_counts_what_no_device_has_seen(store: &dyn Store) {
     assert_eq!(a.unseen.get("bob"), Some(&1), "the desk saw two of three");
 }
 
+/// The list entry of `conversation` in `user`'s list.
+async fn listed(store: &dyn Store, user: &str, conversation: u64) -> ConversationRecord {
+    store
+        .list_conversations(user)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.id == conversation)
+        .expect("listed")
+}
+
+pub async fn read_markers_move_forward_and_count_the_unread(store: &dyn Store) {
+    let direct = store.open_direct("alice", "bob", 0).await.unwrap();
+    let fresh = listed(store, "alice", direct.id).await;
+    assert_eq!((fresh.read_seq, fresh.unread(), fresh.last_message), (0, 0, None));
+    let batch = (1..=3)
+        .map(|i| text(direct.id, "alice", &format!("a{i}"), &format!("hi {i}")))
+        .collect();
+    store.append(batch).await.unwrap();
+    let alice = listed(store, "alice", direct.id).await;
+    assert_eq!(alice.read_seq, 3, "a sender has read what it sent");
+    assert_eq!(alice.unread(), 0);
+    assert_eq!(alice.peer_read_seq, 0);
+    let newest = alice.last_message.clone().expect("a newest message");
+    assert_eq!((newest.seq, newest.content.unwrap().as_text()), (3, Some("hi 3")));
+    assert_eq!(alice.last_activity_ms, 1_000);
+    let bob = listed(store, "bob", direct.id).await;
+    assert_eq!((bob.read_seq, bob.unread()), (0, 3));
+
+    let mark = store.mark_read(direct.id, "bob", 2).await.unwrap();
+    assert_eq!(mark, ReadMark { seq: 2, moved: true });
+    let mark = store.mark_read(direct.id, "bob", 1).await.unwrap();
+    assert_eq!(mark, ReadMark { seq: 2, moved: false }, "never back");
+    let mark = store.mark_read(direct.id, "bob", 99).await.unwrap();
+    assert_eq!(mark, ReadMark { seq: 3, moved: true }, "never past the newest");
+    assert_eq!(listed(store, "bob", direct.id).await.unread(), 0);
+    assert_eq!(listed(store, "alice", direct.id).await.peer_read_seq, 3);
+    assert!(matches!(
+        store.mark_read(direct.id, "carol", 1).await,
+        Err(ChatError::NotMember(_))
+    ));
+
+    // A reply moves the replier's marker past what it answers.
+    one(store, text(direct.id, "alice", "a4", "more")).await.unwrap();
+    one(store, text(direct.id, "bob", "b1", "ok")).await.unwrap();
+    assert_eq!(listed(store, "bob", direct.id).await.read_seq, 5);
+    assert_eq!(listed(store, "alice", direct.id).await.unread(), 1);
+
+    // A group: its creator has read the event that made it; the others
+    // have it to read; someone added later starts at the event adding them.
+    let members = ["alice".to_owned(), "bob".to_owned()];
+    let (group, _) = store.create_group("alice", "g", &members, 2_000).await.unwrap();
+    assert_eq!(listed(store, "alice", group.id).await.unread(), 0);
+    assert_eq!(listed(store, "bob", group.id).await.unread(), 1);
+    for i in 0..3 {
+        one(store, text(group.id, "bob", &format!("g{i}"), "x")).await.unwrap();
+    }
+    store
+        .change_members(group.id, "alice", MembershipChange::Add, &["carol".into()], 10, 3_000)
+        .await
+        .unwrap();
+    let carol = listed(store, "carol", group.id).await;
+    assert_eq!((carol.read_seq, carol.unread(), carol.last_seq), (4, 1, 5));
+    assert_eq!(carol.peer_read_seq, 0, "a group has no peer");
+    let markers = store.read_markers(group.id).await.unwrap();
+    assert_eq!(
+        markers,
+        vec![("alice".to_owned(), 5), ("bob".to_owned(), 4), ("carol".to_owned(), 4)]
+    );
+    // Leaving and coming back starts over at the event of the return.
+    store.mark_read(group.id, "carol", 5).await.unwrap();
+    store
+        .change_members(group.id, "carol", MembershipChange::Leave, &["carol".into()], 10, 3_000)
+        .await
+        .unwrap();
+    store
+        .change_members(group.id, "alice", MembershipChange::Add, &["carol".into()], 10, 3_000)
+        .await
+        .unwrap();
+    assert_eq!(listed(store, "carol", group.id).await.unread(), 1);
+}
+
+pub async fn pins_and_mutes_are_a_members_own(store: &dyn Store) {
+    let direct = store.open_direct("alice", "bob", 0).await.unwrap();
+    let s = store.pin(direct.id, "alice", true).await.unwrap();
+    assert_eq!(s, MemberSettings { muted_until_ms: 0, pinned: true });
+    let s = store.mute(direct.id, "alice", 9_000).await.unwrap();
+    assert_eq!(s, MemberSettings { muted_until_ms: 9_000, pinned: true });
+    let alice = listed(store, "alice", direct.id).await;
+    assert_eq!((alice.pinned, alice.muted_until_ms), (true, 9_000));
+    let bob = listed(store, "bob", direct.id).await;
+    assert_eq!((bob.pinned, bob.muted_until_ms), (false, 0));
+    assert!(matches!(
+        store.pin(direct.id, "carol", true).await,
+        Err(ChatError::NotMember(_))
+    ));
+    let s = store.pin(direct.id, "alice", false).await.unwrap();
+    assert_eq!(s, MemberSettings { muted_until_ms: 9_000, pinned: false });
+}
+
 /// Turns every check of the suite into a `#[tokio::test]`. `$open` is an
 /// async fn returning `(guard, store)`: the guard lives as long as the test
 /// (a temporary directory, a schema dropped afterwards) and the store gets
@@ -1020,6 +1120,8 @@ macro_rules! store_conformance {
             uploads_complete_once_are_used_by_their_owner_and_collected,
             push_tokens_follow_their_devices_and_mutes_their_members,
             the_badge_counts_what_no_device_has_seen,
+            read_markers_move_forward_and_count_the_unread,
+            pins_and_mutes_are_a_members_own,
         );
     };
     (@each $open:path: $($name:ident),* $(,)?) => {

@@ -14,8 +14,8 @@ use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use super::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
-    MembershipChange, NewMessage, RefreshRecord, Store, UserRecord, direct_key, history_bound,
-    history_page,
+    MemberSettings, MembershipChange, NewMessage, ReadMark, RefreshRecord, Store, UserRecord,
+    direct_key, history_bound, history_page,
 };
 use crate::bus::Revocation;
 use crate::error::ChatError;
@@ -62,6 +62,14 @@ struct Conversation {
     seq_floor: u64,
     /// seq → msg_id.
     messages: BTreeMap<u64, u64>,
+    created_at_ms: i64,
+}
+
+/// A member's own state of a conversation (`members`' columns).
+#[derive(Debug, Default, Clone, Copy)]
+struct MemberState {
+    settings: MemberSettings,
+    read_seq: u64,
 }
 
 #[derive(Debug)]
@@ -95,9 +103,9 @@ struct Inner {
     blobs: BTreeMap<String, BlobRecord>,
     /// (user, device) → its push token (`push_tokens`).
     push_tokens: BTreeMap<(String, String), PushTokenRecord>,
-    /// (conversation, member) → muted until (`members.muted_until`);
+    /// (conversation, member) → its mute, pin and read marker (`members`);
     /// removed with the membership.
-    mutes: HashMap<(u64, String), i64>,
+    member_state: HashMap<(u64, String), MemberState>,
 }
 
 impl MemoryStore {
@@ -133,8 +141,25 @@ impl Inner {
             owner: c.owner.clone(),
             members: c.members.iter().cloned().collect(),
             last_seq: last_seq(c),
-            muted_until_ms: 0,
+            ..ConversationRecord::default()
         })
+    }
+
+    /// A member's state, to change; None when `user` is not in the
+    /// conversation.
+    fn member_mut(&mut self, conversation_id: u64, user: &str) -> Option<&mut MemberState> {
+        let member = self
+            .conversations
+            .get(&conversation_id)
+            .is_some_and(|c| c.members.contains(user));
+        if !member {
+            return None;
+        }
+        Some(
+            self.member_state
+                .entry((conversation_id, user.to_owned()))
+                .or_default(),
+        )
     }
 
     fn inbox_head(&self, user: &str) -> u64 {
@@ -174,6 +199,10 @@ impl Inner {
         conv.messages.insert(seq, msg_id);
         let members: Vec<String> = conv.members.iter().cloned().collect();
         let message = m.stored(msg_id, seq);
+        // Whoever writes a message has read the conversation up to it.
+        if let Some(state) = self.member_mut(m.conversation_id, &m.sender_id) {
+            state.read_seq = state.read_seq.max(seq);
+        }
         self.messages.insert(
             msg_id,
             Stored {
@@ -245,6 +274,7 @@ impl Inner {
         name: &str,
         owner: &str,
         members: BTreeSet<String>,
+        now_ms: i64,
     ) -> u64 {
         self.last_conversation_id += 1;
         let id = self.last_conversation_id;
@@ -257,6 +287,7 @@ impl Inner {
                 members,
                 seq_floor: 0,
                 messages: BTreeMap::new(),
+                created_at_ms: now_ms,
             },
         );
         id
@@ -311,7 +342,7 @@ impl Store for MemoryStore {
         &self,
         a: &str,
         b: &str,
-        _now_ms: i64,
+        now_ms: i64,
     ) -> Result<ConversationRecord, ChatError> {
         let key = direct_key(a, b);
         let mut s = self.lock();
@@ -323,7 +354,7 @@ impl Store for MemoryStore {
                     return Err(no_such_users(&missing));
                 }
                 let members = BTreeSet::from([a.to_owned(), b.to_owned()]);
-                let id = s.new_conversation(pb::ConversationKind::Direct, "", "", members);
+                let id = s.new_conversation(pb::ConversationKind::Direct, "", "", members, now_ms);
                 s.direct.insert(key, id);
                 id
             }
@@ -344,7 +375,7 @@ impl Store for MemoryStore {
             return Err(no_such_users(&missing));
         }
         let set = members.iter().cloned().collect();
-        let id = s.new_conversation(pb::ConversationKind::Group, name, owner, set);
+        let id = s.new_conversation(pb::ConversationKind::Group, name, owner, set, now_ms);
         let event = pb::SystemEvent {
             kind: pb::SystemEventKind::GroupCreated as i32,
             actor: owner.to_owned(),
@@ -391,9 +422,17 @@ impl Store for MemoryStore {
                 members.remove(u);
             }
         }
-        if change != MembershipChange::Add {
-            for u in &changed {
-                s.mutes.remove(&(conversation_id, u.clone()));
+        for u in &changed {
+            let key = (conversation_id, u.clone());
+            if change == MembershipChange::Add {
+                // What came before the member joined is not theirs to read.
+                let state = MemberState {
+                    read_seq: before.last_seq,
+                    ..MemberState::default()
+                };
+                s.member_state.insert(key, state);
+            } else {
+                s.member_state.remove(&key);
             }
         }
         let event = membership_event(change, actor, &changed);
@@ -414,10 +453,76 @@ impl Store for MemoryStore {
         Ok(s.conversations
             .iter()
             .filter(|(_, c)| c.members.contains(user))
-            .filter_map(|(id, _)| s.record(*id))
-            .map(|c| ConversationRecord {
-                muted_until_ms: s.mutes.get(&(c.id, user.to_owned())).copied().unwrap_or(0),
-                ..c
+            .filter_map(|(id, conv)| {
+                let record = s.record(*id)?;
+                let state = |u: &str| {
+                    s.member_state
+                        .get(&(*id, u.to_owned()))
+                        .copied()
+                        .unwrap_or_default()
+                };
+                let mine = state(user);
+                let peer_read_seq = match conv.kind {
+                    pb::ConversationKind::Direct => record
+                        .members
+                        .iter()
+                        .find(|m| *m != user)
+                        .map_or(0, |peer| state(peer).read_seq),
+                    _ => 0,
+                };
+                let last_message = conv
+                    .messages
+                    .last_key_value()
+                    .and_then(|(_, msg_id)| s.messages.get(msg_id))
+                    .map(|stored| stored.message.clone());
+                let last_activity_ms = last_message
+                    .as_ref()
+                    .map_or(conv.created_at_ms, |m| m.server_time_ms);
+                Some(ConversationRecord {
+                    muted_until_ms: mine.settings.muted_until_ms,
+                    pinned: mine.settings.pinned,
+                    read_seq: mine.read_seq,
+                    peer_read_seq,
+                    last_message,
+                    last_activity_ms,
+                    ..record
+                })
+            })
+            .collect())
+    }
+
+    async fn mark_read(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        seq: u64,
+    ) -> Result<ReadMark, ChatError> {
+        let mut s = self.lock();
+        let newest = s.conversations.get(&conversation_id).map_or(0, last_seq);
+        let state = s
+            .member_mut(conversation_id, user)
+            .ok_or(ChatError::NotMember(conversation_id))?;
+        let wanted = seq.min(newest);
+        let moved = wanted > state.read_seq;
+        state.read_seq = state.read_seq.max(wanted);
+        Ok(ReadMark {
+            seq: state.read_seq,
+            moved,
+        })
+    }
+
+    async fn read_markers(&self, conversation_id: u64) -> Result<Vec<(String, u64)>, ChatError> {
+        let s = self.lock();
+        let Some(conv) = s.conversations.get(&conversation_id) else {
+            return Ok(Vec::new());
+        };
+        Ok(conv
+            .members
+            .iter()
+            .map(|u| {
+                let key = (conversation_id, u.clone());
+                let read = s.member_state.get(&key).map_or(0, |m| m.read_seq);
+                (u.clone(), read)
             })
             .collect())
     }
@@ -727,17 +832,32 @@ impl Store for MemoryStore {
         }))
     }
 
-    async fn mute(&self, conversation_id: u64, user: &str, until_ms: i64) -> Result<(), ChatError> {
+    async fn mute(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        until_ms: i64,
+    ) -> Result<MemberSettings, ChatError> {
         let mut s = self.lock();
-        let member = s
-            .conversations
-            .get(&conversation_id)
-            .is_some_and(|c| c.members.contains(user));
-        if !member {
-            return Err(ChatError::NotMember(conversation_id));
-        }
-        s.mutes.insert((conversation_id, user.to_owned()), until_ms);
-        Ok(())
+        let state = s
+            .member_mut(conversation_id, user)
+            .ok_or(ChatError::NotMember(conversation_id))?;
+        state.settings.muted_until_ms = until_ms;
+        Ok(state.settings)
+    }
+
+    async fn pin(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        pinned: bool,
+    ) -> Result<MemberSettings, ChatError> {
+        let mut s = self.lock();
+        let state = s
+            .member_mut(conversation_id, user)
+            .ok_or(ChatError::NotMember(conversation_id))?;
+        state.settings.pinned = pinned;
+        Ok(state.settings)
     }
 
     async fn push_audience(&self, q: &AudienceQuery) -> Result<PushAudience, ChatError> {
@@ -766,9 +886,9 @@ impl Store for MemoryStore {
                 .insert(user.clone(), s.inbox_head(user).saturating_sub(seen));
         }
         for (user, conversation) in &q.conversations {
-            if s.mutes
+            if s.member_state
                 .get(&(*conversation, user.clone()))
-                .is_some_and(|until| *until > q.now_ms)
+                .is_some_and(|m| m.settings.muted_until_ms > q.now_ms)
             {
                 audience.muted.insert((user.clone(), *conversation));
             }
