@@ -746,9 +746,43 @@ async fn chat_command(client: &parley_client::Client, conv: u64, line: &str) -> 
                 "-- this device is woken through the push webhook as {token:?} while you are offline"
             );
         }
+        Some(cmd @ ("/pin" | "/unpin")) => {
+            client.pin(conv, cmd == "/pin").await?;
+            println!("-- {}ned", &cmd[1..]);
+        }
+        Some("/list") => {
+            let list = client.conversations(0, "").await?;
+            for c in &list.conversations {
+                let name = match c.kind() {
+                    pb::ConversationKind::Direct => c.members.join(" & "),
+                    _ => format!("{} ({} members)", c.name, c.members.len()),
+                };
+                let last = c.last_message.as_ref().map(render).unwrap_or_default();
+                let pin = if c.pinned { "^ " } else { "" };
+                println!("{pin}{} {name}: {} unread  {last}", c.id, c.unread_count);
+            }
+            println!("-- {} unread in all", list.total_unread);
+        }
+        Some("/receipts") => {
+            let seq: u64 = words
+                .next()
+                .and_then(|w| w.parse().ok())
+                .context("/receipts SEQ")?;
+            let r = client.receipts(conv, seq).await?;
+            let names = if r.readers.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.readers.join(", "))
+            };
+            println!(
+                "-- message {seq} read by {} of {}{names}",
+                r.read_count, r.others
+            );
+        }
         _ => println!(
-            "commands: /file PATH [caption], /save SEQ [PATH], /mute [HOURS], /unmute, \
-             /previews [on|off], /push TOKEN (the webhook's), other lines are sent as text"
+            "commands: /file PATH [caption], /save SEQ [PATH], /mute [HOURS], /unmute, /pin, \
+             /unpin, /list (conversations and unread counts), /receipts SEQ, /previews [on|off], \
+             /push TOKEN (the webhook's), other lines are sent as text"
         ),
     }
     Ok(())
@@ -773,9 +807,19 @@ async fn chat(who: ChatArgs) -> anyhow::Result<()> {
             client.user_id()
         );
     }
+    // What is shown is read: the marker follows, at most once a second.
+    let mut read_up_to = newest_shown;
+    let mut marked = 0;
+    let mut mark_tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         tokio::select! {
+            _ = mark_tick.tick(), if read_up_to > marked => {
+                match client.mark_read(conv, read_up_to).await {
+                    Ok(_) => marked = read_up_to,
+                    Err(e) => eprintln!("! read marker not moved: {e}"),
+                }
+            }
             line = lines.next_line() => match line? {
                 Some(text) if text.trim().is_empty() => {}
                 Some(text) if text.starts_with('/') => {
@@ -797,6 +841,10 @@ async fn chat(who: ChatArgs) -> anyhow::Result<()> {
                     if !shown.contains(&message.seq) {
                         println!("{}", render(&message));
                     }
+                    read_up_to = read_up_to.max(message.seq);
+                }
+                Some(Event::Read(r)) if r.conversation_id == conv && r.user != client.user_id() => {
+                    println!("-- {} read up to {}", r.user, r.seq);
                 }
                 Some(Event::Disconnected { reason }) => eprintln!("! disconnected ({reason}); reconnecting"),
                 Some(Event::Closed(e)) => bail!("the server ended this session: {e}"),

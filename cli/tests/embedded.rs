@@ -22,6 +22,8 @@ const WAIT: Duration = Duration::from_secs(20);
 mod media;
 #[path = "embedded/push.rs"]
 mod push;
+#[path = "embedded/receipts.rs"]
+mod receipts;
 
 struct World {
     _dir: tempfile::TempDir,

@@ -121,6 +121,13 @@ pub enum Event {
     },
     /// A catch-up ended; `complete = false` means retention removed part of it.
     Synced(pb::SyncDone),
+    /// A member's read marker moved: the peer's (messages up to `seq`
+    /// were read), or the user's own on another device (clear the unread
+    /// count up to it). Not stored: after a reconnect, list the
+    /// conversations again for the markers as they stand.
+    Read(pb::ReadReceipt),
+    /// The user pinned or muted a conversation on another device.
+    Settings(pb::ConversationSettings),
     /// The connection dropped, or a reconnect was refused for now (the
     /// user has the most devices online the server allows: the reason says
     /// so, and it comes again at each refused try, about every 30 s); the
@@ -582,6 +589,63 @@ impl Client {
             muted_until_ms: until_ms,
         };
         self.request(Req::Mute(req)).await.map(drop)
+    }
+
+    /// Pins (or unpins) a conversation at the top of the list, on every
+    /// device of the user.
+    pub async fn pin(&self, conversation_id: u64, pinned: bool) -> Result<(), ClientError> {
+        let req = pb::PinConversation {
+            conversation_id,
+            pinned,
+        };
+        self.request(Req::Pin(req)).await.map(drop)
+    }
+
+    /// Marks a conversation read up to `seq` (the newest message shown):
+    /// the user's marker as it now stands (it never moves back).
+    pub async fn mark_read(&self, conversation_id: u64, seq: u64) -> Result<u64, ClientError> {
+        let req = pb::MarkRead {
+            conversation_id,
+            seq,
+        };
+        match self.request(Req::MarkRead(req)).await? {
+            Resp::ReadReceipt(r) => Ok(r.seq),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Who has read message `seq` of a conversation.
+    pub async fn receipts(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<pb::Receipts, ClientError> {
+        let req = pb::ReceiptsRequest {
+            conversation_id,
+            seq,
+        };
+        match self.request(Req::Receipts(req)).await? {
+            Resp::Receipts(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A page of the user's conversations (pinned first, then the newest
+    /// activity), at most `limit` (0: all), after `page` (a `next_page`;
+    /// empty: the first).
+    pub async fn conversations(
+        &self,
+        limit: u32,
+        page: &str,
+    ) -> Result<pb::ConversationList, ClientError> {
+        let req = pb::ListConversations {
+            limit,
+            page: page.into(),
+        };
+        match self.request(Req::ListConversations(req)).await? {
+            Resp::Conversations(l) => Ok(l),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Closes the connection for good.
@@ -1143,6 +1207,12 @@ impl Engine {
                         }
                         Some(Resp::Pong(_)) => {}
                         None => {}
+                        Some(Resp::ReadReceipt(r)) if frame.request_id == 0 => {
+                            let _ = self.events.send(Event::Read(r)).await;
+                        }
+                        Some(Resp::ConversationSettings(c)) if frame.request_id == 0 => {
+                            let _ = self.events.send(Event::Settings(c)).await;
+                        }
                         Some(body) => {
                             if let Some(p) = self.pending.remove(&frame.request_id) {
                                 let _ = p.reply.send(Ok(body));

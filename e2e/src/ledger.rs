@@ -19,6 +19,8 @@ pub struct DeviceLog {
     pub received_at: Vec<Instant>,
     pub connects: u32,
     pub disconnects: u32,
+    /// Read receipts pushed to the device, in order.
+    pub receipts: Vec<pb::ReadReceipt>,
 }
 
 /// Records the events of many devices, each under a name ("user/device").
@@ -43,7 +45,8 @@ impl Recorder {
                     }
                     Event::Connected { .. } => log.connects += 1,
                     Event::Disconnected { .. } | Event::Closed(_) => log.disconnects += 1,
-                    Event::Synced(_) | Event::Tokens(_) => {}
+                    Event::Read(r) => log.receipts.push(r),
+                    Event::Synced(_) | Event::Tokens(_) | Event::Settings(_) => {}
                 }
             }
         });

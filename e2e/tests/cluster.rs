@@ -298,6 +298,56 @@ async fn one_to_one_and_group_messages_cross_gateways_exactly_once_in_order() {
         assert_eq!(order(d), reference, "{d} saw another order");
     }
 
+    // Bob (gateway 1) reads the group and the direct conversation: every
+    // other member's devices hear of it on their gateways, through the
+    // broker, and the lists show it.
+    let newest = |conv: u64| {
+        rec.log("bob/phone")
+            .messages
+            .iter()
+            .filter(|m| m.conversation_id == conv)
+            .map(|m| m.seq)
+            .max()
+            .unwrap()
+    };
+    let (group_seq, direct_seq) = (newest(group), newest(direct));
+    assert_eq!(bob.mark_read(group, group_seq).await.unwrap(), group_seq);
+    bob.mark_read(direct, direct_seq).await.unwrap();
+    let told = |device: &str, conv: u64, seq: u64| {
+        rec.log(device)
+            .receipts
+            .iter()
+            .any(|r| r.conversation_id == conv && r.user == "bob" && r.seq == seq)
+    };
+    let heard = tokio::time::timeout(SETTLE, async {
+        loop {
+            let group_told = ["ann/laptop", "cyd/phone", "dan/tablet", "dan/phone"]
+                .iter()
+                .all(|d| told(d, group, group_seq));
+            if group_told && told("ann/phone", direct, direct_seq) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        heard.is_ok(),
+        "a read receipt did not reach every member's devices"
+    );
+    let listed = cyd.conversations(0, "").await.unwrap();
+    let in_group = listed.conversations.iter().find(|c| c.id == group).unwrap();
+    assert_eq!(in_group.unread_count, group_seq - in_group.read_seq);
+    let listed = ann_phone.conversations(0, "").await.unwrap();
+    let with_bob = listed
+        .conversations
+        .iter()
+        .find(|c| c.id == direct)
+        .unwrap();
+    assert_eq!(with_bob.peer_read_seq, direct_seq);
+    let r = ann_phone.receipts(group, group_seq).await.unwrap();
+    assert!(r.readers.contains(&"bob".to_owned()), "{r:?}");
+
     // Ann's phone logs in again on another gateway: its connection on
     // gateway 0 gets DEVICE_REPLACED (the SDK stops, it does not fight
     // back), and the new one is the phone from then on.

@@ -145,7 +145,10 @@ async fn deliveries_reach_only_their_gateway_and_events_their_exchange() {
     bus.signal(Some("g2"), vec![to(&["cy"], 1)]).await.unwrap();
     bus.signal(None, vec![to(&["ann", "cy"], 2)]).await.unwrap();
     let got = signals(g2.deliveries.recv()).await;
-    assert_eq!((got[0].users.as_slice(), &got[0].frame), (&["cy".to_owned()][..], &receipt(1)));
+    assert_eq!(
+        (got[0].users.as_slice(), &got[0].frame),
+        (&["cy".to_owned()][..], &receipt(1))
+    );
     for feed in [&mut g1, &mut g2] {
         let got = signals(feed.deliveries.recv()).await;
         assert_eq!(got[0].users, vec!["ann".to_owned(), "cy".to_owned()]);

@@ -25,8 +25,8 @@ use parley_core::membership::{
 use parley_core::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
 use parley_core::store::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
-    MemberSettings, MembershipChange, NewMessage, ReadMark, RefreshRecord, Store, UserRecord, direct_key, history_bound,
-    history_page,
+    MemberSettings, MembershipChange, NewMessage, ReadMark, RefreshRecord, Store, UserRecord,
+    direct_key, history_bound, history_page,
 };
 use parley_core::{ChatError, Revocation};
 
@@ -789,9 +789,7 @@ impl Store for PgStore {
             .map(|r| {
                 let id: i64 = r.try_get(0).db()?;
                 let has_message = r.try_get::<Option<i64>, _>(10).db()?.is_some();
-                let last_message = has_message
-                    .then(|| message_from_row(r, 10))
-                    .transpose()?;
+                let last_message = has_message.then(|| message_from_row(r, 10)).transpose()?;
                 let created_at: i64 = r.try_get(8).db()?;
                 Ok(ConversationRecord {
                     id: id as u64,

@@ -24,8 +24,8 @@ use parley_core::membership::{
 use parley_core::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
 use parley_core::store::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
-    MemberSettings, MembershipChange, NewMessage, ReadMark, RefreshRecord, Store, UserRecord, direct_key, history_bound,
-    history_page,
+    MemberSettings, MembershipChange, NewMessage, ReadMark, RefreshRecord, Store, UserRecord,
+    direct_key, history_bound, history_page,
 };
 use parley_core::{ChatError, Revocation};
 
@@ -257,8 +257,7 @@ async fn insert_member(
 
 /// Moves a member's read marker up to `seq` (`?1`) of conversation `?2`
 /// for user `?3`, never back: a member's own message moves it.
-pub(super) const READ_UP_TO: &str =
-    "UPDATE members SET read_seq = ?1 WHERE conversation_id = ?2 AND user_id = ?3 AND read_seq < ?1";
+pub(super) const READ_UP_TO: &str = "UPDATE members SET read_seq = ?1 WHERE conversation_id = ?2 AND user_id = ?3 AND read_seq < ?1";
 
 /// Writes a message at `seq` and one inbox entry per member.
 async fn insert_message(
@@ -484,8 +483,7 @@ impl Store for SqliteStore {
         for u in &changed {
             if change == MembershipChange::Add {
                 // What came before the member joined is not theirs to read.
-                insert_member(&mut tx, conversation_id as i64, u, before.last_seq, now_ms)
-                    .await?;
+                insert_member(&mut tx, conversation_id as i64, u, before.last_seq, now_ms).await?;
             } else {
                 sqlx::query("DELETE FROM members WHERE conversation_id = ? AND user_id = ?")
                     .bind(conversation_id as i64)

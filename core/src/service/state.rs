@@ -84,10 +84,7 @@ impl ChatService {
             String::new()
         };
         Ok(pb::ConversationList {
-            conversations: all
-                .drain(start..end)
-                .map(pb::Conversation::from)
-                .collect(),
+            conversations: all.drain(start..end).map(pb::Conversation::from).collect(),
             total_unread,
             next_page,
         })
@@ -171,7 +168,11 @@ impl ChatService {
     }
 
     /// Mutes a conversation's notifications for the user (all devices).
-    pub(super) async fn mute(&self, user: &str, req: pb::MuteConversation) -> Result<(), ChatError> {
+    pub(super) async fn mute(
+        &self,
+        user: &str,
+        req: pb::MuteConversation,
+    ) -> Result<(), ChatError> {
         let until = mute_until(req.muted_until_ms, now_ms());
         let settings = self.store.mute(req.conversation_id, user, until).await?;
         self.settings_changed(user, req.conversation_id, settings)
@@ -246,7 +247,11 @@ mod tests {
     fn a_page_token_reads_back_as_the_rank_it_was_made_from() {
         for r in [
             (Reverse(true), Reverse(0), Reverse(1)),
-            (Reverse(false), Reverse(1_700_000_000_123), Reverse(u64::MAX)),
+            (
+                Reverse(false),
+                Reverse(1_700_000_000_123),
+                Reverse(u64::MAX),
+            ),
             (Reverse(false), Reverse(-5), Reverse(7)),
         ] {
             assert_eq!(parse_page(&page_token(r)).unwrap(), r);

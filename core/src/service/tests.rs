@@ -728,3 +728,251 @@ async fn refresh_tokens_rotate_and_a_stolen_copy_logs_the_device_out() {
         ErrorCode::SessionRevoked
     );
 }
+
+/// The signals a gateway's queue handed over, as (users, frame body).
+fn signals(d: Option<Dispatch>) -> Vec<(Vec<String>, Resp)> {
+    match d {
+        Some(Dispatch::Signals(s)) => s
+            .into_iter()
+            .map(|s| (s.users, s.frame.body.clone().expect("a body")))
+            .collect(),
+        other => panic!("expected signals, got {other:?}"),
+    }
+}
+
+fn list(resp: Resp) -> pb::ConversationList {
+    match resp {
+        Resp::Conversations(l) => l,
+        other => panic!("expected a list, got {other:?}"),
+    }
+}
+
+/// A read marker moves forward only, its receipt reaches the reader's other
+/// devices and the peer's (on the gateways holding them, and only there),
+/// and the lists of both show it.
+#[tokio::test]
+async fn reading_moves_the_marker_and_tells_both_sides() {
+    let w = world(ChatConfig::default()).await;
+    let mut gw1 = w.bus.subscribe("gw1", 16);
+    let mut gw2 = w.bus.subscribe("gw2", 16);
+    for (user, gw) in [("alice", "gw1"), ("bob", "gw2")] {
+        let session = Session::new(user, "phone", gw, 1);
+        w.presence.online(&session).await.unwrap();
+    }
+    let direct = w.store.open_direct("alice", "bob", 0).await.unwrap();
+    for i in 1..=3 {
+        ack_of(&w.chat, "alice", send(direct.id, &format!("m{i}"), "hi")).await;
+    }
+    while gw1.try_recv().is_ok() || gw2.try_recv().is_ok() {}
+
+    let read = |seq| {
+        Req::MarkRead(pb::MarkRead {
+            conversation_id: direct.id,
+            seq,
+        })
+    };
+    let Resp::ReadReceipt(r) = w.chat.call("bob", "phone", read(2)).await.unwrap() else {
+        panic!("a receipt")
+    };
+    assert_eq!((r.user.as_str(), r.seq), ("bob", 2));
+    let expect = |got: Vec<(Vec<String>, Resp)>, users: &[&str]| {
+        assert_eq!(got.len(), 1);
+        let (to, body) = &got[0];
+        assert_eq!(
+            to,
+            &users.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>()
+        );
+        let Resp::ReadReceipt(r) = body else {
+            panic!("a receipt, got {body:?}")
+        };
+        assert_eq!(
+            (r.conversation_id, r.user.as_str(), r.seq),
+            (direct.id, "bob", 2)
+        );
+    };
+    expect(signals(gw1.recv().await), &["alice"]);
+    expect(signals(gw2.recv().await), &["bob"]);
+
+    // Behind the marker: answered with where it stands, told to nobody.
+    let Resp::ReadReceipt(r) = w.chat.call("bob", "phone", read(1)).await.unwrap() else {
+        panic!("a receipt")
+    };
+    assert_eq!(r.seq, 2);
+    assert!(gw1.try_recv().is_err() && gw2.try_recv().is_err());
+    assert_eq!(
+        code(w.chat.call("carol", "d", read(1)).await),
+        ErrorCode::NotMember
+    );
+
+    let mine = list(
+        w.chat
+            .call("alice", "phone", Req::ListConversations(Default::default()))
+            .await
+            .unwrap(),
+    );
+    let c = &mine.conversations[0];
+    assert_eq!((c.read_seq, c.unread_count, c.peer_read_seq), (3, 0, 2));
+    let theirs = list(
+        w.chat
+            .call("bob", "phone", Req::ListConversations(Default::default()))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (theirs.conversations[0].unread_count, theirs.total_unread),
+        (1, 1)
+    );
+
+    // Receipts name the readers other than the sender.
+    let receipts = |seq| {
+        Req::Receipts(pb::ReceiptsRequest {
+            conversation_id: direct.id,
+            seq,
+        })
+    };
+    let Resp::Receipts(r) = w.chat.call("alice", "phone", receipts(2)).await.unwrap() else {
+        panic!("receipts")
+    };
+    assert_eq!(
+        (r.read_count, r.others, r.readers),
+        (1, 1, vec!["bob".to_owned()])
+    );
+    let Resp::Receipts(r) = w.chat.call("alice", "phone", receipts(3)).await.unwrap() else {
+        panic!("receipts")
+    };
+    assert_eq!((r.read_count, r.others), (0, 1));
+    assert_eq!(
+        code(w.chat.call("alice", "phone", receipts(9)).await),
+        ErrorCode::NotFound
+    );
+}
+
+/// Past the receipt limit a group's members are not told of each other's
+/// reads, and receipts carry a count without names.
+#[tokio::test]
+async fn a_large_group_counts_its_readers_without_naming_them() {
+    let w = world(ChatConfig {
+        receipt_group_limit: 2,
+        ..ChatConfig::default()
+    })
+    .await;
+    let mut gw1 = w.bus.subscribe("gw1", 16);
+    for user in ["alice", "bob"] {
+        let session = Session::new(user, "phone", "gw1", 1);
+        w.presence.online(&session).await.unwrap();
+    }
+    let group = w
+        .chat
+        .create_group("alice", "g", vec!["bob".into(), "carol".into()])
+        .await
+        .unwrap();
+    let ack = ack_of(&w.chat, "alice", send(group.id, "m1", "hi")).await;
+    while gw1.try_recv().is_ok() {}
+    w.chat
+        .call(
+            "bob",
+            "phone",
+            Req::MarkRead(pb::MarkRead {
+                conversation_id: group.id,
+                seq: ack.seq,
+            }),
+        )
+        .await
+        .unwrap();
+    let got = signals(gw1.recv().await);
+    assert_eq!(got[0].0, vec!["bob".to_owned()], "only bob's own devices");
+    let req = Req::Receipts(pb::ReceiptsRequest {
+        conversation_id: group.id,
+        seq: ack.seq,
+    });
+    let Resp::Receipts(r) = w.chat.call("alice", "phone", req).await.unwrap() else {
+        panic!("receipts")
+    };
+    assert_eq!((r.read_count, r.others, r.readers.len()), (1, 2, 0));
+}
+
+/// Pinned conversations come first, then the newest activity; pages follow
+/// one another without a gap or a repeat; pins and mutes reach the user's
+/// own devices; muted conversations stay out of the unread total.
+#[tokio::test]
+async fn the_list_is_ordered_paged_and_settings_follow_the_user() {
+    let w = world(ChatConfig::default()).await;
+    let mut gw1 = w.bus.subscribe("gw1", 16);
+    w.presence
+        .online(&Session::new("alice", "phone", "gw1", 1))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for peer in ["bob", "carol"] {
+        let c = w.store.open_direct("alice", peer, 0).await.unwrap();
+        ids.push(c.id);
+    }
+    let group = w
+        .chat
+        .create_group("bob", "g", vec!["alice".into()])
+        .await
+        .unwrap();
+    ids.push(group.id);
+    // Activity: carol's conversation last, then the group, then bob's.
+    ack_of(&w.chat, "bob", send(ids[0], "b1", "hi")).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    ack_of(&w.chat, "bob", send(ids[2], "g1", "hi")).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    ack_of(&w.chat, "carol", send(ids[1], "c1", "hi")).await;
+    while gw1.try_recv().is_ok() {}
+
+    let page = |limit, page: &str| {
+        Req::ListConversations(pb::ListConversations {
+            limit,
+            page: page.into(),
+        })
+    };
+    let order = |l: &pb::ConversationList| l.conversations.iter().map(|c| c.id).collect::<Vec<_>>();
+    let all = list(w.chat.call("alice", "phone", page(0, "")).await.unwrap());
+    assert_eq!(order(&all), vec![ids[1], ids[2], ids[0]]);
+    assert_eq!(all.total_unread, 4, "one each, and the group's creation");
+    assert_eq!(all.next_page, "");
+    let last = all.conversations[0].last_message.as_ref().expect("newest");
+    assert_eq!(last.client_msg_id, "c1");
+
+    let pin = Req::Pin(pb::PinConversation {
+        conversation_id: ids[0],
+        pinned: true,
+    });
+    w.chat.call("alice", "phone", pin).await.unwrap();
+    let got = signals(gw1.recv().await);
+    assert!(
+        matches!(&got[0].1, Resp::ConversationSettings(s) if s.pinned && s.conversation_id == ids[0]),
+        "{got:?}"
+    );
+    let mute = Req::Mute(pb::MuteConversation {
+        conversation_id: ids[2],
+        muted_until_ms: i64::MAX,
+    });
+    w.chat.call("alice", "phone", mute).await.unwrap();
+    let got = signals(gw1.recv().await);
+    assert!(
+        matches!(&got[0].1, Resp::ConversationSettings(s) if s.muted_until_ms == i64::MAX && !s.pinned),
+        "{got:?}"
+    );
+
+    let first = list(w.chat.call("alice", "phone", page(2, "")).await.unwrap());
+    assert_eq!(order(&first), vec![ids[0], ids[1]], "the pinned one first");
+    assert_eq!(first.total_unread, 2, "the muted group is left out");
+    let rest = list(
+        w.chat
+            .call("alice", "phone", page(2, &first.next_page))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(order(&rest), vec![ids[2]]);
+    assert_eq!(rest.next_page, "");
+    assert_eq!(
+        code(w.chat.call("alice", "phone", page(2, "garbage")).await),
+        ErrorCode::InvalidArgument
+    );
+}
+
+fn code(r: Result<Resp, crate::ChatError>) -> ErrorCode {
+    r.unwrap_err().code()
+}

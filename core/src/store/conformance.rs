@@ -1010,7 +1010,10 @@ async fn listed(store: &dyn Store, user: &str, conversation: u64) -> Conversatio
 pub async fn read_markers_move_forward_and_count_the_unread(store: &dyn Store) {
     let direct = store.open_direct("alice", "bob", 0).await.unwrap();
     let fresh = listed(store, "alice", direct.id).await;
-    assert_eq!((fresh.read_seq, fresh.unread(), fresh.last_message), (0, 0, None));
+    assert_eq!(
+        (fresh.read_seq, fresh.unread(), fresh.last_message),
+        (0, 0, None)
+    );
     let batch = (1..=3)
         .map(|i| text(direct.id, "alice", &format!("a{i}"), &format!("hi {i}")))
         .collect();
@@ -1020,17 +1023,40 @@ pub async fn read_markers_move_forward_and_count_the_unread(store: &dyn Store) {
     assert_eq!(alice.unread(), 0);
     assert_eq!(alice.peer_read_seq, 0);
     let newest = alice.last_message.clone().expect("a newest message");
-    assert_eq!((newest.seq, newest.content.unwrap().as_text()), (3, Some("hi 3")));
+    assert_eq!(
+        (newest.seq, newest.content.unwrap().as_text()),
+        (3, Some("hi 3"))
+    );
     assert_eq!(alice.last_activity_ms, 1_000);
     let bob = listed(store, "bob", direct.id).await;
     assert_eq!((bob.read_seq, bob.unread()), (0, 3));
 
     let mark = store.mark_read(direct.id, "bob", 2).await.unwrap();
-    assert_eq!(mark, ReadMark { seq: 2, moved: true });
+    assert_eq!(
+        mark,
+        ReadMark {
+            seq: 2,
+            moved: true
+        }
+    );
     let mark = store.mark_read(direct.id, "bob", 1).await.unwrap();
-    assert_eq!(mark, ReadMark { seq: 2, moved: false }, "never back");
+    assert_eq!(
+        mark,
+        ReadMark {
+            seq: 2,
+            moved: false
+        },
+        "never back"
+    );
     let mark = store.mark_read(direct.id, "bob", 99).await.unwrap();
-    assert_eq!(mark, ReadMark { seq: 3, moved: true }, "never past the newest");
+    assert_eq!(
+        mark,
+        ReadMark {
+            seq: 3,
+            moved: true
+        },
+        "never past the newest"
+    );
     assert_eq!(listed(store, "bob", direct.id).await.unread(), 0);
     assert_eq!(listed(store, "alice", direct.id).await.peer_read_seq, 3);
     assert!(matches!(
@@ -1039,22 +1065,38 @@ pub async fn read_markers_move_forward_and_count_the_unread(store: &dyn Store) {
     ));
 
     // A reply moves the replier's marker past what it answers.
-    one(store, text(direct.id, "alice", "a4", "more")).await.unwrap();
-    one(store, text(direct.id, "bob", "b1", "ok")).await.unwrap();
+    one(store, text(direct.id, "alice", "a4", "more"))
+        .await
+        .unwrap();
+    one(store, text(direct.id, "bob", "b1", "ok"))
+        .await
+        .unwrap();
     assert_eq!(listed(store, "bob", direct.id).await.read_seq, 5);
     assert_eq!(listed(store, "alice", direct.id).await.unread(), 1);
 
     // A group: its creator has read the event that made it; the others
     // have it to read; someone added later starts at the event adding them.
     let members = ["alice".to_owned(), "bob".to_owned()];
-    let (group, _) = store.create_group("alice", "g", &members, 2_000).await.unwrap();
+    let (group, _) = store
+        .create_group("alice", "g", &members, 2_000)
+        .await
+        .unwrap();
     assert_eq!(listed(store, "alice", group.id).await.unread(), 0);
     assert_eq!(listed(store, "bob", group.id).await.unread(), 1);
     for i in 0..3 {
-        one(store, text(group.id, "bob", &format!("g{i}"), "x")).await.unwrap();
+        one(store, text(group.id, "bob", &format!("g{i}"), "x"))
+            .await
+            .unwrap();
     }
     store
-        .change_members(group.id, "alice", MembershipChange::Add, &["carol".into()], 10, 3_000)
+        .change_members(
+            group.id,
+            "alice",
+            MembershipChange::Add,
+            &["carol".into()],
+            10,
+            3_000,
+        )
         .await
         .unwrap();
     let carol = listed(store, "carol", group.id).await;
@@ -1063,16 +1105,34 @@ pub async fn read_markers_move_forward_and_count_the_unread(store: &dyn Store) {
     let markers = store.read_markers(group.id).await.unwrap();
     assert_eq!(
         markers,
-        vec![("alice".to_owned(), 5), ("bob".to_owned(), 4), ("carol".to_owned(), 4)]
+        vec![
+            ("alice".to_owned(), 5),
+            ("bob".to_owned(), 4),
+            ("carol".to_owned(), 4)
+        ]
     );
     // Leaving and coming back starts over at the event of the return.
     store.mark_read(group.id, "carol", 5).await.unwrap();
     store
-        .change_members(group.id, "carol", MembershipChange::Leave, &["carol".into()], 10, 3_000)
+        .change_members(
+            group.id,
+            "carol",
+            MembershipChange::Leave,
+            &["carol".into()],
+            10,
+            3_000,
+        )
         .await
         .unwrap();
     store
-        .change_members(group.id, "alice", MembershipChange::Add, &["carol".into()], 10, 3_000)
+        .change_members(
+            group.id,
+            "alice",
+            MembershipChange::Add,
+            &["carol".into()],
+            10,
+            3_000,
+        )
         .await
         .unwrap();
     assert_eq!(listed(store, "carol", group.id).await.unread(), 1);
@@ -1081,9 +1141,21 @@ pub async fn read_markers_move_forward_and_count_the_unread(store: &dyn Store) {
 pub async fn pins_and_mutes_are_a_members_own(store: &dyn Store) {
     let direct = store.open_direct("alice", "bob", 0).await.unwrap();
     let s = store.pin(direct.id, "alice", true).await.unwrap();
-    assert_eq!(s, MemberSettings { muted_until_ms: 0, pinned: true });
+    assert_eq!(
+        s,
+        MemberSettings {
+            muted_until_ms: 0,
+            pinned: true
+        }
+    );
     let s = store.mute(direct.id, "alice", 9_000).await.unwrap();
-    assert_eq!(s, MemberSettings { muted_until_ms: 9_000, pinned: true });
+    assert_eq!(
+        s,
+        MemberSettings {
+            muted_until_ms: 9_000,
+            pinned: true
+        }
+    );
     let alice = listed(store, "alice", direct.id).await;
     assert_eq!((alice.pinned, alice.muted_until_ms), (true, 9_000));
     let bob = listed(store, "bob", direct.id).await;
@@ -1093,7 +1165,13 @@ pub async fn pins_and_mutes_are_a_members_own(store: &dyn Store) {
         Err(ChatError::NotMember(_))
     ));
     let s = store.pin(direct.id, "alice", false).await.unwrap();
-    assert_eq!(s, MemberSettings { muted_until_ms: 9_000, pinned: false });
+    assert_eq!(
+        s,
+        MemberSettings {
+            muted_until_ms: 9_000,
+            pinned: false
+        }
+    );
 }
 
 /// Turns every check of the suite into a `#[tokio::test]`. `$open` is an
