@@ -156,9 +156,10 @@ pub struct PushAudience {
     pub no_previews: HashSet<String>,
     /// The pairs of the query muted at its time.
     pub muted: HashSet<(String, u64)>,
-    /// Per recipient, the messages in their timeline after the furthest
-    /// cursor any of their devices acknowledged: what the badge counts.
-    pub unseen: HashMap<String, u64>,
+    /// Per recipient, the unread messages of every conversation not muted
+    /// at the query's time (the conversation list's `total_unread`): what
+    /// the badge counts.
+    pub unread: HashMap<String, u64>,
     /// Display names of the senders that have one.
     pub names: HashMap<String, String>,
 }

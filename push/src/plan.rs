@@ -95,7 +95,7 @@ pub fn plan(events: &[Offline], audience: &PushAudience) -> Vec<Notification> {
             continue;
         }
         let previews = !audience.no_previews.contains(&e.user);
-        let badge = audience.unseen.get(&e.user).copied().unwrap_or(0);
+        let badge = audience.unread.get(&e.user).copied().unwrap_or(0);
         for t in audience.tokens.iter().filter(|t| t.user == e.user) {
             let id = notification_id(m.msg_id, &t.user, &t.device);
             // A redelivered event inside one batch wakes a device once.
@@ -245,7 +245,7 @@ mod tests {
                 token("cy", "phone", pb::PushProvider::Webhook),
             ],
             names: HashMap::from([("ann".to_owned(), "Ann A.".to_owned())]),
-            unseen: HashMap::from([("bob".to_owned(), 4)]),
+            unread: HashMap::from([("bob".to_owned(), 4)]),
             ..PushAudience::default()
         }
     }

@@ -1363,20 +1363,27 @@ impl Store for PgStore {
         for row in rows {
             audience.tokens.push(PushTokenRecord::from_row(row)?);
         }
+        // The unread of every membership not muted now: a probe of the
+        // user's members rows, and of each conversation's row.
         let settings: Vec<(String, bool, i64)> = sqlx::query_as(
-            "SELECT u.id, u.push_previews, u.inbox_head - COALESCE(MAX(d.cursor), 0) \
-             FROM users u LEFT JOIN devices d ON d.user_id = u.id \
+            "SELECT u.id, u.push_previews, \
+                    COALESCE(SUM(GREATEST(c.last_seq - m.read_seq, 0)) \
+                             FILTER (WHERE m.muted_until <= $2), 0)::int8 \
+             FROM users u \
+             LEFT JOIN members m ON m.user_id = u.id \
+             LEFT JOIN conversations c ON c.id = m.conversation_id \
              WHERE u.id = ANY($1) GROUP BY u.id",
         )
         .bind(&q.users)
+        .bind(q.now_ms)
         .fetch_all(&mut *conn)
         .await
         .db()?;
-        for (user, previews, unseen) in settings {
+        for (user, previews, unread) in settings {
             if !previews {
                 audience.no_previews.insert(user.clone());
             }
-            audience.unseen.insert(user, unseen.max(0) as u64);
+            audience.unread.insert(user, unread.max(0) as u64);
         }
         if !q.conversations.is_empty() {
             let users: Vec<&str> = q.conversations.iter().map(|(u, _)| u.as_str()).collect();

@@ -1094,20 +1094,22 @@ impl Store for SqliteStore {
                 audience.tokens.push(PushTokenRecord::from_row(row)?);
             }
             let settings: Option<(bool, i64)> = sqlx::query_as(concat!(
-                "SELECT push_previews, ",
-                inbox_head!("?1"),
-                " - IFNULL((SELECT MAX(cursor) FROM devices WHERE user_id = ?1), 0) \
+                "SELECT push_previews, IFNULL((SELECT SUM(MAX(",
+                last_seq!("c.id"),
+                " - m.read_seq, 0)) FROM members m JOIN conversations c \
+                 ON c.id = m.conversation_id WHERE m.user_id = ?1 AND m.muted_until <= ?2), 0) \
                  FROM users WHERE id = ?1"
             ))
             .bind(user)
+            .bind(q.now_ms)
             .fetch_optional(&mut *conn)
             .await
             .db()?;
-            if let Some((previews, unseen)) = settings {
+            if let Some((previews, unread)) = settings {
                 if !previews {
                     audience.no_previews.insert(user.clone());
                 }
-                audience.unseen.insert(user.clone(), unseen.max(0) as u64);
+                audience.unread.insert(user.clone(), unread.max(0) as u64);
             }
         }
         for (user, conversation) in &q.conversations {

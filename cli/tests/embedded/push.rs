@@ -131,7 +131,7 @@ async fn an_offline_user_is_woken_once_per_message_and_device() {
         .collect();
     assert!(
         badges.iter().all(|b| (1..=3).contains(b)),
-        "the badge counts what no device saw: {badges:?}"
+        "the badge counts the unread: {badges:?}"
     );
     let ids: std::collections::HashSet<&str> = got.iter().map(|n| n.id.as_str()).collect();
     assert_eq!(ids.len(), 6, "every notification has its own id");

@@ -962,7 +962,7 @@ pub async fn push_tokens_follow_their_devices_and_mutes_their_members(store: &dy
     );
 }
 
-pub async fn the_badge_counts_what_no_device_has_seen(store: &dyn Store) {
+pub async fn the_badge_counts_the_unread_of_conversations_not_muted(store: &dyn Store) {
     store.create_user("dave", "Dave D.", 0).await.unwrap();
     let conv = store.open_direct("dave", "bob", 0).await.unwrap();
     for i in 0..3 {
@@ -970,6 +970,9 @@ pub async fn the_badge_counts_what_no_device_has_seen(store: &dyn Store) {
             .await
             .unwrap();
     }
+    let members = ["bob".to_owned(), "dave".to_owned()];
+    let (group, _) = store.create_group("dave", "g", &members, 0).await.unwrap();
+    one(store, text(group.id, "dave", "g1", "hi")).await.unwrap();
     let query = AudienceQuery {
         users: vec!["bob".into()],
         senders: vec!["dave".into()],
@@ -977,23 +980,20 @@ pub async fn the_badge_counts_what_no_device_has_seen(store: &dyn Store) {
         ..AudienceQuery::default()
     };
     let a = store.push_audience(&query).await.unwrap();
-    assert_eq!(
-        a.unseen.get("bob"),
-        Some(&3),
-        "no device of bob's saw anything"
-    );
+    assert_eq!(a.unread.get("bob"), Some(&5), "three, the group's creation and one");
     assert_eq!(a.names.get("dave").map(String::as_str), Some("Dave D."));
-    let cursor = |device: &str, cursor| DeviceCursor {
-        user: "bob".into(),
-        device: device.into(),
-        cursor,
-    };
-    store
-        .set_cursors(&[cursor("phone", 1), cursor("desk", 2)], 1)
-        .await
-        .unwrap();
+    store.mark_read(conv.id, "bob", 2).await.unwrap();
     let a = store.push_audience(&query).await.unwrap();
-    assert_eq!(a.unseen.get("bob"), Some(&1), "the desk saw two of three");
+    assert_eq!(a.unread.get("bob"), Some(&3), "two of them read");
+    store.mute(group.id, "bob", 2_000).await.unwrap();
+    let a = store.push_audience(&query).await.unwrap();
+    assert_eq!(a.unread.get("bob"), Some(&1), "the muted group does not count");
+    let later = AudienceQuery {
+        now_ms: 3_000,
+        ..query
+    };
+    let a = store.push_audience(&later).await.unwrap();
+    assert_eq!(a.unread.get("bob"), Some(&3), "until its mute ends");
 }
 
 /// The list entry of `conversation` in `user`'s list.
@@ -1197,7 +1197,7 @@ macro_rules! store_conformance {
             refresh_tokens_move_on_only_from_the_current_one,
             uploads_complete_once_are_used_by_their_owner_and_collected,
             push_tokens_follow_their_devices_and_mutes_their_members,
-            the_badge_counts_what_no_device_has_seen,
+            the_badge_counts_the_unread_of_conversations_not_muted,
             read_markers_move_forward_and_count_the_unread,
             pins_and_mutes_are_a_members_own,
         );

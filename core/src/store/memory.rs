@@ -874,16 +874,24 @@ impl Store for MemoryStore {
             if !u.previews {
                 audience.no_previews.insert(user.clone());
             }
-            let seen = s
-                .devices
-                .range((user.clone(), String::new())..)
-                .take_while(|((u, _), _)| u == user)
-                .map(|(_, d)| d.cursor)
-                .max()
-                .unwrap_or(0);
-            audience
-                .unseen
-                .insert(user.clone(), s.inbox_head(user).saturating_sub(seen));
+            let unread = s
+                .conversations
+                .iter()
+                .filter(|(_, c)| c.members.contains(user))
+                .map(|(id, c)| {
+                    let state = s
+                        .member_state
+                        .get(&(*id, user.clone()))
+                        .copied()
+                        .unwrap_or_default();
+                    if state.settings.muted_until_ms > q.now_ms {
+                        0
+                    } else {
+                        last_seq(c).saturating_sub(state.read_seq)
+                    }
+                })
+                .sum();
+            audience.unread.insert(user.clone(), unread);
         }
         for (user, conversation) in &q.conversations {
             if s.member_state
