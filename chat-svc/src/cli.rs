@@ -86,6 +86,10 @@ struct ServeArgs {
     /// Remove messages older than this many days (0 keeps everything).
     #[arg(long, env = "PARLEY_RETENTION_DAYS", default_value_t = 0)]
     retention_days: u64,
+    /// Largest group whose members see each other's read receipts live and
+    /// by name (past it, only a count on request).
+    #[arg(long, env = "PARLEY_RECEIPT_GROUP_LIMIT", default_value_t = 100)]
+    receipt_group_limit: usize,
     /// Milliseconds between turning unready and closing the listeners.
     #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
     drain_pause_ms: u64,
@@ -216,6 +220,7 @@ where
         retention: (a.retention_days > 0)
             .then(|| Duration::from_secs(a.retention_days * 24 * 3600)),
         batch_linger: Duration::from_micros(a.batch_linger_us),
+        receipt_group_limit: a.receipt_group_limit,
         media: a.media.limits()?,
         blobs,
         ..ChatConfig::default()

@@ -128,6 +128,10 @@ struct UpArgs {
     /// Most members in a group.
     #[arg(long, env = "PARLEY_MAX_GROUP_MEMBERS", default_value_t = 1000)]
     max_group_members: usize,
+    /// Largest group whose members see each other's read receipts live and
+    /// by name (past it, only a count on request).
+    #[arg(long, env = "PARLEY_RECEIPT_GROUP_LIMIT", default_value_t = 100)]
+    receipt_group_limit: usize,
     /// Remove messages older than this many hours (0 keeps everything).
     #[arg(long, env = "PARLEY_RETENTION_HOURS", default_value_t = 0)]
     retention_hours: u64,
@@ -438,6 +442,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.token_secret_previous = args.token_secret_previous;
     cfg.token_leeway_secs = args.token_leeway_secs;
     cfg.chat.max_group_members = args.max_group_members;
+    cfg.chat.receipt_group_limit = args.receipt_group_limit;
     cfg.chat.retention =
         (args.retention_hours > 0).then(|| Duration::from_secs(args.retention_hours * 3600));
     cfg.gateway.max_frame_bytes = args.max_frame_bytes;
