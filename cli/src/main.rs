@@ -851,6 +851,9 @@ async fn chat(who: ChatArgs) -> anyhow::Result<()> {
                 Some(Event::Read(r)) if r.conversation_id == conv && r.user != client.user_id() => {
                     println!("-- {} read up to {}", r.user, r.seq);
                 }
+                Some(Event::Typing(t)) if t.conversation_id == conv && t.typing => {
+                    println!("-- {} is typing...", t.user);
+                }
                 Some(Event::Disconnected { reason }) => eprintln!("! disconnected ({reason}); reconnecting"),
                 Some(Event::Closed(e)) => bail!("the server ended this session: {e}"),
                 Some(Event::Synced(s)) if !s.complete => {

@@ -128,6 +128,9 @@ pub enum Event {
     Read(pb::ReadReceipt),
     /// The user pinned or muted a conversation on another device.
     Settings(pb::ConversationSettings),
+    /// Someone is typing in a conversation (until `expires_in_ms` from now,
+    /// a stop, or their next message there), or stopped.
+    Typing(pb::TypingIndicator),
     /// The connection dropped, or a reconnect was refused for now (the
     /// user has the most devices online the server allows: the reason says
     /// so, and it comes again at each refused try, about every 30 s); the
@@ -599,6 +602,16 @@ impl Client {
             pinned,
         };
         self.request(Req::Pin(req)).await.map(drop)
+    }
+
+    /// Says the user is typing in a conversation (again every 3 seconds
+    /// while it goes on), or stopped.
+    pub async fn typing(&self, conversation_id: u64, typing: bool) -> Result<(), ClientError> {
+        let req = pb::Typing {
+            conversation_id,
+            typing,
+        };
+        self.request(Req::Typing(req)).await.map(drop)
     }
 
     /// Marks a conversation read up to `seq` (the newest message shown):
@@ -1212,6 +1225,9 @@ impl Engine {
                         }
                         Some(Resp::ConversationSettings(c)) if frame.request_id == 0 => {
                             let _ = self.events.send(Event::Settings(c)).await;
+                        }
+                        Some(Resp::Typing(t)) => {
+                            let _ = self.events.send(Event::Typing(t)).await;
                         }
                         Some(body) => {
                             if let Some(p) = self.pending.remove(&frame.request_id) {

@@ -32,6 +32,6 @@ pub use media::{BlobRecord, BlobState, BlobStorage, MediaLimits};
 pub use metrics::{ChatMetrics, CodeLabel, code_label};
 pub use presence::{Located, MemoryPresence, Presence, Session};
 pub use redact::redact_urls;
-pub use service::{ChatConfig, ChatService, SendRequest, SyncPage, now_ms};
+pub use service::{ChatConfig, ChatService, SendRequest, SyncPage, TYPING_SHOWN, now_ms};
 pub use store::{MemoryStore, Store};
 pub use token::{TokenKeys, Verified};

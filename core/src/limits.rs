@@ -61,7 +61,7 @@ pub struct Limits {
     /// its own send bucket).
     pub sends_per_user: Option<Rate>,
     /// Reads of one user: history pages, catch-up requests (SyncRequest),
-    /// conversation and device lists, read markers and receipts.
+    /// conversation and device lists, read markers, receipts and typing.
     pub reads_per_user: Option<Rate>,
     /// Group operations of one user: creating, adding, removing, leaving,
     /// opening direct conversations, blocks, log-outs, push settings, mutes

@@ -511,6 +511,10 @@ impl ChatService {
                 Ok(Resp::Done(pb::Done {}))
             }
             Req::Receipts(r) => self.receipts(user, r).await.map(Resp::Receipts),
+            Req::Typing(t) => {
+                self.typing(user, t).await?;
+                Ok(Resp::Done(pb::Done {}))
+            }
             Req::Block(b) => {
                 ids::check_user_id(&b.user).map_err(ChatError::InvalidArgument)?;
                 if b.user == user {
@@ -739,3 +743,4 @@ mod state;
 mod tests;
 
 pub use send::SendRequest;
+pub use state::TYPING_SHOWN;

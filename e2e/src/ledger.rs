@@ -46,7 +46,8 @@ impl Recorder {
                     Event::Connected { .. } => log.connects += 1,
                     Event::Disconnected { .. } | Event::Closed(_) => log.disconnects += 1,
                     Event::Read(r) => log.receipts.push(r),
-                    Event::Synced(_) | Event::Tokens(_) | Event::Settings(_) => {}
+                    Event::Synced(_) | Event::Tokens(_) | Event::Settings(_) | Event::Typing(_) => {
+                    }
                 }
             }
         });

@@ -96,6 +96,42 @@ struct Live {
     missing: Option<(u64, u64)>,
     /// The request a SyncDone answers once the catch-up ends (0: login).
     sync_done: Option<u64>,
+    typing: TypingGate,
+}
+
+/// How often a connection's `typing = true` for one conversation goes on
+/// to the chat service; those between are answered and dropped.
+const TYPING_EVERY: Duration = Duration::from_secs(2);
+
+/// The typing signals a connection passed on: when it last passed on a
+/// `typing = true`, by conversation. A `false` goes on only while the
+/// other devices may still show the `true` before it.
+#[derive(Debug, Default)]
+struct TypingGate {
+    passed: std::collections::HashMap<u64, Instant>,
+}
+
+impl TypingGate {
+    /// Whether this signal goes on.
+    fn admit(&mut self, conversation_id: u64, typing: bool, now: Instant) -> bool {
+        let shown = parley_core::TYPING_SHOWN;
+        if self.passed.len() >= 32 {
+            self.passed.retain(|_, at| now.duration_since(*at) < shown);
+        }
+        let last = self.passed.get(&conversation_id).copied();
+        match (typing, last) {
+            (true, Some(at)) if now.duration_since(at) < TYPING_EVERY => false,
+            (true, _) => {
+                self.passed.insert(conversation_id, now);
+                true
+            }
+            (false, Some(at)) => {
+                self.passed.remove(&conversation_id);
+                now.duration_since(at) < shown
+            }
+            (false, None) => false,
+        }
+    }
 }
 
 /// Why the connection ends.
@@ -541,7 +577,8 @@ fn limit(shared: &Shared, keys: &LimitKeys, req: &Req) -> Result<(), ChatError> 
         | Req::ListDevices(_)
         | Req::Download(_)
         | Req::MarkRead(_)
-        | Req::Receipts(_) => (limits.reads_per_user, &keys.read, "reads"),
+        | Req::Receipts(_)
+        | Req::Typing(_) => (limits.reads_per_user, &keys.read, "reads"),
         Req::Upload(_) => (limits.uploads_per_user, &keys.upload, "uploads"),
         Req::OpenDirect(_)
         | Req::CreateGroup(_)
@@ -708,6 +745,7 @@ async fn on_frame(
                 behind: false,
                 missing: None,
                 sync_done: None,
+                typing: TypingGate::default(),
             };
             go_online(shared, &mut l, conn_id, rid).await?;
             let opened = shared
@@ -779,6 +817,15 @@ async fn on_frame(
             l.delivered = sync.after;
             start_sync(shared, l, rid, out).await?;
         }
+        Req::Typing(t)
+            if !live
+                .as_mut()
+                .expect("admitted only when ready")
+                .typing
+                .admit(t.conversation_id, t.typing, Instant::now()) =>
+        {
+            out.push(pb::ServerFrame::new(rid, Resp::Done(pb::Done {})).into());
+        }
         req => {
             if matches!(req, Req::Send(_))
                 && let Err(wait) = bucket.take()
@@ -847,6 +894,29 @@ mod tests {
         assert!(admit(Phase::Ready, &send).is_ok());
         assert!(admit(Phase::Ready, &hello).is_err());
         assert!(admit(Phase::Ready, &auth).is_err());
+    }
+
+    #[test]
+    fn typing_goes_on_every_two_seconds_and_a_stop_only_after_a_start() {
+        let mut gate = TypingGate::default();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert!(!gate.admit(7, false, at(0)), "nothing to stop");
+        assert!(gate.admit(7, true, at(0)));
+        assert!(!gate.admit(7, true, at(1_999)), "told already");
+        assert!(gate.admit(8, true, at(1_999)), "another conversation");
+        assert!(gate.admit(7, true, at(2_000)));
+        assert!(gate.admit(7, false, at(2_100)), "the stop of a start");
+        assert!(!gate.admit(7, false, at(2_200)), "stopped already");
+        assert!(
+            !gate.admit(8, false, at(10_000)),
+            "the start shown has expired"
+        );
+        for c in 0..40 {
+            gate.admit(100 + c, true, at(20_000));
+        }
+        assert!(gate.passed.len() <= 40, "old ones are swept");
+        assert!(!gate.passed.contains_key(&7));
     }
 
     #[test]

@@ -67,3 +67,52 @@ async fn receipts_reach_the_peer_and_the_readers_other_devices() {
         "alice has the reply to read"
     );
 }
+
+/// The next typing indicator pushed to a device.
+async fn next_typing(events: &mut Receiver<Event>) -> pb::TypingIndicator {
+    loop {
+        match timeout(WAIT, events.recv())
+            .await
+            .expect("no typing indicator in time")
+            .expect("events closed")
+        {
+            Event::Typing(t) => return t,
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn typing_reaches_the_other_members_and_repeats_are_held_back() {
+    let mut w = World::start().await;
+    let (ta, tb, tc) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
+    let (alice, mut alice_ev) = w.connect(&ta, "phone").await;
+    let (_bob, mut bob_ev) = w.connect(&tb, "phone").await;
+    let (carol, _carol_ev) = w.connect(&tc, "phone").await;
+    let conv = alice.open_direct("bob").await.unwrap();
+
+    alice.typing(conv.id, true).await.unwrap();
+    let t = next_typing(&mut bob_ev).await;
+    assert_eq!(
+        (t.conversation_id, t.user.as_str(), t.typing),
+        (conv.id, "alice", true)
+    );
+    assert_eq!(t.expires_in_ms, 6_000);
+    // Said again at once: answered, not passed on; the stop is.
+    alice.typing(conv.id, true).await.unwrap();
+    alice.typing(conv.id, false).await.unwrap();
+    let t = next_typing(&mut bob_ev).await;
+    assert!(!t.typing, "the repeat was held back: {t:?}");
+    assert!(
+        timeout(Duration::from_millis(300), next_typing(&mut alice_ev))
+            .await
+            .is_err(),
+        "the typist is not told of itself"
+    );
+    let err = carol.typing(conv.id, true).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotMember));
+}

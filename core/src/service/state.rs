@@ -17,6 +17,9 @@ use crate::presence::Located;
 use crate::push::mute_until;
 use crate::store::{ConversationRecord, MemberSettings};
 
+/// How long a device shows that someone is typing unless told again.
+pub const TYPING_SHOWN: std::time::Duration = std::time::Duration::from_secs(6);
+
 /// Where a conversation stands in a user's list: pinned ones first, then
 /// the newest activity, then the newest conversation.
 type Rank = (Reverse<bool>, Reverse<i64>, Reverse<u64>);
@@ -165,6 +168,28 @@ impl ChatService {
             others: others.len() as u32,
             readers: if named { readers } else { Vec::new() },
         })
+    }
+
+    /// Tells the other members' online devices that the user is typing, or
+    /// stopped.
+    pub(super) async fn typing(&self, user: &str, req: pb::Typing) -> Result<(), ChatError> {
+        let conv = self.conversation(req.conversation_id).await?;
+        if !conv.members.iter().any(|m| m == user) {
+            return Err(ChatError::NotMember(req.conversation_id));
+        }
+        let small = conv.kind == pb::ConversationKind::Direct
+            || conv.members.len() <= self.config.receipt_group_limit;
+        let others: Vec<String> = conv.members.into_iter().filter(|m| m != user).collect();
+        if small && !others.is_empty() {
+            let frame = Resp::Typing(pb::TypingIndicator {
+                conversation_id: req.conversation_id,
+                user: user.to_owned(),
+                typing: req.typing,
+                expires_in_ms: TYPING_SHOWN.as_millis() as u32,
+            });
+            self.signal(others, frame).await;
+        }
+        Ok(())
     }
 
     /// Mutes a conversation's notifications for the user (all devices).

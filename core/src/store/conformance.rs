@@ -972,7 +972,9 @@ pub async fn the_badge_counts_the_unread_of_conversations_not_muted(store: &dyn 
     }
     let members = ["bob".to_owned(), "dave".to_owned()];
     let (group, _) = store.create_group("dave", "g", &members, 0).await.unwrap();
-    one(store, text(group.id, "dave", "g1", "hi")).await.unwrap();
+    one(store, text(group.id, "dave", "g1", "hi"))
+        .await
+        .unwrap();
     let query = AudienceQuery {
         users: vec!["bob".into()],
         senders: vec!["dave".into()],
@@ -980,14 +982,22 @@ pub async fn the_badge_counts_the_unread_of_conversations_not_muted(store: &dyn 
         ..AudienceQuery::default()
     };
     let a = store.push_audience(&query).await.unwrap();
-    assert_eq!(a.unread.get("bob"), Some(&5), "three, the group's creation and one");
+    assert_eq!(
+        a.unread.get("bob"),
+        Some(&5),
+        "three, the group's creation and one"
+    );
     assert_eq!(a.names.get("dave").map(String::as_str), Some("Dave D."));
     store.mark_read(conv.id, "bob", 2).await.unwrap();
     let a = store.push_audience(&query).await.unwrap();
     assert_eq!(a.unread.get("bob"), Some(&3), "two of them read");
     store.mute(group.id, "bob", 2_000).await.unwrap();
     let a = store.push_audience(&query).await.unwrap();
-    assert_eq!(a.unread.get("bob"), Some(&1), "the muted group does not count");
+    assert_eq!(
+        a.unread.get("bob"),
+        Some(&1),
+        "the muted group does not count"
+    );
     let later = AudienceQuery {
         now_ms: 3_000,
         ..query
