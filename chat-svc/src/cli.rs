@@ -90,6 +90,15 @@ struct ServeArgs {
     /// by name (past it, only a count on request).
     #[arg(long, env = "PARLEY_RECEIPT_GROUP_LIMIT", default_value_t = 100)]
     receipt_group_limit: usize,
+    /// Seconds after sending during which a sender may recall a message.
+    #[arg(long, env = "PARLEY_RECALL_WINDOW_SECS", default_value_t = 24 * 3600)]
+    recall_window_secs: u64,
+    /// Seconds after sending during which a sender may edit a message.
+    #[arg(long, env = "PARLEY_EDIT_WINDOW_SECS", default_value_t = 48 * 3600)]
+    edit_window_secs: u64,
+    /// Days the texts replaced by edits are kept for the edit history.
+    #[arg(long, env = "PARLEY_EDIT_HISTORY_DAYS", default_value_t = 7)]
+    edit_history_days: u64,
     /// Milliseconds between turning unready and closing the listeners.
     #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
     drain_pause_ms: u64,
@@ -221,6 +230,9 @@ where
             .then(|| Duration::from_secs(a.retention_days * 24 * 3600)),
         batch_linger: Duration::from_micros(a.batch_linger_us),
         receipt_group_limit: a.receipt_group_limit,
+        recall_window: Duration::from_secs(a.recall_window_secs),
+        edit_window: Duration::from_secs(a.edit_window_secs),
+        edit_history_kept: Duration::from_secs(a.edit_history_days * 24 * 3600),
         media: a.media.limits()?,
         blobs,
         ..ChatConfig::default()

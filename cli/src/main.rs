@@ -132,6 +132,15 @@ struct UpArgs {
     /// by name (past it, only a count on request).
     #[arg(long, env = "PARLEY_RECEIPT_GROUP_LIMIT", default_value_t = 100)]
     receipt_group_limit: usize,
+    /// Seconds after sending during which a sender may recall a message.
+    #[arg(long, env = "PARLEY_RECALL_WINDOW_SECS", default_value_t = 24 * 3600)]
+    recall_window_secs: u64,
+    /// Seconds after sending during which a sender may edit a message.
+    #[arg(long, env = "PARLEY_EDIT_WINDOW_SECS", default_value_t = 48 * 3600)]
+    edit_window_secs: u64,
+    /// Days the texts replaced by edits are kept for the edit history.
+    #[arg(long, env = "PARLEY_EDIT_HISTORY_DAYS", default_value_t = 7)]
+    edit_history_days: u64,
     /// Remove messages older than this many hours (0 keeps everything).
     #[arg(long, env = "PARLEY_RETENTION_HOURS", default_value_t = 0)]
     retention_hours: u64,
@@ -443,6 +452,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.token_leeway_secs = args.token_leeway_secs;
     cfg.chat.max_group_members = args.max_group_members;
     cfg.chat.receipt_group_limit = args.receipt_group_limit;
+    cfg.chat.recall_window = Duration::from_secs(args.recall_window_secs);
+    cfg.chat.edit_window = Duration::from_secs(args.edit_window_secs);
+    cfg.chat.edit_history_kept = Duration::from_secs(args.edit_history_days * 24 * 3600);
     cfg.chat.retention =
         (args.retention_hours > 0).then(|| Duration::from_secs(args.retention_hours * 3600));
     cfg.gateway.max_frame_bytes = args.max_frame_bytes;
@@ -590,9 +602,11 @@ fn render(m: &pb::Message) -> String {
         Some(Body::Media(media)) => format!("[{:?}] {}", media.kind(), media.url),
         Some(Body::Custom(c)) => format!("[{}: {} bytes]", c.r#type, c.data.len()),
         Some(Body::System(e)) => format!("* {} {:?} {}", e.actor, e.kind(), e.users.join(", ")),
+        None if m.recalled => "(recalled)".to_owned(),
         None => String::new(),
     };
-    format!("[{clock} UTC] {}: {body}", m.sender_id)
+    let edited = if m.edited_at_ms != 0 { " (edited)" } else { "" };
+    format!("[{clock} UTC] #{} {}: {body}{edited}", m.seq, m.sender_id)
 }
 
 /// "1.5 MB" for a byte count.
@@ -751,6 +765,31 @@ async fn chat_command(client: &parley_client::Client, conv: u64, line: &str) -> 
                 "-- this device is woken through the push webhook as {token:?} while you are offline"
             );
         }
+        Some("/edit") => {
+            let seq: u64 = words
+                .next()
+                .and_then(|w| w.parse().ok())
+                .context("/edit SEQ TEXT")?;
+            let text = words.collect::<Vec<_>>().join(" ");
+            client.edit(conv, seq, text).await?;
+        }
+        Some("/recall") => {
+            let seq: u64 = words
+                .next()
+                .and_then(|w| w.parse().ok())
+                .context("/recall SEQ")?;
+            client.recall(conv, seq).await?;
+        }
+        Some("/edits") => {
+            let seq: u64 = words
+                .next()
+                .and_then(|w| w.parse().ok())
+                .context("/edits SEQ")?;
+            for v in client.edit_history(conv, seq).await? {
+                let text = v.content.as_ref().and_then(|c| c.as_text()).unwrap_or("");
+                println!("-- was {text:?} until {} ms", v.replaced_at_ms);
+            }
+        }
         Some(cmd @ ("/pin" | "/unpin")) => {
             client.pin(conv, cmd == "/pin").await?;
             println!("-- {}ned", &cmd[1..]);
@@ -785,9 +824,10 @@ async fn chat_command(client: &parley_client::Client, conv: u64, line: &str) -> 
             );
         }
         _ => println!(
-            "commands: /file PATH [caption], /save SEQ [PATH], /mute [HOURS], /unmute, /pin, \
-             /unpin, /list (conversations and unread counts), /receipts SEQ, /previews [on|off], \
-             /push TOKEN (the webhook's), other lines are sent as text"
+            "commands: /file PATH [caption], /save SEQ [PATH], /edit SEQ TEXT, /recall SEQ, \
+             /edits SEQ, /mute [HOURS], /unmute, /pin, /unpin, /list (conversations and unread \
+             counts), /receipts SEQ, /previews [on|off], /push TOKEN (the webhook's), other lines \
+             are sent as text"
         ),
     }
     Ok(())
@@ -839,6 +879,16 @@ async fn chat(who: ChatArgs) -> anyhow::Result<()> {
                 None => break,
             },
             ev = events.recv() => match ev {
+                Some(Event::Message { message, .. })
+                    if message.conversation_id == conv && message.recalled =>
+                {
+                    println!("-- {} recalled message {}", message.sender_id, message.seq);
+                }
+                Some(Event::Message { message, .. })
+                    if message.conversation_id == conv && message.edited_at_ms != 0 =>
+                {
+                    println!("-- message {} edited: {}", message.seq, render(&message));
+                }
                 Some(Event::Message { message, .. }) if message.conversation_id == conv => {
                     if message.seq > newest_shown {
                         shown.clear();

@@ -114,7 +114,11 @@ pub enum Event {
     /// Logged in (again).
     Connected { user_id: String, inbox_head: u64 },
     /// A message, once, in inbox order. Messages this device sent are not
-    /// repeated here (their ack said all there is).
+    /// repeated here (their ack said all there is). A message whose
+    /// `edited_at_ms` is set or that is `recalled` replaces the one with the
+    /// same `msg_id` (a revision comes as a new timeline entry of the same
+    /// message, on every device; a device catching up may see the revised
+    /// message first at its original place, then again).
     Message {
         inbox_seq: u64,
         message: pb::Message,
@@ -602,6 +606,48 @@ impl Client {
             pinned,
         };
         self.request(Req::Pin(req)).await.map(drop)
+    }
+
+    /// Takes back message `seq` this user sent (within the server's
+    /// recall window): every member's devices see it recalled.
+    pub async fn recall(&self, conversation_id: u64, seq: u64) -> Result<(), ClientError> {
+        let req = pb::Recall {
+            conversation_id,
+            seq,
+        };
+        self.request(Req::Recall(req)).await.map(drop)
+    }
+
+    /// Replaces the text of message `seq` this user sent (within the
+    /// server's edit window).
+    pub async fn edit(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+        text: impl Into<String>,
+    ) -> Result<(), ClientError> {
+        let req = pb::Edit {
+            conversation_id,
+            seq,
+            content: Some(pb::Content::text(text)),
+        };
+        self.request(Req::Edit(req)).await.map(drop)
+    }
+
+    /// The texts message `seq` had before its edits, oldest first.
+    pub async fn edit_history(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<Vec<pb::MessageVersion>, ClientError> {
+        let req = pb::EditHistoryRequest {
+            conversation_id,
+            seq,
+        };
+        match self.request(Req::EditHistory(req)).await? {
+            Resp::EditHistory(h) => Ok(h.versions),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Says the user is typing in a conversation (again every 3 seconds
@@ -1305,8 +1351,12 @@ impl Engine {
             let message = entry.remove();
             cursor = seq;
             self.set_cursor(cursor);
-            let own =
-                message.sender_id == self.user_id && message.sender_device == self.config.device_id;
+            // A revision (an edit, a recall) is handed out on every device,
+            // the one that sent the message too.
+            let revised = message.edited_at_ms != 0 || message.recalled;
+            let own = !revised
+                && message.sender_id == self.user_id
+                && message.sender_device == self.config.device_id;
             if !own {
                 let _ = self
                     .events

@@ -20,6 +20,7 @@ pub mod presence;
 pub mod push;
 pub mod redact;
 pub mod refresh;
+pub mod revision;
 pub mod service;
 pub mod store;
 pub mod testing;

@@ -18,6 +18,7 @@ use crate::metrics::{ChatMetrics, code_label};
 use crate::presence::Presence;
 use crate::push::PushTokenRecord;
 use crate::refresh::{RefreshToken, same_secret};
+use crate::revision::{Change, Revision};
 use crate::store::{
     ConversationRecord, DeviceCursor, DeviceRecord, MembershipChange, RefreshRecord, Store,
 };
@@ -55,6 +56,11 @@ pub struct ChatConfig {
     /// Largest group whose members see each other's read receipts live and
     /// by name; past it, a member reads only how many have read a message.
     pub receipt_group_limit: usize,
+    /// How long after sending a message its sender may recall it, or edit
+    /// it; how long a text an edit replaced is kept for the edit history.
+    pub recall_window: Duration,
+    pub edit_window: Duration,
+    pub edit_history_kept: Duration,
 }
 
 impl Default for ChatConfig {
@@ -72,6 +78,9 @@ impl Default for ChatConfig {
             media: MediaLimits::default(),
             blobs: None,
             receipt_group_limit: 100,
+            recall_window: Duration::from_secs(24 * 3600),
+            edit_window: Duration::from_secs(48 * 3600),
+            edit_history_kept: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -146,6 +155,7 @@ impl ChatService {
         });
         tokio::spawn(send::batch_writer(Arc::downgrade(&svc), rx));
         tokio::spawn(cursor_writer(Arc::downgrade(&svc)));
+        tokio::spawn(edit_pruner(Arc::downgrade(&svc)));
         if svc.config.blobs.is_some() {
             tokio::spawn(media::blob_collector(Arc::downgrade(&svc)));
         }
@@ -511,6 +521,27 @@ impl ChatService {
                 Ok(Resp::Done(pb::Done {}))
             }
             Req::Receipts(r) => self.receipts(user, r).await.map(Resp::Receipts),
+            Req::Recall(r) => {
+                let change = Change::Recall;
+                let window = self.config.recall_window;
+                self.revise(user, r.conversation_id, r.seq, change, window)
+                    .await?;
+                Ok(Resp::Done(pb::Done {}))
+            }
+            Req::Edit(e) => {
+                let change = Change::Edit(e.content.unwrap_or_default());
+                let window = self.config.edit_window;
+                self.revise(user, e.conversation_id, e.seq, change, window)
+                    .await?;
+                Ok(Resp::Done(pb::Done {}))
+            }
+            Req::EditHistory(h) => {
+                self.require_member(h.conversation_id, user).await?;
+                let versions = self.store.edit_history(h.conversation_id, h.seq).await?;
+                Ok(Resp::EditHistory(pb::EditHistory {
+                    versions: versions.into_iter().map(Into::into).collect(),
+                }))
+            }
             Req::Typing(t) => {
                 self.typing(user, t).await?;
                 Ok(Resp::Done(pb::Done {}))
@@ -670,6 +701,31 @@ impl ChatService {
         Ok(Resp::Conversation(conv.into()))
     }
 
+    /// Recalls or edits a message of `user`'s, and hands the rewritten
+    /// message to every member's devices as a new timeline entry.
+    async fn revise(
+        &self,
+        user: &str,
+        conversation_id: u64,
+        seq: u64,
+        change: Change,
+        window: Duration,
+    ) -> Result<(), ChatError> {
+        self.require_member(conversation_id, user).await?;
+        let revision = Revision {
+            conversation_id,
+            seq,
+            actor: user.to_owned(),
+            change,
+            now_ms: now_ms(),
+            window,
+        };
+        if let Some(appended) = self.store.revise(&revision).await? {
+            self.fan_out(vec![appended]).await;
+        }
+        Ok(())
+    }
+
     /// The conversation, or NOT_FOUND.
     pub async fn conversation(&self, id: u64) -> Result<ConversationRecord, ChatError> {
         self.store
@@ -705,6 +761,20 @@ pub(super) async fn periodically<F, Fut>(
         let Some(svc) = svc.upgrade() else { return };
         pass(svc).await;
     }
+}
+
+/// Forgets the texts edits replaced once `edit_history_kept` has passed,
+/// looking every hour.
+async fn edit_pruner(svc: std::sync::Weak<ChatService>) {
+    periodically(svc, Duration::from_secs(3600), |svc| async move {
+        let cutoff = now_ms() - svc.config.edit_history_kept.as_millis() as i64;
+        match svc.store.prune_edits(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "old edit history removed"),
+            Err(e) => tracing::warn!(error = %e, "edit history not pruned"),
+        }
+    })
+    .await;
 }
 
 /// Writes acked cursors every `cursor_flush`.

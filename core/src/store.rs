@@ -18,6 +18,7 @@ use crate::bus::Revocation;
 use crate::error::ChatError;
 use crate::media::BlobRecord;
 use crate::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
+use crate::revision::{EditRecord, Revision};
 
 /// A user as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +136,8 @@ impl NewMessage {
             client_msg_id: self.client_msg_id,
             server_time_ms: self.now_ms,
             content: Some(self.content),
+            edited_at_ms: 0,
+            recalled: false,
         }
     }
 
@@ -157,7 +160,10 @@ impl NewMessage {
                 original.message.conversation_id
             ));
         }
-        if original.message.content.as_ref() != Some(&self.content) {
+        // A message edited or recalled since has other content now; its
+        // resend is still a resend.
+        let revised = original.message.edited_at_ms != 0 || original.message.recalled;
+        if !revised && original.message.content.as_ref() != Some(&self.content) {
             return used("with other content");
         }
         Ok(Appended {
@@ -349,6 +355,25 @@ pub trait Store: Send + Sync + 'static {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError>;
+
+    /// Applies a revision (recall, edit) to message `seq` of its
+    /// conversation, under the rules of [`Revision::apply`], in one
+    /// transaction: the message is rewritten in place (same id and seq),
+    /// every member now in the conversation gets a new timeline entry
+    /// pointing at it, and the text an edit replaces goes to the edit
+    /// history (a recall clears the history). NOT_FOUND when there is no
+    /// such message; None when nothing changed. A resend of the original
+    /// still answers with the entries of the original send.
+    async fn revise(&self, revision: &Revision) -> Result<Option<Appended>, ChatError>;
+    /// The texts message `seq` had before its edits, oldest first.
+    /// NOT_FOUND when there is no such message.
+    async fn edit_history(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<Vec<EditRecord>, ChatError>;
+    /// Forgets the texts replaced before `before_ms`; how many went.
+    async fn prune_edits(&self, before_ms: i64) -> Result<u64, ChatError>;
 
     /// Entries of `user`'s timeline after `after`, at most `limit`.
     async fn inbox_after(&self, user: &str, after: u64, limit: u32)

@@ -348,6 +348,45 @@ async fn one_to_one_and_group_messages_cross_gateways_exactly_once_in_order() {
     let r = ann_phone.receipts(group, group_seq).await.unwrap();
     assert!(r.readers.contains(&"bob".to_owned()), "{r:?}");
 
+    // Ann edits one of her group messages: the group's devices on every
+    // gateway get it again, rewritten, and a resend of it is still a resend.
+    let mine = rec
+        .log("ann/laptop")
+        .messages
+        .iter()
+        .find(|m| m.conversation_id == group && m.sender_id == "ann" && m.seq > 1)
+        .cloned()
+        .unwrap();
+    ann_phone.edit(group, mine.seq, "edited").await.unwrap();
+    let rewritten = |device: &str| {
+        rec.log(device)
+            .messages
+            .iter()
+            .any(|m| m.msg_id == mine.msg_id && m.edited_at_ms != 0)
+    };
+    let heard = tokio::time::timeout(SETTLE, async {
+        while !["bob/phone", "cyd/phone", "dan/tablet", "ann/laptop"]
+            .iter()
+            .all(|d| rewritten(d))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        heard.is_ok(),
+        "an edit did not reach every member's devices"
+    );
+    let again = ann_phone
+        .send_with_id(
+            mine.client_msg_id.clone(),
+            group,
+            mine.content.clone().unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.msg_id == mine.msg_id, "{again:?}");
+
     // Ann's phone logs in again on another gateway: its connection on
     // gateway 0 gets DEVICE_REPLACED (the SDK stops, it does not fight
     // back), and the new one is the phone from then on.

@@ -578,6 +578,7 @@ fn limit(shared: &Shared, keys: &LimitKeys, req: &Req) -> Result<(), ChatError> 
         | Req::Download(_)
         | Req::MarkRead(_)
         | Req::Receipts(_)
+        | Req::EditHistory(_)
         | Req::Typing(_) => (limits.reads_per_user, &keys.read, "reads"),
         Req::Upload(_) => (limits.uploads_per_user, &keys.upload, "uploads"),
         Req::OpenDirect(_)
@@ -592,7 +593,9 @@ fn limit(shared: &Shared, keys: &LimitKeys, req: &Req) -> Result<(), ChatError> 
         | Req::RemovePush(_)
         | Req::SetNotifications(_)
         | Req::Mute(_)
-        | Req::Pin(_) => (limits.group_ops_per_user, &keys.group, "group operations"),
+        | Req::Pin(_)
+        | Req::Recall(_)
+        | Req::Edit(_) => (limits.group_ops_per_user, &keys.group, "group operations"),
         _ => return Ok(()),
     };
     let Some(rate) = rate else {

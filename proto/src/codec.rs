@@ -250,9 +250,17 @@ mod tests {
             client_msg_id: "c-1".into(),
             content: Some(pb::Content::text("héllo ".repeat(40))),
             server_time_ms: 1_700_000_000_000,
+            edited_at_ms: 1_700_000_000_500,
+            recalled: false,
+        };
+        let recalled = pb::Message {
+            content: None,
+            recalled: true,
+            ..full.clone()
         };
         for (inbox_seq, message) in [
             (1, full.clone()),
+            (2, recalled),
             (1 << 40, pb::Message::default()),
             (0, full),
         ] {

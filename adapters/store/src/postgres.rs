@@ -23,6 +23,7 @@ use parley_core::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
 use parley_core::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
+use parley_core::revision::{Change, EditRecord, Revision, no_message};
 use parley_core::store::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
     MemberSettings, MembershipChange, NewMessage, ReadMark, RefreshRecord, Store, UserRecord,
@@ -37,7 +38,7 @@ mod append;
 /// The columns `message_from_row` reads, in order.
 macro_rules! message_columns {
     () => {
-        "m.id, m.conversation_id, m.seq, m.sender_id, m.sender_device, m.client_msg_id, m.content, m.created_at"
+        "m.id, m.conversation_id, m.seq, m.sender_id, m.sender_device, m.client_msg_id, m.content, m.created_at, m.edited_at, m.recalled"
     };
 }
 
@@ -185,6 +186,7 @@ fn message_from_row(row: &PgRow, offset: usize) -> Result<pb::Message, ChatError
     let content: Vec<u8> = row.try_get(offset + 6).db()?;
     let content = pb::Content::decode(content.as_slice())
         .map_err(|e| ChatError::Corrupt(format!("message content: {e}")))?;
+    let recalled: bool = row.try_get(offset + 9).db()?;
     Ok(pb::Message {
         msg_id: row.try_get::<i64, _>(offset).db()? as u64,
         conversation_id: row.try_get::<i64, _>(offset + 1).db()? as u64,
@@ -192,8 +194,10 @@ fn message_from_row(row: &PgRow, offset: usize) -> Result<pb::Message, ChatError
         sender_id: row.try_get(offset + 3).db()?,
         sender_device: row.try_get(offset + 4).db()?,
         client_msg_id: row.try_get(offset + 5).db()?,
-        content: Some(content),
         server_time_ms: row.try_get(offset + 7).db()?,
+        edited_at_ms: row.try_get(offset + 8).db()?,
+        recalled,
+        content: (!recalled).then_some(content),
     })
 }
 
@@ -577,6 +581,95 @@ impl PgStore {
         Ok((after, Some(appended)))
     }
 
+    async fn revise_in(tx: &mut PgConnection, r: &Revision) -> Result<Option<Appended>, ChatError> {
+        // The conversation's lock first, as every append takes it: the
+        // users' locks below come after it, in id order.
+        let members = load_conversation(&mut *tx, r.conversation_id, true)
+            .await?
+            .ok_or_else(|| no_message(r.conversation_id, r.seq))?
+            .members;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages m WHERE m.conversation_id = $1 AND m.seq = $2"
+        ))
+        .bind(r.conversation_id as i64)
+        .bind(r.seq as i64)
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?
+        .ok_or_else(|| no_message(r.conversation_id, r.seq))?;
+        let stored = message_from_row(&row, 0)?;
+        let Some(revised) = r.apply(&stored)? else {
+            return Ok(None);
+        };
+        let id = stored.msg_id as i64;
+        let content = revised
+            .content
+            .as_ref()
+            .map(prost::Message::encode_to_vec)
+            .unwrap_or_default();
+        sqlx::query(
+            "UPDATE messages SET content = $1, edited_at = $2, recalled = $3 WHERE id = $4",
+        )
+        .bind(&content)
+        .bind(revised.edited_at_ms)
+        .bind(revised.recalled)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        match &r.change {
+            Change::Edit(_) => {
+                let before = stored.content.unwrap_or_default().encode_to_vec();
+                sqlx::query(
+                    "INSERT INTO message_edits (message_id, replaced_at, content) \
+                     VALUES ($1, $2, $3)",
+                )
+                .bind(id)
+                .bind(r.now_ms)
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+            }
+            Change::Recall => {
+                sqlx::query("DELETE FROM message_edits WHERE message_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .db()?;
+            }
+        }
+        // One more entry in each member's timeline, heads moved under the
+        // users' locks in id order (the members come sorted).
+        sqlx::query("SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&members)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        let recipients: Vec<(String, i64)> = sqlx::query_as(
+            "WITH heads AS ( \
+                 UPDATE users SET inbox_head = inbox_head + 1 WHERE id = ANY($1) \
+                 RETURNING id, inbox_head \
+             ) INSERT INTO inbox (user_id, seq, message_id) \
+             SELECT id, inbox_head, $2 FROM heads RETURNING user_id, seq",
+        )
+        .bind(&members)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?;
+        Ok(Some(Appended {
+            message: revised,
+            recipients: recipients
+                .into_iter()
+                .map(|(u, seq)| (u, seq as u64))
+                .collect(),
+            duplicate: false,
+        }))
+    }
+
     async fn create_group_in(
         tx: &mut PgConnection,
         owner: &str,
@@ -757,6 +850,43 @@ impl Store for PgStore {
             max_members,
             now_ms
         )))
+    }
+
+    async fn revise(&self, r: &Revision) -> Result<Option<Appended>, ChatError> {
+        with_retries!(in_transaction!(self.pool, tx => Self::revise_in(&mut tx, r)))
+    }
+
+    async fn edit_history(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<Vec<EditRecord>, ChatError> {
+        let mut conn = self.pool.acquire().await.db()?;
+        let id: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM messages WHERE conversation_id = $1 AND seq = $2")
+                .bind(conversation_id as i64)
+                .bind(seq as i64)
+                .fetch_optional(&mut *conn)
+                .await
+                .db()?;
+        let id = id.ok_or_else(|| no_message(conversation_id, seq))?;
+        let rows: Vec<(Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT content, replaced_at FROM message_edits WHERE message_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+        rows.into_iter().map(EditRecord::from_row).collect()
+    }
+
+    async fn prune_edits(&self, before_ms: i64) -> Result<u64, ChatError> {
+        let done = sqlx::query("DELETE FROM message_edits WHERE replaced_at < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await
+            .db()?;
+        Ok(done.rows_affected())
     }
 
     async fn list_conversations(&self, user: &str) -> Result<Vec<ConversationRecord>, ChatError> {

@@ -22,6 +22,7 @@ use parley_core::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
 use parley_core::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
+use parley_core::revision::{Change, EditRecord, Revision, no_message};
 use parley_core::store::{
     Appended, ConversationRecord, DeviceCursor, DeviceRecord, HistorySlice, InboxPage,
     MemberSettings, MembershipChange, NewMessage, ReadMark, RefreshRecord, Store, UserRecord,
@@ -35,7 +36,7 @@ use crate::Db;
 /// `&'static str`, which sqlx requires of SQL).
 macro_rules! message_columns {
     () => {
-        "m.id, m.conversation_id, m.seq, m.sender_id, m.sender_device, m.client_msg_id, m.content, m.created_at"
+        "m.id, m.conversation_id, m.seq, m.sender_id, m.sender_device, m.client_msg_id, m.content, m.created_at, m.edited_at, m.recalled"
     };
 }
 
@@ -140,6 +141,7 @@ fn message_from_row(row: &SqliteRow, offset: usize) -> Result<pb::Message, ChatE
     let content: Vec<u8> = row.try_get(offset + 6).db()?;
     let content = pb::Content::decode(content.as_slice())
         .map_err(|e| ChatError::Corrupt(format!("message content: {e}")))?;
+    let recalled: bool = row.try_get(offset + 9).db()?;
     Ok(pb::Message {
         msg_id: row.try_get::<i64, _>(offset).db()? as u64,
         conversation_id: row.try_get::<i64, _>(offset + 1).db()? as u64,
@@ -147,8 +149,10 @@ fn message_from_row(row: &SqliteRow, offset: usize) -> Result<pb::Message, ChatE
         sender_id: row.try_get(offset + 3).db()?,
         sender_device: row.try_get(offset + 4).db()?,
         client_msg_id: row.try_get(offset + 5).db()?,
-        content: Some(content),
         server_time_ms: row.try_get(offset + 7).db()?,
+        edited_at_ms: row.try_get(offset + 8).db()?,
+        recalled,
+        content: (!recalled).then_some(content),
     })
 }
 
@@ -622,6 +626,111 @@ impl Store for SqliteStore {
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, ChatError>>, ChatError> {
         self.appender.append(batch).await
+    }
+
+    async fn revise(&self, r: &Revision) -> Result<Option<Appended>, ChatError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages m WHERE m.conversation_id = ? AND m.seq = ?"
+        ))
+        .bind(r.conversation_id as i64)
+        .bind(r.seq as i64)
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?
+        .ok_or_else(|| no_message(r.conversation_id, r.seq))?;
+        let stored = message_from_row(&row, 0)?;
+        let Some(revised) = r.apply(&stored)? else {
+            return Ok(None);
+        };
+        let id = stored.msg_id as i64;
+        let content = revised
+            .content
+            .as_ref()
+            .map(prost::Message::encode_to_vec)
+            .unwrap_or_default();
+        sqlx::query("UPDATE messages SET content = ?, edited_at = ?, recalled = ? WHERE id = ?")
+            .bind(&content)
+            .bind(revised.edited_at_ms)
+            .bind(revised.recalled)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        match &r.change {
+            Change::Edit(_) => {
+                let before = stored.content.unwrap_or_default().encode_to_vec();
+                sqlx::query(
+                    "INSERT INTO message_edits (message_id, replaced_at, content) VALUES (?, ?, ?)",
+                )
+                .bind(id)
+                .bind(r.now_ms)
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+            }
+            Change::Recall => {
+                sqlx::query("DELETE FROM message_edits WHERE message_id = ?")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .db()?;
+            }
+        }
+        let members: Vec<String> = sqlx::query_scalar(
+            "SELECT user_id FROM members WHERE conversation_id = ? ORDER BY user_id",
+        )
+        .bind(r.conversation_id as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?;
+        let mut recipients = Vec::with_capacity(members.len());
+        for user in members {
+            let inbox_seq = add_inbox_entry(&mut tx, &user, id).await?;
+            recipients.push((user, inbox_seq));
+        }
+        tx.commit().await.db()?;
+        Ok(Some(Appended {
+            message: revised,
+            recipients,
+            duplicate: false,
+        }))
+    }
+
+    async fn edit_history(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<Vec<EditRecord>, ChatError> {
+        let mut conn = self.reader.acquire().await.db()?;
+        let id: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM messages WHERE conversation_id = ? AND seq = ?")
+                .bind(conversation_id as i64)
+                .bind(seq as i64)
+                .fetch_optional(&mut *conn)
+                .await
+                .db()?;
+        let id = id.ok_or_else(|| no_message(conversation_id, seq))?;
+        let rows: Vec<(Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT content, replaced_at FROM message_edits WHERE message_id = ? ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+        rows.into_iter().map(EditRecord::from_row).collect()
+    }
+
+    async fn prune_edits(&self, before_ms: i64) -> Result<u64, ChatError> {
+        let done = sqlx::query("DELETE FROM message_edits WHERE replaced_at < ?")
+            .bind(before_ms)
+            .execute(&self.writer)
+            .await
+            .db()?;
+        Ok(done.rows_affected())
     }
 
     async fn inbox_after(

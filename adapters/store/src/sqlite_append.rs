@@ -178,28 +178,35 @@ fn append_one(
 ) -> rusqlite::Result<Result<Appended, ChatError>> {
     let existing = tx
         .prepare_cached(
-            "SELECT id, conversation_id, seq, sender_device, content, created_at \
-             FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2",
+            "SELECT id, conversation_id, seq, sender_device, content, created_at, edited_at, \
+             recalled FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2",
         )?
         .query_row(params![m.sender_id, m.client_msg_id], |r| {
             Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
+                (
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ),
                 r.get::<_, Vec<u8>>(4)?,
                 r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, bool>(7)?,
             ))
         })
         .optional()?;
-    if let Some((id, conversation_id, seq, sender_device, content, created_at)) = existing {
+    if let Some((ids, content, created_at, edited_at_ms, recalled)) = existing {
+        let (id, conversation_id, seq, sender_device) = ids;
         let content = match pb::Content::decode(content.as_slice()) {
             Ok(c) => c,
             Err(e) => return Ok(Err(ChatError::Corrupt(format!("message content: {e}")))),
         };
         let recipients = tx
             .prepare_cached(
-                "SELECT user_id, seq FROM inbox WHERE message_id = ?1 ORDER BY user_id",
+                // Each member's first entry: a revision gave them more.
+                "SELECT user_id, MIN(seq) FROM inbox WHERE message_id = ?1 \
+                 GROUP BY user_id ORDER BY user_id",
             )?
             .query_map([id], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
@@ -213,7 +220,9 @@ fn append_one(
             sender_device,
             client_msg_id: m.client_msg_id.clone(),
             server_time_ms: created_at,
-            content: Some(content),
+            content: (!recalled).then_some(content),
+            edited_at_ms,
+            recalled,
         };
         return Ok(m.resend_of(Appended {
             message,

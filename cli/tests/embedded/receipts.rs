@@ -7,13 +7,12 @@ use super::*;
 /// The next read receipt pushed to a device (messages skipped).
 async fn next_read(events: &mut Receiver<Event>) -> pb::ReadReceipt {
     loop {
-        match timeout(WAIT, events.recv())
+        if let Event::Read(r) = timeout(WAIT, events.recv())
             .await
             .expect("no receipt in time")
             .expect("events closed")
         {
-            Event::Read(r) => return r,
-            _ => {}
+            return r;
         }
     }
 }
@@ -71,13 +70,12 @@ async fn receipts_reach_the_peer_and_the_readers_other_devices() {
 /// The next typing indicator pushed to a device.
 async fn next_typing(events: &mut Receiver<Event>) -> pb::TypingIndicator {
     loop {
-        match timeout(WAIT, events.recv())
+        if let Event::Typing(t) = timeout(WAIT, events.recv())
             .await
             .expect("no typing indicator in time")
             .expect("events closed")
         {
-            Event::Typing(t) => return t,
-            _ => {}
+            return t;
         }
     }
 }
@@ -115,4 +113,80 @@ async fn typing_reaches_the_other_members_and_repeats_are_held_back() {
     );
     let err = carol.typing(conv.id, true).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotMember));
+}
+
+#[tokio::test]
+async fn recalls_and_edits_reach_every_device_and_history() {
+    let mut w = World::start().await;
+    let (ta, tb) = (w.user("alice").await, w.user("bob").await);
+    let (alice, _alice_ev) = w.connect(&ta, "phone").await;
+    let (_laptop, mut laptop_ev) = w.connect(&ta, "laptop").await;
+    let (bob, mut bob_ev) = w.connect(&tb, "phone").await;
+    let conv = alice.open_direct("bob").await.unwrap();
+    let first = alice
+        .send(conv.id, pb::Content::text("helo"))
+        .await
+        .unwrap();
+    let second = alice
+        .send(conv.id, pb::Content::text("oops"))
+        .await
+        .unwrap();
+    for ev in [&mut bob_ev, &mut laptop_ev] {
+        assert_eq!(next_text(ev).await.seq, first.seq);
+        assert_eq!(next_text(ev).await.seq, second.seq);
+    }
+
+    alice.edit(conv.id, first.seq, "hello").await.unwrap();
+    alice.recall(conv.id, second.seq).await.unwrap();
+    // The sender's other device and the peer see both, in order.
+    for ev in [&mut bob_ev, &mut laptop_ev] {
+        let edited = next_text(ev).await;
+        assert_eq!((edited.msg_id, edited.seq), (first.msg_id, first.seq));
+        assert_eq!(text_of(&edited), "hello");
+        assert_ne!(edited.edited_at_ms, 0);
+        let recalled = loop {
+            if let Event::Message { message, .. } = timeout(WAIT, ev.recv()).await.unwrap().unwrap()
+            {
+                break message;
+            }
+        };
+        assert_eq!(recalled.msg_id, second.msg_id);
+        assert!(recalled.recalled && recalled.content.is_none());
+    }
+    let page = bob
+        .history(conv.id, 0, pb::Direction::Backward, 10)
+        .await
+        .unwrap();
+    let shown: Vec<(u64, Option<&str>, bool)> = page
+        .messages
+        .iter()
+        .map(|m| {
+            (
+                m.seq,
+                m.content.as_ref().and_then(|c| c.as_text()),
+                m.recalled,
+            )
+        })
+        .collect();
+    assert_eq!(shown, [(1, Some("hello"), false), (2, None, true)]);
+    let versions = bob.edit_history(conv.id, first.seq).await.unwrap();
+    assert_eq!(versions.len(), 1);
+    assert_eq!(
+        versions[0].content.as_ref().unwrap().as_text(),
+        Some("helo")
+    );
+    // Revisions are not messages: nothing new to read, no seq taken.
+    let list = bob.conversations(0, "").await.unwrap();
+    assert_eq!(list.conversations[0].last_seq, 2);
+
+    let err = bob.recall(conv.id, first.seq).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::Forbidden),
+        "not bob's to recall"
+    );
+    let err = alice.edit(conv.id, second.seq, "x").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "recalled");
+    let err = alice.recall(conv.id, 99).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
 }

@@ -51,11 +51,15 @@ impl ChatService {
         let mut events = Vec::new();
         for a in appended {
             let message = Arc::new(a.message);
+            // A recall or an edit updates what devices show: it wakes
+            // nobody.
+            let cues = !message.recalled && message.edited_at_ms == 0;
             if !located.settled {
                 // Where presence may have lost recipients, every gateway
                 // gets every delivery and keeps what it holds.
                 for (user, inbox_seq) in &a.recipients {
-                    if !gateway_of.contains_key(user.as_str()) && *user != message.sender_id {
+                    if cues && !gateway_of.contains_key(user.as_str()) && *user != message.sender_id
+                    {
                         self.metrics.offline_events.inc();
                         events.push(ChatEvent::OfflineMessage {
                             user: user.clone(),
@@ -83,7 +87,7 @@ impl ChatService {
                         }
                         here.entry(last).or_default().push((user, inbox_seq));
                     }
-                    None if user != message.sender_id => {
+                    None if cues && user != message.sender_id => {
                         self.metrics.offline_events.inc();
                         events.push(ChatEvent::OfflineMessage {
                             user,

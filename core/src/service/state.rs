@@ -15,6 +15,7 @@ use crate::bus::Signal;
 use crate::error::ChatError;
 use crate::presence::Located;
 use crate::push::mute_until;
+use crate::revision::no_message;
 use crate::store::{ConversationRecord, MemberSettings};
 
 /// How long a device shows that someone is typing unless told again.
@@ -145,12 +146,7 @@ impl ChatService {
             .pop()
         {
             Some(m) if m.seq == req.seq => m.sender_id,
-            _ => {
-                return Err(ChatError::NotFound(format!(
-                    "no message {} in conversation {}",
-                    req.seq, req.conversation_id
-                )));
-            }
+            _ => return Err(no_message(req.conversation_id, req.seq)),
         };
         let markers = self.store.read_markers(req.conversation_id).await?;
         let others: Vec<_> = markers.into_iter().filter(|(u, _)| *u != sender).collect();

@@ -976,3 +976,45 @@ async fn the_list_is_ordered_paged_and_settings_follow_the_user() {
 fn code(r: Result<Resp, crate::ChatError>) -> ErrorCode {
     r.unwrap_err().code()
 }
+
+/// A recall or an edit reaches the online members' gateways like a
+/// message, and wakes nobody offline.
+#[tokio::test]
+async fn a_revision_is_delivered_and_cues_no_push() {
+    let w = world(ChatConfig::default()).await;
+    let mut gw1 = w.bus.subscribe("gw1", 16);
+    let mut events = w.bus.events();
+    w.presence
+        .online(&Session::new("bob", "phone", "gw1", 1))
+        .await
+        .unwrap();
+    let group = w
+        .chat
+        .create_group("alice", "g", vec!["bob".into(), "carol".into()])
+        .await
+        .unwrap();
+    let ack = ack_of(&w.chat, "alice", send(group.id, "m1", "hi")).await;
+    while gw1.try_recv().is_ok() {}
+    while events.try_recv().is_ok() {}
+    let edit = Req::Edit(pb::Edit {
+        conversation_id: group.id,
+        seq: ack.seq,
+        content: Some(pb::Content::text("hello")),
+    });
+    w.chat.call("alice", "phone", edit).await.unwrap();
+    let got = messages(gw1.recv().await);
+    assert_eq!(got[0].message.msg_id, ack.msg_id);
+    assert_eq!(got[0].message.content, Some(pb::Content::text("hello")));
+    assert!(events.try_recv().is_err(), "carol, offline, is not woken");
+    let recall = Req::Recall(pb::Recall {
+        conversation_id: group.id,
+        seq: ack.seq,
+    });
+    assert_eq!(
+        code(w.chat.call("bob", "phone", recall.clone()).await),
+        ErrorCode::Forbidden
+    );
+    w.chat.call("alice", "phone", recall).await.unwrap();
+    assert!(messages(gw1.recv().await)[0].message.recalled);
+    assert!(events.try_recv().is_err());
+}

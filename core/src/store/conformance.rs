@@ -1006,6 +1006,156 @@ pub async fn the_badge_counts_the_unread_of_conversations_not_muted(store: &dyn 
     assert_eq!(a.unread.get("bob"), Some(&3), "until its mute ends");
 }
 
+pub async fn revisions_rewrite_in_place_and_reach_every_timeline(store: &dyn Store) {
+    use crate::revision::{Change, Revision};
+    let members = ["alice".to_owned(), "bob".to_owned()];
+    let (group, _) = store
+        .create_group("alice", "g", &members, 1_000)
+        .await
+        .unwrap();
+    let sent = one(store, text(group.id, "alice", "m1", "helo"))
+        .await
+        .unwrap();
+    let seq = sent.message.seq;
+    let bob_before = store.inbox_head("bob").await.unwrap();
+    let revision = |change, now_ms| Revision {
+        conversation_id: group.id,
+        seq,
+        actor: "alice".into(),
+        change,
+        now_ms,
+        window: std::time::Duration::from_secs(60),
+    };
+    let edit = |t: &str, now| revision(Change::Edit(pb::Content::text(t)), now);
+    let edited = store.revise(&edit("hello", 2_000)).await.unwrap().unwrap();
+    assert_eq!(
+        (edited.message.msg_id, edited.message.seq),
+        (sent.message.msg_id, seq)
+    );
+    assert_eq!(edited.message.edited_at_ms, 2_000);
+    let mut users: Vec<&str> = edited.recipients.iter().map(|(u, _)| u.as_str()).collect();
+    users.sort_unstable();
+    assert_eq!(users, ["alice", "bob"], "every member, the sender too");
+    let bob_entry = edited
+        .recipients
+        .iter()
+        .find(|(u, _)| u == "bob")
+        .unwrap()
+        .1;
+    assert_eq!(bob_entry, bob_before + 1, "the next place in the timeline");
+    assert!(
+        store.revise(&edit("hello", 2_500)).await.unwrap().is_none(),
+        "no change"
+    );
+    store.revise(&edit("hello!", 3_000)).await.unwrap().unwrap();
+
+    // History, both timeline entries and the edit history show the text now.
+    let page = store.inbox_after("bob", bob_before - 1, 10).await.unwrap();
+    let texts: Vec<(u64, Option<&str>)> = page
+        .entries
+        .iter()
+        .map(|(_, m)| (m.msg_id, m.content.as_ref().and_then(|c| c.as_text())))
+        .collect();
+    let id = sent.message.msg_id;
+    assert_eq!(
+        texts,
+        [
+            (id, Some("hello!")),
+            (id, Some("hello!")),
+            (id, Some("hello!"))
+        ]
+    );
+    let h = store
+        .history(group.id, 0, pb::Direction::Backward, 1)
+        .await
+        .unwrap();
+    assert_eq!(h.messages[0].edited_at_ms, 3_000);
+    let kept = store.edit_history(group.id, seq).await.unwrap();
+    let old: Vec<(Option<&str>, i64)> = kept
+        .iter()
+        .map(|e| (e.content.as_text(), e.replaced_at_ms))
+        .collect();
+    assert_eq!(old, [(Some("helo"), 2_000), (Some("hello"), 3_000)]);
+    assert_eq!(store.prune_edits(2_500).await.unwrap(), 1);
+    assert_eq!(store.edit_history(group.id, seq).await.unwrap().len(), 1);
+    assert_eq!(
+        last_seq(store, group.id).await,
+        seq,
+        "the numbering does not move"
+    );
+
+    // A resend of the original answers with the original's entries.
+    let again = one(store, text(group.id, "alice", "m1", "helo"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.recipients, sent.recipients);
+    assert_eq!(again.message.content.unwrap().as_text(), Some("hello!"));
+
+    // Refusals: another's message, past the window, no such message.
+    let not_hers = Revision {
+        actor: "bob".into(),
+        ..revision(Change::Recall, 3_000)
+    };
+    assert!(matches!(
+        store.revise(&not_hers).await,
+        Err(ChatError::Forbidden(_))
+    ));
+    assert!(matches!(
+        store.revise(&revision(Change::Recall, 99_000)).await,
+        Err(ChatError::Forbidden(_))
+    ));
+    let missing = Revision {
+        seq: 99,
+        ..revision(Change::Recall, 3_000)
+    };
+    assert!(matches!(
+        store.revise(&missing).await,
+        Err(ChatError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.edit_history(group.id, 99).await,
+        Err(ChatError::NotFound(_))
+    ));
+
+    // A recall takes the content and the history away for good.
+    let recalled = store
+        .revise(&revision(Change::Recall, 4_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(recalled.message.recalled);
+    assert_eq!(recalled.message.content, None);
+    let h = store
+        .history(group.id, 0, pb::Direction::Backward, 1)
+        .await
+        .unwrap();
+    assert!(h.messages[0].recalled && h.messages[0].content.is_none());
+    let page = store.inbox_after("bob", bob_before - 1, 10).await.unwrap();
+    assert!(
+        page.entries
+            .iter()
+            .all(|(_, m)| m.recalled && m.content.is_none())
+    );
+    assert!(store.edit_history(group.id, seq).await.unwrap().is_empty());
+    assert!(
+        store
+            .revise(&revision(Change::Recall, 4_000))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let again = one(store, text(group.id, "alice", "m1", "helo"))
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.message.recalled, "still a resend");
+    assert_eq!(again.recipients, sent.recipients);
+    assert!(matches!(
+        store.revise(&edit("back", 4_000)).await,
+        Err(ChatError::InvalidArgument(_))
+    ));
+}
+
 /// The list entry of `conversation` in `user`'s list.
 async fn listed(store: &dyn Store, user: &str, conversation: u64) -> ConversationRecord {
     store
@@ -1210,6 +1360,7 @@ macro_rules! store_conformance {
             the_badge_counts_the_unread_of_conversations_not_muted,
             read_markers_move_forward_and_count_the_unread,
             pins_and_mutes_are_a_members_own,
+            revisions_rewrite_in_place_and_reach_every_timeline,
         );
     };
     (@each $open:path: $($name:ident),* $(,)?) => {

@@ -24,6 +24,7 @@ use crate::membership::{
     changed_members, membership_event, no_such_users, require_group, system_message,
 };
 use crate::push::{AudienceQuery, DeadToken, PushAudience, PushTokenRecord};
+use crate::revision::{Change, EditRecord, Revision, no_message};
 
 /// A store that lives as long as the process.
 #[derive(Debug, Default)]
@@ -106,6 +107,8 @@ struct Inner {
     /// (conversation, member) → its mute, pin and read marker (`members`);
     /// removed with the membership.
     member_state: HashMap<(u64, String), MemberState>,
+    /// msg_id → the texts it had before its edits (`message_edits`).
+    edits: HashMap<u64, Vec<EditRecord>>,
 }
 
 impl MemoryStore {
@@ -542,6 +545,75 @@ impl Store for MemoryStore {
         let _open = self.gate.read().await;
         let mut s = self.lock();
         Ok(batch.iter().map(|m| s.append_one(m)).collect())
+    }
+
+    async fn revise(&self, r: &Revision) -> Result<Option<Appended>, ChatError> {
+        let mut s = self.lock();
+        let not_found = || no_message(r.conversation_id, r.seq);
+        let conv = s
+            .conversations
+            .get(&r.conversation_id)
+            .ok_or_else(not_found)?;
+        let msg_id = *conv.messages.get(&r.seq).ok_or_else(not_found)?;
+        let members: Vec<String> = conv.members.iter().cloned().collect();
+        let stored = s.messages.get_mut(&msg_id).ok_or_else(not_found)?;
+        let Some(revised) = r.apply(&stored.message)? else {
+            return Ok(None);
+        };
+        let before = std::mem::replace(&mut stored.message, revised.clone());
+        match &r.change {
+            Change::Edit(_) => s.edits.entry(msg_id).or_default().push(EditRecord {
+                content: before.content.unwrap_or_default(),
+                replaced_at_ms: r.now_ms,
+            }),
+            Change::Recall => {
+                s.edits.remove(&msg_id);
+            }
+        }
+        // Each member's timeline gets the message again, at its next place
+        // (not among the original's recipients, which resends answer with).
+        let recipients = members
+            .into_iter()
+            .map(|user| {
+                let seq = s.inbox_head(&user) + 1;
+                s.inboxes
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(seq, msg_id);
+                (user, seq)
+            })
+            .collect();
+        Ok(Some(Appended {
+            message: revised,
+            recipients,
+            duplicate: false,
+        }))
+    }
+
+    async fn edit_history(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<Vec<EditRecord>, ChatError> {
+        let s = self.lock();
+        let msg_id = s
+            .conversations
+            .get(&conversation_id)
+            .and_then(|c| c.messages.get(&seq))
+            .ok_or_else(|| no_message(conversation_id, seq))?;
+        Ok(s.edits.get(msg_id).cloned().unwrap_or_default())
+    }
+
+    async fn prune_edits(&self, before_ms: i64) -> Result<u64, ChatError> {
+        let mut s = self.lock();
+        let mut gone = 0;
+        s.edits.retain(|_, list| {
+            let n = list.len();
+            list.retain(|e| e.replaced_at_ms >= before_ms);
+            gone += (n - list.len()) as u64;
+            !list.is_empty()
+        });
+        Ok(gone)
     }
 
     async fn inbox_after(

@@ -62,7 +62,7 @@ pub(super) async fn append(
     }
     let rows = sqlx::query(
         "SELECT idx, outcome, blocker, msg_id, conv, seq, sender_device, content, created_at, \
-         users, inbox_seqs FROM parley_append($1, $2, $3, $4, $5, $6)",
+         users, inbox_seqs, edited_at, recalled FROM parley_append($1, $2, $3, $4, $5, $6)",
     )
     .bind(&conv)
     .bind(&sender)
@@ -154,6 +154,10 @@ fn answer(row: &PgRow, m: &NewMessage) -> Result<Result<Appended, ChatError>, Ch
             let bytes: Option<Vec<u8>> = row.try_get("content").db()?;
             let content = pb::Content::decode(bytes.unwrap_or_default().as_slice())
                 .map_err(|e| ChatError::Corrupt(format!("message content: {e}")))?;
+            let recalled = row
+                .try_get::<Option<bool>, _>("recalled")
+                .db()?
+                .unwrap_or_default();
             m.resend_of(Appended {
                 message: pb::Message {
                     msg_id,
@@ -172,7 +176,12 @@ fn answer(row: &PgRow, m: &NewMessage) -> Result<Result<Appended, ChatError>, Ch
                         .try_get::<Option<i64>, _>("created_at")
                         .db()?
                         .unwrap_or_default(),
-                    content: Some(content),
+                    content: (!recalled).then_some(content),
+                    edited_at_ms: row
+                        .try_get::<Option<i64>, _>("edited_at")
+                        .db()?
+                        .unwrap_or_default(),
+                    recalled,
                 },
                 recipients: recipients()?,
                 duplicate: true,

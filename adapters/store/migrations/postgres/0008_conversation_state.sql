@@ -6,10 +6,28 @@ ALTER TABLE members ADD COLUMN read_seq BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE members ADD COLUMN pinned BOOLEAN NOT NULL DEFAULT FALSE;
 UPDATE members mb SET read_seq = c.last_seq FROM conversations c WHERE c.id = mb.conversation_id;
 
--- parley_append of 0002_append.sql, which now also moves each sender's
--- read marker to the newest message it wrote (the `read` step); the rest
--- is unchanged.
-CREATE OR REPLACE FUNCTION parley_append(
+-- Recalls and edits rewrite a message in place: when its sender last
+-- edited it (0: never), and whether it was recalled (its content is then
+-- empty). The texts edits replaced, kept for a while (the edit history).
+ALTER TABLE messages ADD COLUMN edited_at BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN recalled BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE TABLE message_edits (
+    id          BIGSERIAL PRIMARY KEY,
+    message_id  BIGINT NOT NULL,
+    replaced_at BIGINT NOT NULL,
+    content     BYTEA NOT NULL
+);
+CREATE INDEX message_edits_by_message ON message_edits (message_id, id);
+CREATE INDEX message_edits_by_time ON message_edits (replaced_at);
+
+-- parley_append of 0002_append.sql, changed in three places: it moves each
+-- sender's read marker to the newest message it wrote (`marked`); a resend
+-- answers with each member's first timeline entry of the original (a
+-- revision gave them another); and a resend's answer says whether the
+-- original was edited or recalled since (two more columns, hence the
+-- DROP). The rest is unchanged.
+DROP FUNCTION parley_append(BIGINT[], TEXT[], TEXT[], TEXT[], BYTEA[], BIGINT[]);
+CREATE FUNCTION parley_append(
     p_conv    BIGINT[],
     p_sender  TEXT[],
     p_device  TEXT[],
@@ -27,7 +45,9 @@ CREATE OR REPLACE FUNCTION parley_append(
     content       BYTEA,
     created_at    BIGINT,
     users         TEXT[],
-    inbox_seqs    BIGINT[]
+    inbox_seqs    BIGINT[],
+    edited_at     BIGINT,
+    recalled      BOOLEAN
 )
 LANGUAGE plpgsql
 -- Plan each statement once per connection: the shapes below hold for any
@@ -155,26 +175,27 @@ BEGIN
     SELECT e.idx, 0::SMALLINT, NULL::TEXT, e.msg_id, e.conv, e.seq,
            NULL::TEXT, NULL::BYTEA, NULL::BIGINT,
            array_agg(e.user_id ORDER BY e.user_id),
-           array_agg(e.inbox_seq ORDER BY e.user_id)
+           array_agg(e.inbox_seq ORDER BY e.user_id),
+           NULL::BIGINT, NULL::BOOLEAN
     FROM entries e
     GROUP BY e.idx, e.msg_id, e.conv, e.seq
     UNION ALL
     -- A written message whose members all lack user rows has no entry.
     SELECT pl.idx, 0::SMALLINT, NULL, pl.msg_id, pl.conv, pl.seq, NULL, NULL, NULL,
-           '{}'::TEXT[], '{}'::BIGINT[]
+           '{}'::TEXT[], '{}'::BIGINT[], NULL, NULL
     FROM planned pl
     WHERE NOT EXISTS (SELECT 1 FROM members mb JOIN users u ON u.id = mb.user_id
                       WHERE mb.conversation_id = pl.conv)
     UNION ALL
     SELECT p.idx, p.outcome, p.blocker, d.id, d.conversation_id, d.seq,
-           d.sender_device, d.content, d.created_at, dr.users, dr.seqs
+           d.sender_device, d.content, d.created_at, dr.users, dr.seqs, d.edited_at, d.recalled
     FROM unnest(v_plan) p
     LEFT JOIN messages d ON d.id = p.dup
     LEFT JOIN LATERAL (
         SELECT array_agg(i.user_id ORDER BY i.user_id) AS users,
                array_agg(i.seq ORDER BY i.user_id) AS seqs
-        FROM inbox i
-        WHERE i.message_id = p.dup
+        FROM (SELECT ib.user_id, min(ib.seq) AS seq FROM inbox ib
+              WHERE ib.message_id = p.dup GROUP BY ib.user_id) i
     ) dr ON p.dup IS NOT NULL
     WHERE p.outcome <> 0
     ORDER BY 1;
