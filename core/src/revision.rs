@@ -53,6 +53,9 @@ impl Revision {
                 "only the sender of a message can {verb} it"
             )));
         }
+        if self.change == Change::Recall && stored.recalled {
+            return Ok(None);
+        }
         let age = self.now_ms.saturating_sub(stored.server_time_ms);
         if age > self.window.as_millis() as i64 {
             return Err(ChatError::Forbidden(format!(
@@ -62,7 +65,6 @@ impl Revision {
             )));
         }
         match &self.change {
-            Change::Recall if stored.recalled => Ok(None),
             Change::Recall => Ok(Some(pb::Message {
                 content: None,
                 recalled: true,

@@ -250,15 +250,19 @@ impl Registry {
         }
     }
 
-    /// Hands a signal to every local device of its users. One that does not
-    /// fit is dropped, not marked lagged: a signal is not in the timeline,
-    /// and the device reads the state again when it lists its
-    /// conversations.
+    /// Hands a signal to every local device of its users whose queue is
+    /// at most half full; the other half is kept for messages, so a chatty
+    /// group's receipts and typing never push a device's messages out (and
+    /// it into a catch-up). A signal not handed over is dropped, not marked
+    /// lagged: it is not in the timeline, and the device reads the state
+    /// again when it lists its conversations.
     pub fn signal(&self, signal: &Signal) {
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         for user in &signal.users {
             for entry in users.get(user).into_iter().flatten() {
-                let _ = entry.tx.try_send(Push::Signal(signal.frame.clone()));
+                if entry.tx.capacity() * 2 > entry.tx.max_capacity() {
+                    let _ = entry.tx.try_send(Push::Signal(signal.frame.clone()));
+                }
             }
         }
     }
@@ -471,6 +475,29 @@ mod tests {
         reg.unregister("a", 1);
         reg.unregister("a", 2);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn signals_leave_half_of_a_queue_to_messages() {
+        let reg = Registry::default();
+        let mut sub = reg.register(&Session::new("a", "phone", "g", 1), 0, 1, 4);
+        let signal = Signal {
+            users: vec!["a".into()],
+            frame: Arc::new(pb::ServerFrame::default()),
+        };
+        for _ in 0..4 {
+            reg.signal(&signal);
+        }
+        reg.dispatch(&delivery("a", 1));
+        reg.dispatch(&delivery("a", 2));
+        let got: Vec<u64> = std::iter::from_fn(|| sub.rx.try_recv().ok())
+            .map(|p| p.inbox_seq())
+            .collect();
+        assert_eq!(got, [0, 0, 1, 2], "two signals, then both messages");
+        assert!(
+            !sub.lagged.load(Ordering::Acquire),
+            "no message was dropped"
+        );
     }
 
     #[tokio::test]

@@ -591,7 +591,7 @@ impl PgStore {
         let row = sqlx::query(concat!(
             "SELECT ",
             message_columns!(),
-            " FROM messages m WHERE m.conversation_id = $1 AND m.seq = $2"
+            " FROM messages m WHERE m.conversation_id = $1 AND m.seq = $2 FOR UPDATE"
         ))
         .bind(r.conversation_id as i64)
         .bind(r.seq as i64)
@@ -966,16 +966,27 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await
         .db()?;
-        let (before, moved) = row.ok_or(ChatError::NotMember(conversation_id))?;
-        Ok(match moved {
-            Some(now) => ReadMark {
+        let (_, moved) = row.ok_or(ChatError::NotMember(conversation_id))?;
+        if let Some(now) = moved {
+            return Ok(ReadMark {
                 seq: now as u64,
                 moved: true,
-            },
-            None => ReadMark {
-                seq: before as u64,
-                moved: false,
-            },
+            });
+        }
+        // Not moved: a concurrent MarkRead may have moved it further since
+        // the statement's snapshot, so read it as it stands.
+        let now: Option<i64> = sqlx::query_scalar(
+            "SELECT read_seq FROM members WHERE conversation_id = $1 AND user_id = $2",
+        )
+        .bind(conversation_id as i64)
+        .bind(user)
+        .fetch_optional(&self.pool)
+        .await
+        .db()?;
+        let now = now.ok_or(ChatError::NotMember(conversation_id))?;
+        Ok(ReadMark {
+            seq: now as u64,
+            moved: false,
         })
     }
 
@@ -1681,11 +1692,12 @@ async fn prune_in(tx: &mut PgConnection, cutoff_ms: i64) -> Result<u64, ChatErro
     let Some(max_id) = newest_old else {
         return Ok(0);
     };
-    sqlx::query("DELETE FROM inbox WHERE message_id <= $1")
-        .bind(max_id)
-        .execute(&mut *tx)
-        .await
-        .db()?;
+    for sql in [
+        "DELETE FROM inbox WHERE message_id <= $1",
+        "DELETE FROM message_edits WHERE message_id <= $1",
+    ] {
+        sqlx::query(sql).bind(max_id).execute(&mut *tx).await.db()?;
+    }
     let done = sqlx::query("DELETE FROM messages WHERE id <= $1")
         .bind(max_id)
         .execute(&mut *tx)

@@ -1277,6 +1277,7 @@ impl Store for SqliteStore {
                 " WHERE id IN (SELECT DISTINCT user_id FROM inbox WHERE message_id <= ?1)"
             ),
             "DELETE FROM inbox WHERE message_id <= ?1",
+            "DELETE FROM message_edits WHERE message_id <= ?1",
         ] {
             sqlx::query(sql).bind(max_id).execute(&mut *tx).await.db()?;
         }

@@ -1154,6 +1154,31 @@ pub async fn revisions_rewrite_in_place_and_reach_every_timeline(store: &dyn Sto
         store.revise(&edit("back", 4_000)).await,
         Err(ChatError::InvalidArgument(_))
     ));
+    let late = revision(Change::Recall, 99_000);
+    assert!(
+        store.revise(&late).await.unwrap().is_none(),
+        "recalled is recalled"
+    );
+
+    // Retention takes a revised message with every entry pointing at it,
+    // the revisions' too, and its edit history; numbers are not reused.
+    let other = one(store, text(group.id, "alice", "m2", "two"))
+        .await
+        .unwrap();
+    let second = Revision {
+        seq: other.message.seq,
+        ..edit("deux", 4_500)
+    };
+    store.revise(&second).await.unwrap().unwrap();
+    let head = store.inbox_head("bob").await.unwrap();
+    store.prune_before(i64::MAX).await.unwrap();
+    let page = store.inbox_after("bob", 0, 100).await.unwrap();
+    assert!(page.entries.is_empty(), "{:?}", page.entries);
+    assert_eq!(page.head, head);
+    assert!(matches!(
+        store.edit_history(group.id, other.message.seq).await,
+        Err(ChatError::NotFound(_))
+    ));
 }
 
 /// The list entry of `conversation` in `user`'s list.

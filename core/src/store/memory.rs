@@ -629,8 +629,8 @@ impl Store for MemoryStore {
             .map(|inbox| {
                 inbox
                     .range(after.saturating_add(1)..)
-                    .take(limit as usize)
                     .filter_map(|(seq, id)| Some((*seq, s.messages.get(id)?.message.clone())))
+                    .take(limit as usize)
                     .collect()
             })
             .unwrap_or_default();
@@ -1006,17 +1006,21 @@ impl Store for MemoryStore {
                 conv.seq_floor = last_seq(conv);
                 conv.messages.remove(&m.seq);
             }
-            for (user, seq) in &stored.recipients {
-                let head = s.inbox_head(user);
-                if let Some(u) = s.users.get_mut(user) {
-                    u.inbox_floor = head;
-                }
-                if let Some(inbox) = s.inboxes.get_mut(user) {
-                    inbox.remove(seq);
-                }
-            }
             s.dedup
                 .remove(&(m.sender_id.clone(), m.client_msg_id.clone()));
+            s.edits.remove(&m.msg_id);
+        }
+        // Every entry pointing at them goes, revisions' too; the heads
+        // stay where they were.
+        let users: Vec<String> = s.inboxes.keys().cloned().collect();
+        for user in users {
+            let head = s.inbox_head(&user);
+            if let Some(u) = s.users.get_mut(&user) {
+                u.inbox_floor = head;
+            }
+            if let Some(inbox) = s.inboxes.get_mut(&user) {
+                inbox.retain(|_, id| !gone.contains_key(id));
+            }
         }
         Ok(gone.len() as u64)
     }
