@@ -154,6 +154,8 @@ impl chat_internal_server::ChatInternal for InternalApi {
                 .map(|(inbox_seq, message)| pb::Deliver {
                     inbox_seq,
                     message: Some(message),
+                    // Marked by the gateway, which knows whose timeline it is.
+                    from_blocked: false,
                 })
                 .collect(),
             inbox_head: page.head,

@@ -122,6 +122,8 @@ pub enum Event {
     Message {
         inbox_seq: u64,
         message: pb::Message,
+        /// The user blocks its sender (a group message): hide it.
+        from_blocked: bool,
     },
     /// A catch-up ended; `complete = false` means retention removed part of it.
     Synced(pb::SyncDone),
@@ -132,6 +134,8 @@ pub enum Event {
     Read(pb::ReadReceipt),
     /// The user pinned or muted a conversation on another device.
     Settings(pb::ConversationSettings),
+    /// The users this user blocks, after a change on any device.
+    Blocks(Vec<String>),
     /// Someone is typing in a conversation (until `expires_in_ms` from now,
     /// a stop, or their next message there), or stopped.
     Typing(pb::TypingIndicator),
@@ -311,6 +315,14 @@ impl Client {
         };
         match self.request(Req::History(req)).await? {
             Resp::HistoryPage(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The users this user blocks.
+    pub async fn blocks(&self) -> Result<Vec<String>, ClientError> {
+        match self.request(Req::ListBlocks(pb::ListBlocks {})).await? {
+            Resp::Blocks(b) => Ok(b.users),
             other => Err(unexpected(other)),
         }
     }
@@ -789,7 +801,8 @@ struct Engine {
     shared_cursor: Arc<AtomicU64>,
     acked: u64,
     /// Deliveries that arrived ahead of a gap, by inbox_seq.
-    held: BTreeMap<u64, pb::Message>,
+    /// Messages after a gap, by inbox seq, with their `from_blocked`.
+    held: BTreeMap<u64, (pb::Message, bool)>,
     pending: HashMap<u64, Pending>,
     next_rid: u64,
     user_id: String,
@@ -1209,7 +1222,7 @@ impl Engine {
                     match frame.body {
                         Some(Resp::Deliver(d)) => {
                             if let Some(m) = d.message {
-                                self.on_deliver(d.inbox_seq, m).await;
+                                self.on_deliver(d.inbox_seq, m, d.from_blocked).await;
                             }
                             if self.held.is_empty() {
                                 gap_since = None;
@@ -1275,6 +1288,9 @@ impl Engine {
                         Some(Resp::Typing(t)) => {
                             let _ = self.events.send(Event::Typing(t)).await;
                         }
+                        Some(Resp::Blocks(b)) if frame.request_id == 0 => {
+                            let _ = self.events.send(Event::Blocks(b.users)).await;
+                        }
                         Some(body) => {
                             if let Some(p) = self.pending.remove(&frame.request_id) {
                                 let _ = p.reply.send(Ok(body));
@@ -1327,12 +1343,12 @@ impl Engine {
         self.shared_cursor.store(c, Ordering::Release);
     }
 
-    async fn on_deliver(&mut self, inbox_seq: u64, message: pb::Message) {
+    async fn on_deliver(&mut self, inbox_seq: u64, message: pb::Message, from_blocked: bool) {
         let cursor = self.cursor.unwrap_or(0);
         if inbox_seq <= cursor {
             return; // a duplicate
         }
-        self.held.insert(inbox_seq, message);
+        self.held.insert(inbox_seq, (message, from_blocked));
         self.release_held().await;
     }
 
@@ -1348,7 +1364,7 @@ impl Engine {
             if seq != cursor + 1 {
                 break;
             }
-            let message = entry.remove();
+            let (message, from_blocked) = entry.remove();
             cursor = seq;
             self.set_cursor(cursor);
             // A revision (an edit, a recall) is handed out on every device,
@@ -1363,6 +1379,7 @@ impl Engine {
                     .send(Event::Message {
                         inbox_seq: seq,
                         message,
+                        from_blocked,
                     })
                     .await;
             }

@@ -478,12 +478,15 @@ impl ChatService {
                 let conv = self.store.open_direct(user, &o.peer, now_ms()).await?;
                 Ok(Resp::Conversation(conv.into()))
             }
-            Req::CreateGroup(g) => self
-                .create_group(user, &g.name, g.members)
-                .await
-                .map(|c| Resp::Conversation(c.into())),
+            Req::CreateGroup(g) => {
+                self.not_blocked_by(user, &g.members).await?;
+                self.create_group(user, &g.name, g.members)
+                    .await
+                    .map(|c| Resp::Conversation(c.into()))
+            }
             Req::AddMembers(a) => {
                 self.require_member(a.conversation_id, user).await?;
+                self.not_blocked_by(user, &a.users).await?;
                 self.change_members(a.conversation_id, user, MembershipChange::Add, &a.users)
                     .await
             }
@@ -555,11 +558,17 @@ impl ChatService {
                     return Err(ChatError::NotFound(format!("no user {:?}", b.user)));
                 }
                 self.store.set_block(user, &b.user, true, now_ms()).await?;
+                self.blocks_changed(user).await;
                 Ok(Resp::Done(pb::Done {}))
             }
             Req::Unblock(b) => {
                 self.store.set_block(user, &b.user, false, now_ms()).await?;
+                self.blocks_changed(user).await;
                 Ok(Resp::Done(pb::Done {}))
+            }
+            Req::ListBlocks(_) => {
+                let users = self.store.blocks_of(user).await?;
+                Ok(Resp::Blocks(pb::BlockList { users }))
             }
             Req::ListDevices(_) => {
                 let devices = self.devices(user).await?;

@@ -441,6 +441,11 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<(), ChatError>;
     async fn is_blocked(&self, user: &str, by: &str) -> Result<bool, ChatError>;
+    /// The users `user` blocks, sorted.
+    async fn blocks_of(&self, user: &str) -> Result<Vec<String>, ChatError>;
+    /// Those among `users` who block `actor`, sorted: who `actor` may not
+    /// add to a group.
+    async fn blockers_of(&self, actor: &str, users: &[String]) -> Result<Vec<String>, ChatError>;
 
     /// Registers a device's push token, replacing the device's earlier
     /// one; the same token held by another device (a phone that changed

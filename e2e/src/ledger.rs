@@ -46,8 +46,11 @@ impl Recorder {
                     Event::Connected { .. } => log.connects += 1,
                     Event::Disconnected { .. } | Event::Closed(_) => log.disconnects += 1,
                     Event::Read(r) => log.receipts.push(r),
-                    Event::Synced(_) | Event::Tokens(_) | Event::Settings(_) | Event::Typing(_) => {
-                    }
+                    Event::Synced(_)
+                    | Event::Tokens(_)
+                    | Event::Settings(_)
+                    | Event::Typing(_)
+                    | Event::Blocks(_) => {}
                 }
             }
         });

@@ -97,6 +97,9 @@ struct Live {
     /// The request a SyncDone answers once the catch-up ends (0: login).
     sync_done: Option<u64>,
     typing: TypingGate,
+    /// The users this user blocks: their messages are delivered marked
+    /// `from_blocked`. Read at login, kept by the BlockList signals.
+    blocked: std::collections::HashSet<String>,
 }
 
 /// How often a connection's `typing = true` for one conversation goes on
@@ -391,6 +394,9 @@ async fn on_pushes(
         let (inbox_seq, message) = match push {
             Push::Message { inbox_seq, message } => (inbox_seq, message),
             Push::Signal(frame) => {
+                if let Some(Resp::Blocks(b)) = &frame.body {
+                    live.blocked = b.users.iter().cloned().collect();
+                }
                 out.push(Outgoing::Frame(pb::ServerFrame::clone(&frame)));
                 continue;
             }
@@ -405,7 +411,12 @@ async fn on_pushes(
         }
         live.delivered = inbox_seq;
         // Encoded from the copy every recipient shares, not a clone.
-        out.push(Outgoing::Deliver { inbox_seq, message });
+        let from_blocked = live.blocked.contains(&message.sender_id);
+        out.push(Outgoing::Deliver {
+            inbox_seq,
+            message,
+            from_blocked,
+        });
     }
     if gap {
         catch_up(shared, live, out).await?;
@@ -413,12 +424,13 @@ async fn on_pushes(
     Ok(())
 }
 
-fn deliver(inbox_seq: u64, message: pb::Message) -> Outgoing {
+fn deliver(inbox_seq: u64, message: pb::Message, from_blocked: bool) -> Outgoing {
     Outgoing::Frame(pb::ServerFrame::new(
         0,
         Resp::Deliver(pb::Deliver {
             inbox_seq,
             message: Some(message),
+            from_blocked,
         }),
     ))
 }
@@ -445,7 +457,8 @@ async fn catch_up(shared: &Shared, live: &mut Live, out: &mut Vec<Outgoing>) -> 
     live.behind = page.entries.len() as u32 == CATCH_UP_PAGE;
     for (seq, message) in page.entries {
         live.delivered = seq;
-        out.push(deliver(seq, message));
+        let from_blocked = live.blocked.contains(&message.sender_id);
+        out.push(deliver(seq, message, from_blocked));
     }
     if !live.behind
         && let Some(request_id) = live.sync_done.take()
@@ -579,6 +592,7 @@ fn limit(shared: &Shared, keys: &LimitKeys, req: &Req) -> Result<(), ChatError> 
         | Req::MarkRead(_)
         | Req::Receipts(_)
         | Req::EditHistory(_)
+        | Req::ListBlocks(_)
         | Req::Typing(_) => (limits.reads_per_user, &keys.read, "reads"),
         Req::Upload(_) => (limits.uploads_per_user, &keys.upload, "uploads"),
         Req::OpenDirect(_)
@@ -749,6 +763,7 @@ async fn on_frame(
                 missing: None,
                 sync_done: None,
                 typing: TypingGate::default(),
+                blocked: Default::default(),
             };
             go_online(shared, &mut l, conn_id, rid).await?;
             let opened = shared
@@ -764,6 +779,20 @@ async fn on_frame(
                 }
             };
             l.delivered = resume;
+            // Before the catch-up, so that it is marked too.
+            match shared
+                .chat
+                .call(&user, &auth.device_id, Req::ListBlocks(pb::ListBlocks {}))
+                .await
+            {
+                Ok(Resp::Blocks(b)) => l.blocked = b.users.into_iter().collect(),
+                Ok(_) => {}
+                Err(e) => {
+                    shared.registry.unregister(&user, conn_id);
+                    shared.go_offline(l.session).await;
+                    return Err(End::Fatal(rid, ErrorCode::Unavailable, e.client_message()));
+                }
+            }
             *phase = Phase::Ready;
             out.push(
                 pb::ServerFrame::new(

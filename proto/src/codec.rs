@@ -122,6 +122,8 @@ pub enum Outgoing {
     Deliver {
         inbox_seq: u64,
         message: Arc<crate::pb::Message>,
+        /// `Deliver.from_blocked`.
+        from_blocked: bool,
     },
 }
 
@@ -129,6 +131,7 @@ pub enum Outgoing {
 const FRAME_DELIVER: u32 = 5;
 const DELIVER_INBOX_SEQ: u32 = 1;
 const DELIVER_MESSAGE: u32 = 2;
+const DELIVER_FROM_BLOCKED: u32 = 3;
 
 impl Outgoing {
     /// Whether this frame delivers a message.
@@ -158,8 +161,12 @@ impl Outgoing {
     pub fn encoded_len(&self) -> usize {
         match self {
             Self::Frame(f) => f.encoded_len(),
-            Self::Deliver { inbox_seq, message } => {
-                let inner = deliver_len(*inbox_seq, message);
+            Self::Deliver {
+                inbox_seq,
+                message,
+                from_blocked,
+            } => {
+                let inner = deliver_len(*inbox_seq, message, *from_blocked);
                 encoding::key_len(FRAME_DELIVER)
                     + encoding::encoded_len_varint(inner as u64)
                     + inner
@@ -173,14 +180,21 @@ impl Outgoing {
     pub fn encode_raw(&self, buf: &mut impl BufMut) {
         match self {
             Self::Frame(f) => f.encode_raw(buf),
-            Self::Deliver { inbox_seq, message } => {
-                let inner = deliver_len(*inbox_seq, message);
+            Self::Deliver {
+                inbox_seq,
+                message,
+                from_blocked,
+            } => {
+                let inner = deliver_len(*inbox_seq, message, *from_blocked);
                 encoding::encode_key(FRAME_DELIVER, encoding::WireType::LengthDelimited, buf);
                 encoding::encode_varint(inner as u64, buf);
                 if *inbox_seq != 0 {
                     encoding::uint64::encode(DELIVER_INBOX_SEQ, inbox_seq, buf);
                 }
                 encoding::message::encode(DELIVER_MESSAGE, &**message, buf);
+                if *from_blocked {
+                    encoding::bool::encode(DELIVER_FROM_BLOCKED, from_blocked, buf);
+                }
             }
         }
     }
@@ -199,13 +213,18 @@ impl From<crate::pb::ServerFrame> for Outgoing {
     }
 }
 
-fn deliver_len(inbox_seq: u64, message: &crate::pb::Message) -> usize {
+fn deliver_len(inbox_seq: u64, message: &crate::pb::Message, from_blocked: bool) -> usize {
     let seq = if inbox_seq != 0 {
         encoding::uint64::encoded_len(DELIVER_INBOX_SEQ, &inbox_seq)
     } else {
         0
     };
-    seq + encoding::message::encoded_len(DELIVER_MESSAGE, message)
+    let blocked = if from_blocked {
+        encoding::bool::encoded_len(DELIVER_FROM_BLOCKED, &from_blocked)
+    } else {
+        0
+    };
+    seq + encoding::message::encoded_len(DELIVER_MESSAGE, message) + blocked
 }
 
 /// Appends `frame` to `buf` as one length-prefixed frame.
@@ -238,7 +257,8 @@ mod tests {
     }
 
     /// A shared Deliver is the same bytes as the frame prost would write,
-    /// for a full message, an empty one, and a zero inbox seq.
+    /// for a full message, a recalled one, an empty one, a zero inbox seq,
+    /// and with and without `from_blocked`.
     #[test]
     fn shared_deliver_encodes_as_the_frame_does() {
         let full = pb::Message {
@@ -258,22 +278,25 @@ mod tests {
             recalled: true,
             ..full.clone()
         };
-        for (inbox_seq, message) in [
-            (1, full.clone()),
-            (2, recalled),
-            (1 << 40, pb::Message::default()),
-            (0, full),
+        for (inbox_seq, message, from_blocked) in [
+            (1, full.clone(), false),
+            (2, recalled, false),
+            (3, full.clone(), true),
+            (1 << 40, pb::Message::default(), true),
+            (0, full, false),
         ] {
             let frame = pb::ServerFrame::new(
                 0,
                 pb::server_frame::Body::Deliver(pb::Deliver {
                     inbox_seq,
                     message: Some(message.clone()),
+                    from_blocked,
                 }),
             );
             let shared = Outgoing::Deliver {
                 inbox_seq,
                 message: Arc::new(message),
+                from_blocked,
             };
             assert_eq!(shared.encoded_len(), frame.encoded_len());
             assert_eq!(shared.encode_to_vec(), frame.encode_to_vec());

@@ -1343,6 +1343,26 @@ impl Store for PgStore {
         Ok(found.is_some())
     }
 
+    async fn blocks_of(&self, user: &str) -> Result<Vec<String>, ChatError> {
+        sqlx::query_scalar("SELECT blocked_id FROM blocks WHERE user_id = $1 ORDER BY blocked_id")
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await
+            .db()
+    }
+
+    async fn blockers_of(&self, actor: &str, users: &[String]) -> Result<Vec<String>, ChatError> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT user_id FROM blocks WHERE user_id = ANY($1) AND blocked_id = $2 \
+             ORDER BY user_id",
+        )
+        .bind(users)
+        .bind(actor)
+        .fetch_all(&self.pool)
+        .await
+        .db()
+    }
+
     async fn put_push_token(
         &self,
         t: &PushTokenRecord,

@@ -1054,6 +1054,34 @@ impl Store for SqliteStore {
         Ok(found.is_some())
     }
 
+    async fn blocks_of(&self, user: &str) -> Result<Vec<String>, ChatError> {
+        sqlx::query_scalar("SELECT blocked_id FROM blocks WHERE user_id = ? ORDER BY blocked_id")
+            .bind(user)
+            .fetch_all(&self.reader)
+            .await
+            .db()
+    }
+
+    async fn blockers_of(&self, actor: &str, users: &[String]) -> Result<Vec<String>, ChatError> {
+        let mut conn = self.reader.acquire().await.db()?;
+        let mut out = Vec::new();
+        for u in users {
+            let found: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM blocks WHERE user_id = ? AND blocked_id = ?")
+                    .bind(u)
+                    .bind(actor)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .db()?;
+            if found.is_some() {
+                out.push(u.clone());
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
     async fn put_push_token(
         &self,
         t: &PushTokenRecord,

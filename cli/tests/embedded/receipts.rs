@@ -190,3 +190,97 @@ async fn recalls_and_edits_reach_every_device_and_history() {
     let err = alice.recall(conv.id, 99).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
 }
+
+/// The next text message and its `from_blocked` mark.
+async fn next_marked(events: &mut Receiver<Event>) -> (pb::Message, bool) {
+    loop {
+        if let Event::Message {
+            message,
+            from_blocked,
+            ..
+        } = timeout(WAIT, events.recv())
+            .await
+            .expect("no message in time")
+            .expect("events closed")
+            && matches!(
+                message.content.as_ref().and_then(|c| c.body.as_ref()),
+                Some(pb::content::Body::Text(_))
+            )
+        {
+            return (message, from_blocked);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_block_reaches_groups_and_marks_what_arrives() {
+    let mut w = World::start().await;
+    let (ta, tb, tc) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
+    let (alice, _alice_ev) = w.connect(&ta, "phone").await;
+    let (_desk, mut desk_ev) = w.connect(&ta, "desk").await;
+    let (bob, _bob_ev) = w.connect(&tb, "phone").await;
+    let (carol, _carol_ev) = w.connect(&tc, "phone").await;
+    let group = bob.create_group("g", &["alice", "carol"]).await.unwrap();
+
+    alice.block("carol", true).await.unwrap();
+    let blocks = loop {
+        if let Event::Blocks(b) = timeout(WAIT, desk_ev.recv()).await.unwrap().unwrap() {
+            break b;
+        }
+    };
+    assert_eq!(blocks, ["carol"], "the other device hears of it");
+    assert_eq!(alice.blocks().await.unwrap(), ["carol"]);
+
+    // carol cannot bring alice into a group of hers.
+    let err = carol.create_group("mine", &["alice"]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Blocked));
+    let other = carol.create_group("other", &["bob"]).await.unwrap();
+    let err = carol
+        .request(Req::AddMembers(pb::AddMembers {
+            conversation_id: other.id,
+            users: vec!["alice".into()],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Blocked));
+
+    // In the group they share, carol's messages reach alice marked, live
+    // and in a catch-up; bob's do not.
+    carol
+        .send(group.id, pb::Content::text("from carol"))
+        .await
+        .unwrap();
+    bob.send(group.id, pb::Content::text("from bob"))
+        .await
+        .unwrap();
+    let (m, marked) = next_marked(&mut desk_ev).await;
+    assert_eq!((text_of(&m), marked), ("from carol", true));
+    let (m, marked) = next_marked(&mut desk_ev).await;
+    assert_eq!((text_of(&m), marked), ("from bob", false));
+    // A device catching up from before them.
+    let (_tablet, mut tablet_ev) = w.connect_at(&ta, "tablet", Some(0)).await;
+    let (m, marked) = next_marked(&mut tablet_ev).await;
+    assert_eq!(
+        (text_of(&m), marked),
+        ("from carol", true),
+        "caught up, marked"
+    );
+
+    alice.block("carol", false).await.unwrap();
+    loop {
+        if let Event::Blocks(b) = timeout(WAIT, desk_ev.recv()).await.unwrap().unwrap() {
+            assert!(b.is_empty());
+            break;
+        }
+    }
+    carol
+        .send(group.id, pb::Content::text("again"))
+        .await
+        .unwrap();
+    let (m, marked) = next_marked(&mut desk_ev).await;
+    assert_eq!((text_of(&m), marked), ("again", false));
+}

@@ -211,6 +211,36 @@ impl ChatService {
         Ok(())
     }
 
+    /// BLOCKED when one of `users` blocks `actor`, who then may not add
+    /// them to a group.
+    pub(super) async fn not_blocked_by(
+        &self,
+        actor: &str,
+        users: &[String],
+    ) -> Result<(), ChatError> {
+        match self
+            .store
+            .blockers_of(actor, users)
+            .await?
+            .into_iter()
+            .next()
+        {
+            Some(blocker) => Err(ChatError::Blocked(blocker)),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the user's online devices the users they block now.
+    pub(super) async fn blocks_changed(&self, user: &str) {
+        match self.store.blocks_of(user).await {
+            Ok(users) => {
+                let frame = Resp::Blocks(pb::BlockList { users });
+                self.signal(vec![user.to_owned()], frame).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "block list not told to devices"),
+        }
+    }
+
     /// Tells the user's online devices their settings of a conversation.
     async fn settings_changed(&self, user: &str, conversation_id: u64, s: MemberSettings) {
         let frame = Resp::ConversationSettings(pb::ConversationSettings {

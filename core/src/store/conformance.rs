@@ -1181,6 +1181,22 @@ pub async fn revisions_rewrite_in_place_and_reach_every_timeline(store: &dyn Sto
     ));
 }
 
+pub async fn block_lists_read_both_ways(store: &dyn Store) {
+    store.set_block("alice", "carol", true, 1).await.unwrap();
+    store.set_block("alice", "bob", true, 1).await.unwrap();
+    store.set_block("bob", "carol", true, 1).await.unwrap();
+    assert_eq!(store.blocks_of("alice").await.unwrap(), ["bob", "carol"]);
+    assert!(store.blocks_of("carol").await.unwrap().is_empty());
+    let users = ["bob".to_owned(), "alice".to_owned(), "alice".to_owned()];
+    assert_eq!(
+        store.blockers_of("carol", &users).await.unwrap(),
+        ["alice", "bob"]
+    );
+    assert!(store.blockers_of("alice", &users).await.unwrap().is_empty());
+    store.set_block("alice", "carol", false, 2).await.unwrap();
+    assert_eq!(store.blockers_of("carol", &users).await.unwrap(), ["bob"]);
+}
+
 /// The list entry of `conversation` in `user`'s list.
 async fn listed(store: &dyn Store, user: &str, conversation: u64) -> ConversationRecord {
     store
@@ -1386,6 +1402,7 @@ macro_rules! store_conformance {
             read_markers_move_forward_and_count_the_unread,
             pins_and_mutes_are_a_members_own,
             revisions_rewrite_in_place_and_reach_every_timeline,
+            block_lists_read_both_ways,
         );
     };
     (@each $open:path: $($name:ident),* $(,)?) => {

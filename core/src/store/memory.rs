@@ -848,6 +848,30 @@ impl Store for MemoryStore {
             .contains(&(by.to_owned(), user.to_owned())))
     }
 
+    async fn blocks_of(&self, user: &str) -> Result<Vec<String>, ChatError> {
+        let mut out: Vec<String> = self
+            .lock()
+            .blocks
+            .iter()
+            .filter(|(by, _)| by == user)
+            .map(|(_, blocked)| blocked.clone())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    async fn blockers_of(&self, actor: &str, users: &[String]) -> Result<Vec<String>, ChatError> {
+        let s = self.lock();
+        let mut out: Vec<String> = users
+            .iter()
+            .filter(|u| s.blocks.contains(&((*u).clone(), actor.to_owned())))
+            .cloned()
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
     async fn put_push_token(
         &self,
         token: &PushTokenRecord,
