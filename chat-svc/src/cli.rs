@@ -86,19 +86,8 @@ struct ServeArgs {
     /// Remove messages older than this many days (0 keeps everything).
     #[arg(long, env = "PARLEY_RETENTION_DAYS", default_value_t = 0)]
     retention_days: u64,
-    /// Largest group whose members see each other's read receipts live and
-    /// by name (past it, only a count on request).
-    #[arg(long, env = "PARLEY_RECEIPT_GROUP_LIMIT", default_value_t = 100)]
-    receipt_group_limit: usize,
-    /// Seconds after sending during which a sender may recall a message.
-    #[arg(long, env = "PARLEY_RECALL_WINDOW_SECS", default_value_t = 24 * 3600)]
-    recall_window_secs: u64,
-    /// Seconds after sending during which a sender may edit a message.
-    #[arg(long, env = "PARLEY_EDIT_WINDOW_SECS", default_value_t = 48 * 3600)]
-    edit_window_secs: u64,
-    /// Days the texts replaced by edits are kept for the edit history.
-    #[arg(long, env = "PARLEY_EDIT_HISTORY_DAYS", default_value_t = 7)]
-    edit_history_days: u64,
+    #[command(flatten)]
+    conversations: ConversationArgs,
     /// Milliseconds between turning unready and closing the listeners.
     #[arg(long, env = "PARLEY_DRAIN_PAUSE_MS", default_value_t = 2_000)]
     drain_pause_ms: u64,
@@ -229,13 +218,9 @@ where
         retention: (a.retention_days > 0)
             .then(|| Duration::from_secs(a.retention_days * 24 * 3600)),
         batch_linger: Duration::from_micros(a.batch_linger_us),
-        receipt_group_limit: a.receipt_group_limit,
-        recall_window: Duration::from_secs(a.recall_window_secs),
-        edit_window: Duration::from_secs(a.edit_window_secs),
-        edit_history_kept: Duration::from_secs(a.edit_history_days * 24 * 3600),
         media: a.media.limits()?,
         blobs,
-        ..ChatConfig::default()
+        ..a.conversations.apply(ChatConfig::default())
     };
     let chat = ChatService::start(
         Arc::new(store.clone()),
@@ -475,6 +460,38 @@ impl S3Args {
         let storage = parley_media::MediaStorage::s3(&config)
             .with_context(|| format!("the media store {config:?}"))?;
         Ok(Some(Arc::new(storage)))
+    }
+}
+
+/// The rules of conversations beside messages: receipts, recalls and
+/// edits. The same flags on `parley up` and the chat service.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ConversationArgs {
+    /// Largest group whose members see each other's read receipts live and
+    /// by name (past it, only a count on request).
+    #[arg(long, env = "PARLEY_RECEIPT_GROUP_LIMIT", default_value_t = 100)]
+    receipt_group_limit: usize,
+    /// Seconds after sending during which a sender may recall a message.
+    #[arg(long, env = "PARLEY_RECALL_WINDOW_SECS", default_value_t = 24 * 3600)]
+    recall_window_secs: u64,
+    /// Seconds after sending during which a sender may edit a message.
+    #[arg(long, env = "PARLEY_EDIT_WINDOW_SECS", default_value_t = 48 * 3600)]
+    edit_window_secs: u64,
+    /// Days the texts replaced by edits are kept for the edit history.
+    #[arg(long, env = "PARLEY_EDIT_HISTORY_DAYS", default_value_t = 7)]
+    edit_history_days: u64,
+}
+
+impl ConversationArgs {
+    /// `config` with these rules.
+    pub fn apply(&self, config: ChatConfig) -> ChatConfig {
+        ChatConfig {
+            receipt_group_limit: self.receipt_group_limit,
+            recall_window: Duration::from_secs(self.recall_window_secs),
+            edit_window: Duration::from_secs(self.edit_window_secs),
+            edit_history_kept: Duration::from_secs(self.edit_history_days * 24 * 3600),
+            ..config
+        }
     }
 }
 

@@ -128,19 +128,8 @@ struct UpArgs {
     /// Most members in a group.
     #[arg(long, env = "PARLEY_MAX_GROUP_MEMBERS", default_value_t = 1000)]
     max_group_members: usize,
-    /// Largest group whose members see each other's read receipts live and
-    /// by name (past it, only a count on request).
-    #[arg(long, env = "PARLEY_RECEIPT_GROUP_LIMIT", default_value_t = 100)]
-    receipt_group_limit: usize,
-    /// Seconds after sending during which a sender may recall a message.
-    #[arg(long, env = "PARLEY_RECALL_WINDOW_SECS", default_value_t = 24 * 3600)]
-    recall_window_secs: u64,
-    /// Seconds after sending during which a sender may edit a message.
-    #[arg(long, env = "PARLEY_EDIT_WINDOW_SECS", default_value_t = 48 * 3600)]
-    edit_window_secs: u64,
-    /// Days the texts replaced by edits are kept for the edit history.
-    #[arg(long, env = "PARLEY_EDIT_HISTORY_DAYS", default_value_t = 7)]
-    edit_history_days: u64,
+    #[command(flatten)]
+    conversations: parley_chat::cli::ConversationArgs,
     /// Remove messages older than this many hours (0 keeps everything).
     #[arg(long, env = "PARLEY_RETENTION_HOURS", default_value_t = 0)]
     retention_hours: u64,
@@ -451,10 +440,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.token_secret_previous = args.token_secret_previous;
     cfg.token_leeway_secs = args.token_leeway_secs;
     cfg.chat.max_group_members = args.max_group_members;
-    cfg.chat.receipt_group_limit = args.receipt_group_limit;
-    cfg.chat.recall_window = Duration::from_secs(args.recall_window_secs);
-    cfg.chat.edit_window = Duration::from_secs(args.edit_window_secs);
-    cfg.chat.edit_history_kept = Duration::from_secs(args.edit_history_days * 24 * 3600);
+    cfg.chat = args.conversations.apply(cfg.chat);
     cfg.chat.retention =
         (args.retention_hours > 0).then(|| Duration::from_secs(args.retention_hours * 3600));
     cfg.gateway.max_frame_bytes = args.max_frame_bytes;

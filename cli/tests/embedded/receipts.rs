@@ -4,17 +4,26 @@
 
 use super::*;
 
-/// The next read receipt pushed to a device (messages skipped).
-async fn next_read(events: &mut Receiver<Event>) -> pb::ReadReceipt {
+/// The first event `pick` takes, skipping the others.
+async fn next_of<T>(events: &mut Receiver<Event>, pick: impl Fn(Event) -> Option<T>) -> T {
     loop {
-        if let Event::Read(r) = timeout(WAIT, events.recv())
+        let event = timeout(WAIT, events.recv())
             .await
-            .expect("no receipt in time")
-            .expect("events closed")
-        {
-            return r;
+            .expect("nothing of the kind in time")
+            .expect("events closed");
+        if let Some(got) = pick(event) {
+            return got;
         }
     }
+}
+
+/// The next read receipt pushed to a device.
+async fn next_read(events: &mut Receiver<Event>) -> pb::ReadReceipt {
+    next_of(events, |e| match e {
+        Event::Read(r) => Some(r),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test]
@@ -69,15 +78,11 @@ async fn receipts_reach_the_peer_and_the_readers_other_devices() {
 
 /// The next typing indicator pushed to a device.
 async fn next_typing(events: &mut Receiver<Event>) -> pb::TypingIndicator {
-    loop {
-        if let Event::Typing(t) = timeout(WAIT, events.recv())
-            .await
-            .expect("no typing indicator in time")
-            .expect("events closed")
-        {
-            return t;
-        }
-    }
+    next_of(events, |e| match e {
+        Event::Typing(t) => Some(t),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test]
@@ -144,12 +149,11 @@ async fn recalls_and_edits_reach_every_device_and_history() {
         assert_eq!((edited.msg_id, edited.seq), (first.msg_id, first.seq));
         assert_eq!(text_of(&edited), "hello");
         assert_ne!(edited.edited_at_ms, 0);
-        let recalled = loop {
-            if let Event::Message { message, .. } = timeout(WAIT, ev.recv()).await.unwrap().unwrap()
-            {
-                break message;
-            }
-        };
+        let recalled = next_of(ev, |e| match e {
+            Event::Message { message, .. } => Some(message),
+            _ => None,
+        })
+        .await;
         assert_eq!(recalled.msg_id, second.msg_id);
         assert!(recalled.recalled && recalled.content.is_none());
     }
@@ -193,23 +197,30 @@ async fn recalls_and_edits_reach_every_device_and_history() {
 
 /// The next text message and its `from_blocked` mark.
 async fn next_marked(events: &mut Receiver<Event>) -> (pb::Message, bool) {
-    loop {
-        if let Event::Message {
+    next_of(events, |e| match e {
+        Event::Message {
             message,
             from_blocked,
             ..
-        } = timeout(WAIT, events.recv())
-            .await
-            .expect("no message in time")
-            .expect("events closed")
-            && matches!(
-                message.content.as_ref().and_then(|c| c.body.as_ref()),
-                Some(pb::content::Body::Text(_))
-            )
+        } if matches!(
+            message.content.as_ref().and_then(|c| c.body.as_ref()),
+            Some(pb::content::Body::Text(_))
+        ) =>
         {
-            return (message, from_blocked);
+            Some((message, from_blocked))
         }
-    }
+        _ => None,
+    })
+    .await
+}
+
+/// The next block list pushed to a device.
+async fn next_blocks(events: &mut Receiver<Event>) -> Vec<String> {
+    next_of(events, |e| match e {
+        Event::Blocks(b) => Some(b),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test]
@@ -227,11 +238,7 @@ async fn a_block_reaches_groups_and_marks_what_arrives() {
     let group = bob.create_group("g", &["alice", "carol"]).await.unwrap();
 
     alice.block("carol", true).await.unwrap();
-    let blocks = loop {
-        if let Event::Blocks(b) = timeout(WAIT, desk_ev.recv()).await.unwrap().unwrap() {
-            break b;
-        }
-    };
+    let blocks = next_blocks(&mut desk_ev).await;
     assert_eq!(blocks, ["carol"], "the other device hears of it");
     assert_eq!(alice.blocks().await.unwrap(), ["carol"]);
 
@@ -271,12 +278,7 @@ async fn a_block_reaches_groups_and_marks_what_arrives() {
     );
 
     alice.block("carol", false).await.unwrap();
-    loop {
-        if let Event::Blocks(b) = timeout(WAIT, desk_ev.recv()).await.unwrap().unwrap() {
-            assert!(b.is_empty());
-            break;
-        }
-    }
+    assert!(next_blocks(&mut desk_ev).await.is_empty());
     carol
         .send(group.id, pb::Content::text("again"))
         .await
