@@ -895,11 +895,14 @@ impl Store for PgStore {
         // at its last_seq (gone when retention removed it).
         let rows = sqlx::query(concat!(
             "SELECT c.id, c.kind, c.name, c.owner, c.last_seq, me.muted_until, me.pinned, \
-                    me.read_seq, c.created_at, peer.read_seq, ",
+                    parley_read(c.kind, c.direct_key, c.sent_low, c.sent_high, me.user_id, \
+                                me.read_seq), \
+                    c.created_at, peer.read_seq, ",
             message_columns!(),
             " FROM conversations c \
              JOIN members me ON me.conversation_id = c.id \
-             LEFT JOIN LATERAL (SELECT p.read_seq FROM members p \
+             LEFT JOIN LATERAL (SELECT parley_read(c.kind, c.direct_key, c.sent_low, \
+                 c.sent_high, p.user_id, p.read_seq) AS read_seq FROM members p \
                  WHERE c.kind = 1 AND p.conversation_id = c.id AND p.user_id <> me.user_id \
                  LIMIT 1) peer ON TRUE \
              LEFT JOIN messages m ON m.conversation_id = c.id AND m.seq = c.last_seq \
@@ -951,12 +954,15 @@ impl Store for PgStore {
         // newest message (the row is checked again under its lock).
         let row: Option<(i64, Option<i64>)> = sqlx::query_as(
             "WITH me AS ( \
-                 SELECT mb.read_seq, LEAST($3, c.last_seq) AS wanted \
+                 SELECT parley_read(c.kind, c.direct_key, c.sent_low, c.sent_high, \
+                                    mb.user_id, mb.read_seq) AS read_seq, \
+                        LEAST($3, c.last_seq) AS wanted \
                  FROM members mb JOIN conversations c ON c.id = mb.conversation_id \
                  WHERE mb.conversation_id = $1 AND mb.user_id = $2 \
              ), moved AS ( \
                  UPDATE members mb SET read_seq = me.wanted FROM me \
                  WHERE mb.conversation_id = $1 AND mb.user_id = $2 AND mb.read_seq < me.wanted \
+                   AND me.read_seq < me.wanted \
                  RETURNING mb.read_seq \
              ) SELECT me.read_seq, (SELECT read_seq FROM moved) FROM me",
         )
@@ -976,7 +982,10 @@ impl Store for PgStore {
         // Not moved: a concurrent MarkRead may have moved it further since
         // the statement's snapshot, so read it as it stands.
         let now: Option<i64> = sqlx::query_scalar(
-            "SELECT read_seq FROM members WHERE conversation_id = $1 AND user_id = $2",
+            "SELECT parley_read(c.kind, c.direct_key, c.sent_low, c.sent_high, mb.user_id, \
+                                mb.read_seq) \
+             FROM members mb JOIN conversations c ON c.id = mb.conversation_id \
+             WHERE mb.conversation_id = $1 AND mb.user_id = $2",
         )
         .bind(conversation_id as i64)
         .bind(user)
@@ -992,7 +1001,10 @@ impl Store for PgStore {
 
     async fn read_markers(&self, conversation_id: u64) -> Result<Vec<(String, u64)>, ChatError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT user_id, read_seq FROM members WHERE conversation_id = $1 ORDER BY user_id",
+            "SELECT mb.user_id, parley_read(c.kind, c.direct_key, c.sent_low, c.sent_high, \
+                                           mb.user_id, mb.read_seq) \
+             FROM members mb JOIN conversations c ON c.id = mb.conversation_id \
+             WHERE mb.conversation_id = $1 ORDER BY mb.user_id",
         )
         .bind(conversation_id as i64)
         .fetch_all(&self.pool)
@@ -1528,7 +1540,8 @@ impl Store for PgStore {
         // user's members rows, and of each conversation's row.
         let settings: Vec<(String, bool, i64)> = sqlx::query_as(
             "SELECT u.id, u.push_previews, \
-                    COALESCE(SUM(GREATEST(c.last_seq - m.read_seq, 0)) \
+                    COALESCE(SUM(GREATEST(c.last_seq - parley_read(c.kind, c.direct_key, \
+                        c.sent_low, c.sent_high, m.user_id, m.read_seq), 0)) \
                              FILTER (WHERE m.muted_until <= $2), 0)::int8 \
              FROM users u \
              LEFT JOIN members m ON m.user_id = u.id \

@@ -1274,6 +1274,28 @@ pub async fn read_markers_move_forward_and_count_the_unread(store: &dyn Store) {
         .unwrap();
     assert_eq!(listed(store, "bob", direct.id).await.read_seq, 5);
     assert_eq!(listed(store, "alice", direct.id).await.unread(), 1);
+    assert_eq!(listed(store, "alice", direct.id).await.peer_read_seq, 5);
+    let mark = store.mark_read(direct.id, "bob", 4).await.unwrap();
+    assert_eq!(
+        mark,
+        ReadMark {
+            seq: 5,
+            moved: false
+        },
+        "sent is read"
+    );
+    assert_eq!(
+        store.read_markers(direct.id).await.unwrap(),
+        vec![("alice".to_owned(), 4), ("bob".to_owned(), 5)]
+    );
+    let mark = store.mark_read(direct.id, "alice", 5).await.unwrap();
+    assert_eq!(
+        mark,
+        ReadMark {
+            seq: 5,
+            moved: true
+        }
+    );
 
     // A group: its creator has read the event that made it; the others
     // have it to read; someone added later starts at the event adding them.

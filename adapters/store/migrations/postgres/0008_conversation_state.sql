@@ -6,6 +6,28 @@ ALTER TABLE members ADD COLUMN read_seq BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE members ADD COLUMN pinned BOOLEAN NOT NULL DEFAULT FALSE;
 UPDATE members mb SET read_seq = c.last_seq FROM conversations c WHERE c.id = mb.conversation_id;
 
+-- In a direct conversation, the newest seq each member wrote: `sent_low`
+-- for the member whose id comes first in direct_key, `sent_high` for the
+-- other. The conversation's row is rewritten by every append anyway (its
+-- last_seq), so a 1:1 message moves its sender's marker with no row of its
+-- own; a member's marker is then the greater of members.read_seq and this
+-- (`parley_read`). Groups move the sender's members row instead.
+ALTER TABLE conversations ADD COLUMN sent_low BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD COLUMN sent_high BIGINT NOT NULL DEFAULT 0;
+
+-- A member's read marker: members.read_seq, or in a direct conversation
+-- the newest seq the member wrote when that is further.
+CREATE FUNCTION parley_read(
+    p_kind SMALLINT, p_direct_key TEXT, p_sent_low BIGINT, p_sent_high BIGINT,
+    p_user TEXT, p_read_seq BIGINT
+) RETURNS BIGINT LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT GREATEST(p_read_seq, CASE
+        WHEN p_kind <> 1 THEN 0
+        WHEN p_user = split_part(p_direct_key, E'\n', 1) THEN p_sent_low
+        ELSE p_sent_high
+    END)
+$$;
+
 -- Recalls and edits rewrite a message in place: when its sender last
 -- edited it (0: never), and whether it was recalled (its content is then
 -- empty). The texts edits replaced, kept for a while (the edit history).
@@ -21,7 +43,8 @@ CREATE INDEX message_edits_by_message ON message_edits (message_id, id);
 CREATE INDEX message_edits_by_time ON message_edits (replaced_at);
 
 -- parley_append of 0002_append.sql, changed in three places: it moves each
--- sender's read marker to the newest message it wrote (`marked`); a resend
+-- sender's read marker to the newest message it wrote (`advanced` for a
+-- direct conversation, `marked` for a group); a resend
 -- answers with each member's first timeline entry of the original (a
 -- revision gave them another); and a resend's answer says whether the
 -- original was edited or recalled since (two more columns, hence the
@@ -157,17 +180,27 @@ BEGIN
         WHERE u.id = k.user_id
         RETURNING 1
     ), advanced AS (
-        UPDATE conversations c SET last_seq = k.seq
-        FROM (SELECT pl.conv, max(pl.seq) AS seq FROM planned pl GROUP BY pl.conv) k
+        -- Whoever writes a message has read the conversation up to it: in
+        -- a direct conversation, on this row (sent_low, sent_high).
+        UPDATE conversations c SET last_seq = k.seq,
+            sent_low = GREATEST(c.sent_low, k.low), sent_high = GREATEST(c.sent_high, k.high)
+        FROM (SELECT pl.conv, max(pl.seq) AS seq,
+                     COALESCE(max(pl.seq) FILTER (
+                         WHERE p_sender[pl.idx] = split_part(cv.direct_key, E'\n', 1)), 0) AS low,
+                     COALESCE(max(pl.seq) FILTER (
+                         WHERE p_sender[pl.idx] = split_part(cv.direct_key, E'\n', 2)), 0) AS high
+              FROM planned pl JOIN conversations cv ON cv.id = pl.conv
+              GROUP BY pl.conv) k
         WHERE c.id = k.conv
         RETURNING 1
     ), marked AS (
-        -- Whoever writes a message has read the conversation up to it. The
-        -- members' rows of a locked conversation: no other append waits
-        -- here, and a MarkRead holds one row and waits for nothing.
+        -- In a group, on the sender's members row: of a locked
+        -- conversation, so no other append waits here, and a MarkRead
+        -- holds one row and waits for nothing.
         UPDATE members mb SET read_seq = k.seq
         FROM (SELECT pl.conv, p_sender[pl.idx] AS sender, max(pl.seq) AS seq
-              FROM planned pl GROUP BY 1, 2) k
+              FROM planned pl JOIN conversations cv ON cv.id = pl.conv
+              WHERE cv.kind <> 1 GROUP BY 1, 2) k
         WHERE mb.conversation_id = k.conv AND mb.user_id = k.sender AND mb.read_seq < k.seq
         RETURNING 1
     )
