@@ -528,6 +528,29 @@ async fn append_system(
 }
 
 impl PgStore {
+    /// Sets a member's mute or pin (None: as it is): the settings after.
+    async fn set_member(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        muted_until_ms: Option<i64>,
+        pinned: Option<bool>,
+    ) -> Result<MemberSettings, ChatError> {
+        let row = sqlx::query_as(
+            "UPDATE members SET muted_until = COALESCE($1, muted_until), \
+             pinned = COALESCE($2, pinned) WHERE conversation_id = $3 AND user_id = $4 \
+             RETURNING muted_until, pinned",
+        )
+        .bind(muted_until_ms)
+        .bind(pinned)
+        .bind(conversation_id as i64)
+        .bind(user)
+        .fetch_optional(&self.pool)
+        .await
+        .db()?;
+        MemberSettings::from_row(row, conversation_id)
+    }
+
     async fn change_members_in(
         tx: &mut PgConnection,
         conversation_id: u64,
@@ -1489,17 +1512,8 @@ impl Store for PgStore {
         user: &str,
         until_ms: i64,
     ) -> Result<MemberSettings, ChatError> {
-        let row = sqlx::query_as(
-            "UPDATE members SET muted_until = $1 WHERE conversation_id = $2 AND user_id = $3 \
-             RETURNING muted_until, pinned",
-        )
-        .bind(until_ms)
-        .bind(conversation_id as i64)
-        .bind(user)
-        .fetch_optional(&self.pool)
-        .await
-        .db()?;
-        MemberSettings::from_row(row, conversation_id)
+        self.set_member(conversation_id, user, Some(until_ms), None)
+            .await
     }
 
     async fn pin(
@@ -1508,17 +1522,8 @@ impl Store for PgStore {
         user: &str,
         pinned: bool,
     ) -> Result<MemberSettings, ChatError> {
-        let row = sqlx::query_as(
-            "UPDATE members SET pinned = $1 WHERE conversation_id = $2 AND user_id = $3 \
-             RETURNING muted_until, pinned",
-        )
-        .bind(pinned)
-        .bind(conversation_id as i64)
-        .bind(user)
-        .fetch_optional(&self.pool)
-        .await
-        .db()?;
-        MemberSettings::from_row(row, conversation_id)
+        self.set_member(conversation_id, user, None, Some(pinned))
+            .await
     }
 
     async fn push_audience(&self, q: &AudienceQuery) -> Result<PushAudience, ChatError> {

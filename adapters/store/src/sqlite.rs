@@ -132,6 +132,29 @@ impl SqliteStore {
         })
     }
 
+    /// Sets a member's mute or pin (None: as it is): the settings after.
+    async fn set_member(
+        &self,
+        conversation_id: u64,
+        user: &str,
+        muted_until_ms: Option<i64>,
+        pinned: Option<bool>,
+    ) -> Result<MemberSettings, ChatError> {
+        let row = sqlx::query_as(
+            "UPDATE members SET muted_until = COALESCE(?, muted_until), \
+             pinned = COALESCE(?, pinned) WHERE conversation_id = ? AND user_id = ? \
+             RETURNING muted_until, pinned",
+        )
+        .bind(muted_until_ms)
+        .bind(pinned)
+        .bind(conversation_id as i64)
+        .bind(user)
+        .fetch_optional(&self.writer)
+        .await
+        .db()?;
+        MemberSettings::from_row(row, conversation_id)
+    }
+
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, ChatError> {
         self.writer.begin_with("BEGIN IMMEDIATE").await.db()
     }
@@ -1182,17 +1205,8 @@ impl Store for SqliteStore {
         user: &str,
         until_ms: i64,
     ) -> Result<MemberSettings, ChatError> {
-        let settings = sqlx::query_as(
-            "UPDATE members SET muted_until = ? WHERE conversation_id = ? AND user_id = ? \
-             RETURNING muted_until, pinned",
-        )
-        .bind(until_ms)
-        .bind(conversation_id as i64)
-        .bind(user)
-        .fetch_optional(&self.writer)
-        .await
-        .db()?;
-        MemberSettings::from_row(settings, conversation_id)
+        self.set_member(conversation_id, user, Some(until_ms), None)
+            .await
     }
 
     async fn pin(
@@ -1201,17 +1215,8 @@ impl Store for SqliteStore {
         user: &str,
         pinned: bool,
     ) -> Result<MemberSettings, ChatError> {
-        let settings = sqlx::query_as(
-            "UPDATE members SET pinned = ? WHERE conversation_id = ? AND user_id = ? \
-             RETURNING muted_until, pinned",
-        )
-        .bind(pinned)
-        .bind(conversation_id as i64)
-        .bind(user)
-        .fetch_optional(&self.writer)
-        .await
-        .db()?;
-        MemberSettings::from_row(settings, conversation_id)
+        self.set_member(conversation_id, user, None, Some(pinned))
+            .await
     }
 
     async fn push_audience(&self, q: &AudienceQuery) -> Result<PushAudience, ChatError> {
