@@ -111,7 +111,15 @@ impl ChatService {
             read_at_ms: now_ms(),
         };
         if mark.moved {
-            let conv = self.conversation(req.conversation_id).await?;
+            // The marker moved: a lookup failing now costs the signal (the
+            // devices read the marker again), not the answer.
+            let conv = match self.conversation(req.conversation_id).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "read receipt not told to devices");
+                    return Ok(receipt);
+                }
+            };
             let mut told = vec![user.to_owned()];
             if conv.kind == pb::ConversationKind::Direct
                 || conv.members.len() <= self.config.receipt_group_limit
