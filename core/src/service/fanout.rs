@@ -16,6 +16,18 @@ use crate::presence::Located;
 use crate::store::Appended;
 
 impl ChatService {
+    /// Where `users` are connected; unknown (so: every gateway) while
+    /// presence cannot be read.
+    pub(super) async fn locate(&self, users: &[&str]) -> Located {
+        match self.presence.locate(users).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence lookup failed; sending to every gateway");
+                Located::unknown()
+            }
+        }
+    }
+
     /// Sends committed messages to the gateways of their online recipients,
     /// one publish per gateway, in commit order; offline recipients become
     /// events. Takes the messages by value: each becomes the one shared
@@ -30,13 +42,7 @@ impl ChatService {
         }
         users.sort_unstable();
         users.dedup();
-        let located = match self.presence.locate(&users).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "presence lookup failed; delivering to every gateway");
-                Located::unknown()
-            }
-        };
+        let located = self.locate(&users).await;
         let mut gateway_of: HashMap<&str, Vec<&str>> = HashMap::new();
         for (gateway, users) in &located.gateways {
             for u in users {

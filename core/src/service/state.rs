@@ -13,7 +13,6 @@ use parley_proto::pb::{self, server_frame::Body as Resp};
 use super::{ChatService, now_ms};
 use crate::bus::Signal;
 use crate::error::ChatError;
-use crate::presence::Located;
 use crate::push::mute_until;
 use crate::revision::no_message;
 use crate::store::{ConversationRecord, MemberSettings};
@@ -94,6 +93,14 @@ impl ChatService {
         })
     }
 
+    /// Whether a conversation's members are told of each other's reads and
+    /// typing, and named in receipts: a direct conversation, or a group
+    /// within the receipt limit.
+    fn members_see_each_other(&self, conv: &ConversationRecord) -> bool {
+        conv.kind == pb::ConversationKind::Direct
+            || conv.members.len() <= self.config.receipt_group_limit
+    }
+
     /// Moves the user's read marker, and tells whoever should see it.
     pub(super) async fn mark_read(
         &self,
@@ -121,9 +128,7 @@ impl ChatService {
                 }
             };
             let mut told = vec![user.to_owned()];
-            if conv.kind == pb::ConversationKind::Direct
-                || conv.members.len() <= self.config.receipt_group_limit
-            {
+            if self.members_see_each_other(&conv) {
                 told.extend(conv.members.into_iter().filter(|m| m != user));
             }
             self.signal(told, Resp::ReadReceipt(receipt.clone())).await;
@@ -163,8 +168,7 @@ impl ChatService {
             .filter(|(_, read)| *read >= req.seq)
             .map(|(u, _)| u.clone())
             .collect();
-        let named = conv.kind == pb::ConversationKind::Direct
-            || conv.members.len() <= self.config.receipt_group_limit;
+        let named = self.members_see_each_other(&conv);
         Ok(pb::Receipts {
             conversation_id: req.conversation_id,
             seq: req.seq,
@@ -181,8 +185,7 @@ impl ChatService {
         if !conv.members.iter().any(|m| m == user) {
             return Err(ChatError::NotMember(req.conversation_id));
         }
-        let small = conv.kind == pb::ConversationKind::Direct
-            || conv.members.len() <= self.config.receipt_group_limit;
+        let small = self.members_see_each_other(&conv);
         let others: Vec<String> = conv.members.into_iter().filter(|m| m != user).collect();
         if small && !others.is_empty() {
             let frame = Resp::Typing(pb::TypingIndicator {
@@ -266,13 +269,7 @@ impl ChatService {
         users.sort_unstable();
         users.dedup();
         let names: Vec<&str> = users.iter().map(String::as_str).collect();
-        let located = match self.presence.locate(&names).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "presence lookup failed; signalling every gateway");
-                Located::unknown()
-            }
-        };
+        let located = self.locate(&names).await;
         let frame = Arc::new(pb::ServerFrame::new(0, body));
         let published = if located.settled {
             let mut per_gateway: HashMap<String, Vec<String>> = located.gateways;
